@@ -1,0 +1,73 @@
+"""The ``wsdino`` command: parses arguments, calls the core, prints progress.
+
+Each subcommand lives in its own module of this package and exposes
+``add_parser(subparsers)``, which registers itself with ``func=run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from napari_wsdino import __version__
+
+# Order shown in `wsdino --help`: the workflow order.
+SUBCOMMANDS = (
+    "info",
+    "synth",
+    "preprocess",
+    "train",
+    "embed",
+    "evaluate",
+    "attention",
+    "demo",
+    "study",
+    "fetch",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsdino",
+        description=(
+            "WS-DINO for high-content cell screens: load BBBC021-layout plates, "
+            "preprocess, train DINO / WS-DINO, embed, and evaluate NSC / NSCB MoA "
+            "matching. The same core runs the napari plugin."
+        ),
+        epilog="Run 'wsdino COMMAND --help' for each command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsdino {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"napari_wsdino.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"napari_wsdino.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from napari_wsdino.core.imageio import ImageReadError
+    from napari_wsdino.core.metadata import DataError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, ImageReadError, FileNotFoundError, FileExistsError) as exc:
+        print(f"wsdino {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wsdino {args.command}: interrupted; finished work is kept.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The compute core of napari-wsdino: plain Python, no Qt or napari imports."""
