@@ -1,0 +1,68 @@
+"""Packaging: the manifest ships in the wheel, napari finds the plugin, core stays Qt-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_core_imports_no_gui():
+    code = (
+        "import sys, importlib, pkgutil, napari_wsdino.core as c\n"
+        "for m in pkgutil.walk_packages(c.__path__, 'napari_wsdino.core.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = [m for m in ('napari', 'qtpy', 'magicgui', 'superqt', 'PyQt5') if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_cli_help_lists_commands():
+    res = subprocess.run([sys.executable, "-m", "napari_wsdino.cli", "--help"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0
+    assert "info" in res.stdout
+
+
+def test_installed_manifest_validates():
+    """`npe2 validate` on the installed (editable) distribution."""
+    res = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-wsdino"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "valid" in (res.stdout + res.stderr).lower()
+
+
+@pytest.mark.slow
+def test_wheel_ships_manifest(tmp_path):
+    """The wheel holds napari.yaml (a real file, same text as the top-level one) and the
+    entry point napari uses to find it."""
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert res.returncode == 0, res.stderr
+    (wheel,) = tmp_path.glob("napari_wsdino-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert zf.read("napari_wsdino/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
+        eps = next(n for n in names if n.endswith("entry_points.txt"))
+        text = zf.read(eps).decode()
+        assert "napari.manifest" in text and "napari_wsdino:napari.yaml" in text
+        assert "napari_wsdino/data/BBBC021_v1_image.csv" in names
+        assert not any(n.startswith("tests/") for n in names)
+    # The manifest validates from the unpacked wheel too.
+    from npe2 import PluginManifest
+
+    out = tmp_path / "unpacked"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(out)
+    manifest = PluginManifest.from_file(out / "napari_wsdino" / "napari.yaml")
+    assert manifest.name == "napari-wsdino"
