@@ -1,0 +1,250 @@
+"""Plate browser dock widget: open a dataset, pick plate / well / site, see the field.
+
+Only the chosen field's channel files are read (the metadata table of a whole
+screen is small; its images are not), so a 55-plate dataset stays responsive.
+The field is shown in three additive layers that are updated in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari.utils.notifications import show_error
+
+from napari_wsdino.core.imageio import ImageReadError
+from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
+from napari_wsdino._napari import settings
+from napari_wsdino._napari.layers import FIELD_ROLE, ROLE, show_field
+from napari_wsdino._napari.state import state_for
+
+if TYPE_CHECKING:
+    import napari
+
+LAST_FOLDER = "browser.last_folder"
+
+
+class FieldIndex:
+    """Plate → wells → sites → row lookups of one field table (built once per dataset)."""
+
+    def __init__(self, metadata: Metadata):
+        table = metadata.table
+        self.plates: list[str] = sorted(table.plate.unique())
+        self.wells: dict[str, list[str]] = {
+            p: sorted(g.unique()) for p, g in table.groupby("plate").well
+        }
+        self.sites: dict[tuple[str, str], list[int]] = {
+            k: sorted(int(s) for s in g) for k, g in table.groupby(["plate", "well"]).site
+        }
+        self.row: dict[tuple[str, str, int], int] = {
+            (p, w, int(s)): i
+            for i, (p, w, s) in enumerate(zip(table.plate, table.well, table.site))
+        }
+
+    def key(self, metadata: Metadata, index: int) -> tuple[str, str, int]:
+        row = metadata.table.iloc[index]
+        return str(row.plate), str(row.well), int(row.site)
+
+
+class PlateBrowser(QWidget):
+    """Open a BBBC021-layout folder (or image CSV) and browse its fields."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self._index: FieldIndex | None = None
+
+        self.path_edit = QLineEdit(str(settings.recall(LAST_FOLDER, "")))
+        self.path_edit.setPlaceholderText("dataset folder or BBBC021_v1_image.csv")
+        self.browse_button = QPushButton("Browse…")
+        self.open_button = QPushButton("Open")
+        self.plate_combo = QComboBox()
+        self.well_combo = QComboBox()
+        self.site_combo = QComboBox()
+        self.prev_button = QPushButton("◀ Previous")
+        self.next_button = QPushButton("Next ▶")
+        self.status_label = QLabel("No dataset loaded.")
+        self.status_label.setWordWrap(True)
+        self.info = {k: QLabel("–") for k in ("compound", "concentration", "moa", "batch", "treatment")}
+
+        path_row = QHBoxLayout()
+        path_row.addWidget(self.path_edit, 1)
+        path_row.addWidget(self.browse_button)
+        path_row.addWidget(self.open_button)
+        form = QFormLayout()
+        form.addRow("Plate", self.plate_combo)
+        form.addRow("Well", self.well_combo)
+        form.addRow("Site", self.site_combo)
+        nav = QHBoxLayout()
+        nav.addWidget(self.prev_button)
+        nav.addWidget(self.next_button)
+        form.addRow(nav)
+        for key, title in (("compound", "Compound"), ("concentration", "Concentration (µM)"),
+                           ("moa", "MoA"), ("batch", "Batch"), ("treatment", "Treatment")):
+            form.addRow(title, self.info[key])
+        layout = QVBoxLayout(self)
+        layout.addLayout(path_row)
+        layout.addWidget(self.status_label)
+        layout.addLayout(form)
+        layout.addStretch(1)
+
+        self.browse_button.clicked.connect(self._browse)
+        self.open_button.clicked.connect(lambda: self.open(self.path_edit.text()))
+        self.path_edit.returnPressed.connect(lambda: self.open(self.path_edit.text()))
+        self.plate_combo.currentTextChanged.connect(self._plate_picked)
+        self.well_combo.currentTextChanged.connect(self._well_picked)
+        self.site_combo.currentTextChanged.connect(self._site_picked)
+        self.prev_button.clicked.connect(lambda: self._step(-1))
+        self.next_button.clicked.connect(lambda: self._step(+1))
+        self.state.metadata_changed.connect(self._on_metadata)
+        self.state.field_changed.connect(self._on_field)
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self._set_enabled(False)
+        if self.state.metadata is not None:  # a dataset was opened before this dock
+            self._on_metadata(self.state.metadata)
+            self._sync_controls(self.state.field_index)
+
+    # -- opening -----------------------------------------------------------------
+    def _browse(self) -> None:
+        """Ask for a dataset folder."""
+        folder = QFileDialog.getExistingDirectory(self, "BBBC021 dataset folder",
+                                                  self.path_edit.text())
+        if folder:
+            self.path_edit.setText(folder)
+            self.open(folder)
+
+    def open(self, path: str | Path, field_index: int = 0) -> bool:
+        """Load a dataset's metadata (fields with missing files dropped) and show a field."""
+        path = str(path).strip()
+        if not path:
+            return False
+        try:
+            metadata = load_metadata(path, drop_missing=True)
+            if not len(metadata.table):
+                raise DataError(
+                    f"None of the image files named in {path} exist under {metadata.root}."
+                )
+        except (DataError, OSError) as exc:
+            self.status_label.setText(f"Cannot open {path}: {exc}")
+            show_error(f"Cannot open {path}: {exc}")
+            return False
+        self.path_edit.setText(path)
+        settings.remember(LAST_FOLDER, path)
+        self.state.set_dataset(metadata, path, field_index)
+        return True
+
+    def _on_layer_inserted(self, event) -> None:
+        """A field opened by the reader (File > Open) becomes the browser's dataset."""
+        meta = getattr(event.value, "metadata", {}) or {}
+        if meta.get(ROLE) != FIELD_ROLE or not meta.get("source"):
+            return
+        if self.state.source is not None and str(self.state.source) == meta["source"]:
+            return
+        self.open(meta["source"], int(meta.get("field_index", 0)))
+
+    # -- state → controls ----------------------------------------------------------
+    def _on_metadata(self, metadata: Metadata | None) -> None:
+        """New dataset: rebuild the lookups and the plate list."""
+        self._index = FieldIndex(metadata) if metadata is not None else None
+        self._set_enabled(self._index is not None)
+        if metadata is None:
+            self.status_label.setText("No dataset loaded.")
+            return
+        s = metadata.summary()
+        dropped = f", {metadata.dropped} dropped (missing files)" if metadata.dropped else ""
+        self.status_label.setText(
+            f"{s['fields']} fields, {s['plates']} plates, {s['batches']} batches, "
+            f"{s['treatments']} treatments{dropped}."
+        )
+        with _blocked(self.plate_combo):
+            self.plate_combo.clear()
+            self.plate_combo.addItems(self._index.plates)
+
+    def _on_field(self, index: int) -> None:
+        """Current field changed (here or in another widget): sync controls, show it."""
+        metadata = self.state.metadata
+        if metadata is None or self._index is None:
+            return
+        self._sync_controls(index)
+        try:
+            show_field(self.viewer, metadata, index, self.state.source)
+        except ImageReadError as exc:
+            show_error(str(exc))
+
+    def _sync_controls(self, index: int) -> None:
+        metadata = self.state.metadata
+        plate, well, site = self._index.key(metadata, index)
+        with _blocked(self.plate_combo, self.well_combo, self.site_combo):
+            self.plate_combo.setCurrentText(plate)
+            self.well_combo.clear()
+            self.well_combo.addItems(self._index.wells[plate])
+            self.well_combo.setCurrentText(well)
+            self.site_combo.clear()
+            self.site_combo.addItems([str(s) for s in self._index.sites[(plate, well)]])
+            self.site_combo.setCurrentText(str(site))
+        row = metadata.table.iloc[index]
+        for key, label in self.info.items():
+            value = row.get(key, "")
+            label.setText(f"{value:g}" if isinstance(value, float) else str(value))
+        self.prev_button.setEnabled(index > 0)
+        self.next_button.setEnabled(index < len(metadata.table) - 1)
+
+    # -- controls → state ----------------------------------------------------------
+    def _plate_picked(self, plate: str) -> None:
+        """First site of the plate's first well."""
+        if self._index and plate in self._index.wells:
+            well = self._index.wells[plate][0]
+            self._go(plate, well, self._index.sites[(plate, well)][0])
+
+    def _well_picked(self, well: str) -> None:
+        """First site of the well."""
+        plate = self.plate_combo.currentText()
+        if self._index and (plate, well) in self._index.sites:
+            self._go(plate, well, self._index.sites[(plate, well)][0])
+
+    def _site_picked(self, site: str) -> None:
+        if self._index and site:
+            self._go(self.plate_combo.currentText(), self.well_combo.currentText(), int(site))
+
+    def _go(self, plate: str, well: str, site: int) -> None:
+        index = self._index.row.get((plate, well, int(site)))
+        if index is not None:
+            self.state.field_index = index
+
+    def _step(self, delta: int) -> None:
+        """Previous / next field in table order."""
+        if self.state.metadata is not None:
+            n = len(self.state.metadata.table)
+            self.state.field_index = min(max(self.state.field_index + delta, 0), n - 1)
+
+    def _set_enabled(self, on: bool) -> None:
+        for w in (self.plate_combo, self.well_combo, self.site_combo,
+                  self.prev_button, self.next_button):
+            w.setEnabled(on)
+
+
+class _blocked:
+    """Block Qt signals of some widgets while the code changes them programmatically."""
+
+    def __init__(self, *widgets):
+        self.widgets = widgets
+
+    def __enter__(self):
+        self.old = [w.blockSignals(True) for w in self.widgets]
+
+    def __exit__(self, *exc):
+        for w, old in zip(self.widgets, self.old):
+            w.blockSignals(old)

@@ -1,0 +1,152 @@
+"""Evented state that the WS-DINO widgets of one viewer share.
+
+Widgets never call each other: the plate browser sets the dataset and the current
+field, the preprocess widget sets the cache, the train widget sets the model set,
+and every widget that cares connects to the matching signal. One
+:class:`WsdinoState` exists per viewer (:func:`state_for`).
+
+Example
+-------
+>>> state = WsdinoState()
+>>> seen = []
+>>> _ = state.field_changed.connect(seen.append)
+>>> state.field_index = 3
+>>> seen
+[3]
+"""
+
+from __future__ import annotations
+
+import enum
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from psygnal import Signal
+
+from napari_wsdino.core.metadata import Metadata
+
+if TYPE_CHECKING:
+    import napari
+
+
+class TaskStatus(str, enum.Enum):
+    """Where a long task (preprocess, train, embed, evaluate) stands."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    DONE = "done"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
+class WsdinoState:
+    """Dataset, current field, cache and model set of one viewer, with change signals.
+
+    Attributes
+    ----------
+    metadata
+        The loaded field table (:class:`~napari_wsdino.core.metadata.Metadata`) or ``None``.
+    source
+        Folder or image CSV the metadata was read from.
+    field_index
+        Row of ``metadata.table`` shown in the viewer.
+    cache_path
+        Preprocessed cache folder (``core.cache``) or ``None``.
+    model_path
+        Current model set / training run folder or checkpoint, or ``None``.
+    results
+        Last evaluation result (whatever ``core.evaluation`` returns) or ``None``.
+    """
+
+    metadata_changed = Signal(object)
+    field_changed = Signal(int)
+    cache_changed = Signal(object)
+    model_changed = Signal(object)
+    results_changed = Signal(object)
+
+    def __init__(self) -> None:
+        self._metadata: Metadata | None = None
+        self.source: Path | None = None
+        self._field_index = 0
+        self._cache_path: Path | None = None
+        self._model_path: Path | None = None
+        self._results: Any = None
+
+    # -- dataset -----------------------------------------------------------------
+    @property
+    def metadata(self) -> Metadata | None:
+        return self._metadata
+
+    def set_dataset(self, metadata: Metadata | None, source: str | Path | None = None,
+                    field_index: int = 0) -> None:
+        """Replace the dataset; emits ``metadata_changed`` then ``field_changed``."""
+        self._metadata = metadata
+        self.source = Path(source) if source is not None else None
+        self._field_index = int(field_index)
+        self.metadata_changed.emit(metadata)
+        self.field_changed.emit(self._field_index)
+
+    @property
+    def field_index(self) -> int:
+        return self._field_index
+
+    @field_index.setter
+    def field_index(self, index: int) -> None:
+        index = int(index)
+        if self._metadata is not None and not 0 <= index < len(self._metadata.table):
+            raise IndexError(
+                f"Field {index} is outside the dataset's {len(self._metadata.table)} fields."
+            )
+        if index != self._field_index:
+            self._field_index = index
+            self.field_changed.emit(index)
+
+    def current_row(self):
+        """The metadata row of the current field (a pandas Series) or ``None``."""
+        if self._metadata is None or not len(self._metadata.table):
+            return None
+        return self._metadata.table.iloc[self._field_index]
+
+    # -- products of later steps -------------------------------------------------
+    @property
+    def cache_path(self) -> Path | None:
+        return self._cache_path
+
+    @cache_path.setter
+    def cache_path(self, path: str | Path | None) -> None:
+        path = Path(path) if path is not None else None
+        if path != self._cache_path:
+            self._cache_path = path
+            self.cache_changed.emit(path)
+
+    @property
+    def model_path(self) -> Path | None:
+        return self._model_path
+
+    @model_path.setter
+    def model_path(self, path: str | Path | None) -> None:
+        path = Path(path) if path is not None else None
+        if path != self._model_path:
+            self._model_path = path
+            self.model_changed.emit(path)
+
+    @property
+    def results(self) -> Any:
+        return self._results
+
+    @results.setter
+    def results(self, value: Any) -> None:
+        self._results = value
+        self.results_changed.emit(value)
+
+
+_STATES: "weakref.WeakKeyDictionary[Any, WsdinoState]" = weakref.WeakKeyDictionary()
+
+
+def state_for(viewer: "napari.viewer.Viewer") -> WsdinoState:
+    """The one shared :class:`WsdinoState` of ``viewer`` (created on first use)."""
+    state = _STATES.get(viewer)
+    if state is None:
+        state = _STATES[viewer] = WsdinoState()
+    return state

@@ -1,0 +1,131 @@
+"""The one module that runs core generators in napari thread workers.
+
+Core work is a generator yielding :class:`~napari_wsdino.core.progress.Progress`
+and returning its result (see ``core.progress``). :func:`start_worker` runs such a
+generator in a ``napari.qt.threading`` worker, shows napari's progress bar (with
+the event's message as its description), routes errors to a visible notification
+and, when the user stops the worker, closes the core generator *in the worker
+thread* so that its ``finally`` blocks (e.g. writing a last checkpoint) run off the
+GUI thread.
+
+Widgets pass arrays, paths and configs into the generator — never widgets or layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator
+
+from napari.qt.threading import GeneratorWorker, create_worker
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error
+
+from napari_wsdino.core.progress import Progress
+
+
+class ClosingGeneratorWorker(GeneratorWorker):
+    """A generator worker that closes its generator when it is quit.
+
+    napari's worker just stops iterating on ``quit()``; closing the generator
+    raises ``GeneratorExit`` at the core's current ``yield`` so its cleanup runs
+    (in this thread, before ``finished`` is emitted).
+    """
+
+    def work(self):  # noqa: D102 - Qt entry point
+        try:
+            return super().work()
+        finally:
+            if self.abort_requested:
+                self._gen.close()
+
+
+def _drive(gen: Generator[Progress, Any, Any]):
+    """Re-yield a core generator so that napari sees a generator function."""
+    return (yield from gen)
+
+
+class ProgressBar:
+    """napari's progress bar fed by :class:`Progress` events (main thread only)."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+        self._bar: napari_progress | None = None
+
+    def update(self, event: Progress) -> None:
+        if self._bar is None:
+            self._bar = napari_progress(total=event.total or 0, desc=self.desc)
+        bar = self._bar
+        if event.total and bar.total != event.total:
+            bar.total = event.total
+        bar.n = min(int(event.step), int(event.total)) if event.total else int(event.step)
+        bar.set_description(f"{self.desc}: {event.message}" if event.message else self.desc)
+        bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def start_worker(
+    gen: Generator[Progress, Any, Any],
+    on_progress: Callable[[Progress], None] | None = None,
+    on_done: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+    *,
+    on_stopped: Callable[[], None] | None = None,
+    desc: str = "WS-DINO",
+    progress_bar: bool = True,
+) -> ClosingGeneratorWorker:
+    """Run a core progress generator in a thread worker and start it.
+
+    Parameters
+    ----------
+    gen
+        A started-or-not core generator (``core.preprocess.preprocess(...)`` etc.).
+    on_progress
+        Called in the GUI thread with each :class:`Progress` event.
+    on_done
+        Called in the GUI thread with the generator's return value.
+    on_error
+        Called in the GUI thread with the exception, after the error notification
+        (``napari.utils.notifications.show_error`` with the exception's message).
+    on_stopped
+        Called in the GUI thread after ``worker.quit()`` took effect.
+    desc
+        Label of napari's progress bar.
+    progress_bar
+        Show napari's progress bar.
+
+    Returns
+    -------
+    ClosingGeneratorWorker
+        Call ``quit()`` on it to stop at the core's next ``yield``.
+    """
+    worker = create_worker(
+        _drive, gen, _worker_class=ClosingGeneratorWorker, _ignore_errors=True,
+        _start_thread=False,
+    )
+    bar = ProgressBar(desc) if progress_bar else None
+
+    def _yielded(event):
+        if isinstance(event, Progress):
+            if bar is not None:
+                bar.update(event)
+            if on_progress is not None:
+                on_progress(event)
+
+    def _errored(exc):
+        show_error(f"{desc} failed: {exc}")
+        if on_error is not None:
+            on_error(exc)
+
+    worker.yielded.connect(_yielded)
+    worker.errored.connect(_errored)
+    if on_done is not None:
+        worker.returned.connect(on_done)
+    if on_stopped is not None:
+        worker.aborted.connect(on_stopped)
+    if bar is not None:
+        worker.finished.connect(bar.close)
+    worker.start()
+    return worker

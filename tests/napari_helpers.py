@@ -1,0 +1,52 @@
+"""Tiny official-layout BBBC021 datasets for the napari tests (made here, no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from napari_wsdino.core.imageio import write_tiff
+from napari_wsdino.core.metadata import IMAGE_CSV, MOA_CSV, bundled_metadata_dir
+
+CHANNEL_FILES = {"DAPI": "Image_FileName_DAPI", "Tubulin": "Image_FileName_Tubulin",
+                 "Actin": "Image_FileName_Actin"}
+
+
+def pick_rows(plates: int = 2, wells: int = 2, sites: int = 2) -> pd.DataFrame:
+    """A few real rows of the bundled image CSV: ``plates`` x ``wells`` x ``sites``."""
+    df = pd.read_csv(bundled_metadata_dir() / IMAGE_CSV)
+    df["_site"] = df.Image_FileName_DAPI.str.extract(r"_s(\d+)_", expand=False).astype(int)
+    chosen = []
+    for plate in sorted(df.Image_Metadata_Plate_DAPI.unique())[:plates]:
+        sub = df[df.Image_Metadata_Plate_DAPI == plate]
+        # one non-DMSO well first so compound/MoA differ between wells
+        ordered = sorted(sub.Image_Metadata_Well_DAPI.unique(),
+                         key=lambda w: (sub[sub.Image_Metadata_Well_DAPI == w]
+                                        .Image_Metadata_Compound.iloc[0] == "DMSO", w))
+        for well in ordered[:wells]:
+            chosen.append(sub[(sub.Image_Metadata_Well_DAPI == well) & (sub._site <= sites)])
+    return pd.concat(chosen).drop(columns="_site").reset_index(drop=True)
+
+
+def write_tiny_dataset(root: Path, plates: int = 2, wells: int = 2, sites: int = 2,
+                       shape: tuple[int, int] = (48, 64), seed: int = 0) -> Path:
+    """Write an official-layout folder: filtered CSVs + one uint16 TIFF per channel and field.
+
+    Field ``i``'s images have mean brightness ``1000 * (i + 1)`` (channel offset added),
+    so a test can tell fields apart from pixel values alone.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = pick_rows(plates, wells, sites)
+    rng = np.random.default_rng(seed)
+    for i, row in rows.iterrows():
+        for c, (channel, col) in enumerate(CHANNEL_FILES.items()):
+            path_col = col.replace("FileName", "PathName")
+            img = rng.normal(1000 * (i + 1) + 100 * c, 50, size=shape).clip(0, 65535)
+            write_tiff(root / row[path_col] / row[col], img.astype(np.uint16))
+    rows.to_csv(root / IMAGE_CSV, index=False)
+    moa = pd.read_csv(bundled_metadata_dir() / MOA_CSV)
+    moa.to_csv(root / MOA_CSV, index=False)
+    return root
