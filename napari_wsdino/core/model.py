@@ -26,6 +26,37 @@ from torch import nn
 
 DEFAULT_ARCH = "vit_small_patch8_224"
 CHECKPOINT_FORMAT = "napari-wsdino-checkpoint"
+#: Small ViTs for CPU demos and tests, registered with timm under these names.
+CPU_ARCHS = {
+    # name: (patch size, width, depth, heads)
+    "wsdino_vit_pico_patch8": (8, 96, 4, 3),
+    "wsdino_vit_nano_patch8": (8, 192, 6, 3),
+}
+
+
+def _register_cpu_archs() -> None:
+    import timm
+    from timm.models import register_model
+    from timm.models.vision_transformer import VisionTransformer
+
+    for name, (patch, dim, depth, heads) in CPU_ARCHS.items():
+        if timm.is_model(name):
+            continue
+
+        def factory(pretrained=False, _cfg=(patch, dim, depth, heads), **kwargs):
+            p, d, n, h = _cfg
+            kwargs.setdefault("img_size", 64)
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+                kwargs.pop(key, None)
+            return VisionTransformer(patch_size=p, embed_dim=d, depth=n, num_heads=h,
+                                     mlp_ratio=4.0, **kwargs)
+
+        factory.__name__ = name
+        factory.__module__ = __name__
+        register_model(factory)
+
+
+_register_cpu_archs()
 
 
 class CheckpointError(ValueError):
