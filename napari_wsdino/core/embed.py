@@ -1,0 +1,394 @@
+"""Field profiles: per-channel ViT embeddings of the four centre crops, as in WS-DINO.
+
+The WS-DINO paper (Methods, "Post-processing") embeds each field of view by "the
+median feature embedding from four crops around the centre of each image
+(equivalent to a pixel centre crop split into four non-overlapping crops)", one
+model per channel, "then concatenated [...] followed by L2 normalization".
+
+Here, for a crop size ``c`` (224 like the paper by default):
+
+1. take the centre square of side ``2c`` of the preprocessed field and split it into
+   its four ``c x c`` quadrants (top-left, top-right, bottom-left, bottom-right);
+2. pass each quadrant through the channel's backbone and keep the CLS output;
+3. take the per-dimension median of the four (for four values: the mean of the two
+   middle ones, as :func:`numpy.median`);
+4. concatenate the channels in the model set's order and L2-normalise.
+
+When the field is smaller than ``2c`` the crop is clamped to ``min(H, W) // 2``, and
+it is always rounded down to a multiple of the ViT patch size (see
+:func:`crop_geometry`); the crop used is recorded with the result.
+
+:func:`embed_cache` runs this over a preprocessed cache as a generator of
+:class:`~napari_wsdino.core.progress.Progress` events that returns the profile
+table. Closing the generator cancels it; with ``out`` set, finished chunks are kept
+in ``OUT.parts/`` and a rerun skips them.
+
+Example
+-------
+>>> from napari_wsdino.core.cache import open_cache               # doctest: +SKIP
+>>> from napari_wsdino.core.modelset import ModelSet              # doctest: +SKIP
+>>> from napari_wsdino.core.progress import run_to_end            # doctest: +SKIP
+>>> models = ModelSet.from_run("runs/wsdino")                     # doctest: +SKIP
+>>> profiles = run_to_end(embed_cache(open_cache("cache"), models, "profiles.parquet"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Generator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from napari_wsdino.core.cache import Cache
+from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.model import pick_device
+from napari_wsdino.core.modelset import ModelSet
+from napari_wsdino.core.progress import Progress
+
+DEFAULT_CROP = 224
+DEFAULT_BATCH = 16
+DEFAULT_CHUNK = 256
+PARTS_FORMAT = "napari-wsdino-embed-parts"
+
+#: Field-table column → profile metadata column (docs/ARCHITECTURE.md, "profiles").
+METADATA_COLUMNS = {
+    "plate": "Metadata_Plate",
+    "batch": "Metadata_Batch",
+    "well": "Metadata_Well",
+    "site": "Metadata_Site",
+    "compound": "Metadata_Compound",
+    "concentration": "Metadata_Concentration",
+    "treatment": "Metadata_Treatment",
+    "moa": "Metadata_MoA",
+}
+
+
+# -- geometry --------------------------------------------------------------------------
+
+
+def crop_geometry(shape: tuple[int, int], crop: int = DEFAULT_CROP, patch: int = 1) -> tuple[int, list[tuple[int, int]]]:
+    """Side and top-left corners of the four non-overlapping centre crops.
+
+    Parameters
+    ----------
+    shape
+        Field ``(H, W)``.
+    crop
+        Wanted crop side; clamped to ``min(H, W) // 2`` and rounded down to a
+        multiple of ``patch``.
+    patch
+        ViT patch size.
+
+    Returns
+    -------
+    side, corners
+        ``corners`` in the order top-left, top-right, bottom-left, bottom-right.
+
+    Example
+    -------
+    >>> crop_geometry((512, 640), 224, 8)
+    (224, [(32, 96), (32, 320), (256, 96), (256, 320)])
+    >>> crop_geometry((100, 120), 224, 16)
+    (48, [(2, 12), (2, 60), (50, 12), (50, 60)])
+    """
+    h, w = int(shape[0]), int(shape[1])
+    side = min(int(crop), h // 2, w // 2)
+    side -= side % max(int(patch), 1)
+    if side <= 0:
+        raise DataError(
+            f"Fields of {h}x{w} px are too small for four centre crops of a ViT with "
+            f"{patch}-px patches (each crop needs at least {patch} px)."
+        )
+    cy, cx = h // 2, w // 2
+    top, left = cy - side, cx - side
+    corners = [(top, left), (top, left + side), (top + side, left), (top + side, left + side)]
+    return side, corners
+
+
+def centre_crops(images: np.ndarray, crop: int = DEFAULT_CROP, patch: int = 1) -> np.ndarray:
+    """The four centre crops of a batch of fields, ``(B, H, W)`` → ``(B, 4, c, c)`` float32.
+
+    Example
+    -------
+    >>> x = np.arange(2 * 8 * 8).reshape(2, 8, 8)
+    >>> centre_crops(x, 2).shape
+    (2, 4, 2, 2)
+    """
+    images = np.asarray(images) if not isinstance(images, np.memmap) else images
+    side, corners = crop_geometry(images.shape[-2:], crop, patch)
+    top, left = corners[0]
+    square = np.asarray(images[:, top:top + 2 * side, left:left + 2 * side], dtype=np.float32)
+    b = square.shape[0]
+    # (B, 2c, 2c) -> (B, 2, c, 2, c) -> (B, 2, 2, c, c): quadrants in row-major order.
+    quads = square.reshape(b, 2, side, 2, side).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(quads.reshape(b, 4, side, side))
+
+
+def median_of_four(features: torch.Tensor) -> torch.Tensor:
+    """Per-dimension median over axis 1 (the crops), averaging the two middle values.
+
+    ``torch.median`` would return the lower middle value; the paper's median of four
+    is the usual one (:func:`numpy.median`).
+    """
+    # Linear interpolation at q=0.5 is numpy's median for any count.
+    return torch.quantile(features.float(), 0.5, dim=1)
+
+
+# -- embedding arrays ------------------------------------------------------------------
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAULT_CROP,
+                  patch: int = 1, device: torch.device | str = "cpu") -> np.ndarray:
+    """One channel's field embeddings (median of the four centre crops), ``(B, D)``.
+
+    Parameters
+    ----------
+    model
+        A backbone whose ``model(x)`` is the CLS embedding of ``x`` ``(N, 1, c, c)``.
+    images
+        ``(B, H, W)`` preprocessed fields of that channel.
+    """
+    device = torch.device(device)
+    crops = torch.from_numpy(centre_crops(images, crop, patch))
+    b, n, side, _ = crops.shape
+    x = crops.reshape(b * n, 1, side, side).to(device, non_blocking=True)
+    with _autocast(device):
+        feats = model(x)
+    return median_of_four(feats.float().reshape(b, n, -1)).cpu().numpy()
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, eps)).astype(np.float32)
+
+
+def embed_fields(models: ModelSet, images: Mapping[str, np.ndarray], crop: int = DEFAULT_CROP,
+                 device: torch.device | str = "cpu") -> np.ndarray:
+    """Profiles of a batch of fields: channels concatenated, L2-normalised, ``(B, sum D)``.
+
+    Parameters
+    ----------
+    models
+        One backbone per channel; every channel must be in ``images``.
+    images
+        ``{channel: (B, H, W)}`` preprocessed fields.
+
+    Example
+    -------
+    >>> models = ModelSet.random("test_vit", ("DAPI", "Actin"), seed=0)
+    >>> imgs = {c: np.random.default_rng(0).random((3, 64, 64)) for c in ("DAPI", "Actin")}
+    >>> feats = embed_fields(models, imgs, crop=32)
+    >>> feats.shape, np.allclose(np.linalg.norm(feats, axis=1), 1)
+    ((3, 128), True)
+    """
+    models.check_channels(images)
+    parts = [embed_channel(m.model, images[c], crop, m.patch_size, device)
+             for c, m in models.models.items()]
+    return l2_normalise(np.concatenate(parts, axis=1))
+
+
+def feature_names(models: ModelSet) -> list[str]:
+    """``DAPI_000 … Actin_383``: channel and dimension of each profile column."""
+    return [f"{c}_{i:03d}" for c, m in models.models.items() for i in range(m.embed_dim)]
+
+
+def profile_table(field_table: pd.DataFrame, features: np.ndarray, names: Sequence[str]):
+    """The evaluation issue's profile table for these fields and features.
+
+    Uses :class:`napari_wsdino.core.profiles.ProfileTable` when it is available,
+    else a DataFrame with the same ``Metadata_*`` + feature columns.
+    """
+    feats = pd.DataFrame(np.asarray(features, dtype=np.float32), columns=list(names))
+    try:
+        from napari_wsdino.core.profiles import ProfileTable
+    except ImportError:
+        ProfileTable = None
+    if ProfileTable is not None and hasattr(ProfileTable, "from_fields"):
+        return ProfileTable.from_fields(field_table.reset_index(drop=True), feats)
+    meta = pd.DataFrame({new: field_table[old].to_numpy() for old, new in METADATA_COLUMNS.items()
+                         if old in field_table.columns})
+    return pd.concat([meta, feats], axis=1)
+
+
+def write_profiles(table, path: str | Path) -> Path:
+    """Write a profile table (ProfileTable or DataFrame) as Parquet."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(table, "to_parquet") and not isinstance(table, pd.DataFrame):
+        table.to_parquet(path)
+    else:
+        tmp = path.with_name(path.name + ".tmp")
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    return path
+
+
+# -- a whole cache ---------------------------------------------------------------------
+
+
+def parts_folder(out: str | Path) -> Path:
+    """Where :func:`embed_cache` keeps finished chunks of ``out`` until it is written."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def _table_hash(table: pd.DataFrame) -> str:
+    cols = [c for c in ("plate", "well", "site") if c in table.columns]
+    keys = table[cols].astype(str).agg("/".join, axis=1) if cols else pd.Series(range(len(table)))
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()
+
+
+def _prepare_parts(parts: Path, manifest: dict, resume: bool) -> None:
+    mfile = parts / "manifest.json"
+    if parts.exists():
+        old = json.loads(mfile.read_text()) if mfile.exists() else None
+        if resume and old == manifest:
+            return
+        if resume and old is not None:
+            changed = sorted(k for k in manifest if old.get(k) != manifest[k])
+            raise DataError(
+                f"{parts} holds an unfinished embedding with different settings "
+                f"({', '.join(changed)}). Delete it, or rerun without resuming "
+                "(--overwrite) to start again."
+            )
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True)
+    mfile.write_text(json.dumps(manifest, indent=2))
+
+
+def embed_cache(
+    cache: Cache,
+    models: ModelSet,
+    out: str | Path | None = None,
+    *,
+    crop: int = DEFAULT_CROP,
+    batch_size: int = DEFAULT_BATCH,
+    chunk_size: int = DEFAULT_CHUNK,
+    device: str = "auto",
+    indices: Sequence[int] | None = None,
+    resume: bool = True,
+) -> Generator[Progress, None, object]:
+    """Embed every field of a preprocessed cache; yields progress, returns the profiles.
+
+    Parameters
+    ----------
+    cache
+        From :func:`napari_wsdino.core.cache.open_cache`.
+    models
+        One backbone per channel (:class:`~napari_wsdino.core.modelset.ModelSet`);
+        each channel must be in the cache.
+    out
+        Parquet file to write. Chunks of ``chunk_size`` fields are kept in
+        ``OUT.parts/`` until the end, so an interrupted run resumes where it stopped.
+    crop
+        Side of each of the four centre crops (paper: 224); clamped to the field.
+    batch_size
+        Fields per forward pass (each gives four crops).
+    device
+        ``"auto"`` (CUDA with bf16 autocast when present), ``"cpu"``, ``"cuda:0"``...
+    indices
+        Rows of the cache to embed (default all).
+    resume
+        Reuse finished chunks of an earlier run with the same settings (else start over).
+
+    Returns
+    -------
+    ProfileTable
+        ``Metadata_*`` columns + one float column per feature (``DAPI_000`` ...).
+
+    Example
+    -------
+    >>> gen = embed_cache(cache, models, "profiles.parquet", crop=224)  # doctest: +SKIP
+    >>> for event in gen: print(event.message)                          # doctest: +SKIP
+    """
+    models.check_channels(cache.channels)
+    dev = pick_device(device)
+    models.to(dev)
+    table = cache.table if indices is None else cache.table.iloc[list(indices)]
+    rows = np.arange(len(cache)) if indices is None else np.asarray(list(indices), dtype=int)
+    n = len(rows)
+    shape = tuple(cache.shape)
+    crops = {c: crop_geometry(shape, crop, m.patch_size)[0] for c, m in models.models.items()}
+    names = feature_names(models)
+    chunk_size = max(int(chunk_size), 1)
+    batch_size = max(int(batch_size), 1)
+    n_chunks = (n + chunk_size - 1) // chunk_size
+
+    parts = parts_folder(out) if out is not None else None
+    if parts is not None:
+        manifest = {
+            "format": PARTS_FORMAT,
+            "models": models.fingerprint(),
+            "channels": list(models.channels),
+            "crop": crops,
+            "chunk_size": chunk_size,
+            "n_fields": n,
+            "fields": _table_hash(table),
+            "rows": hashlib.sha1(rows.tobytes()).hexdigest(),
+        }
+        _prepare_parts(parts, manifest, resume)
+
+    arrays = {c: cache.images(c) for c in models.channels}
+    chunks: list[np.ndarray] = []
+    done = 0
+    start = time.perf_counter()
+    computed = 0
+    yield Progress("embed", 0, n, f"embedding {n} fields with crops {crops} on {dev}",
+                   {"crop": crops, "device": str(dev)})
+    for k in range(n_chunks):
+        lo, hi = k * chunk_size, min((k + 1) * chunk_size, n)
+        chunk_file = parts / f"chunk_{k:05d}.npy" if parts is not None else None
+        if chunk_file is not None and chunk_file.exists():
+            feats = np.load(chunk_file)
+            if feats.shape == (hi - lo, len(names)):
+                chunks.append(feats)
+                done = hi
+                yield Progress("embed", done, n, f"chunk {k + 1}/{n_chunks} already done",
+                               {"resumed": True})
+                continue
+        out_chunk = np.empty((hi - lo, len(names)), dtype=np.float32)
+        for b0 in range(lo, hi, batch_size):
+            b1 = min(b0 + batch_size, hi)
+            sel = rows[b0:b1]
+            contiguous = bool(np.all(np.diff(sel) == 1))
+            batch = {c: (a[sel[0]:sel[-1] + 1] if contiguous else a[sel]) for c, a in arrays.items()}
+            feats = np.concatenate(
+                [embed_channel(m.model, batch[c], crop, m.patch_size, dev)
+                 for c, m in models.models.items()], axis=1)
+            out_chunk[b0 - lo:b1 - lo] = l2_normalise(feats)
+            done = b1
+            computed += b1 - b0
+            rate = computed / max(time.perf_counter() - start, 1e-9)
+            yield Progress("embed", done, n, f"{rate:.1f} fields/s",
+                           {"fields_per_s": rate, "eta_s": (n - done) / rate if rate else float("nan")})
+        if chunk_file is not None:
+            tmp = chunk_file.with_name(chunk_file.stem + ".tmp.npy")
+            np.save(tmp, out_chunk)
+            os.replace(tmp, chunk_file)
+        chunks.append(out_chunk)
+
+    features = np.concatenate(chunks, axis=0) if chunks else np.zeros((0, len(names)), np.float32)
+    result = profile_table(table.reset_index(drop=True), features, names)
+    try:
+        result.attrs.update({"wsdino_models": json.dumps(models.summary()), "wsdino_crop": json.dumps(crops)})
+    except AttributeError:
+        pass
+    if out is not None:
+        write_profiles(result, out)
+        shutil.rmtree(parts, ignore_errors=True)
+    return result

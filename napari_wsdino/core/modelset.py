@@ -1,0 +1,430 @@
+"""One ViT backbone per channel, for inference (embedding and attention maps).
+
+WS-DINO trains a separate model for each fluorescent channel (WS-DINO paper,
+Methods: "A separate model was trained for each of the three channels"). A
+:class:`ModelSet` holds those backbones keyed by channel, knows which channel each
+one serves, and refuses to run a model on another channel's images.
+
+Where the weights come from:
+
+* our training runs: ``RUN/<channel>/checkpoint.pth`` (teacher weights by default,
+  as in DINO; the student on request) — :meth:`ModelSet.from_run`;
+* one file per channel: ours, timm's, official DINO's (``dino_deitsmall8_pretrain.pth``)
+  or a ``.safetensors`` file written by :meth:`ModelSet.export_safetensors` —
+  :meth:`ModelSet.from_files`;
+* the paper's baselines: :meth:`ModelSet.random` (random initialisation) and
+  :meth:`ModelSet.init_only` (ImageNet DINO weights, no fine-tuning).
+
+Checkpoint files are untrusted input: PyTorch files are read with
+``torch.load(weights_only=True)`` (see :func:`napari_wsdino.core.model.read_checkpoint`),
+safetensors files hold tensors only.
+
+Example
+-------
+>>> from napari_wsdino.core.modelset import ModelSet
+>>> models = ModelSet.random("test_vit", ("DAPI", "Tubulin", "Actin"), seed=0)
+>>> models.channels, models.embed_dim
+(('DAPI', 'Tubulin', 'Actin'), 192)
+>>> models.check_channels(("DAPI", "Actin", "Tubulin"))   # any order is fine
+>>> models.check_channels(("DAPI", "Mito"))               # doctest: +IGNORE_EXCEPTION_DETAIL
+Traceback (most recent call last):
+ChannelMismatchError: ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from napari_wsdino.core.metadata import CHANNELS, DataError
+from napari_wsdino.core.model import (
+    CHECKPOINT_FORMAT,
+    DEFAULT_ARCH,
+    CheckpointError,
+    create_backbone,
+    load_backbone_weights,
+    read_checkpoint,
+)
+
+CHECKPOINT_NAME = "checkpoint.pth"
+WHICH = ("teacher", "student")
+
+
+class ChannelMismatchError(DataError):
+    """A model was asked to serve a channel it was not trained for."""
+
+
+@dataclass
+class ChannelModel:
+    """One channel's backbone and where it came from.
+
+    Attributes
+    ----------
+    channel
+        The channel this model serves (``"DAPI"``, ...).
+    model
+        A timm ViT with ``num_classes=0``: ``model(x)`` is the CLS embedding.
+    arch
+        timm architecture name.
+    source
+        Human-readable origin (file and teacher/student, ``random(seed=0)``, ...).
+    """
+
+    channel: str
+    model: nn.Module
+    arch: str
+    source: str
+
+    @property
+    def embed_dim(self) -> int:
+        return int(getattr(self.model, "num_features", getattr(self.model, "embed_dim", 0)))
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the ViT's square patches (1 for non-ViT stand-ins)."""
+        pe = getattr(self.model, "patch_embed", None)
+        size = getattr(pe, "patch_size", 1)
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+@dataclass
+class ModelSet:
+    """Per-channel backbones in a fixed channel order.
+
+    Build one with :meth:`from_run`, :meth:`from_files`, :meth:`random` or
+    :meth:`init_only`; or directly from :class:`ChannelModel` entries.
+
+    Attributes
+    ----------
+    models
+        ``{channel: ChannelModel}``, in the order embeddings are concatenated.
+    kind
+        ``"trained"``, ``"files"``, ``"random"`` or ``"init-only"``.
+    """
+
+    models: dict[str, ChannelModel]
+    kind: str = "files"
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not self.models:
+            raise CheckpointError("A model set needs at least one channel model.")
+        for name, entry in self.models.items():
+            if entry.channel != name:
+                raise ChannelMismatchError(
+                    f"Model set entry {name!r} holds a model for channel {entry.channel!r}."
+                )
+            entry.model.eval()
+
+    # -- the channels -------------------------------------------------------------------
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return tuple(self.models)
+
+    @property
+    def embed_dim(self) -> int:
+        """Length of a field's profile: the channels' embedding sizes summed."""
+        return sum(m.embed_dim for m in self.models.values())
+
+    @property
+    def archs(self) -> dict[str, str]:
+        return {c: m.arch for c, m in self.models.items()}
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __iter__(self) -> Iterator[ChannelModel]:
+        return iter(self.models.values())
+
+    def __getitem__(self, channel: str) -> ChannelModel:
+        """The model of one channel; refuses channels the set has no model for."""
+        if channel not in self.models:
+            raise ChannelMismatchError(
+                f"No model for channel {channel!r}: this model set serves "
+                f"{list(self.channels)}. Pass a model trained on {channel!r} "
+                f"(e.g. --model {channel}=RUN_OR_FILE)."
+            )
+        return self.models[channel]
+
+    def check_channels(self, available: Iterable[str]) -> None:
+        """Raise :class:`ChannelMismatchError` unless every model's channel is available.
+
+        Parameters
+        ----------
+        available
+            Channels of the images to embed (e.g. a cache's ``channels``).
+        """
+        available = tuple(available)
+        missing = [c for c in self.channels if c not in available]
+        if missing:
+            raise ChannelMismatchError(
+                f"The models serve channels {list(self.channels)} but the images hold "
+                f"{list(available)} (no {missing}). A model only runs on the channel it "
+                "was trained for; check the channel names of --model and of the cache."
+            )
+
+    def summary(self) -> dict:
+        """Plain description for logs and Parquet metadata."""
+        return {
+            "kind": self.kind,
+            "channels": list(self.channels),
+            "models": {c: {"arch": m.arch, "source": m.source, "dim": m.embed_dim}
+                       for c, m in self.models.items()},
+            "fingerprint": self.fingerprint(),
+        }
+
+    def fingerprint(self) -> str:
+        """SHA-1 of every channel's weights: equal sets give equal fingerprints."""
+        if self._fingerprint is None:
+            h = hashlib.sha1()
+            for channel, entry in self.models.items():
+                h.update(channel.encode())
+                for key, value in entry.model.state_dict().items():
+                    h.update(key.encode())
+                    h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def to(self, device) -> "ModelSet":
+        for entry in self.models.values():
+            entry.model.to(device)
+        return self
+
+    # -- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | Path,
+        channels: Iterable[str] | None = None,
+        *,
+        which: str = "teacher",
+    ) -> "ModelSet":
+        """Models from a training run folder holding ``<channel>/checkpoint.pth``.
+
+        Parameters
+        ----------
+        run
+            The run folder (``wsdino train --out RUN``).
+        channels
+            Channels to load (default: every sub-folder holding a checkpoint, in
+            BBBC021 order first).
+        which
+            ``"teacher"`` (default, DINO's choice for evaluation) or ``"student"``.
+
+        Example
+        -------
+        >>> models = ModelSet.from_run("runs/wsdino", ("DAPI", "Tubulin", "Actin"))  # doctest: +SKIP
+        """
+        run = Path(run)
+        if not run.is_dir():
+            raise CheckpointError(f"Run folder {run} does not exist.")
+        if channels is None:
+            found = [p.parent.name for p in run.glob(f"*/{CHECKPOINT_NAME}")]
+            channels = [c for c in CHANNELS if c in found] + sorted(c for c in found if c not in CHANNELS)
+            if not channels:
+                raise CheckpointError(
+                    f"{run} holds no <channel>/{CHECKPOINT_NAME}; train with "
+                    "'wsdino train --out RUN' or pass one file per channel with --model."
+                )
+        models = {c: load_channel_model(c, run, which=which) for c in channels}
+        return cls(models, kind="trained")
+
+    @classmethod
+    def from_files(
+        cls,
+        files: Mapping[str, str | Path],
+        *,
+        arch: str | None = None,
+        which: str = "teacher",
+    ) -> "ModelSet":
+        """One weights file (or run folder) per channel.
+
+        Parameters
+        ----------
+        files
+            ``{channel: path}``; a path is our checkpoint, a run folder (``RUN`` with
+            ``RUN/<channel>/checkpoint.pth``, or a channel folder with
+            ``checkpoint.pth``), a timm or official DINO file, or ``.safetensors``.
+        arch
+            Architecture for files that do not record it (timm/DINO files); our
+            checkpoints record theirs, and a different ``arch`` is refused.
+        which
+            ``"teacher"`` or ``"student"`` for files that hold both.
+        """
+        models = {c: load_channel_model(c, p, arch=arch, which=which) for c, p in files.items()}
+        kind = "trained" if all(m.source.startswith("wsdino") for m in models.values()) else "files"
+        return cls(models, kind=kind)
+
+    @classmethod
+    def random(
+        cls, arch: str = DEFAULT_ARCH, channels: Iterable[str] = CHANNELS, seed: int = 0
+    ) -> "ModelSet":
+        """Randomly initialised backbones: the no-learning baseline.
+
+        The same ``seed`` gives the same weights; each channel gets its own draw.
+        """
+        models = {}
+        for i, channel in enumerate(channels):
+            # timm initialises through the global generator; isolate it from the caller's.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed) * 1000 + i)
+                model = create_backbone(arch, in_chans=1)
+            models[channel] = ChannelModel(channel, model, arch, f"random(seed={seed})")
+        return cls(models, kind="random")
+
+    @classmethod
+    def init_only(
+        cls, arch: str, weights_file: str | Path, channels: Iterable[str] = CHANNELS
+    ) -> "ModelSet":
+        """The same initial weights (e.g. ImageNet DINO) for every channel, no fine-tuning.
+
+        This is the paper's "DINO, ImageNet weights only" baseline; RGB filters are
+        summed into one grey input channel.
+        """
+        models = {}
+        for channel in channels:
+            entry = load_channel_model(channel, weights_file, arch=arch)
+            entry.source = f"init-only {entry.source}"
+            models[channel] = entry
+        return cls(models, kind="init-only")
+
+    # -- export -------------------------------------------------------------------------
+
+    def export_safetensors(self, folder: str | Path) -> list[Path]:
+        """Write each channel's backbone as ``FOLDER/<channel>.safetensors``.
+
+        The files hold tensors only plus metadata (channel, arch, source), so they can
+        be shared and loaded without pickle; :meth:`from_files` reads them back.
+        """
+        try:
+            from safetensors.torch import save_file
+        except ImportError:  # pragma: no cover - timm depends on safetensors
+            raise CheckpointError(
+                "safetensors is not installed; 'pip install safetensors' to export."
+            ) from None
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for channel, entry in self.models.items():
+            sd = {k: v.detach().cpu().contiguous() for k, v in entry.model.state_dict().items()}
+            path = folder / f"{channel}.safetensors"
+            save_file(sd, str(path), metadata={
+                "format": "napari-wsdino-backbone",
+                "channel": channel,
+                "arch": entry.arch,
+                "source": entry.source,
+            })
+            written.append(path)
+        return written
+
+
+# -- loading one channel ---------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path, channel: str) -> Path:
+    """The weights file of ``channel`` for a file, a channel run folder or a run folder."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / channel / CHECKPOINT_NAME, path / CHECKPOINT_NAME):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(
+            f"{path} is a folder without {channel}/{CHECKPOINT_NAME} or {CHECKPOINT_NAME}; "
+            "pass a training run folder or a weights file."
+        )
+    if not path.exists():
+        raise CheckpointError(f"Weights file {path} does not exist.")
+    return path
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        from safetensors import safe_open
+    except ImportError:  # pragma: no cover
+        raise CheckpointError("Reading .safetensors needs the safetensors package.") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read {path} as safetensors ({exc}).") from None
+    return sd, meta
+
+
+def load_channel_model(
+    channel: str,
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    which: str = "teacher",
+) -> ChannelModel:
+    """Build and load one channel's backbone; refuse a checkpoint of another channel.
+
+    Our checkpoints and our safetensors exports record their channel and
+    architecture; both are checked. timm and official DINO files carry neither,
+    so they serve the channel they are given, with ``arch`` (default ViT-S/8).
+    """
+    if which not in WHICH:
+        raise CheckpointError(f"which must be one of {WHICH}, not {which!r}.")
+    file = resolve_checkpoint(path, channel)
+    if file.suffix == ".safetensors":
+        sd, meta = _read_safetensors(file)
+        recorded_channel, recorded_arch = meta.get("channel"), meta.get("arch")
+        source = f"safetensors {file}"
+        weights: Mapping = sd
+    else:
+        ckpt = read_checkpoint(file)
+        ours = ckpt.get("format") == CHECKPOINT_FORMAT
+        config = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
+        recorded_channel = ckpt.get("channel") if ours else None
+        recorded_arch = config.get("arch") if ours else None
+        if ours and which not in ckpt:
+            raise CheckpointError(f"{file} holds no {which!r} weights.")
+        source = f"wsdino {file} ({which})" if ours else f"{file}"
+        weights = ckpt
+    if recorded_channel is not None and recorded_channel != channel:
+        raise ChannelMismatchError(
+            f"{file} is a model of channel {recorded_channel!r}, not {channel!r}. "
+            f"Give it as --model {recorded_channel}={path}, and pass the {channel} model "
+            f"for {channel}."
+        )
+    if recorded_arch and arch and recorded_arch != arch:
+        raise CheckpointError(
+            f"{file} holds a {recorded_arch} model, not {arch}; drop --arch or set it to {recorded_arch}."
+        )
+    use_arch = recorded_arch or arch or DEFAULT_ARCH
+    model = create_backbone(use_arch, in_chans=1)
+    load_backbone_weights(model, weights, which=which)
+    return ChannelModel(channel, model.eval(), use_arch, source)
+
+
+def parse_model_specs(specs: Iterable[str]) -> dict[str, str]:
+    """``["DAPI=runs/a", "Actin=x.pth"]`` → ``{"DAPI": "runs/a", "Actin": "x.pth"}``."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        channel, sep, path = spec.partition("=")
+        if not sep or not channel or not path:
+            raise DataError(f"--model takes CHANNEL=RUN_OR_FILE, got {spec!r}.")
+        if channel in out:
+            raise DataError(f"--model names channel {channel!r} twice.")
+        out[channel] = path
+    return out
+
+
+def describe(models: ModelSet) -> str:
+    """One line per channel, for the CLI."""
+    return "\n".join(
+        f"  {c:<10} {m.arch:<24} {m.embed_dim:>5}-d  {m.source}" for c, m in models.models.items()
+    )
+
+
+def summary_json(models: ModelSet) -> str:
+    return json.dumps(models.summary())
