@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -151,9 +152,13 @@ class PlateBrowser(QWidget):
         meta = getattr(event.value, "metadata", {}) or {}
         if meta.get(ROLE) != FIELD_ROLE or not meta.get("source"):
             return
-        if self.state.source is not None and str(self.state.source) == meta["source"]:
-            return
-        self.open(meta["source"], int(meta.get("field_index", 0)))
+        # Deferred: the reader inserts its layers one by one; let it finish first.
+        QTimer.singleShot(0, lambda: self._adopt(meta["source"], int(meta.get("field_index", 0))))
+
+    def _adopt(self, source: str, field_index: int) -> None:
+        """Open ``source`` unless it already is the current dataset."""
+        if self.state.source is None or str(self.state.source) != source:
+            self.open(source, field_index)
 
     # -- state → controls ----------------------------------------------------------
     def _on_metadata(self, metadata: Metadata | None) -> None:
