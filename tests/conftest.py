@@ -16,3 +16,12 @@ def bundled_dir():
     from napari_wsdino.core.metadata import bundled_metadata_dir
 
     return bundled_metadata_dir()
+
+
+@pytest.fixture(scope="session")
+def mini_replica(tmp_path_factory):
+    """Path of a ``mini`` synthetic replica (292 fields, 64 x 80 px, seed 0), made once."""
+    from napari_wsdino.core.synth import make_replica
+
+    return make_replica(tmp_path_factory.mktemp("replica") / "mini", subset="mini",
+                        size=(64, 80), seed=0, workers=1)

@@ -1,0 +1,212 @@
+"""Synthetic BBBC021 replica: the real screen design with generated MCF-7 images.
+
+The replica follows the bundled BBBC021 design (plates, weeks, wells, sites,
+treatments, DMSO and taxol controls, official file names) and draws every field of
+view from a biology-grounded phenotype model (:mod:`.phenotypes`) with a camera and
+nuisance model (:mod:`.render`). Everything computed on it is a *synthetic replica*
+result, never a BBBC021 one.
+
+Example
+-------
+>>> from napari_wsdino.core.synth import make_replica
+>>> from napari_wsdino.core.metadata import load_metadata
+>>> out = make_replica("demo_data", subset="mini", size=(64, 80))  # doctest: +SKIP
+>>> load_metadata(out).summary()["treatments"]  # doctest: +SKIP
+103
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Generator
+
+import numpy as np
+
+from napari_wsdino.core.imageio import write_tiff
+from napari_wsdino.core.metadata import CHANNELS, DataError
+from napari_wsdino.core.progress import Progress, run_to_end
+from napari_wsdino.core.synth.design import (
+    DEFAULT_SITES,
+    SUBSETS,
+    bundled_design,
+    select_subset,
+    write_design,
+)
+from napari_wsdino.core.synth.phenotypes import (
+    AXES,
+    MOA_PHENOTYPES,
+    SynthConfig,
+    batch_nuisance,
+    plate_nuisance,
+    stable_seed,
+    treatment_vector,
+)
+from napari_wsdino.core.synth.render import illumination, pixel_scale, render_field
+
+__all__ = [
+    "AXES",
+    "DEFAULT_SITES",
+    "MOA_PHENOTYPES",
+    "SUBSETS",
+    "SynthConfig",
+    "field_specs",
+    "make_replica",
+    "render_spec",
+    "select_subset",
+    "write_replica",
+]
+
+DEFAULT_SIZE = (256, 320)
+#: Fields per task sent to a worker process.
+CHUNK = 12
+
+
+def field_specs(subset: str = "mini", sites: int | None = None, seed: int = 0,
+                config: SynthConfig = SynthConfig()) -> list[dict]:
+    """One plain dict per field of a subset: where it goes and what it shows.
+
+    Keys: ``plate, batch, well, site, compound, concentration, moa, files`` (the
+    channel files relative to the replica root, DAPI/Tubulin/Actin order), ``vec``
+    and ``dose`` (see :func:`.phenotypes.treatment_vector`).
+    """
+    raw, _, table = bundled_design()
+    keep = select_subset(table, subset, sites)
+    conc_by_compound = table.groupby("compound").concentration.unique().to_dict()
+    treat_cache: dict = {}
+    specs = []
+    for i in np.flatnonzero(keep):
+        row = table.iloc[i]
+        key = row.treatment
+        if key not in treat_cache:
+            moa = "" if row.moa == "DMSO" else row.moa
+            treat_cache[key] = treatment_vector(moa, row.compound, row.concentration,
+                                                conc_by_compound[row.compound], seed, config)
+        vec, dose = treat_cache[key]
+        specs.append({
+            "plate": row.plate, "batch": row.batch, "well": row.well, "site": int(row.site),
+            "compound": row.compound, "concentration": float(row.concentration),
+            "moa": row.moa, "vec": vec, "dose": dose,
+            "files": [f"{raw.iloc[i][f'Image_PathName_{c}']}/{raw.iloc[i][f'Image_FileName_{c}']}"
+                      for c in CHANNELS],
+        })
+    return specs
+
+
+def render_spec(spec: dict, size: tuple[int, int], seed: int,
+                config: SynthConfig = SynthConfig(), _illum_cache: dict | None = None) -> np.ndarray:
+    """Render the ``(3, H, W)`` uint16 image of one field spec (deterministic)."""
+    size = (int(size[0]), int(size[1]))
+    plate = plate_nuisance(spec["plate"], seed, config)
+    illum = None
+    if _illum_cache is not None:
+        illum = _illum_cache.get(spec["plate"])
+        if illum is None:
+            illum = _illum_cache[spec["plate"]] = illumination(size, plate)
+    rng = np.random.default_rng(stable_seed(seed, "field", spec["plate"], spec["well"], spec["site"]))
+    return render_field(rng, size, spec["vec"], spec["dose"], batch_nuisance(spec["batch"], seed, config),
+                        plate, illum, config)
+
+
+def _write_chunk(out: str, specs: list[dict], size, seed: int, config: SynthConfig) -> int:
+    cache: dict = {}
+    for spec in specs:
+        img = render_spec(spec, size, seed, config, cache)
+        for plane, rel in zip(img, spec["files"]):
+            write_tiff(Path(out) / rel, plane)
+    return len(specs)
+
+
+def _default_workers(n_fields: int) -> int:
+    if n_fields < 4 * CHUNK:
+        return 1
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def write_replica(out: str | Path, subset: str = "mini", sites: int | None = None,
+                  size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, workers: int | None = None,
+                  config: SynthConfig = SynthConfig()) -> Generator[Progress, None, Path]:
+    """Write a synthetic BBBC021 replica; a generator of progress events.
+
+    Writes ``OUT/BBBC021_v1_image.csv``, ``OUT/BBBC021_v1_moa.csv`` and
+    ``OUT/<Week>/<plate>/<official file name>.tif`` (uint16, one file per channel).
+    The files depend only on ``(subset, sites, size, seed, config)``: byte-identical
+    across runs and worker counts.
+
+    Parameters
+    ----------
+    out
+        Output folder (created; existing replica files are overwritten).
+    subset
+        ``"full"`` (3,848 fields), ``"replicate1"`` (~1,344) or ``"mini"`` (~292 at
+        2 sites); see :func:`select_subset`.
+    sites
+        Sites per well, 1–4 (default 4; ``mini``: 2).
+    size
+        ``(H, W)`` of each image; 1024 x 1280 is the real camera.
+    seed
+        Seed of everything random (compound twists, weeks, plates, fields).
+    workers
+        Processes (default: 1 for small jobs, else every core up to 8).
+    config
+        Difficulty knobs (:class:`SynthConfig`).
+
+    Yields
+    ------
+    Progress
+        ``stage="synth"``, one event per written chunk of fields.
+
+    Returns
+    -------
+    Path
+        ``out``.
+
+    Example
+    -------
+    >>> from napari_wsdino.core.progress import run_to_end
+    >>> out = run_to_end(write_replica("demo", "mini", size=(64, 80)))  # doctest: +SKIP
+    """
+    out = Path(out)
+    size = (int(size[0]), int(size[1]))
+    if min(size) < 32:
+        raise DataError(f"Image size {size} is too small; use at least 32 x 32 pixels.")
+    raw, moa, table = bundled_design()
+    keep = select_subset(table, subset, sites)
+    specs = field_specs(subset, sites, seed, config)
+    write_design(out, raw, moa, keep)
+    total = len(specs)
+    workers = _default_workers(total) if workers is None else max(1, int(workers))
+    yield Progress("synth", 0, total, f"{subset}: {total} fields at {size[0]}x{size[1]}")
+    done = 0
+    chunks = [specs[i:i + CHUNK] for i in range(0, total, CHUNK)]
+    if workers == 1:
+        for chunk in chunks:
+            done += _write_chunk(str(out), chunk, size, seed, config)
+            yield Progress("synth", done, total, f"{chunk[-1]['plate']} {chunk[-1]['well']}")
+    else:
+        # spawn: safe from GUI threads, and results never depend on the start method.
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_write_chunk, str(out), c, size, seed, config) for c in chunks]
+            try:
+                for fut in as_completed(futures):
+                    done += fut.result()
+                    yield Progress("synth", done, total, f"{done} fields written")
+            finally:
+                for fut in futures:
+                    fut.cancel()
+    return out
+
+
+def make_replica(out: str | Path, subset: str = "mini", sites: int | None = None,
+                 size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, workers: int | None = None,
+                 config: SynthConfig = SynthConfig(), callback=None) -> Path:
+    """Run :func:`write_replica` to its end and return the output folder.
+
+    Example
+    -------
+    >>> make_replica("demo_data", "mini", size=(64, 80))  # doctest: +SKIP
+    PosixPath('demo_data')
+    """
+    return run_to_end(write_replica(out, subset, sites, size, seed, workers, config), callback)

@@ -1,0 +1,200 @@
+"""MoA phenotypes, dose–response, per-compound twists and batch / plate nuisance.
+
+A phenotype is a vector over :data:`AXES`; 0 everywhere is an untreated (DMSO) MCF-7
+cell. Each MoA has a base vector from its known cell biology (Caie et al. 2010;
+Ljosa et al. 2013); each compound scales and perturbs it (its "twist"), and its
+strength at a concentration follows a Hill curve whose EC50 sits inside the
+compound's tested range, so the lowest doses are the hard ones.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Phenotype axes. Sizes are natural-log multipliers; the rest are 0..1 propensities
+#: or signed changes (see the comments in :data:`MOA_PHENOTYPES`).
+AXES: tuple[str, ...] = (
+    "nuc_size",     # log nuclear size
+    "nuc_bright",   # log DAPI intensity
+    "lobes",        # multi-lobed / polyploid nuclei
+    "mitotic",      # mitotic arrest: round cell, condensed DNA
+    "rosette",      # arrested DNA as a ring around a monoastral spindle
+    "micronuclei",  # micronuclei per cell
+    "binuc",        # binucleated cells (failed cytokinesis)
+    "cell_size",    # log cell size
+    "round",        # rounder, smoother outline
+    "spread",       # elongated, irregular, spread outline
+    "tub_diffuse",  # loss of microtubule filaments (diffuse tubulin)
+    "tub_bundle",   # thick microtubule bundles
+    "asters",       # extra microtubule asters
+    "tub_aggr",     # perinuclear tubulin aggregate (aggresome)
+    "tub_int",      # log tubulin intensity
+    "act_puncta",   # actin aggregates and puncta
+    "act_fibres",   # signed change of stress fibres
+    "act_cortex",   # signed change of cortical actin
+    "act_int",      # log actin intensity
+    "density",      # log cell density
+    "colony",       # compact epithelial colonies
+)
+_IX = {a: i for i, a in enumerate(AXES)}
+
+#: Full-strength phenotype of each MoA (axes not named are 0).
+MOA_PHENOTYPES: dict[str, dict[str, float]] = {
+    "Microtubule destabilizers": dict(
+        mitotic=0.85, round=0.9, tub_diffuse=1.0, nuc_bright=0.35, cell_size=-0.25,
+        act_fibres=-0.5, density=-0.2, micronuclei=0.2),
+    "Microtubule stabilizers": dict(
+        tub_bundle=1.0, asters=0.8, micronuclei=0.9, mitotic=0.35, tub_int=0.35,
+        nuc_size=0.1, round=0.2),
+    "Actin disruptors": dict(
+        act_puncta=1.0, act_fibres=-0.9, act_cortex=-0.6, binuc=0.6, spread=0.3,
+        round=0.2, cell_size=-0.1),
+    "Aurora kinase inhibitors": dict(
+        nuc_size=0.75, lobes=1.0, cell_size=0.5, binuc=0.25, density=-0.35,
+        micronuclei=0.3),
+    "Eg5 inhibitors": dict(
+        mitotic=0.9, rosette=1.0, round=0.9, asters=0.2, cell_size=-0.2, nuc_bright=0.3),
+    "DNA damage": dict(
+        nuc_size=0.4, cell_size=0.45, density=-0.5, spread=0.45, micronuclei=0.35,
+        act_fibres=0.4, nuc_bright=-0.1),
+    "DNA replication": dict(
+        nuc_size=0.3, cell_size=0.3, density=-0.35, nuc_bright=-0.2, spread=0.25,
+        act_fibres=0.2),
+    "Protein degradation": dict(
+        tub_aggr=1.0, act_int=0.15, round=0.3, nuc_bright=0.1, density=-0.15),
+    "Protein synthesis": dict(
+        cell_size=-0.35, nuc_size=-0.15, tub_int=-0.4, act_int=-0.35, nuc_bright=-0.25,
+        density=-0.55, round=0.3),
+    "Cholesterol-lowering": dict(spread=0.5, act_fibres=0.3, cell_size=0.12, round=-0.2),
+    "Kinase inhibitors": dict(spread=-0.3, round=0.35, act_cortex=0.4, act_fibres=-0.3,
+                              cell_size=-0.1),
+    "Epithelial": dict(colony=1.0, act_cortex=0.7, cell_size=-0.2, round=0.4,
+                       act_fibres=-0.4, density=0.25),
+}
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Difficulty knobs of the replica (defaults are the calibrated ones).
+
+    Attributes
+    ----------
+    phenotype_strength
+        Multiplies every MoA effect (0: all treatments look like DMSO).
+    compound_twist
+        Size of each compound's own deviation from its MoA (0: compounds of a MoA
+        identical up to dose; large: MoAs blur into each other).
+    dose_shift
+        Shifts every EC50, in log10 units; positive makes low doses weaker (harder).
+    responder_fraction
+        Fraction of cells responding at saturating dose; the rest look untreated.
+    batch_strength
+        Multiplies the per-week nuisance (stain gain, background, focus, cell size and
+        cytoskeleton shifts). 0: no batch effects.
+    illumination_strength
+        Multiplies per-plate vignetting and gradients. 0: flat illumination.
+    noise
+        Multiplies read noise and divides the photon count (shot noise).
+    density
+        Multiplies the mean number of cells per field.
+    density_jitter
+        Field-to-field log-normal spread of cell density.
+    """
+
+    phenotype_strength: float = 1.0
+    compound_twist: float = 0.35
+    dose_shift: float = 0.0
+    responder_fraction: float = 0.85
+    batch_strength: float = 1.0
+    illumination_strength: float = 1.0
+    noise: float = 1.0
+    density: float = 1.0
+    density_jitter: float = 0.25
+
+
+def stable_seed(seed: int, *keys) -> np.random.SeedSequence:
+    """A seed sequence from a user seed and string keys (stable across runs and OSs)."""
+    words = [int(seed) & 0xFFFFFFFF] + [zlib.crc32(str(k).encode()) for k in keys]
+    return np.random.SeedSequence(words)
+
+
+def moa_vector(moa: str) -> np.ndarray:
+    vec = np.zeros(len(AXES))
+    for axis, value in MOA_PHENOTYPES.get(moa, {}).items():
+        vec[_IX[axis]] = value
+    return vec
+
+
+def compound_vector(moa: str, compound: str, seed: int, config: SynthConfig) -> np.ndarray:
+    """The compound's full-strength phenotype: its MoA's, scaled and twisted."""
+    base = moa_vector(moa)
+    if not base.any():
+        return base
+    rng = np.random.default_rng(stable_seed(seed, "compound", compound))
+    tw = config.compound_twist
+    scale = np.exp(rng.normal(0.0, 0.6 * tw, len(AXES)))
+    # Off-target effects: a few axes the MoA does not name.
+    off = np.zeros(len(AXES))
+    picks = rng.choice(len(AXES), size=3, replace=False)
+    off[picks] = rng.normal(0.0, 0.5 * tw, 3)
+    return config.phenotype_strength * (base * scale + off)
+
+
+def hill(concentration: float, concentrations: np.ndarray, compound: str, seed: int,
+         config: SynthConfig) -> float:
+    """Fraction of the full effect at a concentration (Hill curve, slope 1.3).
+
+    The EC50 lies 30% of the way up the compound's tested log range (a third of the
+    only dose for single-dose compounds), jittered per compound.
+    """
+    conc = np.asarray(sorted(set(float(c) for c in concentrations if c > 0)))
+    if concentration <= 0 or not len(conc):
+        return 0.0
+    rng = np.random.default_rng(stable_seed(seed, "ec50", compound))
+    lo, hi = np.log10(conc[0]), np.log10(conc[-1])
+    log_ec50 = (lo + 0.3 * (hi - lo) if hi > lo else lo - 0.5)
+    log_ec50 += rng.normal(0.0, 0.15) + config.dose_shift
+    x = (np.log10(concentration) - log_ec50) * 1.3
+    return float(1.0 / (1.0 + 10.0 ** (-x)))
+
+
+def treatment_vector(moa: str, compound: str, concentration: float,
+                     concentrations: np.ndarray, seed: int, config: SynthConfig
+                     ) -> tuple[np.ndarray, float]:
+    """(full-strength phenotype, dose fraction) of one treatment."""
+    vec = compound_vector(moa, compound, seed, config)
+    if not vec.any():
+        return vec, 0.0
+    return vec, hill(concentration, concentrations, compound, seed, config)
+
+
+def batch_nuisance(batch: str, seed: int, config: SynthConfig) -> dict:
+    """Per-week shifts: stain gains, background, focus, and small biology drifts."""
+    rng = np.random.default_rng(stable_seed(seed, "batch", batch))
+    b = config.batch_strength
+    return {
+        "gain": np.exp(rng.normal(0.0, 0.3 * b, 3)),
+        "background": np.exp(rng.normal(0.0, 0.35 * b, 3)),
+        "blur": max(0.0, 0.9 + rng.normal(0.0, 0.6 * b)),  # in full-resolution px
+        "cell_size": rng.normal(0.0, 0.1 * b),
+        "nuc_size": rng.normal(0.0, 0.07 * b),
+        "tub_fibre": rng.normal(0.0, 0.25 * b),
+        "act_fibre": rng.normal(0.0, 0.3 * b),
+        "density": rng.normal(0.0, 0.15 * b),
+        "texture": np.exp(rng.normal(0.0, 0.2 * b)),
+    }
+
+
+def plate_nuisance(plate: str, seed: int, config: SynthConfig) -> dict:
+    """Per-plate illumination field parameters and a small gain jitter."""
+    rng = np.random.default_rng(stable_seed(seed, "plate", plate))
+    s = config.illumination_strength
+    return {
+        "vignette": s * rng.uniform(0.25, 0.5, 3),           # relative fall-off at the corners
+        "centre": rng.normal(0.0, 0.12, 2),                  # optical centre offset (fraction)
+        "gradient": s * rng.normal(0.0, 0.15, (3, 2)),       # linear slope per channel
+        "gain": np.exp(rng.normal(0.0, 0.06 * config.batch_strength, 3)),
+    }

@@ -1,0 +1,303 @@
+"""Render one field of view of MCF-7 cells as three 16-bit channels (DAPI, Tubulin, Actin).
+
+Geometry is in *units* of the real BBBC021 camera (1024 x 1280 px per field); a
+smaller image shows the same field at lower resolution, down to ``MIN_SCALE`` px per
+unit, below which it shows a crop so that nuclei stay a few pixels wide.
+
+Cells are drawn in three steps, all numpy: (1) territories: one small loop over cells
+writes each cell's label where its shape score wins (touching cells, as in a confluent
+well); (2) every foreground pixel gathers its cell's parameters by label and the
+nucleus, microtubule network and actin are evaluated as closed-form fields; (3) spots
+(micronuclei, asters, aggresomes, actin puncta) are splatted and blurred; then optics
+and camera: per-plate illumination, per-week stain gain, background and focus, blur,
+Poisson and read noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_wsdino.core.synth.phenotypes import _IX, SynthConfig
+
+FULL_SHAPE = (1024, 1280)
+MIN_SCALE = 0.2
+#: DMSO cells per full field (MCF-7 at the BBBC021 seeding density).
+BASE_CELLS = 110
+CELL_RADIUS = 40.0      # units
+NUC_RADIUS = 16.0       # units
+#: Peak counts of a DMSO nucleus / microtubule / actin signal, and background, in ADU.
+AMPLITUDE = np.array([2600.0, 1300.0, 1500.0])
+BACKGROUND = np.array([160.0, 220.0, 200.0])
+CAMERA_OFFSET = 100.0
+READ_NOISE = 8.0
+PHOTONS_PER_ADU = 0.5
+
+
+def pixel_scale(shape: tuple[int, int]) -> float:
+    """Pixels per unit of the full-resolution camera for an image of ``shape``."""
+    return max(min(shape[0] / FULL_SHAPE[0], shape[1] / FULL_SHAPE[1]), MIN_SCALE)
+
+
+def _smooth_noise(rng, shape, sigma):
+    n = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+    return n / (n.std() + 1e-8)
+
+
+def _splat(shape, ys, xs, amps, sigma):
+    """Sum of Gaussian spots of equal width (peak ``amps``) via delta image + blur."""
+    img = np.zeros(shape, np.float32)
+    if len(ys):
+        yi = np.clip(np.round(ys).astype(int), 0, shape[0] - 1)
+        xi = np.clip(np.round(xs).astype(int), 0, shape[1] - 1)
+        inside = (ys >= -0.5) & (ys < shape[0] - 0.5) & (xs >= -0.5) & (xs < shape[1] - 0.5)
+        np.add.at(img, (yi[inside], xi[inside]), amps[inside])
+        sigma = max(sigma, 0.5)
+        img = ndi.gaussian_filter(img, sigma, mode="constant") * (2 * np.pi * sigma**2)
+    return img
+
+
+def illumination(shape: tuple[int, int], plate: dict) -> np.ndarray:
+    """Per-plate illumination field ``(3, H, W)``: vignetting times a linear gradient."""
+    h, w = shape
+    yn = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None]
+    xn = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :]
+    cy, cx = plate["centre"]
+    r2 = ((xn - cx) ** 2 + (yn - cy) ** 2) / 2.0
+    fields = []
+    for c in range(3):
+        vig = 1.0 - plate["vignette"][c] * r2
+        gy, gx = plate["gradient"][c]
+        fields.append(np.clip(vig * (1.0 + gy * yn + gx * xn), 0.15, None))
+    return np.stack(fields).astype(np.float32)
+
+
+def _place_cells(rng, n, hu, wu, colony, radius):
+    """Cell centres in units (over the field plus a margin), some in colonies."""
+    margin = radius.mean()
+    pos = np.column_stack([rng.uniform(-margin, hu + margin, n), rng.uniform(-margin, wu + margin, n)])
+    in_col = rng.random(n) < colony
+    if in_col.any():
+        k = rng.integers(1, 4)
+        centres = np.column_stack([rng.uniform(0.2 * hu, 0.8 * hu, k), rng.uniform(0.2 * wu, 0.8 * wu, k)])
+        which = rng.integers(0, k, in_col.sum())
+        spread = radius.mean() * np.sqrt(in_col.sum() / k) * 0.9
+        pos[in_col] = centres[which] + rng.normal(0.0, spread, (in_col.sum(), 2))
+    # A few rounds of pairwise repulsion so nuclei do not overlap.
+    for _ in range(6):
+        d = pos[:, None, :] - pos[None, :, :]
+        dist = np.sqrt((d**2).sum(-1)) + np.eye(n) * 1e6
+        need = 0.95 * (radius[:, None] + radius[None, :]) * 0.62
+        push = np.clip(need - dist, 0, None) / dist
+        pos += 0.5 * (d * push[..., None]).sum(1)
+    return pos
+
+
+def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarray, dose: float,
+                 batch: dict, plate: dict, illum: np.ndarray | None = None,
+                 config: SynthConfig = SynthConfig()) -> np.ndarray:
+    """Render one field; returns ``(3, H, W)`` uint16 (DAPI, Tubulin, Actin).
+
+    Parameters
+    ----------
+    rng
+        The field's own generator (seeded from seed, plate, well, site).
+    shape
+        ``(H, W)`` in pixels.
+    vec, dose
+        Full-strength phenotype over :data:`AXES` and the dose fraction (0..1).
+    batch, plate
+        Nuisance from :func:`batch_nuisance` / :func:`plate_nuisance`.
+    illum
+        Precomputed :func:`illumination` field (computed when ``None``).
+    """
+    h, w = shape
+    s = pixel_scale(shape)
+    hu, wu = h / s, w / s
+    field = vec * dose
+
+    # --- cells and their parameters ---------------------------------------------------
+    area = hu * wu / float(np.prod(FULL_SHAPE))
+    log_density = field[_IX["density"]] + batch["density"] + rng.normal(0.0, config.density_jitter)
+    n = max(1, int(rng.poisson(BASE_CELLS * config.density * area * np.exp(log_density))))
+    responder = rng.random(n) < config.responder_fraction * dose
+    effect = np.where(responder, rng.uniform(0.7, 1.0, n), 0.2 * dose)
+    E = effect[:, None] * vec[None, :]
+    col = lambda a: E[:, _IX[a]]  # noqa: E731
+
+    mitotic = rng.random(n) < np.clip(0.03 + col("mitotic"), 0, 0.97)
+    rosette = mitotic & (rng.random(n) < np.clip(col("rosette"), 0, 1))
+    lobed = ~mitotic & (rng.random(n) < np.clip(col("lobes"), 0, 1))
+    binuc = ~mitotic & ~lobed & (rng.random(n) < np.clip(0.01 + col("binuc"), 0, 1))
+    round_ = np.clip(col("round") - 0.5 * col("spread"), -1, 1)
+    round_ = np.where(mitotic, 1.0, round_)
+
+    radius = CELL_RADIUS * np.exp(col("cell_size") + batch["cell_size"] + rng.normal(0, 0.15, n))
+    radius = np.where(mitotic, 0.62 * radius, radius)
+    pos = _place_cells(rng, n, hu, wu, np.clip(field[_IX["colony"]], 0, 0.95), radius)
+    cy, cx = pos[:, 0] * s, pos[:, 1] * s
+    rad = radius * s
+    aspect = np.exp(np.clip(np.abs(rng.normal(0.0, 0.3, n)) * (1 - round_), 0, 1.2))
+    theta = rng.uniform(0, np.pi, n)
+    harm_amp = np.clip(0.10 * (1 - round_) + 0.04, 0.01, 0.3)[:, None] * rng.uniform(0.3, 1.0, (n, 4))
+    harm_ph = rng.uniform(0, 2 * np.pi, (n, 4))
+
+    # --- territories (the one loop over cells) ----------------------------------------
+    label = np.zeros(shape, np.int32)
+    best = np.zeros(shape, np.float32)
+    major, minor = rad * np.sqrt(aspect), rad / np.sqrt(aspect)
+    for i in range(n):
+        ext = major[i] * 1.4 + 1
+        y0, y1 = max(int(cy[i] - ext), 0), min(int(cy[i] + ext) + 2, h)
+        x0, x1 = max(int(cx[i] - ext), 0), min(int(cx[i] + ext) + 2, w)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy[i]
+        xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx[i]
+        ct, st = np.cos(theta[i]), np.sin(theta[i])
+        u, v = xx * ct + yy * st, -xx * st + yy * ct
+        phi = np.arctan2(v, u)
+        edge = 1.0 + sum(harm_amp[i, k] * np.cos((k + 2) * phi + harm_ph[i, k]) for k in range(4))
+        score = 1.0 - np.sqrt((u / major[i]) ** 2 + (v / minor[i]) ** 2) / edge
+        sub_b, sub_l = best[y0:y1, x0:x1], label[y0:y1, x0:x1]
+        win = score > sub_b
+        sub_b[win] = score[win]
+        sub_l[win] = i + 1
+
+    # --- per-pixel fields over the foreground ----------------------------------------
+    fg = np.flatnonzero(label)
+    idx = label.ravel()[fg] - 1
+    py, px = (fg // w).astype(np.float32), (fg % w).astype(np.float32)
+    inner = best.ravel()[fg]
+    tex = _smooth_noise(rng, shape, max(0.6, 3.0 * s)).ravel()[fg]
+    tex2 = _smooth_noise(rng, shape, max(1.0, 8.0 * s)).ravel()[fg]
+
+    # Nuclei: up to three elliptical lobes per cell (one normally; 2 binucleate; 3 lobed).
+    nuc_a = NUC_RADIUS * s * np.exp(col("nuc_size") + batch["nuc_size"] + rng.normal(0, 0.12, n))
+    nuc_a = np.where(mitotic, 0.62 * nuc_a, nuc_a)
+    nuc_b = nuc_a * np.where(mitotic, rng.uniform(0.75, 1.0, n), rng.uniform(0.7, 0.92, n))
+    nuc_off = rng.normal(0, 0.12, (n, 2)) * rad[:, None] * (~mitotic)[:, None]
+    lobe_dir = rng.uniform(0, 2 * np.pi, (n, 3))
+    lobe_r = np.zeros((n, 3))
+    lobe_scale = np.ones((n, 3))
+    lobe_on = np.zeros((n, 3), bool)
+    lobe_on[:, 0] = True
+    lobe_on[lobed] = True
+    lobe_r[lobed] = 0.55 * nuc_a[lobed, None]
+    lobe_scale[lobed] = rng.uniform(0.6, 0.8, (lobed.sum(), 3))
+    lobe_on[binuc, 1] = True
+    lobe_dir[binuc, 1] = lobe_dir[binuc, 0] + np.pi
+    lobe_r[binuc, :2] = 0.85 * nuc_a[binuc, None]
+    lobe_scale[binuc, :2] = 0.85
+    ncy = cy[:, None] + nuc_off[:, :1] + lobe_r * np.sin(lobe_dir)
+    ncx = cx[:, None] + nuc_off[:, 1:] + lobe_r * np.cos(lobe_dir)
+    rn = np.full(len(fg), np.inf, np.float32)
+    ct, st = np.cos(theta)[idx], np.sin(theta)[idx]
+    for k in range(3):
+        on = lobe_on[idx, k]
+        dy, dx = py - ncy[idx, k], px - ncx[idx, k]
+        u, v = dx * ct + dy * st, -dx * st + dy * ct
+        a, b = nuc_a[idx] * lobe_scale[idx, k], nuc_b[idx] * lobe_scale[idx, k]
+        r = np.sqrt((u / a) ** 2 + (v / b) ** 2) * (1 + 0.06 * tex2)
+        rn = np.where(on, np.minimum(rn, r), rn)
+    nuc = 1.0 / (1.0 + np.exp(np.clip((rn - 1.0) / 0.07, -50, 50)))
+    dna_int = np.exp(col("nuc_bright"))[idx] * np.where(mitotic, 1.9, 1.0)[idx]
+    chrom = np.exp(0.22 * batch["texture"] * tex * np.where(mitotic, 1.8, 1.0)[idx])
+    ros = rosette[idx]
+    ring = np.exp(-(((rn - 0.75) / 0.22) ** 2)) * (1 + 0.5 * np.cos(9 * np.arctan2(py - cy[idx], px - cx[idx])))
+    dna = dna_int * chrom * np.where(ros, ring * 1.2, nuc * (0.75 + 0.25 * np.clip(1 - rn**2, 0, 1)))
+
+    # Microtubules: radial, slightly curved filaments from the centrosome.
+    cen_dir = rng.uniform(0, 2 * np.pi, n)
+    cen_r = np.where(mitotic | rosette, 0.0, 1.05 * nuc_a)
+    ccy, ccx = cy + nuc_off[:, 0] + cen_r * np.sin(cen_dir), cx + nuc_off[:, 1] + cen_r * np.cos(cen_dir)
+    dy, dx = py - ccy[idx], px - ccx[idx]
+    rc = np.sqrt(dx**2 + dy**2)
+    phic = np.arctan2(dy, dx)
+    bundle = np.clip(col("tub_bundle"), 0, 1.5)
+    freq = rng.integers(9, 17, (n, 3)) - np.round(5 * np.clip(bundle, 0, 1))[:, None].astype(int)
+    fph = rng.uniform(0, 2 * np.pi, (n, 3))
+    curl = rng.normal(0, 1.2, n)
+    warp = phic + curl[idx] * rc / (rad[idx] + 1e-3) + 0.35 * tex2
+    g = sum(np.cos(freq[idx, k] * warp + fph[idx, k]) for k in range(3)) / 3.0
+    sharp = 3.0 - 1.5 * np.clip(bundle, 0, 1)[idx]
+    fib = np.clip(g + 0.15, 0, None) ** sharp
+    fib = fib / (fib.mean() + 1e-6) if len(fib) else fib
+    c_fib = np.clip(0.55 * np.exp(batch["tub_fibre"]) * (1 - np.clip(col("tub_diffuse"), 0, 1))
+                    * (1 + 0.4 * bundle), 0, 0.95)
+    c_fib = np.where(mitotic & ~rosette, 0.15 * c_fib, c_fib)[idx]
+    cyto = np.clip(inner * 4.0, 0, 1)
+    peri = 0.55 + 0.45 * np.exp(-rc / (0.6 * rad[idx] + 1e-3))
+    tub_int = np.exp(col("tub_int"))[idx] * np.where(mitotic, 1.4, 1.0)[idx]
+    circ = bundle[idx] * np.exp(-(((inner - 0.15) / 0.08) ** 2))
+    tub = tub_int * cyto * peri * ((1 - c_fib) + c_fib * fib + 0.8 * circ) * (1 - 0.45 * nuc)
+    monoaster = rosette[idx] * np.exp(-((rc / (0.3 * rad[idx] + 1e-3)) ** 2)) * (1 + fib)
+    tub = tub + 1.2 * monoaster
+
+    # Actin: cortical ring, stress fibres across the cell, diffuse cytoplasm.
+    psi = theta + rng.normal(0, 0.25, n)
+    period = max(2.6, 9.0 * s)
+    wcoord = -(px - cx[idx]) * np.sin(psi)[idx] + (py - cy[idx]) * np.cos(psi)[idx]
+    stripes = np.clip(np.cos(2 * np.pi * wcoord / period + rng.uniform(0, 6.3, n)[idx]), 0, None) ** 4
+    stripes = stripes * np.clip(1 + 0.8 * tex2, 0, None) * np.clip(inner * 3 - 0.2, 0, 1)
+    fib_w = np.clip(0.45 * np.exp(col("act_fibres") + batch["act_fibre"]), 0, 1.5)
+    fib_w = np.where(mitotic, 0.0, fib_w)[idx]
+    cortex_w = np.clip(0.9 * np.exp(col("act_cortex")), 0.05, 3)
+    cortex_w = np.where(mitotic, 1.6 * cortex_w, cortex_w)[idx]
+    act_int = np.exp(col("act_int"))[idx]
+
+    # Put the per-pixel fields back on the image grid.
+    def grid(values):
+        img = np.zeros(h * w, np.float32)
+        img[fg] = values
+        return img.reshape(shape)
+
+    edges = np.zeros(shape, np.float32)
+    edges[:-1] += label[:-1] != label[1:]
+    edges[1:] += label[1:] != label[:-1]
+    edges[:, :-1] += label[:, :-1] != label[:, 1:]
+    edges[:, 1:] += label[:, 1:] != label[:, :-1]
+    edges = ndi.gaussian_filter(np.clip(edges, 0, 1), max(0.5, 2.5 * s)) * 2.5
+    cortex = edges.ravel()[fg]
+    actin = act_int * (0.3 * cyto + cortex_w * cortex * (label.ravel()[fg] > 0)
+                       + fib_w * stripes) * (1 - 0.3 * nuc)
+    channels = np.stack([grid(dna), grid(tub), grid(actin)])
+
+    # --- spots: micronuclei, extra asters, aggresomes, actin puncta --------------------
+    def spots(counts, dist_lo, dist_hi, centre=None):
+        cell = np.repeat(np.arange(n), counts)
+        ang = rng.uniform(0, 2 * np.pi, len(cell))
+        dist = rng.uniform(dist_lo, dist_hi, len(cell)) * rad[cell]
+        oy = (cy if centre is None else centre[0])[cell]
+        ox = (cx if centre is None else centre[1])[cell]
+        return oy + dist * np.sin(ang), ox + dist * np.cos(ang), cell
+
+    mn = rng.poisson(np.clip(1.6 * col("micronuclei"), 0, 5))
+    y, x, c = spots(mn, 0.45, 0.8)
+    channels[0] += _splat(shape, y, x, 0.9 * rng.uniform(0.6, 1.0, len(c)), 2.5 * s)
+    na = rng.poisson(np.clip(2.5 * col("asters"), 0, 6))
+    y, x, c = spots(na, 0.2, 0.7)
+    channels[1] += _splat(shape, y, x, 1.6 * rng.uniform(0.6, 1.0, len(c)), 3.5 * s)
+    ag = (rng.random(n) < np.clip(col("tub_aggr"), 0, 1)).astype(int)
+    y, x, c = spots(ag, 0.0, 0.1, centre=(ccy, ccx))
+    channels[1] += _splat(shape, y, x, 3.0 * rng.uniform(0.7, 1.0, len(c)), 0.4 * NUC_RADIUS * s)
+    pc = rng.poisson(np.clip(10 * col("act_puncta"), 0, 25))
+    y, x, c = spots(pc, 0.1, 0.9)
+    channels[2] += _splat(shape, y, x, 2.2 * rng.uniform(0.4, 1.0, len(c)), 2.0 * s)
+    big = rng.poisson(np.clip(1.2 * col("act_puncta"), 0, 4))
+    y, x, c = spots(big, 0.2, 0.7)
+    channels[2] += _splat(shape, y, x, 2.5 * rng.uniform(0.6, 1.0, len(c)), 5.0 * s)
+
+    # --- optics and camera --------------------------------------------------------------
+    blur = np.sqrt((1.0 * s) ** 2 + (batch["blur"] * s) ** 2 + 0.25)
+    for c in range(3):
+        channels[c] = ndi.gaussian_filter(channels[c], blur, mode="nearest")
+    if illum is None:
+        illum = illumination(shape, plate)
+    gain = (batch["gain"] * plate["gain"])[:, None, None]
+    expected = gain * illum * (AMPLITUDE[:, None, None] * channels
+                               + (BACKGROUND * batch["background"])[:, None, None])
+    k = PHOTONS_PER_ADU / max(config.noise, 1e-3)
+    counts = rng.poisson(np.clip(expected, 0, None) * k) / k
+    counts += CAMERA_OFFSET + rng.normal(0.0, READ_NOISE * config.noise, counts.shape)
+    return np.clip(np.round(counts), 0, 65535).astype(np.uint16)
