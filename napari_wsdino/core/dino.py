@@ -19,7 +19,7 @@ Example
 >>> head = DINOHead(64, out_dim=256, hidden_dim=64, bottleneck_dim=32)
 >>> loss = DINOLoss(256, n_crops=4)
 >>> s = head(torch.randn(4 * 3, 64)); t = head(torch.randn(2 * 3, 64))
->>> float(loss(s, t, teacher_temp=0.04)) > 0
+>>> float(loss(s, t, teacher_temp=0.04).detach()) > 0
 True
 """
 

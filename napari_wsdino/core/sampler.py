@@ -1,0 +1,229 @@
+"""Which fields a training batch holds, and where each field's local crops come from.
+
+WS-DINO (Cross-Zamirski et al. 2022) takes the global crops of a view set from field
+``i`` and all local crops from a field ``j != i`` that shares ``i``'s weak label
+(treatment, compound, or MoA as a pseudo-label). When ``i``'s group holds one field,
+``j = i``; such draws are counted and reported. With the weak label ``"none"`` this is
+plain DINO: ``j = i`` always. Fields are drawn with replacement with weight
+``1 / group size`` (the paper's weighted random sampler: each weak-label group equally
+often), ``len(fields)`` draws per epoch; plain DINO draws a permutation.
+
+Beyond the paper (its proposed future work), ``moa_or_compound`` is a hierarchical label
+for partially annotated screens — the MoA where known, else the compound — and DMSO
+control fields are excluded (the paper), grouped per plate, or grouped all together.
+
+Example
+-------
+>>> import pandas as pd
+>>> from napari_wsdino.core.sampler import PairSampler, weak_labels
+>>> table = pd.DataFrame({"compound": list("aabbc"), "moa": ["X", "X", "Y", "Y", "DMSO"],
+...                       "treatment": list("aabbc"), "plate": ["p"] * 5})
+>>> labels = weak_labels(table, "compound")
+>>> labels.tolist(), labels.index.tolist()
+(['a', 'a', 'b', 'b'], [0, 1, 2, 3])
+>>> plan = PairSampler(labels, batch_size=2, seed=0).epoch(0)
+>>> plan.global_rows.shape
+(2, 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from napari_wsdino.core.metadata import DataError
+
+WEAK_LABELS = ("none", "treatment", "compound", "moa", "moa_or_compound")
+DMSO_MODES = ("exclude", "plate", "together")
+CONTROL = "DMSO"
+
+
+def _is_control(table: pd.DataFrame) -> np.ndarray:
+    ctrl = np.zeros(len(table), dtype=bool)
+    for col in ("moa", "compound"):
+        if col in table:
+            ctrl |= table[col].astype(str).to_numpy() == CONTROL
+    return ctrl
+
+
+def weak_labels(table: pd.DataFrame, weak_label: str = "none", dmso: str = "exclude") -> pd.Series:
+    """The weak label of every training field, indexed by its row in ``table``.
+
+    Parameters
+    ----------
+    table
+        Field table (cache index): ``compound``, ``treatment``, ``moa``, ``plate``.
+    weak_label
+        ``none`` (each field alone: plain DINO), ``treatment``, ``compound``, ``moa``,
+        or ``moa_or_compound`` (MoA where annotated, else the compound).
+    dmso
+        DMSO controls: ``exclude`` (the paper), ``plate`` (one group per plate), or
+        ``together`` (one group).
+
+    Returns
+    -------
+    pandas.Series of str, index = table row positions of the fields used.
+    """
+    if weak_label not in WEAK_LABELS:
+        raise DataError(f"Unknown weak label {weak_label!r}; choose one of {', '.join(WEAK_LABELS)}.")
+    if dmso not in DMSO_MODES:
+        raise DataError(f"Unknown DMSO mode {dmso!r}; choose one of {', '.join(DMSO_MODES)}.")
+    rows = np.arange(len(table))
+    if weak_label == "none":
+        labels = pd.Series(rows.astype(str), dtype=object)
+    elif weak_label == "moa_or_compound":
+        moa = table["moa"].astype(object)
+        known = moa.notna() & ~moa.astype(str).str.strip().str.lower().isin(["", "nan", "none", "unknown"])
+        labels = pd.Series(
+            np.where(known, "moa:" + moa.astype(str), "compound:" + table["compound"].astype(str)),
+            dtype=object,
+        )
+    else:
+        if weak_label not in table:
+            raise DataError(f"The field table has no {weak_label!r} column to use as weak label.")
+        col = table[weak_label]
+        if col.isna().any():
+            raise DataError(
+                f"{int(col.isna().sum())} fields have no {weak_label}; use --weak-label "
+                "moa_or_compound for partially annotated screens."
+            )
+        labels = pd.Series(col.astype(str).to_numpy(), dtype=object)
+    ctrl = _is_control(table)
+    if weak_label != "none":
+        if dmso == "plate":
+            labels[ctrl] = (CONTROL + "@" + table["plate"].astype(str))[ctrl].to_numpy()
+        elif dmso == "together":
+            labels[ctrl] = CONTROL
+    keep = ~ctrl if dmso == "exclude" else np.ones(len(table), dtype=bool)
+    labels.index = rows
+    out = labels[keep]
+    if out.empty:
+        raise DataError("No training fields are left (all are DMSO controls?); try --dmso plate.")
+    return out
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One process's batches for one epoch, as cache row indices ``(steps, batch)``."""
+
+    global_rows: np.ndarray
+    local_rows: np.ndarray
+    singleton: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return self.global_rows.shape[0]
+
+
+class PairSampler:
+    """Weighted field sampler with WS-DINO partner fields, sharded across processes.
+
+    Parameters
+    ----------
+    labels
+        From :func:`weak_labels`: weak label per field, index = cache row.
+    batch_size
+        Fields per step per process (the last incomplete batch is dropped, as DINO).
+    pair
+        Local crops from another field of the same label (WS-DINO). Default: on unless
+        every field is its own group (plain DINO).
+    balance
+        Draw fields with weight ``1 / group size`` (with replacement); else a permutation.
+    seed
+        Same seed → same batches, on every process.
+    rank, world_size
+        This process's shard (``DistributedDataParallel``).
+    """
+
+    def __init__(
+        self,
+        labels: pd.Series,
+        batch_size: int = 16,
+        *,
+        pair: bool | None = None,
+        balance: bool | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.rows = labels.index.to_numpy(dtype=np.int64)
+        self.labels = labels.to_numpy(dtype=object)
+        codes, uniques = pd.factorize(labels, sort=True)
+        self.codes = codes
+        self.group_names = list(uniques)
+        self.sizes = np.bincount(codes, minlength=len(uniques))
+        plain = len(uniques) == len(codes)
+        self.pair = (not plain) if pair is None else pair
+        self.balance = (not plain) if balance is None else balance
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(self.rows)} training fields over {world_size} process(es) do not fill "
+                f"one batch of {batch_size}; lower the batch size."
+            )
+        # Members of each group, contiguous, and each field's position in its group.
+        self._order = np.argsort(codes, kind="stable")
+        self._start = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self._pos = np.empty(len(codes), dtype=np.int64)
+        self._pos[self._order] = np.arange(len(codes)) - self._start[codes[self._order]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def per_rank(self) -> int:
+        return -(-len(self.rows) // self.world_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.per_rank // self.batch_size
+
+    @property
+    def singleton_groups(self) -> list[str]:
+        """Weak-label groups of one field (their local crops come from the same field)."""
+        if not self.pair:
+            return []
+        return [n for n, s in zip(self.group_names, self.sizes) if s == 1]
+
+    def summary(self) -> dict:
+        return {
+            "fields": len(self.rows),
+            "groups": len(self.group_names),
+            "singleton_groups": self.singleton_groups,
+            "paired": self.pair,
+            "balanced": self.balance,
+            "steps_per_epoch": self.steps_per_epoch,
+        }
+
+    def epoch(self, epoch: int) -> EpochPlan:
+        """Batches of this process for ``epoch`` (deterministic in seed and epoch)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.rows)
+        if self.balance:
+            w = 1.0 / self.sizes[self.codes]
+            draws = rng.choice(n, size=n, replace=True, p=w / w.sum())
+        else:
+            draws = rng.permutation(n)
+        partners = draws.copy()
+        if self.pair:
+            code = self.codes[draws]
+            size = self.sizes[code]
+            r = np.floor(rng.random(n) * (size - 1)).astype(np.int64)
+            r += r >= self._pos[draws]  # skip the field itself
+            multi = size > 1
+            partners[multi] = self._order[(self._start[code] + r)[multi]]
+        singleton = self.pair & (partners == draws)
+        total = self.per_rank * self.world_size
+        pad = np.resize(np.arange(n), total)  # DistributedSampler-style wrap-around
+        draws, partners, singleton = draws[pad], partners[pad], singleton[pad]
+        take = slice(self.rank, total, self.world_size)
+        m = self.steps_per_epoch * self.batch_size
+        shape = (self.steps_per_epoch, self.batch_size)
+        return EpochPlan(
+            global_rows=self.rows[draws[take][:m]].reshape(shape),
+            local_rows=self.rows[partners[take][:m]].reshape(shape),
+            singleton=np.asarray(singleton[take][:m]).reshape(shape),
+        )
