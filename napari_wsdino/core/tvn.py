@@ -1,0 +1,245 @@
+"""Typical variation normalisation (TVN; Ando et al. 2017, as used by WS-DINO).
+
+TVN is PCA whitening without dimensionality reduction, fitted on the control
+(DMSO) fields only and applied to every field: after it, the controls have zero
+mean and identity covariance, so directions in which untreated cells vary
+anyway are scaled down and the rest scaled up.
+
+Variants (``method``):
+
+``"paper"``
+    One whitening fitted on all DMSO fields (the WS-DINO paper).
+``"per-plate"``
+    Each plate is first centred and scaled, feature by feature, on its own DMSO
+    fields (removes plate offsets), then one whitening is fitted on all DMSO fields.
+``"none"``
+    Features are left as they are.
+
+Regularisation. The DMSO covariance ``C`` is singular when there are no more
+DMSO fields than features (``n_dmso <= n_features``) or the features are
+collinear. Whitening then divides by zero, so the covariance is shrunk towards a
+scaled identity, ``(1 - a) C + a * mean(eig(C)) * I``, with the Ledoit-Wolf
+coefficient ``a`` (:func:`sklearn.covariance.ledoit_wolf_shrinkage`).
+``shrinkage="auto"`` (default) does this only when ``C`` is singular
+(``n_dmso <= n_features`` or smallest eigenvalue below ``1e-10`` x largest) and
+uses exact whitening otherwise; a number in ``[0, 1]`` fixes ``a``. With ``a > 0``
+the DMSO covariance after TVN has eigenvalues ``s / ((1 - a) s + a mean(s))``
+instead of exactly one.
+
+Every whitening ``W`` with ``W W^T = C^-1`` gives the same field-level dot
+products ``x C^-1 y``; the per-feature median across plates that follows does
+depend on the axes, and these are the principal axes, as in the paper.
+
+Example
+-------
+>>> tvn = TypicalVariationNormalizer().fit(X, is_control)      # doctest: +SKIP
+>>> Z = tvn.transform(X)                                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.profiles import PLATE, ProfileTable
+
+METHODS = ("paper", "per-plate", "none")
+_SINGULAR = 1e-10
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise DataError(f"Unknown TVN method {method!r}; choose one of {', '.join(METHODS)}.")
+    return method
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = np.flatnonzero(bad.any(axis=1))
+        cols = np.flatnonzero(bad.any(axis=0))
+        raise DataError(
+            f"{int(bad.sum())} {what} value(s) are NaN or infinite (rows {rows[:5].tolist()}, "
+            f"feature columns {cols[:5].tolist()}). TVN cannot use them: drop those "
+            "profiles or features, or impute them, first."
+        )
+
+
+@dataclass
+class TypicalVariationNormalizer:
+    """TVN as a scikit-learn-style transformer: ``fit`` on controls, ``transform`` all.
+
+    Parameters
+    ----------
+    method
+        ``"paper"``, ``"per-plate"`` or ``"none"`` (see module docstring).
+    shrinkage
+        ``"auto"`` or a Ledoit-Wolf-style coefficient in ``[0, 1]``.
+
+    Attributes (after ``fit``)
+    --------------------------
+    mean_
+        DMSO mean ``(d,)`` (after per-plate scaling, for ``"per-plate"``).
+    components_
+        Eigenvectors of the DMSO covariance, one per column ``(d, d)``.
+    explained_variance_
+        Its eigenvalues ``(d,)``, largest first.
+    shrinkage_
+        Coefficient actually used.
+    plate_mean_, plate_scale_
+        ``"per-plate"`` only: ``{plate: (d,)}`` DMSO mean and standard deviation.
+    """
+
+    method: str = "paper"
+    shrinkage: str | float = "auto"
+
+    def __post_init__(self):
+        _check_method(self.method)
+        if not (self.shrinkage == "auto" or (isinstance(self.shrinkage, (int, float))
+                                             and 0.0 <= float(self.shrinkage) <= 1.0)):
+            raise DataError(f"shrinkage must be 'auto' or a number in [0, 1]; got {self.shrinkage!r}.")
+
+    # -- per-plate scaling ----------------------------------------------------------
+    def _fit_plates(self, x, is_control, plates):
+        pooled = x[is_control].std(axis=0)
+        self.plate_mean_, self.plate_scale_ = {}, {}
+        for plate in np.unique(plates):
+            ctl = x[(plates == plate) & is_control]
+            if len(ctl) == 0:
+                raise DataError(
+                    f"Plate {plate!r} has no DMSO fields; per-plate TVN needs controls on every "
+                    "plate. Use the 'paper' variant (one whitening over all DMSO fields)."
+                )
+            sd = ctl.std(axis=0)
+            # A feature constant on one plate's few controls: fall back to the pooled spread.
+            sd = np.where(sd > 0, sd, pooled)
+            self.plate_mean_[plate] = ctl.mean(axis=0)
+            self.plate_scale_[plate] = sd
+
+    def _scale_plates(self, x, plates):
+        out = np.empty_like(x, dtype=np.float64)
+        for plate in np.unique(plates):
+            if plate not in self.plate_mean_:
+                raise DataError(f"Plate {plate!r} was not seen when TVN was fitted.")
+            rows = plates == plate
+            out[rows] = (x[rows] - self.plate_mean_[plate]) / self.plate_scale_[plate]
+        return out
+
+    # -- transformer API -----------------------------------------------------------
+    def fit(self, X, is_control, plates=None) -> "TypicalVariationNormalizer":
+        """Fit on the rows of ``X`` where ``is_control`` is true.
+
+        Parameters
+        ----------
+        X
+            ``(n, d)`` features of all profiles.
+        is_control
+            ``(n,)`` boolean mask of DMSO rows.
+        plates
+            ``(n,)`` plate of each row; needed for ``"per-plate"``.
+        """
+        x = np.asarray(X, dtype=np.float64)
+        is_control = np.asarray(is_control, dtype=bool)
+        _check_finite(x, "feature")
+        n_ctl, d = int(is_control.sum()), x.shape[1]
+        self.n_features_in_ = d
+        if self.method == "none":
+            return self
+        if n_ctl < 2:
+            raise DataError(
+                f"TVN needs at least two DMSO fields to fit on; found {n_ctl}. "
+                "Check that control rows have Metadata_MoA 'DMSO', or use tvn='none'."
+            )
+        ctl = x[is_control]
+        const = np.flatnonzero(np.all(ctl == ctl[:1], axis=0))
+        if len(const):
+            raise DataError(
+                f"{len(const)} feature(s) are constant over the {n_ctl} DMSO fields (columns "
+                f"{const[:5].tolist()}): whitening cannot scale a feature with no typical "
+                "variation. Drop them (ProfileTable.drop_features / drop_constant_features; "
+                "CLI: --drop-constant) or use tvn='none'."
+            )
+        if self.method == "per-plate":
+            if plates is None:
+                raise DataError("Per-plate TVN needs the plate of every row (Metadata_Plate).")
+            plates = np.asarray(plates)
+            self._fit_plates(x, is_control, plates)
+            ctl = self._scale_plates(x, plates)[is_control]
+        self.mean_ = ctl.mean(axis=0)
+        centred = ctl - self.mean_
+        cov = centred.T @ centred / (n_ctl - 1)
+        s, v = scipy.linalg.eigh(cov, driver="evd", overwrite_a=True, check_finite=False)
+        s, v = np.clip(s[::-1], 0.0, None), v[:, ::-1]  # PCA order: largest variance first
+        singular = n_ctl <= d or s[-1] <= _SINGULAR * s[0]
+        if self.shrinkage == "auto":
+            a = 0.0
+            if singular:
+                from sklearn.covariance import ledoit_wolf_shrinkage
+
+                a = float(ledoit_wolf_shrinkage(centred, assume_centered=True))
+                a = min(max(a, 1e-6), 1.0)  # never exactly 0: C is singular here
+        else:
+            a = float(self.shrinkage)
+            if a == 0.0 and singular:
+                raise DataError(
+                    f"The DMSO covariance is singular ({n_ctl} DMSO fields, {d} features); "
+                    "exact whitening is impossible. Use shrinkage='auto' or a value > 0."
+                )
+        self.shrinkage_ = a
+        self.components_ = v
+        self.explained_variance_ = s
+        self.scale_ = 1.0 / np.sqrt((1.0 - a) * s + a * s.mean())
+        self.n_controls_ = n_ctl
+        return self
+
+    def transform(self, X, plates=None) -> np.ndarray:
+        """Whiten ``X`` (``(n, d)``) with the fitted controls; returns float64 ``(n, d)``."""
+        x = np.asarray(X, dtype=np.float64)
+        _check_finite(x, "feature")
+        if self.method == "none":
+            return x.copy()
+        if not hasattr(self, "components_"):
+            raise RuntimeError("TypicalVariationNormalizer is not fitted; call fit first.")
+        if x.shape[1] != self.n_features_in_:
+            raise DataError(f"TVN was fitted on {self.n_features_in_} features, got {x.shape[1]}.")
+        if self.method == "per-plate":
+            if plates is None:
+                raise DataError("Per-plate TVN needs the plate of every row (Metadata_Plate).")
+            x = self._scale_plates(x, np.asarray(plates))
+        return ((x - self.mean_) @ self.components_) * self.scale_
+
+    def fit_transform(self, X, is_control, plates=None) -> np.ndarray:
+        return self.fit(X, is_control, plates).transform(X, plates)
+
+
+def apply_tvn(profiles: ProfileTable, method: str = "paper", shrinkage: str | float = "auto",
+              control: str = "DMSO") -> tuple[ProfileTable, TypicalVariationNormalizer]:
+    """Fit TVN on the control rows of a field-level profile table and apply it to all rows.
+
+    Returns the normalised table (features renamed ``pc0000...`` unless ``method="none"``,
+    since they are principal axes, not the input features) and the fitted normaliser.
+
+    Example
+    -------
+    >>> normalised, tvn = apply_tvn(profiles, "per-plate")      # doctest: +SKIP
+    """
+    _check_method(method)
+    tvn = TypicalVariationNormalizer(method, shrinkage)
+    plates = None
+    if method == "per-plate":
+        profiles.require([PLATE])
+        plates = profiles.meta[PLATE].astype(str).to_numpy()
+    is_control = profiles.is_control(control)
+    z = tvn.fit_transform(profiles.features, is_control, plates)
+    return profiles.with_features(z, output_names(method, profiles.feature_names)), tvn
+
+
+def output_names(method: str, names: list[str]) -> list[str]:
+    """Feature names after TVN: unchanged for ``"none"``, else principal axes ``pc0000...``."""
+    if method == "none":
+        return list(names)
+    width = max(4, len(str(len(names) - 1)))
+    return [f"pc{i:0{width}d}" for i in range(len(names))]
