@@ -249,3 +249,75 @@ def attention_maps(
         keep=float(keep),
         mode=mode,
     )
+
+
+# -- fields and files ------------------------------------------------------------------
+
+
+def field_index(table, key: str) -> int:
+    """Row of the field ``PLATE/WELL/SITE`` (site as ``3`` or ``s3``) in a field table.
+
+    Example
+    -------
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"plate": ["P1", "P1"], "well": ["B02", "B02"], "site": [1, 2]})
+    >>> field_index(t, "P1/B02/s2")
+    1
+    """
+    from napari_wsdino.core.metadata import DataError
+
+    parts = str(key).strip("/").split("/")
+    if len(parts) != 3:
+        raise DataError(f"A field is PLATE/WELL/SITE (e.g. Week1_22123/B02/s1), not {key!r}.")
+    plate, well, site = parts
+    site = site[1:] if site[:1].lower() == "s" else site
+    hit = ((table["plate"].astype(str) == plate) & (table["well"].astype(str) == well)
+           & (table["site"].astype(str) == site))
+    rows = np.flatnonzero(hit.to_numpy())
+    if len(rows) == 0:
+        example = f"{table['plate'].iloc[0]}/{table['well'].iloc[0]}/s{table['site'].iloc[0]}" if len(table) else "-"
+        raise DataError(f"No field {key!r} in this dataset (fields look like {example}).")
+    return int(rows[0])
+
+
+def save_overlay_png(path, image: np.ndarray, maps: AttentionMaps, title: str = "") -> None:
+    """PNG: the image, the head-mean attention over it with DINO's 60 % contour, each head."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    n = 2 + maps.n_heads
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    h, w = image.shape
+    fig = Figure(figsize=(3.2 * cols, 3.2 * rows * h / max(w, 1) + 0.4))
+    lo, hi = np.percentile(image, [1, 99.5])
+    panels = [("image", None), (f"head mean, top {maps.keep:.0%} mass", maps.mean)]
+    panels += [(f"head {i}", maps.heads[i]) for i in range(maps.n_heads)]
+    for k, (label, amap) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+        if amap is not None:
+            ax.imshow(amap, cmap="inferno", alpha=0.55)
+        if k == 1 and maps.mean_threshold.any():
+            ax.contour(maps.mean_threshold.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        ax.set_title(label, fontsize=8)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def save_tiff(path, maps: AttentionMaps) -> list[str]:
+    """float32 TIFF stack: one page per head, then the head mean, then the thresholded mean.
+
+    Returns the page labels (also stored as ImageJ labels).
+    """
+    import tifffile
+
+    labels = [f"head{i}" for i in range(maps.n_heads)] + ["mean", f"mean_top{int(round(maps.keep * 100))}"]
+    stack = np.concatenate([maps.heads, maps.mean[None], maps.mean_threshold[None].astype(np.float32)])
+    tifffile.imwrite(path, stack.astype(np.float32), imagej=True, metadata={"axes": "ZYX", "Labels": labels})
+    return labels

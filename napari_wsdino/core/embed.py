@@ -51,25 +51,13 @@ from napari_wsdino.core.cache import Cache
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import pick_device
 from napari_wsdino.core.modelset import ModelSet
+from napari_wsdino.core.profiles import ProfileTable
 from napari_wsdino.core.progress import Progress
 
 DEFAULT_CROP = 224
 DEFAULT_BATCH = 16
 DEFAULT_CHUNK = 256
 PARTS_FORMAT = "napari-wsdino-embed-parts"
-
-#: Field-table column → profile metadata column (docs/ARCHITECTURE.md, "profiles").
-METADATA_COLUMNS = {
-    "plate": "Metadata_Plate",
-    "batch": "Metadata_Batch",
-    "well": "Metadata_Well",
-    "site": "Metadata_Site",
-    "compound": "Metadata_Compound",
-    "concentration": "Metadata_Concentration",
-    "treatment": "Metadata_Treatment",
-    "moa": "Metadata_MoA",
-}
-
 
 # -- geometry --------------------------------------------------------------------------
 
@@ -207,34 +195,21 @@ def feature_names(models: ModelSet) -> list[str]:
     return [f"{c}_{i:03d}" for c, m in models.models.items() for i in range(m.embed_dim)]
 
 
-def profile_table(field_table: pd.DataFrame, features: np.ndarray, names: Sequence[str]):
-    """The evaluation issue's profile table for these fields and features.
-
-    Uses :class:`napari_wsdino.core.profiles.ProfileTable` when it is available,
-    else a DataFrame with the same ``Metadata_*`` + feature columns.
-    """
-    feats = pd.DataFrame(np.asarray(features, dtype=np.float32), columns=list(names))
-    try:
-        from napari_wsdino.core.profiles import ProfileTable
-    except ImportError:
-        ProfileTable = None
-    if ProfileTable is not None and hasattr(ProfileTable, "from_fields"):
-        return ProfileTable.from_fields(field_table.reset_index(drop=True), feats)
-    meta = pd.DataFrame({new: field_table[old].to_numpy() for old, new in METADATA_COLUMNS.items()
-                         if old in field_table.columns})
-    return pd.concat([meta, feats], axis=1)
+def profile_table(field_table: pd.DataFrame, features: np.ndarray, names: Sequence[str]) -> ProfileTable:
+    """The profile table (``Metadata_*`` + feature columns) of these fields and features."""
+    return ProfileTable.from_fields(field_table.reset_index(drop=True),
+                                    np.asarray(features, dtype=np.float32), list(names))
 
 
-def write_profiles(table, path: str | Path) -> Path:
-    """Write a profile table (ProfileTable or DataFrame) as Parquet."""
+def write_profiles(table: ProfileTable, path: str | Path, provenance: dict | None = None) -> Path:
+    """Write a profile table as Parquet (atomically), plus ``<stem>.json`` provenance."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if hasattr(table, "to_parquet") and not isinstance(table, pd.DataFrame):
-        table.to_parquet(path)
-    else:
-        tmp = path.with_name(path.name + ".tmp")
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+    tmp = path.with_name(".tmp-" + path.name)
+    table.write(tmp)
+    os.replace(tmp, path)
+    if provenance is not None:
+        path.with_suffix(".json").write_text(json.dumps(provenance, indent=2))
     return path
 
 
@@ -310,6 +285,8 @@ def embed_cache(
     -------
     ProfileTable
         ``Metadata_*`` columns + one float column per feature (``DAPI_000`` ...).
+        With ``out``, also written there (Parquet) with ``OUT.json`` beside it
+        (models, crops, cache).
 
     Example
     -------
@@ -383,12 +360,11 @@ def embed_cache(
         chunks.append(out_chunk)
 
     features = np.concatenate(chunks, axis=0) if chunks else np.zeros((0, len(names)), np.float32)
-    result = profile_table(table.reset_index(drop=True), features, names)
-    try:
-        result.attrs.update({"wsdino_models": json.dumps(models.summary()), "wsdino_crop": json.dumps(crops)})
-    except AttributeError:
-        pass
+    result = profile_table(table, features, names)
     if out is not None:
-        write_profiles(result, out)
+        provenance = {"models": models.summary(), "crop": crops, "n_fields": n,
+                      "cache": str(cache.path), "method": "median of four centre crops, "
+                      "channels concatenated, L2-normalised"}
+        write_profiles(result, out, provenance)
         shutil.rmtree(parts, ignore_errors=True)
     return result

@@ -1,0 +1,120 @@
+"""``wsdino attention CACHE_OR_DATA --model RUN_OR_FILE --channel DAPI --field P/W/S --out PNG_OR_TIFF``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from napari_wsdino.cli._common import add_layout_option, layout_from_args
+from napari_wsdino.core.attention import (
+    DEFAULT_KEEP,
+    MODES,
+    attention_maps,
+    field_index,
+    save_overlay_png,
+    save_tiff,
+)
+from napari_wsdino.core.cache import SETTINGS_FILE, open_cache
+from napari_wsdino.core.imageio import read_tiff
+from napari_wsdino.core.metadata import DataError, load_metadata
+from napari_wsdino.core.model import DEFAULT_ARCH, CheckpointError, pick_device
+from napari_wsdino.core.modelset import load_channel_model
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "attention",
+        help="self-attention maps of one field for one channel model (PNG or TIFF)",
+        description="The last block's attention from the CLS token to every patch, per "
+        "head, upsampled to the field; plus the head mean and DINO's thresholded map "
+        "(the patches holding the top --keep of the attention mass). PNG: an overlay "
+        "figure. TIFF: a float32 stack, one page per head, then the mean, then the "
+        "thresholded mean (0/1).",
+    )
+    p.add_argument("data", help="preprocessed cache folder, or a dataset folder / image CSV "
+                   "(raw images are scaled to their 1-99.5 percentiles; the cache is preferred)")
+    p.add_argument("--model", required=True, metavar="RUN_OR_FILE",
+                   help="run folder (uses RUN/<channel>/checkpoint.pth), our checkpoint, "
+                   "a timm or official DINO file, or a .safetensors export")
+    p.add_argument("--channel", default="DAPI", help="channel of the model and image (default DAPI)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--field", metavar="PLATE/WELL/SITE", help="e.g. Week1_22123/B02/s1")
+    where.add_argument("--index", type=int, help="row of the field table instead of --field")
+    p.add_argument("--region", metavar="Y,X,H,W", help="only this crop of the field (px)")
+    p.add_argument("--out", required=True, help="output .png (overlay) or .tif/.tiff (stack)")
+    p.add_argument("--mode", choices=MODES, default="nearest", help="upsampling (default nearest)")
+    p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
+                   help=f"attention mass of the thresholded map (default {DEFAULT_KEEP})")
+    p.add_argument("--arch", default=None,
+                   help=f"architecture for files that do not record one (default {DEFAULT_ARCH})")
+    p.add_argument("--student", action="store_true", help="student weights (default teacher)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda:0 ...")
+    add_layout_option(p)
+    p.set_defaults(func=run)
+
+
+def _load_image(args) -> tuple[np.ndarray, str]:
+    data = Path(args.data)
+    if (data / SETTINGS_FILE).exists():
+        cache = open_cache(data)
+        idx = field_index(cache.table, args.field) if args.field else args.index
+        if not 0 <= idx < len(cache):
+            raise DataError(f"--index {idx} is outside 0..{len(cache) - 1}.")
+        row = cache.table.iloc[idx]
+        return np.asarray(cache.images(args.channel)[idx], dtype=np.float32), _label(row)
+    meta = load_metadata(data, layout_from_args(args), check_files=False)
+    idx = field_index(meta.table, args.field) if args.field else args.index
+    if not 0 <= idx < len(meta.table):
+        raise DataError(f"--index {idx} is outside 0..{len(meta.table) - 1}.")
+    raw = read_tiff(meta.paths(args.channel).iloc[idx]).astype(np.float32)
+    lo, hi = np.percentile(raw, [1, 99.5])
+    return np.clip((raw - lo) / max(hi - lo, 1e-6), 0, None), _label(meta.table.iloc[idx])
+
+
+def _label(row) -> str:
+    return f"{row.plate}/{row.well}/s{row.site}  {row.get('treatment', '')}  {row.get('moa', '')}"
+
+
+def _region(image: np.ndarray, spec: str | None) -> np.ndarray:
+    if not spec:
+        return image
+    try:
+        y, x, h, w = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise DataError(f"--region is Y,X,H,W in pixels, not {spec!r}.") from None
+    crop = image[max(y, 0):y + h, max(x, 0):x + w]
+    if crop.size == 0:
+        raise DataError(f"--region {spec} lies outside the {image.shape[0]}x{image.shape[1]} field.")
+    return crop
+
+
+def run(args) -> int:
+    out = Path(args.out)
+    suffix = out.suffix.lower()
+    if suffix not in (".png", ".tif", ".tiff"):
+        raise DataError(f"--out must end in .png, .tif or .tiff, not {out.name!r}.")
+    if not 0 < args.keep <= 1:
+        raise DataError("--keep is a fraction of the attention mass, in (0, 1].")
+    try:
+        entry = load_channel_model(args.channel, args.model, arch=args.arch,
+                                   which="student" if args.student else "teacher")
+    except CheckpointError as exc:
+        print(f"wsdino attention: error: {exc}", file=sys.stderr)
+        return 2
+    image, label = _load_image(args)
+    image = _region(image, args.region)
+    try:
+        maps = attention_maps(entry.model, image, mode=args.mode, keep=args.keep,
+                              device=pick_device(args.device))
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".png":
+        save_overlay_png(out, image, maps, title=f"{args.channel}  {label}")
+    else:
+        save_tiff(out, maps)
+    print(f"wrote {maps.n_heads} heads on a {maps.grid[0]}x{maps.grid[1]} patch grid "
+          f"({entry.arch}, {entry.source}) to {out}")
+    return 0

@@ -1,0 +1,97 @@
+"""``wsdino embed CACHE --model DAPI=RUN_OR_FILE ... --out PROFILES.parquet``: field profiles."""
+
+from __future__ import annotations
+
+import sys
+
+from napari_wsdino.cli._common import drive
+from napari_wsdino.core.cache import open_cache
+from napari_wsdino.core.embed import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, embed_cache
+from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.model import DEFAULT_ARCH, CheckpointError
+from napari_wsdino.core.modelset import ModelSet, describe, parse_model_specs
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed every field of a preprocessed cache into a profile table",
+        description="Field profiles as in WS-DINO: each channel's model embeds the four "
+        "non-overlapping centre crops of the field (a centre square of twice --crop, "
+        "split in four); the per-dimension median of the four CLS embeddings is taken, "
+        "the channels are concatenated and L2-normalised. Writes a Parquet profile table "
+        "for 'wsdino evaluate'. An interrupted run resumes from OUT.parts/.",
+        epilog="Models: --model CHANNEL=PATH per channel (PATH: a 'wsdino train' run "
+        "folder, a channel folder, our checkpoint, a timm or official DINO file, or a "
+        ".safetensors export), or --run RUN (RUN/<channel>/checkpoint.pth for every "
+        "channel), or the paper's baselines --init-only FILE (the same ImageNet weights "
+        "for every channel, no fine-tuning) and --random.",
+    )
+    p.add_argument("cache", help="preprocessed cache folder ('wsdino preprocess --out CACHE')")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", action="append", metavar="CHANNEL=RUN_OR_FILE",
+                     help="one channel's model; repeat for each channel")
+    src.add_argument("--run", metavar="RUN", help="run folder holding <channel>/checkpoint.pth")
+    src.add_argument("--init-only", metavar="FILE",
+                     help="baseline: the same pretrained weights for every channel")
+    src.add_argument("--random", action="store_true", help="baseline: randomly initialised models")
+    p.add_argument("--out", required=True, help="profile table to write (.parquet or .csv)")
+    p.add_argument("--arch", default=None,
+                   help=f"timm architecture for files that do not record one (default {DEFAULT_ARCH}); "
+                   "our checkpoints record theirs")
+    p.add_argument("--channels", nargs="+", metavar="CH",
+                   help="channels to embed with --run/--init-only/--random (default: all of the cache's)")
+    p.add_argument("--student", action="store_true",
+                   help="use the student weights of our checkpoints (default: teacher)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    p.add_argument("--crop", type=int, default=DEFAULT_CROP,
+                   help=f"side of each of the four centre crops, px (default {DEFAULT_CROP}, "
+                   "as the paper); clamped to half the field and to a multiple of the patch size")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                   help=f"fields per forward pass (default {DEFAULT_BATCH}; four crops each)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                   help=f"fields per resumable chunk (default {DEFAULT_CHUNK})")
+    p.add_argument("--device", default="auto", help="auto (CUDA + bf16 when present), cpu, cuda:0 ...")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over instead of resuming an unfinished run")
+    p.add_argument("--export-safetensors", metavar="DIR",
+                   help="also write the models as DIR/<channel>.safetensors")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def build_models(args, cache_channels) -> ModelSet:
+    which = "student" if args.student else "teacher"
+    channels = tuple(args.channels) if args.channels else tuple(cache_channels)
+    if args.model:
+        if args.channels:
+            raise DataError("--channels goes with --run/--init-only/--random; --model names its channels.")
+        return ModelSet.from_files(parse_model_specs(args.model), arch=args.arch, which=which)
+    if args.run:
+        return ModelSet.from_run(args.run, channels, which=which)
+    arch = args.arch or DEFAULT_ARCH
+    if args.init_only:
+        return ModelSet.init_only(arch, args.init_only, channels)
+    return ModelSet.random(arch, channels, seed=args.seed)
+
+
+def run(args) -> int:
+    try:
+        cache = open_cache(args.cache)
+        models = build_models(args, cache.channels)
+        if not args.quiet:
+            print(f"Models ({models.kind}):\n{describe(models)}", file=sys.stderr)
+        if args.export_safetensors:
+            for path in models.export_safetensors(args.export_safetensors):
+                print(f"exported {path}", file=sys.stderr)
+        profiles = drive(
+            embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
+                        chunk_size=args.chunk_size, device=args.device, resume=not args.overwrite),
+            quiet=args.quiet,
+        )
+    except CheckpointError as exc:
+        print(f"wsdino embed: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(profiles)} profiles x {profiles.n_features} features to {args.out}")
+    print(f"next: wsdino evaluate {args.out}")
+    return 0
