@@ -225,7 +225,8 @@ def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool =
         "neighbours": neighbours,
         "per_moa": per_moa,
         "confusion_nsc": metrics.confusion(nsc_match, moas, classes),
-        "confusion_nscb": metrics.confusion(nscb_match, moas, classes) if nscb_match else None,
+        "confusion_nscb": (metrics.confusion(nscb_match, moas, sorted(set(moas[eligible])))
+                           if nscb_match else None),
     }
 
 

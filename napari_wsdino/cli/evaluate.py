@@ -1,0 +1,106 @@
+"""``wsdino evaluate PROFILES``: TVN, aggregation, NSC / NSCB / mAP on a profile file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from napari_wsdino.cli._common import drive
+from napari_wsdino.core.evaluation import DEFAULT_KS, EvaluationResult, iter_evaluate
+from napari_wsdino.core.profiles import ProfileTable
+from napari_wsdino.core.tvn import METHODS
+
+
+def _shrinkage(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--shrinkage must be 'auto' or a number in [0, 1], not {text!r}") from None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="NSC / NSCB MoA matching, mAP and confusion matrices of a profile file",
+        description="Evaluate field-level profiles (Parquet or CSV; Metadata_* columns, "
+        "the rest features): typical variation normalisation on the DMSO fields, mean per "
+        "(treatment, plate), median across plates, then not-same-compound (NSC) and "
+        "not-same-compound-and-batch (NSCB) 1-NN MoA matching by cosine similarity, "
+        "k-NN accuracy and mAP. See docs/evaluation.md for the exact rules.",
+    )
+    p.add_argument("profiles", help="field-level profile file (.parquet, .csv, .csv.gz, .tsv)")
+    p.add_argument("--tvn", choices=METHODS, default="paper",
+                   help="typical variation normalisation: 'paper' (whitening fitted on all "
+                   "DMSO fields), 'per-plate' (centre/scale each plate on its DMSO first), "
+                   "'none' (default: paper)")
+    p.add_argument("--shrinkage", default="auto", type=_shrinkage,
+                   help="DMSO covariance shrinkage: 'auto' (Ledoit-Wolf, only when the "
+                   "covariance is singular) or a number in [0, 1]")
+    p.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS), metavar="K",
+                   help="k values for k-NN MoA accuracy (default: 1 3 5)")
+    p.add_argument("--no-nscb", action="store_true",
+                   help="NSC only (for data from a single batch)")
+    p.add_argument("--unannotated", choices=["error", "drop"], default="error",
+                   help="treated profiles with an empty Metadata_MoA (default: error)")
+    p.add_argument("--drop-constant", action="store_true",
+                   help="drop features that are constant over all profiles")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", metavar="DIR",
+                   help="write treatment_profiles.csv, neighbours.csv, confusion_nsc[b].csv "
+                   "and .png, per_moa.png and metrics.json here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def write_outputs(result: EvaluationResult, out: str | Path) -> list[Path]:
+    """Write an evaluation's tables, figures and JSON into a folder; returns the paths."""
+    from napari_wsdino.core.plots import confusion_figure, per_moa_figure, save_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [result.treatments.write(out / "treatment_profiles.csv")]
+    result.neighbours.to_csv(out / "neighbours.csv", index=False)
+    written.append(out / "neighbours.csv")
+    for rule, table in (("nsc", result.confusion_nsc), ("nscb", result.confusion_nscb)):
+        if table is None:
+            continue
+        table.to_csv(out / f"confusion_{rule}.csv")
+        written.append(out / f"confusion_{rule}.csv")
+        written.append(save_figure(confusion_figure(table, rule.upper()), out / f"confusion_{rule}.png"))
+    written.append(save_figure(per_moa_figure(result.per_moa, "Accuracy per MoA"), out / "per_moa.png"))
+    (out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
+    written.append(out / "metrics.json")
+    return written
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:6.1%}"
+
+
+def run(args) -> int:
+    profiles = ProfileTable.read(args.profiles)
+    result = drive(
+        iter_evaluate(profiles, args.tvn, shrinkage=args.shrinkage, ks=args.k,
+                      nscb=not args.no_nscb, unannotated=args.unannotated,
+                      drop_constant=args.drop_constant),
+        quiet=args.quiet or args.json,
+    )
+    written = write_outputs(result, args.out) if args.out else []
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(f"Profiles: {args.profiles}  ({result.n_fields:,} fields, {result.n_dmso_fields:,} DMSO, "
+          f"{result.n_features:,} features, TVN {result.tvn})")
+    print(f"  NSC   {_pct(result.nsc)}  ({result.n_nsc} treatments)   mAP {_pct(result.map_nsc)}")
+    if result.nscb is not None:
+        print(f"  NSCB  {_pct(result.nscb)}  ({result.n_nscb} treatments)   mAP {_pct(result.map_nscb)}")
+    for rule, acc in result.knn.items():
+        ks = "  ".join(f"k={k}: {_pct(v).strip()}" for k, v in acc.items())
+        print(f"  {rule.upper()} k-NN  {ks}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    if written:
+        print(f"Wrote {len(written)} files to {args.out}")
+    return 0
