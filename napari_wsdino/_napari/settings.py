@@ -66,3 +66,10 @@ def remember(key: str, value: Any) -> None:
     settings = load_settings()
     settings[key] = value
     save_settings(settings)
+
+
+def remember_many(values: dict[str, Any]) -> None:
+    """Save several values with one read and one write."""
+    settings = load_settings()
+    settings.update(values)
+    save_settings(settings)

@@ -55,6 +55,9 @@ class WsdinoState:
         Preprocessed cache folder (``core.cache``) or ``None``.
     model_path
         Current model set / training run folder or checkpoint, or ``None``.
+        Training sets it when a run finishes or stops; the model loader starts there.
+    models
+        The loaded :class:`~napari_wsdino.core.modelset.ModelSet` (attention, evaluation).
     results
         Last evaluation result (whatever ``core.evaluation`` returns) or ``None``.
     """
@@ -63,6 +66,7 @@ class WsdinoState:
     field_changed = Signal(int)
     cache_changed = Signal(object)
     model_changed = Signal(object)
+    models_changed = Signal(object)
     results_changed = Signal(object)
 
     def __init__(self) -> None:
@@ -71,6 +75,7 @@ class WsdinoState:
         self._field_index = 0
         self._cache_path: Path | None = None
         self._model_path: Path | None = None
+        self._models: Any = None
         self._results: Any = None
 
     # -- dataset -----------------------------------------------------------------
@@ -130,6 +135,15 @@ class WsdinoState:
         if path != self._model_path:
             self._model_path = path
             self.model_changed.emit(path)
+
+    @property
+    def models(self) -> Any:
+        return self._models
+
+    @models.setter
+    def models(self, value: Any) -> None:
+        self._models = value
+        self.models_changed.emit(value)
 
     @property
     def results(self) -> Any:

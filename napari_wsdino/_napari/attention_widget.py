@@ -1,0 +1,278 @@
+"""Attention dock widget: the loaded channel model's self-attention over the field in view.
+
+For the current field (plate browser / shared state) and one channel, the last
+block's CLS attention (``core.attention.attention_maps``) is added as layers laid
+over the image: the per-head stack (a dims slider walks the heads), the head mean,
+and DINO's thresholded mean as a contour. The model sees the *preprocessed* field
+when a cache holding it is loaded (what it was trained on); otherwise the raw
+field, downscaled to at most ``max_side`` pixels and divided by its 99.9th
+percentile. Maps are scaled back onto the raw image either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generator
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_wsdino.core.attention import AttentionMaps, attention_maps
+from napari_wsdino.core.cache import Cache, open_cache
+from napari_wsdino.core.imageio import read_tiff
+from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.progress import Progress
+from napari_wsdino._napari import settings
+from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.workers import start_worker
+
+if TYPE_CHECKING:
+    import napari
+
+COLORMAPS = ("inferno", "magma", "viridis", "turbo", "hot")
+PREFIX = "attention."
+
+
+@dataclass(frozen=True)
+class FieldImage:
+    """The image a model sees and how it maps onto the raw field's pixels."""
+
+    image: np.ndarray
+    scale: tuple[float, float]
+    translate: tuple[float, float]
+    origin: str
+
+
+def _on_raw_grid(raw_shape, shape) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Scale and translate putting an ``shape`` image over a ``raw_shape`` one (pixel centres)."""
+    scale = tuple(float(r) / float(s) for r, s in zip(raw_shape, shape))
+    return scale, tuple((s - 1.0) / 2.0 for s in scale)
+
+
+def raw_for_model(raw: np.ndarray, max_side: int = 640) -> np.ndarray:
+    """Downscale (anti-aliased) to at most ``max_side`` and divide by the 99.9th percentile."""
+    from skimage.transform import resize
+
+    raw = np.asarray(raw, dtype=np.float32)
+    factor = max(raw.shape) / float(max_side)
+    if factor > 1:
+        shape = tuple(max(1, int(round(s / factor))) for s in raw.shape)
+        raw = resize(raw, shape, order=3, anti_aliasing=True, preserve_range=True)
+    top = float(np.percentile(raw, 99.9)) or 1.0
+    return np.clip(raw / top, 0, None).astype(np.float32)
+
+
+def field_image(metadata, index: int, channel: str, cache: Cache | None = None,
+                max_side: int = 640) -> FieldImage:
+    """The model input for one field and channel: its cache image if any, else the raw one."""
+    row = metadata.table.iloc[index]
+    raw = read_tiff(row[f"path_{channel}"])
+    if cache is not None and channel in cache.channels:
+        t = cache.table
+        hit = np.flatnonzero((t.plate.values == row.plate) & (t.well.values == row.well)
+                             & (t.site.values.astype(int) == int(row.site)))
+        if len(hit):
+            image = np.asarray(cache.images(channel)[int(hit[0])], dtype=np.float32)
+            scale, translate = _on_raw_grid(raw.shape, image.shape)
+            return FieldImage(image, scale, translate, f"cache {cache.path.name}")
+    image = raw_for_model(raw, max_side)
+    scale, translate = _on_raw_grid(raw.shape, image.shape)
+    return FieldImage(image, scale, translate, "raw field (no cache holds it)")
+
+
+def attention_job(model, image: np.ndarray, mode: str, keep: float
+                  ) -> Generator[Progress, None, AttentionMaps]:
+    """Worker body: one progress event, then the maps."""
+    yield Progress("attention", 0, 1, f"{image.shape[0]}x{image.shape[1]} image")
+    maps = attention_maps(model, image, mode=mode, keep=keep)
+    yield Progress("attention", 1, 1, "done")
+    return maps
+
+
+class AttentionWidget(QWidget):
+    """Compute and overlay the current field's attention maps for one channel."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self.status = TaskStatus.IDLE
+        self.worker = None
+        self._pending = False
+        self._cache: Cache | None = None
+        saved = settings.load_settings()
+
+        self.channel_combo = QComboBox()
+        self.mode_combo = QComboBox()
+        self.mode_combo.addItems(("bilinear", "nearest"))
+        self.mode_combo.setCurrentText(saved.get(PREFIX + "mode", "bilinear"))
+        self.keep_spin = QDoubleSpinBox()
+        self.keep_spin.setRange(0.05, 1.0)
+        self.keep_spin.setSingleStep(0.05)
+        self.keep_spin.setValue(float(saved.get(PREFIX + "keep", 0.6)))
+        self.colormap_combo = QComboBox()
+        self.colormap_combo.addItems(COLORMAPS)
+        self.colormap_combo.setCurrentText(saved.get(PREFIX + "colormap", "inferno"))
+        self.opacity_spin = QDoubleSpinBox()
+        self.opacity_spin.setRange(0.0, 1.0)
+        self.opacity_spin.setSingleStep(0.1)
+        self.opacity_spin.setValue(float(saved.get(PREFIX + "opacity", 0.5)))
+        self.max_side_spin = QSpinBox()
+        self.max_side_spin.setRange(32, 4096)
+        self.max_side_spin.setValue(int(saved.get(PREFIX + "max_side", 640)))
+        self.auto_check = QCheckBox("Update when the field changes")
+        self.auto_check.setChecked(bool(saved.get(PREFIX + "auto", False)))
+        self.compute_button = QPushButton("Show attention")
+        self.status_label = QLabel("Load models (3 Load models) and open a dataset.")
+        self.status_label.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Channel", self.channel_combo)
+        form.addRow("Upsampling", self.mode_combo)
+        form.addRow("Mask keeps mass", self.keep_spin)
+        form.addRow("Colormap", self.colormap_combo)
+        form.addRow("Opacity", self.opacity_spin)
+        form.addRow("Raw field max side", self.max_side_spin)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.auto_check)
+        layout.addWidget(self.compute_button)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        self.compute_button.clicked.connect(self.compute)
+        self.opacity_spin.valueChanged.connect(self._restyle)
+        self.colormap_combo.currentTextChanged.connect(self._restyle)
+        self.state.models_changed.connect(self._on_models)
+        self.state.cache_changed.connect(self._on_cache)
+        self.state.field_changed.connect(self._on_field)
+        self._on_models(self.state.models)
+        self._on_cache(self.state.cache_path)
+
+    # -- state -----------------------------------------------------------------------
+    def _on_models(self, models) -> None:
+        """Offer the loaded model set's channels."""
+        current = self.channel_combo.currentText()
+        self.channel_combo.clear()
+        if models is not None:
+            self.channel_combo.addItems(list(models.channels))
+            if current in models.channels:
+                self.channel_combo.setCurrentText(current)
+        self.compute_button.setEnabled(models is not None)
+
+    def _on_cache(self, path) -> None:
+        try:
+            self._cache = open_cache(path) if path is not None else None
+        except DataError as exc:
+            self._cache = None
+            self.status_label.setText(f"Cache not used: {exc}")
+
+    def _on_field(self, _index: int) -> None:
+        """Automatic mode: recompute for the new field (after the running job)."""
+        if self.auto_check.isChecked() and self.state.models is not None:
+            if self.status == TaskStatus.RUNNING:
+                self._pending = True
+            else:
+                self.compute()
+
+    # -- compute ---------------------------------------------------------------------
+    def compute(self) -> None:
+        """Attention of the current field for the chosen channel, in a worker."""
+        models, metadata = self.state.models, self.state.metadata
+        if models is None or metadata is None or not len(metadata.table):
+            self.status_label.setText("Needs a dataset (1 Data) and models (3 Load models).")
+            return
+        channel = self.channel_combo.currentText()
+        self._remember()
+        try:
+            entry = models[channel]
+            source = field_image(metadata, self.state.field_index, channel, self._cache,
+                                 self.max_side_spin.value())
+        except (DataError, OSError) as exc:
+            self.status_label.setText(str(exc))
+            return
+        self.status = TaskStatus.RUNNING
+        self.compute_button.setEnabled(False)
+        key = metadata.field_key(self.state.field_index)
+        self.status_label.setText(f"Computing {channel} attention of {key}…")
+        self.worker = start_worker(
+            attention_job(entry.model, source.image, self.mode_combo.currentText(),
+                          self.keep_spin.value()),
+            on_done=lambda maps: self._show(maps, channel, source, key),
+            on_error=self._failed, desc="Attention",
+        )
+
+    def _failed(self, exc: BaseException) -> None:
+        self.status = TaskStatus.CRASHED
+        self.compute_button.setEnabled(True)
+        self.status_label.setText(f"Attention failed: {exc}")
+
+    def _show(self, maps: AttentionMaps, channel: str, source: FieldImage, key: str) -> None:
+        """Add or update the three attention layers."""
+        self.status = TaskStatus.DONE
+        self.compute_button.setEnabled(True)
+        cmap, opacity = self.colormap_combo.currentText(), self.opacity_spin.value()
+        common = {"scale": source.scale, "translate": source.translate,
+                  "metadata": {"wsdino_role": "attention", "channel": channel, "field": key}}
+        top = float(maps.heads.max()) or 1.0
+        self._put("image", f"attention heads [{channel}]", maps.heads,
+                  dict(colormap=cmap, opacity=opacity, blending="translucent",
+                       contrast_limits=(0.0, top), visible=False, **common))
+        self._put("image", f"attention mean [{channel}]", maps.mean,
+                  dict(colormap=cmap, opacity=opacity, blending="translucent",
+                       contrast_limits=(0.0, float(maps.mean.max()) or 1.0), **common))
+        self._put("labels", f"attention mask [{channel}]", maps.mean_threshold.astype(np.uint8),
+                  dict(opacity=1.0, **common))
+        self.viewer.layers[f"attention mask [{channel}]"].contour = 1
+        self.status_label.setText(
+            f"{channel} attention of {key}: {maps.n_heads} heads on a {maps.grid[0]}x{maps.grid[1]}"
+            f" patch grid ({source.origin}). The heads layer is hidden: show it and use the "
+            "slider to walk the heads."
+        )
+        if self._pending:
+            self._pending = False
+            self.compute()
+
+    def _put(self, kind: str, name: str, data: np.ndarray, kwargs: dict) -> None:
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = data
+            for key in ("scale", "translate", "metadata"):
+                setattr(layer, key, kwargs[key])
+            if kind == "image":
+                layer.contrast_limits_range = kwargs["contrast_limits"]
+                layer.contrast_limits = kwargs["contrast_limits"]
+            return
+        kwargs = {k: v for k, v in kwargs.items()}
+        if kind == "image":
+            self.viewer.add_image(data, name=name, **kwargs)
+        else:
+            self.viewer.add_labels(data, name=name, **kwargs)
+
+    def _restyle(self, *_):
+        """Colormap / opacity apply to the attention layers already shown."""
+        for layer in self.viewer.layers:
+            if layer.metadata.get("wsdino_role") == "attention" and layer.name.startswith(
+                    ("attention heads", "attention mean")):
+                layer.colormap = self.colormap_combo.currentText()
+                layer.opacity = self.opacity_spin.value()
+
+    def _remember(self) -> None:
+        settings.remember_many({
+            PREFIX + "mode": self.mode_combo.currentText(),
+            PREFIX + "keep": self.keep_spin.value(),
+            PREFIX + "colormap": self.colormap_combo.currentText(),
+            PREFIX + "opacity": self.opacity_spin.value(),
+            PREFIX + "max_side": self.max_side_spin.value(),
+            PREFIX + "auto": self.auto_check.isChecked(),
+        })

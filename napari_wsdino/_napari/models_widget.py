@@ -1,0 +1,240 @@
+"""Load models dock widget: the per-channel model set that attention and evaluation use.
+
+Sources: a training run folder (``RUN/<channel>/checkpoint.pth``, what the Train
+panel writes), one weights file per channel (ours, timm's, official DINO's or
+``.safetensors``), the same initial weights for every channel ("init only", the
+paper's ImageNet-DINO baseline), or random initialisation (the no-learning
+baseline). Loading runs in a worker; the result goes into the shared state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Generator
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_wsdino.core.metadata import CHANNELS, DataError
+from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
+from napari_wsdino.core.modelset import ModelSet, describe
+from napari_wsdino.core.progress import Progress
+from napari_wsdino._napari import settings
+from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.workers import start_worker
+
+if TYPE_CHECKING:
+    import napari
+
+SOURCES = {
+    "run": "Training run folder",
+    "files": "One weights file per channel",
+    "init-only": "Same initial weights for every channel",
+    "random": "Random initialisation (baseline)",
+}
+WHICH = ("teacher", "student")
+ARCHS = (DEFAULT_ARCH, *CPU_ARCHS, "vit_base_patch8_224", "test_vit")
+PREFIX = "models."
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """What to load; built from the widget by :func:`make_config`."""
+
+    source: str
+    channels: tuple[str, ...] = CHANNELS
+    path: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    arch: str = DEFAULT_ARCH
+    which: str = "teacher"
+    seed: int = 0
+
+
+def make_config(source: str, channels, path: str = "", files: dict | None = None,
+                arch: str = DEFAULT_ARCH, which: str = "teacher", seed: int = 0) -> LoadConfig:
+    """Validate widget values into a :class:`LoadConfig` (errors name the missing input)."""
+    if source not in SOURCES:
+        raise DataError(f"Unknown model source {source!r}; choose one of {list(SOURCES)}.")
+    channels = tuple(channels) or CHANNELS
+    path = str(path).strip()
+    files = {c: str(p).strip() for c, p in (files or {}).items() if str(p).strip()}
+    if source in ("run", "init-only") and not path:
+        raise DataError(f"{SOURCES[source]}: choose a {'folder' if source == 'run' else 'file'} first.")
+    if source in ("run", "init-only") and not Path(path).exists():
+        raise DataError(f"{path} does not exist.")
+    if source == "files":
+        if not files:
+            raise DataError("Give a weights file for at least one channel.")
+        absent = [p for p in files.values() if not Path(p).exists()]
+        if absent:
+            raise DataError(f"Weights file(s) not found: {absent}.")
+    if which not in WHICH:
+        raise DataError(f"which must be one of {WHICH}.")
+    return LoadConfig(source, channels, path, files, arch.strip() or DEFAULT_ARCH, which, int(seed))
+
+
+def load_model_set(config: LoadConfig) -> ModelSet:
+    """The model set a :class:`LoadConfig` describes (one core call per source)."""
+    if config.source == "run":
+        found = [c for c in config.channels if (Path(config.path) / c).is_dir()]
+        return ModelSet.from_run(config.path, found or None, which=config.which)
+    if config.source == "files":
+        return ModelSet.from_files(config.files, arch=config.arch, which=config.which)
+    if config.source == "init-only":
+        return ModelSet.init_only(config.arch, config.path, config.channels)
+    return ModelSet.random(config.arch, config.channels, seed=config.seed)
+
+
+def load_job(config: LoadConfig) -> Generator[Progress, None, ModelSet]:
+    """Progress-yielding wrapper of :func:`load_model_set` for a worker."""
+    yield Progress("load models", 0, 1, SOURCES[config.source])
+    models = load_model_set(config)
+    yield Progress("load models", 1, 1, "loaded")
+    return models
+
+
+class ModelLoader(QWidget):
+    """Choose where the per-channel models come from, and load them."""
+
+    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self.status = TaskStatus.IDLE
+        self.worker = None
+        saved = settings.load_settings()
+
+        self.source_combo = QComboBox()
+        for key, title in SOURCES.items():
+            self.source_combo.addItem(title, key)
+        self.path_edit = QLineEdit(saved.get(PREFIX + "path", ""))
+        self.path_edit.setPlaceholderText("run folder, or weights file for init-only")
+        self.browse_button = QPushButton("Browse…")
+        self.arch_combo = QComboBox()
+        self.arch_combo.setEditable(True)
+        self.arch_combo.addItems(ARCHS)
+        self.arch_combo.setCurrentText(saved.get(PREFIX + "arch", DEFAULT_ARCH))
+        self.which_combo = QComboBox()
+        self.which_combo.addItems(WHICH)
+        self.file_edits: dict[str, QLineEdit] = {}
+        self.files_form = QFormLayout()
+        self.load_button = QPushButton("Load models")
+        self.status_label = QLabel("No models loaded.")
+        self.status_label.setWordWrap(True)
+
+        path_row = QHBoxLayout()
+        path_row.addWidget(self.path_edit, 1)
+        path_row.addWidget(self.browse_button)
+        form = QFormLayout()
+        form.addRow("Source", self.source_combo)
+        form.addRow("Path", path_row)
+        form.addRow("Architecture", self.arch_combo)
+        form.addRow("Weights", self.which_combo)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(self.files_form)
+        layout.addWidget(self.load_button)
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+        self._set_channels(self._channels())
+        index = self.source_combo.findData(saved.get(PREFIX + "source", "run"))
+        self.source_combo.setCurrentIndex(max(index, 0))
+        self._source_changed()
+        self.source_combo.currentIndexChanged.connect(self._source_changed)
+        self.browse_button.clicked.connect(self._browse)
+        self.load_button.clicked.connect(self.load)
+        self.state.model_changed.connect(self._point_at_run)
+        self.state.metadata_changed.connect(lambda _m: self._set_channels(self._channels()))
+        self.state.models_changed.connect(self._show_models)
+        if self.state.models is not None:
+            self._show_models(self.state.models)
+
+    def _channels(self) -> tuple[str, ...]:
+        meta = self.state.metadata
+        return tuple(meta.channels) if meta is not None else CHANNELS
+
+    def _set_channels(self, channels: tuple[str, ...]) -> None:
+        """One file picker row per channel (used by the per-channel source)."""
+        if tuple(self.file_edits) == channels:
+            return
+        while self.files_form.rowCount():
+            self.files_form.removeRow(0)
+        self.file_edits = {c: QLineEdit() for c in channels}
+        for channel, edit in self.file_edits.items():
+            edit.setPlaceholderText(f"{channel} weights (.pth / .safetensors / run folder)")
+            self.files_form.addRow(channel, edit)
+        self._source_changed()
+
+    def _source_changed(self, *_):
+        """Show the inputs the chosen source needs."""
+        source = self.source_combo.currentData()
+        for edit in self.file_edits.values():
+            edit.setVisible(source == "files")
+            label = self.files_form.labelForField(edit)
+            if label is not None:
+                label.setVisible(source == "files")
+        self.path_edit.setEnabled(source in ("run", "init-only"))
+        self.browse_button.setEnabled(source in ("run", "init-only"))
+
+    def _browse(self) -> None:
+        """Folder for runs, file for init-only weights."""
+        if self.source_combo.currentData() == "run":
+            path = QFileDialog.getExistingDirectory(self, "Training run folder", self.path_edit.text())
+        else:
+            path, _ = QFileDialog.getOpenFileName(self, "Weights file", self.path_edit.text(),
+                                                  "Weights (*.pth *.pt *.safetensors);;All files (*)")
+        if path:
+            self.path_edit.setText(path)
+
+    def _point_at_run(self, path) -> None:
+        """Training finished or stopped: the loader points at its run folder."""
+        if path is not None:
+            self.source_combo.setCurrentIndex(self.source_combo.findData("run"))
+            self.path_edit.setText(str(path))
+            self.status_label.setText(f"New training run at {path}: press Load models.")
+
+    def config(self) -> LoadConfig:
+        return make_config(
+            self.source_combo.currentData(), self._channels(), self.path_edit.text(),
+            {c: e.text() for c, e in self.file_edits.items()},
+            self.arch_combo.currentText(), self.which_combo.currentText(),
+        )
+
+    def load(self) -> None:
+        """Validate the inputs and load the model set in a worker."""
+        try:
+            config = self.config()
+        except DataError as exc:
+            self.status_label.setText(str(exc))
+            return
+        settings.remember_many({PREFIX + k: getattr(config, k) for k in ("source", "path", "arch")})
+        self.status = TaskStatus.RUNNING
+        self.load_button.setEnabled(False)
+        self.status_label.setText("Loading…")
+        self.worker = start_worker(load_job(config), on_done=self._loaded,
+                                   on_error=self._failed, desc="Load models")
+
+    def _loaded(self, models: ModelSet) -> None:
+        self.status = TaskStatus.DONE
+        self.load_button.setEnabled(True)
+        self.state.models = models
+
+    def _failed(self, exc: BaseException) -> None:
+        self.status = TaskStatus.CRASHED
+        self.load_button.setEnabled(True)
+        self.status_label.setText(f"Could not load: {exc}")
+
+    def _show_models(self, models) -> None:
+        if models is not None:
+            self.status_label.setText(f"Loaded ({models.kind}):\n{describe(models)}")

@@ -1,0 +1,140 @@
+"""Load models and attention dock widgets, driven through the GUI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from napari_helpers import write_tiny_dataset
+
+from napari_wsdino.core.cache import write_cache
+from napari_wsdino.core.metadata import load_metadata
+from napari_wsdino.core.modelset import ModelSet
+from napari_wsdino._napari.state import TaskStatus, state_for
+
+ARCH = "test_vit"  # patch 16, 2 heads in timm's test config
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_WSDINO_CONFIG_DIR", str(tmp_path / "config"))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_tiny_dataset(tmp_path / "bbbc", plates=1, wells=2, sites=1, shape=(96, 128))
+
+
+def _dock(viewer, name):
+    return viewer.window.add_plugin_dock_widget("napari-wsdino", name)[1]
+
+
+def test_load_random_and_per_channel_files(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    loader = _dock(viewer, "3 Load models")
+    state = state_for(viewer)
+    loader.source_combo.setCurrentIndex(loader.source_combo.findData("run"))
+    loader.path_edit.setText(str(tmp_path / "no-such-run"))
+    qtbot.mouseClick(loader.load_button, Qt.LeftButton)
+    assert "does not exist" in loader.status_label.text() and state.models is None
+
+    loader.source_combo.setCurrentIndex(loader.source_combo.findData("random"))
+    loader.arch_combo.setCurrentText(ARCH)
+    qtbot.mouseClick(loader.load_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: state.models is not None, timeout=20_000)
+    assert state.models.channels == ("DAPI", "Tubulin", "Actin")
+    assert state.models.kind == "random" and loader.status == TaskStatus.DONE
+    assert "Loaded (random)" in loader.status_label.text()
+
+    # export, then load two channels from their own files
+    files = state.models.export_safetensors(tmp_path / "export")
+    first = state.models
+    loader.source_combo.setCurrentIndex(loader.source_combo.findData("files"))
+    assert loader.file_edits["DAPI"].isVisibleTo(loader)
+    loader.file_edits["DAPI"].setText(str(files[0]))
+    loader.file_edits["Actin"].setText(str(files[2]))
+    qtbot.mouseClick(loader.load_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: state.models is not first, timeout=20_000)
+    assert state.models.channels == ("DAPI", "Actin")
+    ref = ModelSet.from_files({"DAPI": files[0], "Actin": files[2]})
+    assert state.models.fingerprint() == ref.fingerprint()
+
+
+def test_loader_error_in_worker_is_shown(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer()
+    loader = _dock(viewer, "3 Load models")
+    bad = tmp_path / "DAPI.pth"
+    bad.write_bytes(b"not a checkpoint")
+    loader.source_combo.setCurrentIndex(loader.source_combo.findData("files"))
+    loader.file_edits["DAPI"].setText(str(bad))
+    qtbot.mouseClick(loader.load_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: loader.status == TaskStatus.CRASHED, timeout=20_000)
+    assert "Could not load" in loader.status_label.text()
+    assert loader.load_button.isEnabled() and state_for(viewer).models is None
+
+
+def test_training_run_is_offered_to_the_loader(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    loader = _dock(viewer, "3 Load models")
+    state_for(viewer).model_path = tmp_path / "run"
+    assert loader.source_combo.currentData() == "run"
+    assert loader.path_edit.text() == str(tmp_path / "run")
+
+
+def _same_pixel_edges(layer, raw):
+    """Outer pixel edges of ``layer`` coincide with the raw image's, in world coordinates."""
+    lo, hi = layer.extent.world[:, -2:]
+    rlo, rhi = raw.extent.world[:, -2:]
+    half = np.asarray(layer.scale[-2:]) / 2
+    np.testing.assert_allclose(lo - half, rlo - 0.5)
+    np.testing.assert_allclose(hi + half, rhi + 0.5)
+
+
+def _attention_layers(viewer):
+    return {layer.name: layer for layer in viewer.layers if layer.name.startswith("attention")}
+
+
+def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, tiny, tmp_path):
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    browser = _dock(viewer, "1 Data - plate browser")
+    attention = _dock(viewer, "4 Attention")
+    assert not attention.compute_button.isEnabled()
+    browser.open(tiny)
+    state.models = ModelSet.random(ARCH, ("DAPI", "Tubulin", "Actin"), seed=0)
+    assert attention.channel_combo.count() == 3
+    attention.channel_combo.setCurrentText("Tubulin")
+    attention.max_side_spin.setValue(64)  # raw 96x128 -> model sees 48x64 (3x4 patches of 16)
+    qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE, timeout=20_000)
+    layers = _attention_layers(viewer)
+    heads = layers["attention heads [Tubulin]"]
+    mean = layers["attention mean [Tubulin]"]
+    mask = layers["attention mask [Tubulin]"]
+    assert heads.data.shape == (2, 48, 64) and mean.data.shape == (48, 64)
+    assert mask.data.dtype == np.uint8 and set(np.unique(mask.data)) <= {0, 1}
+    assert mask.data.any() and mask.contour == 1
+    # scaled onto the 96x128 raw field: same world extent as the DAPI layer
+    np.testing.assert_allclose(mean.scale, (2.0, 2.0))
+    _same_pixel_edges(mean, viewer.layers["DAPI"])
+    assert 0 < mean.opacity < 1 and mean.colormap.name == "inferno"
+    np.testing.assert_allclose(heads.data.reshape(2, -1).sum(1) / 256, 1.0, rtol=1e-4)
+    assert "raw field" in attention.status_label.text()
+
+    # a preprocessed cache holding the field is used instead (half size here)
+    meta = load_metadata(tiny)
+    images = {c: np.random.default_rng(1).random((len(meta.table), 32, 48)).astype("f4")
+              for c in meta.channels}
+    write_cache(tmp_path / "cache", meta.table, images)
+    state.cache_path = tmp_path / "cache"
+    attention.auto_check.setChecked(True)
+    browser.well_combo.setCurrentIndex(1)  # automatic update on field change
+    qtbot.waitUntil(lambda: mean.metadata["field"] == meta.field_key(1), timeout=20_000)
+    assert mean.data.shape == (32, 48) and heads.data.shape == (2, 32, 48)
+    np.testing.assert_allclose(mean.scale, (96 / 32, 128 / 48))
+    _same_pixel_edges(mean, viewer.layers["DAPI"])
+    assert "cache" in attention.status_label.text()
+    attention.opacity_spin.setValue(0.3)
+    assert mean.opacity == pytest.approx(0.3)
+    assert len(_attention_layers(viewer)) == 3
