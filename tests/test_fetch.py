@@ -158,7 +158,8 @@ def _zip_plate(plate: str, rows: pd.DataFrame, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in rows.loc[rows.Image_Metadata_Plate_DAPI == plate, list(CHANNEL_FILES)].values.ravel():
+        names = rows.loc[rows.Image_Metadata_Plate_DAPI == plate, list(CHANNEL_FILES)]
+        for name in names.to_numpy().ravel():
             tif = io.BytesIO()
             tifffile.imwrite(tif, rng.integers(0, 4096, size=(16, 20), dtype=np.uint16))
             zf.writestr(f"{plate}/{name}", tif.getvalue())
@@ -203,7 +204,8 @@ def _tree(folder: Path) -> dict[str, str]:
 
 
 def _fetch(dest, url, **kw):
-    options = _options(url, **{k: kw.pop(k) for k in list(kw) if k in F.FetchOptions.__dataclass_fields__})
+    option_keys = [k for k in kw if k in F.FetchOptions.__dataclass_fields__]
+    options = _options(url, **{k: kw.pop(k) for k in option_keys})
     events = []
     result = run_to_end(F.fetch_bbbc021(dest, options=options, **kw), events.append)
     return result, events
@@ -409,6 +411,11 @@ def test_cli_fetch_all(tmp_path, serve, official, capsys):
     assert all(F.is_plate_complete(dest, p) for p in PLATES)
     assert main(["fetch", str(dest), "--all", "--base-url", url, "--yes", "-q"]) == 0
     assert "Nothing to do" in capsys.readouterr().out
+    # With the progress bar, into a second folder.
+    assert main(["fetch-bbbc021", str(tmp_path / "bar"), "--plates", PLATES[1],
+                 "--base-url", url, "--yes"]) == 0
+    err = capsys.readouterr().err
+    assert "overall [" in err and PLATES[1] in err and "100%" in err
     # A mirror without the files: exit code 2 and a message naming the URL.
     bad = url.replace("/bbbc/", "/nowhere/")
     assert main(["fetch-bbbc021", str(tmp_path / "x"), "--all", "--base-url", bad, "--yes",
@@ -424,3 +431,18 @@ def test_core_does_not_import_napari():
             "print(any(m in sys.modules for m in ('napari', 'qtpy', 'magicgui')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_file_url_mirror_without_optional_table(tmp_path, bundled_dir):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for name in (IMAGE_CSV, MOA_CSV):
+        (mirror / name).write_bytes((bundled_dir / name).read_bytes())
+    options = F.FetchOptions(base_url=mirror.as_uri(), retries=0)
+    events = []
+    result = run_to_end(F.fetch_bbbc021(tmp_path / "d", metadata_only=True, options=options),
+                        events.append)
+    assert [p.name for p in result.metadata] == [IMAGE_CSV, MOA_CSV]
+    assert any(F.COMPOUND_CSV in e.message and "skipped" in e.message for e in events)
+    assert not list((tmp_path / "d").glob("*.part"))
+    assert len(load_metadata(tmp_path / "d", check_files=False).table) == 3848

@@ -478,8 +478,11 @@ def _transfer(
             span = _content_range(resp.headers.get("Content-Range"))
             if span is None or span[0] != have:
                 part.unlink(missing_ok=True)
-                raise _Retry(f"server resumed at the wrong byte ({resp.headers.get('Content-Range')})")
-            total = span[1] if span[1] is not None else (have + length if length is not None else None)
+                raise _Retry("server resumed at the wrong byte "
+                             f"({resp.headers.get('Content-Range')})")
+            total = span[1]
+            if total is None and length is not None:
+                total = have + length
         else:
             if have:
                 # The server ignored the Range header and sends the whole file.
@@ -571,7 +574,11 @@ def download(
                 plate=plate, url=url,
             ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, FileNotFoundError):  # file:// mirror without the file
+                raise FetchError(f"{_who(plate)}{url} does not exist. Check --base-url.",
+                                 plate=plate, url=url) from None
+            last_error = f"{type(exc).__name__}: {reason}"
             if attempt + 1 < attempts:
                 time.sleep(min(options.retry_wait * 2 ** attempt, 60.0))
             continue
@@ -581,15 +588,18 @@ def download(
     else:
         have = part.stat().st_size if part.exists() else 0
         of = f" of {expected_size}" if expected_size is not None else ""
+        kept = (f"{have}{of} bytes are kept in {part}; {_RESUME_HINT}" if have
+                else f"nothing was downloaded; check the connection and {_RESUME_HINT}")
         raise FetchError(
             f"{_who(plate)}download of {url} failed after {attempts} attempt(s): "
-            f"{last_error}. {have}{of} bytes are kept in {part}; {_RESUME_HINT}.",
+            f"{last_error}. {kept}.",
             plate=plate, url=url,
         )
     size = part.stat().st_size
     if expected_size is not None and size != expected_size:  # pragma: no cover - guarded above
-        raise FetchError(f"{_who(plate)}{url}: got {size} of {expected_size} bytes; {_RESUME_HINT}.",
-                         plate=plate, url=url)
+        raise FetchError(
+            f"{_who(plate)}{url}: got {size} of {expected_size} bytes; {_RESUME_HINT}.",
+            plate=plate, url=url)
     os.replace(part, target)
     return target
 
