@@ -33,10 +33,16 @@ CACHE_FORMAT = "napari-wsdino-cache"
 CACHE_VERSION = 1
 SETTINGS_FILE = "cache.json"
 INDEX_FILE = "index.parquet"
+ILLUMINATION_DIR = "illumination"
 
 
 def image_file(root: Path, channel: str) -> Path:
     return Path(root) / f"images_{channel}.npy"
+
+
+def illumination_file(root: Path, plate: str, channel: str) -> Path:
+    """Where preprocessing stores the illumination function of one (plate, channel)."""
+    return Path(root) / ILLUMINATION_DIR / f"{plate}_{channel}.npy"
 
 
 @dataclass
@@ -70,6 +76,12 @@ class Cache:
         """One field as ``(C, H, W)`` float32."""
         chans = channels or self.channels
         return np.stack([np.asarray(self.images(c)[index], dtype=np.float32) for c in chans])
+
+    def illumination(self, plate: str, channel: str) -> np.ndarray | None:
+        """Illumination function (input resolution, float32) of one (plate, channel),
+        or ``None`` if this cache has none (e.g. made with ``write_cache``)."""
+        path = illumination_file(self.path, plate, channel)
+        return np.load(path) if path.exists() else None
 
 
 def open_cache(path: str | Path) -> Cache:
