@@ -214,7 +214,7 @@ def _fetch(dest, url, **kw):
 # --------------------------------------------------------------------------- tests
 
 
-def test_normal_fetch_is_loadable(tmp_path, serve, official):
+def test_normal_fetch_is_loadable(tmp_path, serve, official, bundled_dir):
     site = Site(official)
     url = serve(site)
     dest = tmp_path / "BBBC021"
@@ -236,6 +236,10 @@ def test_normal_fetch_is_loadable(tmp_path, serve, official):
     first = Path(meta.table.path_DAPI[0])
     assert first.parent.parent == dest and first.exists()
     assert tifffile.imread(first).dtype == np.uint16
+    # The bundled WS-DINO field table, pointed at the fetched images (docs/bbbc021.md).
+    ws = load_metadata(bundled_dir / IMAGE_CSV, image_root=dest, drop_missing=True)
+    assert sorted(ws.table.plate.unique()) == sorted(PLATES)
+    assert len(ws.table) == FIELDS_PER_PLATE * len(PLATES)
 
     fetch_events = [e for e in events if e.stage == "fetch" and e.info.get("phase") == "download"]
     assert fetch_events[-1].step == sum(len(official[F.archive_name(p)]) for p in PLATES)
@@ -446,3 +450,33 @@ def test_file_url_mirror_without_optional_table(tmp_path, bundled_dir):
     assert any(F.COMPOUND_CSV in e.message and "skipped" in e.message for e in events)
     assert not list((tmp_path / "d").glob("*.part"))
     assert len(load_metadata(tmp_path / "d", check_files=False).table) == 3848
+
+
+def test_stopping_the_generator_keeps_partial_work(tmp_path, serve, official):
+    """The Data panel's worker stops at a yield: a later run resumes, nothing half-made."""
+    site = Site(official)
+    url = serve(site)
+    dest = tmp_path / "d"
+    name = F.archive_name(PLATES[0])
+
+    gen = F.fetch_bbbc021(dest, plates=[PLATES[0]], options=_options(url))
+    for event in gen:
+        if event.info.get("phase") == "download" and event.info["file_done"] >= 1024:
+            stopped_at = event.info["file_done"]
+            break
+    gen.close()
+    assert (dest / F.DOWNLOAD_DIR / (name + ".part")).stat().st_size == stopped_at
+
+    gen = F.fetch_bbbc021(dest, plates=[PLATES[0]], options=_options(url))
+    for event in gen:
+        if event.info.get("phase") == "unpack" and event.info["file_done"] == 2:
+            break
+    gen.close()
+    assert site.gets(name)[-1] == f"bytes={stopped_at}-"
+    assert not (dest / PLATES[0]).exists() and not list(dest.glob(".*unpacking*"))
+
+    result = run_to_end(F.fetch_bbbc021(dest, plates=[PLATES[0]], options=_options(url)))
+    assert result.completed == [PLATES[0]]
+    assert len(site.gets(name)) == 2  # the finished archive was reused, not fetched again
+    marker = json.loads((dest / PLATES[0] / F.COMPLETE_MARKER).read_text())
+    assert marker["sha256"] == hashlib.sha256(official[name]).hexdigest()

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
         "check each archive (size, SHA-256 when known, zip test), and unpack it to "
         "DEST/<plate>/ where `wsdino info DEST` and the loader find it. Partial downloads "
         "are resumed: after a failure, rerun the same command. The full set is about "
-        "40 GB zipped (~110 GB unpacked).",
+        "40 GB zipped (~105 GB unpacked).",
         epilog="Example: wsdino fetch-bbbc021 BBBC021 --plates Week1_22123 Week1_22141",
     )
     p.add_argument("dest", help="folder to fetch into (created); metadata CSVs go to its top")
