@@ -40,6 +40,7 @@ class Site:
 
     def __init__(self, files: dict[str, bytes]):
         self.files = dict(files)
+        self.types: dict[str, str] = {}  # name -> Content-Type to send
         self.faults: dict[str, dict] = {}  # name -> {"mode": ..., "times": n, "at": bytes}
         self.log: list[tuple[str, str, str | None]] = []  # (method, name, Range)
         self.lock = threading.Lock()
@@ -104,6 +105,8 @@ def make_handler(site: Site):
             else:
                 self.send_response(200)
             payload = body[start:]
+            if name in site.types:
+                self.send_header("Content-Type", site.types[name])
             self.send_header("Content-Length", str(len(payload)))
             self.send_header("Connection", "close")
             self.end_headers()
@@ -480,3 +483,16 @@ def test_stopping_the_generator_keeps_partial_work(tmp_path, serve, official):
     assert len(site.gets(name)) == 2  # the finished archive was reused, not fetched again
     marker = json.loads((dest / PLATES[0] / F.COMPLETE_MARKER).read_text())
     assert marker["sha256"] == hashlib.sha256(official[name]).hexdigest()
+
+
+def test_web_page_instead_of_file_is_refused(tmp_path, serve, official):
+    files = dict(official)
+    files[IMAGE_CSV] = b"<html><body>We moved! Log in first.</body></html>"
+    site = Site(files)
+    site.types[IMAGE_CSV] = "text/html; charset=utf-8"
+    url = serve(site)
+    with pytest.raises(F.FetchError, match="web page") as err:
+        _fetch(tmp_path / "d", url, metadata_only=True)
+    assert url + IMAGE_CSV in str(err.value)
+    assert not (tmp_path / "d" / IMAGE_CSV).exists()
+    assert len(site.gets(IMAGE_CSV)) == 1  # not retried: retrying cannot help

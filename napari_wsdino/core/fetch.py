@@ -471,6 +471,12 @@ def _transfer(
         raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
     with resp:
         status = getattr(resp, "status", 200)
+        ctype = (resp.headers.get("Content-Type") or "").lower()
+        if ctype.startswith("text/html") and not url.lower().endswith((".htm", ".html")):
+            raise FetchError(
+                "the server answered with a web page instead of the file (the download "
+                "layout may have changed, or a login or error page is in the way)"
+            )
         length = resp.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
         mode = "ab"
@@ -555,6 +561,11 @@ def download(
     last_error = "no attempt made"
     attempts = options.retries + 1
     for attempt in range(attempts):
+        if attempt:
+            # Wait before a retry, yielding so that a stopped worker stops here too.
+            have = part.stat().st_size if part.exists() else 0
+            yield from _pause(min(options.retry_wait * 2 ** (attempt - 1), 60.0),
+                              event(have, expected_size))
         have = part.stat().st_size if part.exists() else 0
         if expected_size is not None and have > expected_size:
             part.unlink()
@@ -565,8 +576,6 @@ def download(
             total = yield from _transfer(url, part, have, expected_size, options, event)
         except _Retry as exc:
             last_error = str(exc)
-            if attempt + 1 < attempts:
-                time.sleep(min(options.retry_wait * 2 ** attempt, 60.0))
             continue
         except FetchError as exc:
             raise FetchError(
@@ -579,8 +588,6 @@ def download(
                 raise FetchError(f"{_who(plate)}{url} does not exist. Check --base-url.",
                                  plate=plate, url=url) from None
             last_error = f"{type(exc).__name__}: {reason}"
-            if attempt + 1 < attempts:
-                time.sleep(min(options.retry_wait * 2 ** attempt, 60.0))
             continue
         if total is not None:
             expected_size = total
@@ -602,6 +609,13 @@ def download(
             plate=plate, url=url)
     os.replace(part, target)
     return target
+
+
+def _pause(seconds: float, event: Progress) -> Generator[Progress, None, None]:
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.5))
+        yield event
 
 
 def _who(plate: str | None) -> str:
@@ -688,6 +702,8 @@ def unpack_plate(
     """
     archive, dest = Path(archive), Path(dest)
     final = dest / plate
+    for stale in [*dest.glob(f".{plate}.unpacking-*"), *dest.glob(f".{plate}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a run that was killed
     tmp = Path(tempfile.mkdtemp(prefix=f".{plate}.unpacking-", dir=dest))
     try:
         with zipfile.ZipFile(archive) as zf:
