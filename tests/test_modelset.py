@@ -156,3 +156,26 @@ def test_parse_model_specs():
         parse_model_specs(["runs/a"])
     with pytest.raises(ValueError, match="twice"):
         parse_model_specs(["DAPI=a", "DAPI=b"])
+
+
+def test_training_input_normalisation_is_recorded_and_applied(tmp_path):
+    from napari_wsdino.core.embed import embed_fields
+    import numpy as np
+
+    teacher, _ = _our_checkpoint(tmp_path / "d.pth", "DAPI", 0, 1)
+    ckpt = torch.load(tmp_path / "d.pth", weights_only=True)
+    ckpt["config"].update(input_mean=0.25, input_std=0.5)
+    torch.save(ckpt, tmp_path / "d.pth")
+    models = ModelSet.from_files({"DAPI": tmp_path / "d.pth"})
+    entry = models["DAPI"]
+    assert (entry.input_mean, entry.input_std) == (0.25, 0.5)
+    img = np.random.default_rng(0).random((1, 32, 32)).astype(np.float32)
+    got = embed_fields(models, {"DAPI": img}, crop=16)
+    plain = ModelSet({"DAPI": type(entry)("DAPI", teacher, ARCH, "plain")})
+    expected = embed_fields(plain, {"DAPI": (img - 0.25) / 0.5}, crop=16)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(got, embed_fields(plain, {"DAPI": img}, crop=16), atol=1e-3)
+    # kept through a safetensors export
+    back = ModelSet.from_files({"DAPI": models.export_safetensors(tmp_path / "st")[0]})
+    assert (back["DAPI"].input_mean, back["DAPI"].input_std) == (0.25, 0.5)
+    assert back.fingerprint() == models.fingerprint()

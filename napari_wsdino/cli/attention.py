@@ -11,7 +11,7 @@ from napari_wsdino.cli._common import add_layout_option, layout_from_args
 from napari_wsdino.core.attention import (
     DEFAULT_KEEP,
     MODES,
-    attention_maps,
+    channel_attention_maps,
     field_index,
     save_overlay_png,
     save_tiff,
@@ -106,8 +106,8 @@ def run(args) -> int:
     image, label = _load_image(args)
     image = _region(image, args.region)
     try:
-        maps = attention_maps(entry.model, image, mode=args.mode, keep=args.keep,
-                              device=pick_device(args.device))
+        maps = channel_attention_maps(entry, image, mode=args.mode, keep=args.keep,
+                                      device=pick_device(args.device))
     except ValueError as exc:
         raise DataError(str(exc)) from None
     out.parent.mkdir(parents=True, exist_ok=True)

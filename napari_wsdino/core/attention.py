@@ -251,6 +251,12 @@ def attention_maps(
     )
 
 
+def channel_attention_maps(entry, image: np.ndarray, **kwargs) -> AttentionMaps:
+    """:func:`attention_maps` for a :class:`~napari_wsdino.core.modelset.ChannelModel`,
+    with the input normalisation that model was trained with."""
+    return attention_maps(entry.model, entry.normalise(np.asarray(image, dtype=np.float32)), **kwargs)
+
+
 # -- fields and files ------------------------------------------------------------------
 
 

@@ -9,7 +9,8 @@ Here, for a crop size ``c`` (224 like the paper by default):
 
 1. take the centre square of side ``2c`` of the preprocessed field and split it into
    its four ``c x c`` quadrants (top-left, top-right, bottom-left, bottom-right);
-2. pass each quadrant through the channel's backbone and keep the CLS output;
+2. pass each quadrant through the channel's backbone (after the input normalisation
+   it was trained with, ``(x - input_mean) / input_std``) and keep the CLS output;
 3. take the per-dimension median of the four (for four values: the mean of the two
    middle ones, as :func:`numpy.median`);
 4. concatenate the channels in the model set's order and L2-normalise.
@@ -141,7 +142,7 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAULT_CROP,
-                  patch: int = 1, device: torch.device | str = "cpu") -> np.ndarray:
+                  patch: int = 1, device: torch.device | str = "cpu", normalise=None) -> np.ndarray:
     """One channel's field embeddings (median of the four centre crops), ``(B, D)``.
 
     Parameters
@@ -150,11 +151,15 @@ def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAUL
         A backbone whose ``model(x)`` is the CLS embedding of ``x`` ``(N, 1, c, c)``.
     images
         ``(B, H, W)`` preprocessed fields of that channel.
+    normalise
+        Training-time input normalisation (``ChannelModel.normalise``), if any.
     """
     device = torch.device(device)
     crops = torch.from_numpy(centre_crops(images, crop, patch))
     b, n, side, _ = crops.shape
     x = crops.reshape(b * n, 1, side, side).to(device, non_blocking=True)
+    if normalise is not None:
+        x = normalise(x)
     with _autocast(device):
         feats = model(x)
     return median_of_four(feats.float().reshape(b, n, -1)).cpu().numpy()
@@ -185,7 +190,7 @@ def embed_fields(models: ModelSet, images: Mapping[str, np.ndarray], crop: int =
     ((3, 128), True)
     """
     models.check_channels(images)
-    parts = [embed_channel(m.model, images[c], crop, m.patch_size, device)
+    parts = [embed_channel(m.model, images[c], crop, m.patch_size, device, m.normalise)
              for c, m in models.models.items()]
     return l2_normalise(np.concatenate(parts, axis=1))
 
@@ -345,7 +350,7 @@ def embed_cache(
             contiguous = bool(np.all(np.diff(sel) == 1))
             batch = {c: (a[sel[0]:sel[-1] + 1] if contiguous else a[sel]) for c, a in arrays.items()}
             feats = np.concatenate(
-                [embed_channel(m.model, batch[c], crop, m.patch_size, dev)
+                [embed_channel(m.model, batch[c], crop, m.patch_size, dev, m.normalise)
                  for c, m in models.models.items()], axis=1)
             out_chunk[b0 - lo:b1 - lo] = l2_normalise(feats)
             done = b1

@@ -74,12 +74,23 @@ class ChannelModel:
         timm architecture name.
     source
         Human-readable origin (file and teacher/student, ``random(seed=0)``, ...).
+    input_mean, input_std
+        Input normalisation the model was trained with, ``(x - mean) / std``
+        (our checkpoints record it in their config; 0 and 1 otherwise).
     """
 
     channel: str
     model: nn.Module
     arch: str
     source: str
+    input_mean: float = 0.0
+    input_std: float = 1.0
+
+    def normalise(self, x):
+        """Apply the training-time input normalisation (no copy when it is the identity)."""
+        if self.input_mean == 0.0 and self.input_std == 1.0:
+            return x
+        return (x - self.input_mean) / self.input_std
 
     @property
     def embed_dim(self) -> int:
@@ -175,7 +186,8 @@ class ModelSet:
         return {
             "kind": self.kind,
             "channels": list(self.channels),
-            "models": {c: {"arch": m.arch, "source": m.source, "dim": m.embed_dim}
+            "models": {c: {"arch": m.arch, "source": m.source, "dim": m.embed_dim,
+                           "input_mean": m.input_mean, "input_std": m.input_std}
                        for c, m in self.models.items()},
             "fingerprint": self.fingerprint(),
         }
@@ -185,7 +197,7 @@ class ModelSet:
         if self._fingerprint is None:
             h = hashlib.sha1()
             for channel, entry in self.models.items():
-                h.update(channel.encode())
+                h.update(f"{channel}:{entry.input_mean!r}:{entry.input_std!r}".encode())
                 for key, value in entry.model.state_dict().items():
                     h.update(key.encode())
                     h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -321,6 +333,8 @@ class ModelSet:
                 "channel": channel,
                 "arch": entry.arch,
                 "source": entry.source,
+                "input_mean": repr(float(entry.input_mean)),
+                "input_std": repr(float(entry.input_std)),
             })
             written.append(path)
         return written
@@ -378,6 +392,7 @@ def load_channel_model(
     if file.suffix == ".safetensors":
         sd, meta = _read_safetensors(file)
         recorded_channel, recorded_arch = meta.get("channel"), meta.get("arch")
+        norm = {k: float(meta[k]) for k in ("input_mean", "input_std") if k in meta}
         source = f"safetensors {file}"
         weights: Mapping = sd
     else:
@@ -385,7 +400,8 @@ def load_channel_model(
         ours = ckpt.get("format") == CHECKPOINT_FORMAT
         config = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else {}
         recorded_channel = ckpt.get("channel") if ours else None
-        recorded_arch = config.get("arch") if ours else None
+        recorded_arch = (config.get("arch") or ckpt.get("arch")) if ours else None
+        norm = {k: float(config[k]) for k in ("input_mean", "input_std") if ours and k in config}
         if ours and which not in ckpt:
             raise CheckpointError(f"{file} holds no {which!r} weights.")
         source = f"wsdino {file} ({which})" if ours else f"{file}"
@@ -403,7 +419,9 @@ def load_channel_model(
     use_arch = recorded_arch or arch or DEFAULT_ARCH
     model = create_backbone(use_arch, in_chans=1)
     load_backbone_weights(model, weights, which=which)
-    return ChannelModel(channel, model.eval(), use_arch, source)
+    if norm.get("input_std", 1.0) == 0:
+        raise CheckpointError(f"{file} records input_std = 0; it cannot normalise inputs.")
+    return ChannelModel(channel, model.eval(), use_arch, source, **norm)
 
 
 def parse_model_specs(specs: Iterable[str]) -> dict[str, str]:
