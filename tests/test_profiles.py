@@ -147,3 +147,21 @@ def test_evaluate_reports_missing_moa_and_nan(bundled_table):
     no_moa = ProfileTable(p.meta.drop(columns="Metadata_MoA"), p.features, p.feature_names)
     with pytest.raises(DataError, match=r"lacks the metadata column\(s\) \['Metadata_MoA'\]"):
         evaluate_profiles(no_moa)
+
+
+def test_evaluation_core_imports_no_qt_or_napari(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import napari_wsdino.core.evaluation, napari_wsdino.core.plots as plots\n"
+        "import pandas as pd\n"
+        "fig = plots.confusion_figure(pd.DataFrame(np.eye(2, dtype=int), index=['a','b'], columns=['a','b']))\n"
+        f"fig.savefig({str(tmp_path / 'c.png')!r})\n"
+        "bad = [m for m in ('qtpy', 'PyQt5', 'napari', 'magicgui', 'superqt') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

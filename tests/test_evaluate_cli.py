@@ -1,0 +1,79 @@
+"""``wsdino evaluate``: JSON output, written files, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_wsdino.cli import main
+from napari_wsdino.core.evaluation import evaluate_profiles
+from napari_wsdino.core.metadata import load_metadata
+from napari_wsdino.core.profiles import ProfileTable, simulate_profiles
+
+KEYS = {"nsc", "nscb", "n_nsc", "n_nscb", "map_nsc", "map_nscb", "per_moa"}
+
+
+@pytest.fixture(scope="module")
+def profiles(bundled_dir):
+    table = load_metadata(bundled_dir, check_files=False).table
+    return simulate_profiles(table, 16, moa_signal=0.5, seed=4)
+
+
+@pytest.fixture(scope="module")
+def profile_file(profiles, tmp_path_factory):
+    return profiles.write(tmp_path_factory.mktemp("profiles") / "fields.parquet")
+
+
+def test_json_matches_the_core(profile_file, profiles, capsys):
+    assert main(["evaluate", str(profile_file), "--json", "--tvn", "per-plate"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert KEYS <= set(out)
+    assert out["n_nsc"] == 103 and out["n_nscb"] == 92
+    expected = evaluate_profiles(profiles, "per-plate")
+    assert out["nsc"] == pytest.approx(expected.nsc)
+    assert out["nscb"] == pytest.approx(expected.nscb)
+    assert out["map_nscb"] == pytest.approx(expected.map_nscb)
+    assert out["per_moa"]["Kinase inhibitors"]["nscb"] is None
+    assert sum(m["n_nscb"] for m in out["per_moa"].values()) == 92
+    assert out["tvn"] == "per-plate" and set(out["knn"]["nsc"]) == {"1", "3", "5"}
+
+
+def test_out_writes_tables_and_png(profile_file, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(profile_file), "--out", str(out), "--quiet", "--k", "1", "7"]) == 0
+    text = capsys.readouterr().out
+    assert "NSC " in text and "NSCB" in text and "k=7" in text
+    for name in ("treatment_profiles.csv", "neighbours.csv", "confusion_nsc.csv",
+                 "confusion_nscb.csv", "confusion_nsc.png", "per_moa.png", "metrics.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "confusion_nsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    confusion = pd.read_csv(out / "confusion_nsc.csv", index_col=0)
+    assert confusion.to_numpy().sum() == 103 and confusion.shape == (12, 12)
+    neighbours = pd.read_csv(out / "neighbours.csv")
+    assert len(neighbours) == 103
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert confusion.to_numpy().trace() / 103 == pytest.approx(metrics["nsc"])
+    assert len(ProfileTable.read(out / "treatment_profiles.csv")) == 103
+
+
+def test_bad_input_exits_2_with_a_message(profiles, tmp_path, capsys):
+    feats = profiles.features.copy()
+    feats[3, 1] = np.nan
+    bad = profiles.with_features(feats).write(tmp_path / "nan.csv")
+    assert main(["evaluate", str(bad), "--json"]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.parquet")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_single_batch_needs_no_nscb(profiles, tmp_path, capsys):
+    one = profiles.subset((profiles.meta.Metadata_Batch == "Week1").to_numpy())
+    path = one.write(tmp_path / "week1.parquet")
+    assert main(["evaluate", str(path), "--json"]) == 2
+    assert "--no-nscb" in capsys.readouterr().err
+    assert main(["evaluate", str(path), "--json", "--no-nscb", "--tvn", "none"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["nscb"] is None and out["n_nscb"] == 0 and out["n_nsc"] > 0
