@@ -50,3 +50,34 @@ def write_tiny_dataset(root: Path, plates: int = 2, wells: int = 2, sites: int =
     moa = pd.read_csv(bundled_metadata_dir() / MOA_CSV)
     moa.to_csv(root / MOA_CSV, index=False)
     return root
+
+
+def write_tiny_cache(path: Path, per_compound: int = 6, size: int = 48, seed: int = 0,
+                     compounds=("taxol", "AZ138", "ALLN", "DMSO")):
+    """A preprocessed cache of a few real BBBC021 fields with per-compound stripe images."""
+    from napari_wsdino.core.cache import write_cache
+    from napari_wsdino.core.metadata import load_metadata
+
+    table = load_metadata(bundled_metadata_dir(), check_files=False).table
+    table = pd.concat([table[table.compound == c].head(per_compound) for c in compounds])
+    table = table.reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = {}
+    for k, channel in enumerate(("DAPI", "Tubulin", "Actin")):
+        freq = {c: 2 + 3 * i for i, c in enumerate(compounds)}
+        images[channel] = np.stack([
+            0.5 + 0.4 * np.sin(2 * np.pi * freq[c] * (np.cos(k) * xx + np.sin(k) * yy))
+            + 0.1 * rng.standard_normal((size, size)) for c in table.compound
+        ]).astype(np.float32)
+    return write_cache(path, table, images, {"test": True})
+
+
+TINY_TRAIN_TOML = """[train]
+arch = "test_vit"
+hidden_dim = 64
+bottleneck_dim = 32
+warmup_epochs = 1
+min_lr = 0.0001
+checkpoint_every = 1
+"""

@@ -1,0 +1,118 @@
+"""Train dock widget: Start to completion, Stop mid-way, Resume, errors — via its buttons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qtpy.QtCore import Qt
+
+from napari_helpers import TINY_TRAIN_TOML, write_tiny_cache
+
+from napari_wsdino.core.modelset import ModelSet
+from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.train_widget import TrainWidget, make_train_config
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_WSDINO_CONFIG_DIR", str(tmp_path / "config"))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return write_tiny_cache(tmp_path / "cache")
+
+
+def _setup(viewer, cache, tmp_path, epochs):
+    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "3 Train")[1]
+    assert isinstance(widget, TrainWidget)
+    state_for(viewer).cache_path = cache.path  # as the Preprocess panel does
+    assert widget.cache_edit.text() == str(cache.path)
+    assert widget.run_edit.text() == str(cache.path.parent / "runs" / "compound")
+    base = tmp_path / "tiny.toml"
+    base.write_text(TINY_TRAIN_TOML)
+    widget.base_edit.setText(str(base))
+    widget.channel_boxes["Tubulin"].setChecked(False)
+    widget.channel_boxes["Actin"].setChecked(False)
+    widget.arch_combo.setCurrentText("test_vit")
+    widget.epochs_spin.setValue(epochs)
+    widget.batch_spin.setValue(8)
+    widget.lr_spin.setValue(5e-4)
+    widget.global_spin.setValue(32)
+    widget.local_spin.setValue(16)
+    widget.crops_spin.setValue(2)
+    widget.outdim_spin.setValue(128)
+    widget.device_combo.setCurrentIndex(widget.device_combo.findData("cpu"))
+    return widget
+
+
+def test_config_from_widget_values(tmp_path):
+    base = tmp_path / "b.toml"
+    base.write_text(TINY_TRAIN_TOML)
+    cfg = make_train_config({"epochs": 3, "weak_label": "moa", "arch": "test_vit"}, str(base))
+    assert (cfg.epochs, cfg.weak_label, cfg.hidden_dim) == (3, "moa", 64)
+    with pytest.raises(ValueError, match="weak_label"):
+        make_train_config({"weak_label": "colour"})
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        make_train_config({"init": str(tmp_path / "nope.pth")})
+
+
+def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, cache, tmp_path, epochs=1)
+    loader = viewer.window.add_plugin_dock_widget("napari-wsdino", "3 Load models")[1]
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    assert widget.status == TaskStatus.RUNNING and not widget.start_button.isEnabled()
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert widget.status == TaskStatus.DONE, widget.status_label.text()
+    run = cache.path.parent / "runs" / "compound"
+    ckpt = torch.load(run / "DAPI" / "checkpoint.pth", weights_only=False)
+    n = ckpt["steps_per_epoch"]  # 18 non-DMSO fields / batch 8
+    assert ckpt["finished"] and ckpt["epoch"] == 1 and ckpt["step"] == n == 2
+    steps, loss, lr = widget.plot.series["DAPI"]
+    assert steps == [1, 2] and all(v == v for v in loss) and max(lr) > 0
+    assert len(widget.plot.ax_loss.lines) == 1
+    # the loader already points at the run; one click loads it
+    assert loader.path_edit.text() == str(run)
+    qtbot.mouseClick(loader.load_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: state_for(viewer).models is not None, timeout=30_000)
+    assert state_for(viewer).models.channels == ("DAPI",)
+    assert state_for(viewer).models.fingerprint() == ModelSet.from_run(run).fingerprint()
+    # Start again on the same folder is refused (Resume continues instead)
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    assert "already holds checkpoints" in widget.status_label.text()
+
+
+def test_stop_midway_and_resume(make_napari_viewer, qtbot, cache, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, cache, tmp_path, epochs=200)
+    seen = []
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    widget.worker.yielded.connect(lambda e: seen.append(e.step))
+    qtbot.waitUntil(lambda: len(seen) >= 2, timeout=60_000)
+    qtbot.mouseClick(widget.stop_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert widget.status == TaskStatus.STOPPED
+    ckpt = torch.load(widget._run / "DAPI" / "checkpoint.pth", weights_only=False)
+    stopped_at = ckpt["step"]
+    assert 2 <= stopped_at < 400 and not ckpt["finished"]
+    assert state_for(viewer).model_path == widget._run
+
+    seen.clear()
+    qtbot.mouseClick(widget.resume_button, Qt.LeftButton)
+    widget.worker.yielded.connect(lambda e: seen.append(e.step))
+    qtbot.waitUntil(lambda: len(seen) >= 1, timeout=60_000)
+    qtbot.mouseClick(widget.stop_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert seen[0] == stopped_at + 1 and widget.status == TaskStatus.STOPPED
+
+
+def test_training_error_is_notified(make_napari_viewer, qtbot, cache, tmp_path):
+    viewer = make_napari_viewer()
+    widget = _setup(viewer, cache, tmp_path, epochs=1)
+    widget.arch_combo.setCurrentText("no_such_vit")
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert widget.status == TaskStatus.CRASHED
+    assert "no_such_vit" in widget.status_label.text()
+    assert widget.start_button.isEnabled()
