@@ -1,0 +1,734 @@
+"""Train DINO / WS-DINO on one channel of a preprocessed cache, as a progress generator.
+
+The method is WS-DINO's (Cross-Zamirski et al. 2022, after DINO, Caron et al. 2021): a
+timm ViT student with a DINO head, a teacher that is the EMA of the student, multi-crop
+views where — with a weak label — the local crops come from another field of the same
+label (:mod:`napari_wsdino.core.sampler`). Every default of :class:`TrainConfig` is the
+paper's (or its published code's) value.
+
+Engineering: :func:`train` is a generator of :class:`~napari_wsdino.core.progress.Progress`
+events that stops cleanly between steps (``stop()`` returns True, or the generator is
+closed) and leaves a loadable checkpoint; checkpoints are atomic and hold everything to
+resume bit-for-bit on CPU; crops are cut for the whole batch on the device
+(:mod:`napari_wsdino.core.views`); on CUDA the cache is kept on the GPU, with bf16
+autocast, fused AdamW and PyTorch's fused attention; ``torchrun`` runs it on many GPUs
+(:mod:`napari_wsdino.core.distributed`).
+
+A run folder holds, per channel: ``checkpoint.pth``, ``config.toml`` and ``log.jsonl``.
+
+Example
+-------
+>>> from napari_wsdino.core.train import TrainConfig, train
+>>> from napari_wsdino.core.progress import run_to_end
+>>> cfg = TrainConfig(arch="test_vit", epochs=2, global_size=32, local_size=16,
+...                   out_dim=256, hidden_dim=64, weak_label="compound")
+>>> path = run_to_end(train("cache/", cfg, "run/DAPI"))     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Generator, Iterable, get_type_hints
+
+import numpy as np
+import torch
+
+from napari_wsdino.core import distributed
+from napari_wsdino.core.cache import Cache, open_cache
+from napari_wsdino.core.dino import DINOHead, DINOLoss, MultiCropWrapper, ema_update
+from napari_wsdino.core.model import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    create_backbone,
+    load_backbone_weights,
+    pick_device,
+    read_checkpoint,
+)
+from napari_wsdino.core.progress import Progress
+from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS, PairSampler, weak_labels
+from napari_wsdino.core.schedules import Schedules
+from napari_wsdino.core.views import multi_crop
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pth"
+CONFIG_FILE = "config.toml"
+LOG_FILE = "log.jsonl"
+N_GLOBAL = 2
+# Settings that may differ between a run and its resumption (they do not change the maths).
+RESUMABLE_CHANGES = {"device", "checkpoint_every", "snapshot_every", "preload", "compile"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; defaults are WS-DINO's.
+
+    Data: ``channel`` (one model per channel), ``weak_label`` (none = plain DINO,
+    treatment, compound, moa, moa_or_compound), ``dmso`` (exclude = paper, plate,
+    together), ``balance`` (weight fields by 1 / group size, the paper's sampler).
+
+    Model: ``arch`` (any timm ViT; ViT-S/8), ``init`` (local weights file: ours, timm,
+    or official DINO, e.g. ``dino_deitsmall8_pretrain.pth``; empty = random),
+    ``drop_path_rate`` 0.1 on the student; head ``out_dim`` 65,536, ``hidden_dim`` 2048,
+    ``bottleneck_dim`` 256, ``norm_last_layer`` False, no batch norm, last layer frozen
+    for ``freeze_last_layer`` epochs.
+
+    Loss: ``student_temp`` 0.07, ``teacher_temp`` 0.04 after a linear warm-up from
+    ``warmup_teacher_temp`` over ``warmup_teacher_temp_epochs``, ``center_momentum`` 0.8
+    (DINO: 0.1 / 0.9). Teacher EMA ``momentum_teacher`` 0.99 → 1 (cosine).
+
+    Optimiser: AdamW, ``lr`` 4e-6 after ``warmup_epochs`` 10, cosine to ``min_lr``,
+    ``weight_decay`` 0, ``clip_grad`` 0 (off), ``batch_size`` 16 (per process),
+    ``epochs`` 400.
+
+    Views: 2 global crops of ``global_size`` 224 px from ``global_scale`` (0.1, 0.2) of
+    the area, ``local_crops`` 8 of ``local_size`` 96 px from ``local_scale``
+    (0.04, 0.08), square, bicubic, flips with ``flip_p`` 0.5; inputs normalised as
+    ``(x - input_mean) / input_std``.
+
+    Run: ``seed``, ``checkpoint_every`` N epochs (and at the end), ``snapshot_every``
+    (0 = off: teacher-only copies ``teacher_epochNNNN.pth`` for best-epoch studies),
+    ``device`` (auto | cpu | cuda), ``precision`` (auto = bf16 on CUDA, fp32 on CPU),
+    ``preload`` (auto = cache on the GPU when it fits), ``compile`` (torch.compile).
+    """
+
+    channel: str = "DAPI"
+    weak_label: str = "none"
+    dmso: str = "exclude"
+    balance: bool = True
+    arch: str = "vit_small_patch8_224"
+    init: str = ""
+    drop_path_rate: float = 0.1
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = False
+    freeze_last_layer: int = 1
+    student_temp: float = 0.07
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.8
+    momentum_teacher: float = 0.99
+    lr: float = 4e-6
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.0
+    clip_grad: float = 0.0
+    batch_size: int = 16
+    epochs: int = 400
+    local_crops: int = 8
+    global_size: int = 224
+    local_size: int = 96
+    global_scale: tuple[float, float] = (0.1, 0.2)
+    local_scale: tuple[float, float] = (0.04, 0.08)
+    flip_p: float = 0.5
+    input_mean: float = 0.0
+    input_std: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 10
+    snapshot_every: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    preload: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.weak_label not in WEAK_LABELS:
+            problems.append(f"weak_label must be one of {', '.join(WEAK_LABELS)}")
+        if self.dmso not in DMSO_MODES:
+            problems.append(f"dmso must be one of {', '.join(DMSO_MODES)}")
+        for name in ("epochs", "batch_size", "global_size", "local_size", "out_dim",
+                     "hidden_dim", "bottleneck_dim", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("local_crops", "warmup_epochs", "warmup_teacher_temp_epochs",
+                     "freeze_last_layer", "snapshot_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more")
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                problems.append(f"{name} must satisfy 0 < low <= high <= 1")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "input_std"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive")
+        for name in ("center_momentum", "momentum_teacher", "flip_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must lie in [0, 1]")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append("precision must be auto, fp32 or bf16")
+        if self.preload not in ("auto", "device", "memmap"):
+            problems.append("preload must be auto, device or memmap")
+        if problems:
+            raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+
+    # -- (de)serialisation ---------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a mapping (e.g. a parsed TOML file); unknown keys are refused."""
+        values = dict(values.get("train", values))
+        hints = get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(
+                f"Unknown training settings {unknown}; known are: {', '.join(sorted(hints))}."
+            )
+        out = {}
+        for key, value in values.items():
+            kind = hints[key]
+            if kind is float:
+                value = float(value)
+            elif kind is int and not isinstance(value, bool):
+                value = int(value)
+            elif kind is bool:
+                value = _as_bool(key, value)
+            elif kind is str:
+                value = "" if value is None else str(value)
+            else:  # tuple[float, float]
+                value = tuple(float(v) for v in value)
+                if len(value) != 2:
+                    raise ValueError(f"{key} needs two numbers (low, high).")
+            out[key] = value
+        return cls(**out)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_toml(self) -> str:
+        """The config as a TOML document (a ``[train]`` table)."""
+        lines = ["# napari-wsdino training config", "[train]"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        _atomic_write_text(path, self.to_toml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a TOML (or, when PyYAML is installed, YAML) config file."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("Reading YAML configs needs PyYAML; use a .toml file.") from None
+            values = yaml.safe_load(text) or {}
+        else:
+            try:
+                values = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_dict(values)
+
+
+def _as_bool(key, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError(f"{key} must be true or false, not {value!r}.")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # JSON string escapes are valid TOML basic strings
+
+
+# -- files ----------------------------------------------------------------------------
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> Path:
+    """Write ``obj`` with ``torch.save`` to a temporary file, flush it, then rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read one of our training checkpoints (weights only) and check its format."""
+    ckpt = read_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a napari-wsdino training checkpoint; to start from other "
+            "weights use it as --init."
+        )
+    return ckpt
+
+
+# -- models ---------------------------------------------------------------------------
+def build_models(config: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Student and teacher (same weights; the teacher without drop-path, frozen).
+
+    Weights come from ``torch.manual_seed(config.seed)``, then ``config.init`` if set,
+    so every channel of a run starts from the same initial weights.
+    """
+    torch.manual_seed(config.seed)
+    backbone = create_backbone(config.arch, in_chans=1, drop_path_rate=config.drop_path_rate)
+    embed_dim = backbone.num_features
+    head = DINOHead(embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
+                    use_bn=False, norm_last_layer=config.norm_last_layer)
+    student = MultiCropWrapper(backbone, head)
+    teacher = MultiCropWrapper(
+        create_backbone(config.arch, in_chans=1, drop_path_rate=0.0),
+        DINOHead(embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
+                 use_bn=False, norm_last_layer=config.norm_last_layer),
+    )
+    if config.init:
+        init = read_checkpoint(config.init)
+        load_backbone_weights(student.backbone, init)
+        _maybe_load_head(student.head, init)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def _maybe_load_head(head: DINOHead, ckpt: dict) -> bool:
+    """Load a DINO head from a full (ours / official) checkpoint when its shape fits."""
+    sd = ckpt.get("teacher") if isinstance(ckpt.get("teacher"), dict) else None
+    if sd is None:
+        return False
+    found = {}
+    for k, v in sd.items():
+        for prefix in ("module.head.", "head."):
+            if k.startswith(prefix):
+                found[k[len(prefix):]] = v
+    target = head.state_dict()
+    if set(found) != set(target) or any(found[k].shape != target[k].shape for k in target):
+        return False
+    head.load_state_dict(found)
+    return True
+
+
+def _patch_size(backbone) -> int:
+    ps = backbone.patch_embed.patch_size
+    return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
+
+
+# -- data -----------------------------------------------------------------------------
+class FieldSource:
+    """Fields of one channel as ``(B, 1, H, W)`` float32 batches on the device.
+
+    On CUDA (``preload`` auto/device) the fields used are copied once to the GPU as
+    float16 — 2,528 fields of 512 x 640 take 1.7 GB — so a batch is a gather on the GPU.
+    Otherwise batches are read from the memory-mapped cache.
+    """
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray, device: torch.device, preload: str):
+        self.images, self.device = images, device
+        self.lookup = None
+        rows = np.unique(rows)
+        nbytes = len(rows) * int(np.prod(images.shape[1:])) * 2
+        on_gpu = device.type == "cuda" and (
+            preload == "device"
+            or (preload == "auto" and nbytes < 0.4 * torch.cuda.mem_get_info(device)[0])
+        )
+        if on_gpu:
+            self.lookup = np.full(images.shape[0], -1, dtype=np.int64)
+            self.lookup[rows] = np.arange(len(rows))
+            self.data = torch.empty((len(rows), *images.shape[1:]), dtype=torch.float16, device=device)
+            for s in range(0, len(rows), 256):  # chunked: never the whole cache in host RAM
+                chunk = np.asarray(images[rows[s:s + 256]], dtype=np.float16)
+                self.data[s:s + len(chunk)] = torch.from_numpy(chunk).to(device)
+
+    def batch(self, rows: np.ndarray) -> torch.Tensor:
+        if self.lookup is not None:
+            idx = torch.from_numpy(self.lookup[rows]).to(self.device)
+            return self.data.index_select(0, idx).float().unsqueeze(1)
+        x = torch.from_numpy(np.asarray(self.images[np.asarray(rows)], dtype=np.float32))
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True).unsqueeze(1)
+        return x.unsqueeze(1)
+
+
+def dataset_fingerprint(cache: Cache, channel: str, labels) -> str:
+    """SHA-256 over the cache settings, the fields and labels used, and sample pixels."""
+    h = hashlib.sha256()
+    h.update(json.dumps(cache.settings, sort_keys=True, default=str).encode())
+    h.update(channel.encode())
+    rows = labels.index.to_numpy()
+    cols = [c for c in ("plate", "well", "site") if c in cache.table]
+    h.update(cache.table.iloc[rows][cols].to_csv(index=False).encode())
+    h.update("\n".join(map(str, labels.to_numpy())).encode())
+    images = cache.images(channel)
+    probe = np.linspace(0, images.shape[0] - 1, num=min(4, images.shape[0])).astype(int)
+    h.update(np.ascontiguousarray(images[probe]).tobytes())
+    return h.hexdigest()
+
+
+# -- RNG ------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of one step: crops and drop-path depend on (seed, step, rank) only, so a
+    resumed run draws exactly what the uninterrupted run drew."""
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+# -- training -------------------------------------------------------------------------
+def _params_groups(model: torch.nn.Module):
+    """DINO's groups: no weight decay on biases and norms."""
+    reg, not_reg = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (not_reg if name.endswith(".bias") or p.ndim == 1 else reg).append(p)
+    return [{"params": reg}, {"params": not_reg, "weight_decay": 0.0}]
+
+
+def train(
+    cache: Cache | str | Path,
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    stop: Callable[[], bool] | None = None,
+) -> Generator[Progress, None, Path]:
+    """Train one channel; yield progress after every step; return the checkpoint path.
+
+    Parameters
+    ----------
+    cache
+        A preprocessed cache (:func:`napari_wsdino.core.cache.open_cache`) or its folder.
+    config
+        All settings; ``config.channel`` picks the channel.
+    out_dir
+        Folder for ``checkpoint.pth``, ``config.toml`` and ``log.jsonl`` (created).
+    resume
+        Continue from ``out_dir/checkpoint.pth`` (if there is one). Without it an
+        existing checkpoint is refused rather than overwritten.
+    stop
+        Called before every step; when it returns True the run writes a checkpoint and
+        ends. Closing the generator does the same.
+
+    Yields
+    ------
+    Progress
+        ``stage="train"``, ``step``/``total`` in optimisation steps, ``info`` with epoch,
+        step, loss, lr, teacher_temp, momentum, images_per_s, eta_s, channel.
+
+    Raises
+    ------
+    TrainingError
+        Non-finite loss (the last good checkpoint is kept), or a resume that does not
+        match the run.
+    """
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT_FILE
+    device = pick_device(config.device)
+    info = distributed.setup(device.type)
+    try:
+        return (yield from _train(cache, config, out, ckpt_path, device, info, resume, stop))
+    finally:
+        distributed.teardown(info)
+
+
+def _train(cache, config, out, ckpt_path, device, info, resume, stop):
+    if device.type == "cuda" and info.distributed:
+        device = torch.device("cuda", info.local_rank)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    images = cache.images(config.channel)
+    labels = weak_labels(cache.table, config.weak_label, config.dmso)
+    paired = config.weak_label != "none"
+    sampler = PairSampler(labels, config.batch_size, pair=paired,
+                          balance=paired and config.balance, seed=config.seed,
+                          rank=info.rank, world_size=info.world_size)
+    fingerprint = dataset_fingerprint(cache, config.channel, labels)
+
+    student, teacher = build_models(config)
+    patch = _patch_size(student.backbone)
+    for name in ("global_size", "local_size"):
+        if getattr(config, name) % patch:
+            raise ValueError(f"{name} = {getattr(config, name)} is not a multiple of the "
+                             f"{config.arch} patch size {patch}.")
+    if min(cache.shape) < config.global_size // 2:
+        raise ValueError(f"Cache fields of {cache.shape} px are too small for "
+                         f"{config.global_size} px global crops.")
+    student.to(device)
+    teacher.to(device)
+    dino_loss = DINOLoss(config.out_dim, N_GLOBAL + config.local_crops, N_GLOBAL,
+                         config.student_temp, config.center_momentum).to(device)
+    cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(_params_groups(student), lr=0.0,
+                                  weight_decay=config.weight_decay, fused=cuda)
+    steps_per_epoch = sampler.steps_per_epoch
+    total = config.epochs * steps_per_epoch
+    sched = Schedules.from_config(config, steps_per_epoch)
+
+    step, epoch_loss, epoch_n, epoch_singletons = 0, 0.0, 0, 0
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(
+            f"{ckpt_path} exists: resume it (--resume) or choose another output folder."
+        )
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_resume(ckpt, config, fingerprint, steps_per_epoch, ckpt_path)
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        dino_loss.center.copy_(ckpt["dino_loss"]["center"].to(device))
+        _set_rng_state(ckpt["rng"])
+        step = int(ckpt["step"])
+        stats = ckpt.get("epoch_stats", {})
+        epoch_loss = float(stats.get("loss_sum", 0.0))
+        epoch_n = int(stats.get("n", 0))
+        epoch_singletons = int(stats.get("singletons", 0))
+    if info.is_main:
+        config.save(out / CONFIG_FILE)
+
+    model = student
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if cuda else None)
+    forward = torch.compile(model) if config.compile else model
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 \
+        else contextlib.nullcontext
+    source = FieldSource(images, np.concatenate([labels.index.to_numpy()]), device, config.preload)
+    last_layer = list(student.head.last_layer.parameters())
+    data_meta = {"channel": config.channel, "weak_label": config.weak_label,
+                 "dmso": config.dmso, "fingerprint": fingerprint, **sampler.summary()}
+    fields_per_step = config.batch_size * info.world_size
+
+    def snapshot(finished: bool) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "channel": config.channel,
+            "weak_label": config.weak_label,
+            "arch": config.arch,
+            "embed_dim": int(student.backbone.num_features),
+            "patch_size": patch,
+            "epoch": step // steps_per_epoch,
+            "step": step,
+            "steps_per_epoch": steps_per_epoch,
+            "finished": finished,
+            "student": student.state_dict(),
+            "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "dino_loss": {"center": dino_loss.center.detach().cpu()},
+            "config": config.to_dict(),
+            "rng": _rng_state(),
+            "data": data_meta,
+            "epoch_stats": {"loss_sum": epoch_loss, "n": epoch_n, "singletons": epoch_singletons},
+        }
+
+    def write(finished: bool = False) -> Path:
+        if info.is_main:
+            save_checkpoint(snapshot(finished), ckpt_path)
+        distributed.barrier(info)
+        return ckpt_path
+
+    if step >= total:
+        return ckpt_path
+    student.train()
+    teacher.train()
+    rate_t0, rate_steps, images_per_s = time.perf_counter(), 0, float("nan")
+    run_t0, run_step0 = time.perf_counter(), step
+    plan_epoch, plan = -1, None
+    try:
+        while step < total:
+            epoch, it = divmod(step, steps_per_epoch)
+            if plan_epoch != epoch:
+                plan, plan_epoch = sampler.epoch(epoch), epoch
+                epoch_t0 = time.perf_counter()
+            requested = bool(stop()) if stop is not None else False
+            if distributed.any_rank(info, requested, device if not cuda else device):
+                return write()
+            lr, momentum, temp = sched.at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            seed = _step_seed(config.seed, step, info.rank)
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            xg = source.batch(plan.global_rows[it])
+            xl = source.batch(plan.local_rows[it]) if paired else xg
+            views = multi_crop(
+                xg, xl, n_global=N_GLOBAL, n_local=config.local_crops,
+                global_size=config.global_size, local_size=config.local_size,
+                global_scale=config.global_scale, local_scale=config.local_scale,
+                flip_p=config.flip_p, generator=gen,
+            )
+            if config.input_mean != 0.0 or config.input_std != 1.0:
+                views = [(v - config.input_mean) / config.input_std for v in views]
+            with autocast():
+                with torch.no_grad():
+                    t_out = teacher(views[:N_GLOBAL])
+                s_out = forward(views)
+                loss = dino_loss(s_out, t_out, temp)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint {ckpt_path} (step "
+                        f"{load_checkpoint(ckpt_path)['step']}) is kept"
+                        if ckpt_path.exists() else "no checkpoint had been written yet")
+                raise TrainingError(
+                    f"Loss became {loss_value} at epoch {epoch + 1}, step {step + 1} "
+                    f"(channel {config.channel}); {kept}. Check the cache for NaN/inf pixels "
+                    "and input normalisation, or lower --lr."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if epoch < config.freeze_last_layer:
+                for p in last_layer:
+                    p.grad = None
+            if config.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
+            optimizer.step()
+            ema_update(teacher, student, momentum)
+            step += 1
+            epoch_loss += loss_value
+            epoch_n += 1
+            epoch_singletons += int(plan.singleton[it].sum())
+            rate_steps += 1
+            now = time.perf_counter()
+            if now - rate_t0 > 0.5 or rate_steps >= 20:
+                images_per_s = rate_steps * fields_per_step / (now - rate_t0)
+                rate_t0, rate_steps = now, 0
+            run_rate = (step - run_step0) / max(now - run_t0, 1e-9)
+            eta = (total - step) / run_rate
+            yield Progress(
+                "train", step, total,
+                f"{config.channel} epoch {epoch + 1}/{config.epochs} loss {loss_value:.4f}",
+                {"channel": config.channel, "epoch": epoch + 1, "step": step,
+                 "loss": loss_value, "lr": lr, "teacher_temp": temp, "momentum": momentum,
+                 "images_per_s": images_per_s, "eta_s": eta},
+            )
+            if step % steps_per_epoch == 0:
+                done = step // steps_per_epoch
+                record = {"epoch": done, "step": step, "loss": epoch_loss / max(epoch_n, 1),
+                          "lr": lr, "teacher_temp": temp, "momentum": momentum,
+                          "images_per_s": epoch_n * fields_per_step
+                          / max(time.perf_counter() - epoch_t0, 1e-9),
+                          "singleton_draws": epoch_singletons, "time": time.time()}
+                epoch_loss, epoch_n, epoch_singletons = 0.0, 0, 0
+                if info.is_main:
+                    with open(out / LOG_FILE, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    if config.snapshot_every and done % config.snapshot_every == 0:
+                        save_checkpoint({"format": CHECKPOINT_FORMAT, "channel": config.channel,
+                                         "epoch": done, "config": config.to_dict(),
+                                         "teacher": teacher.state_dict()},
+                                        out / f"teacher_epoch{done:04d}.pth")
+                if done % config.checkpoint_every == 0 or done == config.epochs:
+                    write(finished=done == config.epochs)
+    except GeneratorExit:
+        # Closed between steps (the GUI's quit): the state is consistent, keep it.
+        write()
+        raise
+    return ckpt_path
+
+
+def _check_resume(ckpt, config, fingerprint, steps_per_epoch, path) -> None:
+    old = TrainConfig.from_dict(ckpt["config"])
+    diff = [k for k, v in config.to_dict().items()
+            if k not in RESUMABLE_CHANGES and old.to_dict()[k] != v]
+    if diff:
+        raise TrainingError(
+            f"Cannot resume {path}: settings differ from the run's ({', '.join(diff)}). "
+            "Resume with the saved config.toml, or start a new run folder."
+        )
+    if ckpt["data"]["fingerprint"] != fingerprint:
+        raise TrainingError(
+            f"Cannot resume {path}: the cache's fields, labels or pixels differ from the "
+            "ones this run started on. Use the same cache, or start a new run folder."
+        )
+    if ckpt["steps_per_epoch"] != steps_per_epoch:
+        raise TrainingError(
+            f"Cannot resume {path}: {ckpt['steps_per_epoch']} steps per epoch then, "
+            f"{steps_per_epoch} now (different number of processes?)."
+        )
+
+
+def train_channels(
+    cache: Cache | str | Path,
+    config: TrainConfig,
+    run_dir: str | Path,
+    channels: Iterable[str] | None = None,
+    resume: bool = False,
+    stop: Callable[[], bool] | None = None,
+) -> Generator[Progress, None, dict[str, Path]]:
+    """One model per channel, in turn, each from the same initial weights.
+
+    Writes ``run_dir/<channel>/{checkpoint.pth, config.toml, log.jsonl}`` and returns
+    ``{channel: checkpoint path}``. Channels default to all the cache holds.
+    """
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    channels = list(channels or cache.channels)
+    paths = {}
+    for ch in channels:
+        if stop is not None and stop():
+            break
+        paths[ch] = yield from train(cache, config.replace(channel=ch), Path(run_dir) / ch,
+                                     resume=resume, stop=stop)
+    return paths
