@@ -496,3 +496,19 @@ def test_web_page_instead_of_file_is_refused(tmp_path, serve, official):
     assert url + IMAGE_CSV in str(err.value)
     assert not (tmp_path / "d" / IMAGE_CSV).exists()
     assert len(site.gets(IMAGE_CSV)) == 1  # not retried: retrying cannot help
+
+
+def test_verify_archive_messages(tmp_path, official):
+    good = tmp_path / "good.zip"
+    good.write_bytes(official[F.archive_name(PLATES[0])])
+    assert F.verify_archive(good) == hashlib.sha256(good.read_bytes()).hexdigest()
+    steps = list(F.iter_verify_archive(good))
+    assert steps[-1][0] <= steps[-1][1] and len(steps) > 3 * FIELDS_PER_PLATE
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(_damage(good.read_bytes()))
+    with pytest.raises(F.FetchError, match=r"bad.zip is damaged: member Week1_22123/.* CRC"):
+        F.verify_archive(bad)
+    page = tmp_path / "page.zip"
+    page.write_bytes(b"<html>not found</html>")
+    with pytest.raises(F.FetchError, match="not a readable zip"):
+        F.verify_archive(page)

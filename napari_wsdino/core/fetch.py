@@ -647,17 +647,50 @@ def verify_archive(path: str | Path, sha256: str | None = None) -> str:
     FetchError
         Hash mismatch, not a zip, or a member whose CRC does not match.
     """
+    gen = iter_verify_archive(path, sha256)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def iter_verify_archive(
+    path: str | Path, sha256: str | None = None, chunk: int = 1 << 24,
+) -> Generator[tuple[int, int], None, str]:
+    """:func:`verify_archive` as a generator of ``(done, total)`` steps (bytes hashed,
+    then bytes tested), so that a worker can report it and stop between steps."""
     path = Path(path)
-    digest = sha256_file(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+            done += len(block)
+            yield done, 2 * size
+    digest = h.hexdigest()
     if sha256 is not None and digest != sha256.lower():
         raise FetchError(f"{path.name}: SHA-256 {digest} does not match the known {sha256}")
     try:
         with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
+            for info in zf.infolist():
+                # Reading a member to its end checks its CRC (what ZipFile.testzip does).
+                try:
+                    with zf.open(info) as member:
+                        while member.read(chunk):
+                            pass
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise FetchError(
+                        f"{path.name} is damaged: member {info.filename} fails its CRC "
+                        f"check ({exc})"
+                    ) from None
+                done = min(done + info.compress_size, 2 * size)
+                yield done, 2 * size
+    except FetchError:
+        raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
         raise FetchError(f"{path.name} is not a readable zip archive ({exc})") from None
-    if bad is not None:
-        raise FetchError(f"{path.name} is damaged: member {bad} fails its CRC check")
     return digest
 
 
@@ -941,10 +974,17 @@ def _fetch_one(job: PlateJob, downloads: Path, options: FetchOptions, on_bytes, 
         if not target.exists():
             yield from download(job.url, target, expected_size=job.size, options=options,
                                 plate=job.plate, on_bytes=on_bytes)
-        yield Progress("fetch", step_after(), max(overall_total, step_after()),
-                       f"{job.plate}: verifying {job.archive}", dict(info, phase="verify"))
         try:
-            digest = verify_archive(target, sha)
+            checks = iter_verify_archive(target, sha)
+            while True:
+                try:
+                    done, total = next(checks)
+                except StopIteration as stop:
+                    digest = stop.value
+                    break
+                yield Progress("fetch", step_after(), max(overall_total, step_after()),
+                               f"{job.plate}: verifying {job.archive}",
+                               dict(info, phase="verify", file_done=done, file_total=total))
         except FetchError as exc:
             target.unlink(missing_ok=True)
             if not fresh:
@@ -1045,6 +1085,7 @@ __all__ = [
     "plates_in_csv",
     "remote_size",
     "select_plates",
+    "iter_verify_archive",
     "unpack_plate",
     "verify_archive",
 ]
