@@ -687,6 +687,7 @@ def iter_verify_archive(
                     ) from None
                 done = min(done + info.compress_size, 2 * size)
                 yield done, 2 * size
+        yield 2 * size, 2 * size
     except FetchError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
