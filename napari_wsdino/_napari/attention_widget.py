@@ -33,6 +33,7 @@ from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
+from napari_wsdino._napari.layers import cache_row, on_raw_grid
 from napari_wsdino._napari.state import TaskStatus, state_for
 from napari_wsdino._napari.workers import start_worker
 
@@ -51,12 +52,6 @@ class FieldImage:
     scale: tuple[float, float]
     translate: tuple[float, float]
     origin: str
-
-
-def _on_raw_grid(raw_shape, shape) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Scale and translate putting an ``shape`` image over a ``raw_shape`` one (pixel centres)."""
-    scale = tuple(float(r) / float(s) for r, s in zip(raw_shape, shape))
-    return scale, tuple((s - 1.0) / 2.0 for s in scale)
 
 
 def raw_for_model(raw: np.ndarray, max_side: int = 640) -> np.ndarray:
@@ -78,15 +73,13 @@ def field_image(metadata, index: int, channel: str, cache: Cache | None = None,
     row = metadata.table.iloc[index]
     raw = read_tiff(row[f"path_{channel}"])
     if cache is not None and channel in cache.channels:
-        t = cache.table
-        hit = np.flatnonzero((t.plate.values == row.plate) & (t.well.values == row.well)
-                             & (t.site.values.astype(int) == int(row.site)))
-        if len(hit):
-            image = np.asarray(cache.images(channel)[int(hit[0])], dtype=np.float32)
-            scale, translate = _on_raw_grid(raw.shape, image.shape)
+        hit = cache_row(cache, row)
+        if hit is not None:
+            image = np.asarray(cache.images(channel)[hit], dtype=np.float32)
+            scale, translate = on_raw_grid(raw.shape, image.shape)
             return FieldImage(image, scale, translate, f"cache {cache.path.name}")
     image = raw_for_model(raw, max_side)
-    scale, translate = _on_raw_grid(raw.shape, image.shape)
+    scale, translate = on_raw_grid(raw.shape, image.shape)
     return FieldImage(image, scale, translate, "raw field (no cache holds it)")
 
 

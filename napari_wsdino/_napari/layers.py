@@ -40,6 +40,23 @@ def contrast_for(image: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
+def on_raw_grid(raw_shape, shape) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Scale and translate that lay a ``shape`` image over a ``raw_shape`` one.
+
+    Pixel centres are matched: the outer pixel edges of both coincide.
+    """
+    scale = tuple(float(r) / float(s) for r, s in zip(raw_shape, shape))
+    return scale, tuple((s - 1.0) / 2.0 for s in scale)
+
+
+def cache_row(cache, row) -> int | None:
+    """Row of a cache's arrays holding the field ``row`` (plate, well, site), or ``None``."""
+    t = cache.table
+    hit = np.flatnonzero((t.plate.values == row.plate) & (t.well.values == row.well)
+                         & (t.site.values.astype(int) == int(row.site)))
+    return int(hit[0]) if len(hit) else None
+
+
 def field_metadata(metadata: Metadata, index: int, source: Any = None) -> dict[str, Any]:
     """Plain-Python metadata of one field (what goes into ``layer.metadata``)."""
     row = metadata.table.iloc[index]
