@@ -1,0 +1,159 @@
+"""``wsdino train CACHE``: train DINO / WS-DINO, one model per channel.
+
+Settings come from WS-DINO's defaults, then ``--config FILE`` (or, with ``--resume``, the
+run's saved ``config.toml``), then ``--set KEY=VALUE`` and the named options. Ctrl-C
+stops between steps and writes a checkpoint that ``--resume`` continues.
+Multi-GPU: ``torchrun --nproc_per_node N --no-python wsdino train CACHE ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tomllib
+from pathlib import Path
+
+from napari_wsdino.cli._common import drive
+
+# option dest -> TrainConfig field, for the named options (None = not given).
+OPTIONS = {
+    "weak_label": "weak_label", "dmso": "dmso", "arch": "arch", "epochs": "epochs",
+    "batch_size": "batch_size", "lr": "lr", "min_lr": "min_lr",
+    "warmup_epochs": "warmup_epochs", "init": "init", "device": "device",
+    "local_crops": "local_crops", "global_size": "global_size", "local_size": "local_size",
+    "out_dim": "out_dim", "checkpoint_every": "checkpoint_every", "seed": "seed",
+    "precision": "precision", "center_momentum": "center_momentum",
+    "student_temp": "student_temp", "teacher_temp": "teacher_temp",
+}
+
+
+def add_parser(sub) -> None:
+    from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS
+
+    p = sub.add_parser(
+        "train",
+        help="train DINO / WS-DINO on a preprocessed cache",
+        description="Train one ViT per channel with DINO (--weak-label none) or WS-DINO "
+        "(local crops from another field of the same treatment / compound / MoA). "
+        "Defaults are the paper's: ViT-S/8, 400 epochs, batch 16, lr 4e-6. Writes "
+        "RUN/<channel>/checkpoint.pth, config.toml and log.jsonl.",
+        epilog="Multi-GPU: torchrun --nproc_per_node 4 --no-python wsdino train CACHE ...",
+    )
+    p.add_argument("cache", help="preprocessed cache folder (wsdino preprocess)")
+    p.add_argument("--channel", default="DAPI",
+                   help="channel to train, a comma list, or 'all' (default DAPI)")
+    p.add_argument("--weak-label", choices=WEAK_LABELS, default=None,
+                   help="none = plain DINO; treatment, compound, moa, or moa_or_compound "
+                   "(MoA where known, else compound). Default none")
+    p.add_argument("--dmso", choices=DMSO_MODES, default=None,
+                   help="DMSO controls: exclude (paper), plate (one group per plate), together")
+    p.add_argument("--arch", help="timm ViT name (default vit_small_patch8_224)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="fields per step per process (default 16)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 4e-6)")
+    p.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
+    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--init", metavar="PATH",
+                   help="initial weights: ours, timm, or official DINO (e.g. "
+                   "dino_deitsmall8_pretrain.pth); default random")
+    p.add_argument("--out", metavar="RUN", help="run folder (default: CACHE/../runs/<weak label>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue RUN/<channel>/checkpoint.pth with its saved config")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other setting, e.g. --set local_scale=[0.05,0.1] (repeatable)")
+    p.add_argument("--local-crops", type=int)
+    p.add_argument("--global-size", type=int)
+    p.add_argument("--local-size", type=int)
+    p.add_argument("--out-dim", type=int, help="DINO head outputs (default 65536)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--center-momentum", type=float, help="0.8 (paper code) or 0.9 (DINO)")
+    p.add_argument("--student-temp", type=float, help="0.07 (paper code) or 0.1 (DINO)")
+    p.add_argument("--teacher-temp", type=float)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def parse_set(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs, values read as TOML (strings may be left unquoted)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set needs KEY=VALUE, got {item!r}.")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def build_config(args, saved: Path | None = None):
+    """Defaults < --config (or the saved run config when resuming) < --set < options."""
+    from napari_wsdino.core.train import TrainConfig
+
+    if args.config:
+        values = TrainConfig.load(args.config).to_dict()
+    elif saved is not None and saved.exists():
+        values = TrainConfig.load(saved).to_dict()
+    else:
+        values = TrainConfig().to_dict()
+    values.update(parse_set(args.set))
+    for dest, key in OPTIONS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[key] = value
+    return TrainConfig.from_dict(values)
+
+
+def run(args) -> int:
+    from napari_wsdino.core import distributed
+    from napari_wsdino.core.cache import open_cache
+    from napari_wsdino.core.model import CheckpointError
+    from napari_wsdino.core.train import CONFIG_FILE, TrainingError, train
+
+    cache = open_cache(args.cache)
+    if args.channel == "all":
+        channels = list(cache.channels)
+    else:
+        channels = [c.strip() for c in args.channel.split(",") if c.strip()]
+    main = distributed.env_world_size() <= 1 or int(os.environ.get("RANK", "0")) == 0
+    stop_flag = {"stop": False}
+
+    def on_sigint(signum, frame):
+        if stop_flag["stop"]:
+            raise KeyboardInterrupt
+        stop_flag["stop"] = True
+        if main:
+            print("\nwsdino train: stopping after this step (Ctrl-C again to abort)...",
+                  file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        run_dir = Path(args.out) if args.out else (
+            Path(args.cache).resolve().parent / "runs" / build_config(args).weak_label)
+        for ch in channels:
+            out = run_dir / ch
+            try:
+                config = build_config(args, out / CONFIG_FILE if args.resume else None)
+                config = config.replace(channel=ch)
+                path = drive(train(cache, config, out, resume=args.resume,
+                                   stop=lambda: stop_flag["stop"]),
+                             quiet=args.quiet or not main)
+            except (TrainingError, CheckpointError, ValueError) as exc:
+                print(f"wsdino train: error: {exc}", file=sys.stderr)
+                return 2
+            if stop_flag["stop"]:
+                if main:
+                    print(f"\nStopped; checkpoint {path}. Continue with the same command "
+                          "and --resume.", file=sys.stderr)
+                return 130
+            if main:
+                print(f"{ch}: {path}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
