@@ -76,9 +76,14 @@ def field_specs(subset: str = "mini", sites: int | None = None, seed: int = 0,
     keep = select_subset(table, subset, sites)
     conc_by_compound = table.groupby("compound").concentration.unique().to_dict()
     treat_cache: dict = {}
+    rows = table[keep]
+    files = [
+        (raw.loc[keep, f"Image_PathName_{c}"].astype(str) + "/"
+         + raw.loc[keep, f"Image_FileName_{c}"].astype(str)).tolist()
+        for c in CHANNELS
+    ]
     specs = []
-    for i in np.flatnonzero(keep):
-        row = table.iloc[i]
+    for j, row in enumerate(rows.itertuples(index=False)):
         key = row.treatment
         if key not in treat_cache:
             moa = "" if row.moa == "DMSO" else row.moa
@@ -89,8 +94,7 @@ def field_specs(subset: str = "mini", sites: int | None = None, seed: int = 0,
             "plate": row.plate, "batch": row.batch, "well": row.well, "site": int(row.site),
             "compound": row.compound, "concentration": float(row.concentration),
             "moa": row.moa, "vec": vec, "dose": dose,
-            "files": [f"{raw.iloc[i][f'Image_PathName_{c}']}/{raw.iloc[i][f'Image_FileName_{c}']}"
-                      for c in CHANNELS],
+            "files": [f[j] for f in files],
         })
     return specs
 

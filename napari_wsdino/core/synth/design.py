@@ -48,9 +48,9 @@ def _first_replicate(table: pd.DataFrame) -> np.ndarray:
     if len(lacking):
         lowest = lacking.groupby("treatment").replicate.transform("min")
         rows = lacking.index[lacking.replicate == lowest]
-        keep[rows] = True
         # Their plates bring their DMSO wells, so per-plate normalisation works.
-        new_plates = set(table.plate[rows]) - set(table.plate[keep & (table.moa != CONTROL)])
+        new_plates = set(table.plate[rows]) - set(table.plate[keep])
+        keep[rows] = True
         keep |= (table.plate.isin(new_plates) & (table.moa == CONTROL)).to_numpy()
     return keep
 

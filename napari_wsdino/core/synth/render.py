@@ -23,11 +23,11 @@ from napari_wsdino.core.synth.phenotypes import _IX, SynthConfig
 FULL_SHAPE = (1024, 1280)
 MIN_SCALE = 0.2
 #: DMSO cells per full field (MCF-7 at the BBBC021 seeding density).
-BASE_CELLS = 110
-CELL_RADIUS = 40.0      # units
-NUC_RADIUS = 16.0       # units
+BASE_CELLS = 140
+CELL_RADIUS = 44.0      # units
+NUC_RADIUS = 17.0       # units
 #: Peak counts of a DMSO nucleus / microtubule / actin signal, and background, in ADU.
-AMPLITUDE = np.array([2600.0, 1300.0, 1500.0])
+AMPLITUDE = np.array([2600.0, 1400.0, 1100.0])
 BACKGROUND = np.array([160.0, 220.0, 200.0])
 CAMERA_OFFSET = 100.0
 READ_NOISE = 8.0
@@ -134,13 +134,14 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
 
     radius = CELL_RADIUS * np.exp(col("cell_size") + batch["cell_size"] + rng.normal(0, 0.15, n))
     radius = np.where(mitotic, 0.62 * radius, radius)
-    pos = _place_cells(rng, n, hu, wu, np.clip(field[_IX["colony"]], 0, 0.95), radius)
+    pos = _place_cells(rng, n, hu, wu, np.clip(0.35 + field[_IX["colony"]], 0, 0.95), radius)
     cy, cx = pos[:, 0] * s, pos[:, 1] * s
     rad = radius * s
     aspect = np.exp(np.clip(np.abs(rng.normal(0.0, 0.3, n)) * (1 - round_), 0, 1.2))
     theta = rng.uniform(0, np.pi, n)
-    harm_amp = np.clip(0.10 * (1 - round_) + 0.04, 0.01, 0.3)[:, None] * rng.uniform(0.3, 1.0, (n, 4))
+    harm_amp = np.clip(0.07 * (1 - round_) + 0.03, 0.01, 0.25)[:, None] * rng.uniform(0.3, 1.0, (n, 4))
     harm_ph = rng.uniform(0, 2 * np.pi, (n, 4))
+    harm_c = (harm_amp * np.exp(1j * harm_ph)).astype(np.complex64)
 
     # --- territories (the one loop over cells) ----------------------------------------
     label = np.zeros(shape, np.int32)
@@ -156,8 +157,14 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
         xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx[i]
         ct, st = np.cos(theta[i]), np.sin(theta[i])
         u, v = xx * ct + yy * st, -xx * st + yy * ct
-        phi = np.arctan2(v, u)
-        edge = 1.0 + sum(harm_amp[i, k] * np.cos((k + 2) * phi + harm_ph[i, k]) for k in range(4))
+        # Outline harmonics cos(k*phi + p) = Re(c_k z^k) with z = e^{i phi}: no trig per pixel.
+        z = (u + 1j * v) / (np.hypot(u, v) + 1e-6)
+        z2 = z * z
+        zk, wave = z2, np.zeros(u.shape, np.complex64)
+        for k in range(4):
+            wave += harm_c[i, k] * zk
+            zk = zk * z
+        edge = 1.0 + wave.real
         score = 1.0 - np.sqrt((u / major[i]) ** 2 + (v / minor[i]) ** 2) / edge
         sub_b, sub_l = best[y0:y1, x0:x1], label[y0:y1, x0:x1]
         win = score > sub_b
@@ -215,15 +222,16 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     rc = np.sqrt(dx**2 + dy**2)
     phic = np.arctan2(dy, dx)
     bundle = np.clip(col("tub_bundle"), 0, 1.5)
-    freq = rng.integers(9, 17, (n, 3)) - np.round(5 * np.clip(bundle, 0, 1))[:, None].astype(int)
+    freq = rng.integers(16, 30, (n, 3)) - np.round(8 * np.clip(bundle, 0, 1))[:, None].astype(int)
     fph = rng.uniform(0, 2 * np.pi, (n, 3))
-    curl = rng.normal(0, 1.2, n)
-    warp = phic + curl[idx] * rc / (rad[idx] + 1e-3) + 0.35 * tex2
+    curl = rng.normal(0, 0.25, n)
+    warp = phic + curl[idx] * rc / (rad[idx] + 1e-3) + 0.08 * tex2
     g = sum(np.cos(freq[idx, k] * warp + fph[idx, k]) for k in range(3)) / 3.0
-    sharp = 3.0 - 1.5 * np.clip(bundle, 0, 1)[idx]
+    # Sharper with distance so filaments keep their width away from the centrosome.
+    sharp = (1.5 + 3.5 * rc / (rad[idx] + 1e-3)) * (1.0 - 0.5 * np.clip(bundle, 0, 1)[idx])
     fib = np.clip(g + 0.15, 0, None) ** sharp
-    fib = fib / (fib.mean() + 1e-6) if len(fib) else fib
-    c_fib = np.clip(0.55 * np.exp(batch["tub_fibre"]) * (1 - np.clip(col("tub_diffuse"), 0, 1))
+    fib = np.minimum(fib / (fib.mean() + 1e-6), 4.0) if len(fib) else fib
+    c_fib = np.clip(0.5 * np.exp(batch["tub_fibre"]) * (1 - np.clip(col("tub_diffuse"), 0, 1))
                     * (1 + 0.4 * bundle), 0, 0.95)
     c_fib = np.where(mitotic & ~rosette, 0.15 * c_fib, c_fib)[idx]
     cyto = np.clip(inner * 4.0, 0, 1)
@@ -238,11 +246,11 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     psi = theta + rng.normal(0, 0.25, n)
     period = max(2.6, 9.0 * s)
     wcoord = -(px - cx[idx]) * np.sin(psi)[idx] + (py - cy[idx]) * np.cos(psi)[idx]
-    stripes = np.clip(np.cos(2 * np.pi * wcoord / period + rng.uniform(0, 6.3, n)[idx]), 0, None) ** 4
-    stripes = stripes * np.clip(1 + 0.8 * tex2, 0, None) * np.clip(inner * 3 - 0.2, 0, 1)
-    fib_w = np.clip(0.45 * np.exp(col("act_fibres") + batch["act_fibre"]), 0, 1.5)
+    stripes = np.clip(np.cos(2 * np.pi * wcoord / period + rng.uniform(0, 6.3, n)[idx]), 0, None) ** 8
+    stripes = stripes * np.clip(tex2 + 0.3, 0, None) * np.clip(inner * 3 - 0.2, 0, 1)
+    fib_w = np.clip(0.35 * np.exp(col("act_fibres") + batch["act_fibre"]), 0, 1.5)
     fib_w = np.where(mitotic, 0.0, fib_w)[idx]
-    cortex_w = np.clip(0.9 * np.exp(col("act_cortex")), 0.05, 3)
+    cortex_w = np.clip(0.45 * np.exp(col("act_cortex")), 0.05, 3)
     cortex_w = np.where(mitotic, 1.6 * cortex_w, cortex_w)[idx]
     act_int = np.exp(col("act_int"))[idx]
 
@@ -258,8 +266,8 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     edges[:, :-1] += label[:, :-1] != label[:, 1:]
     edges[:, 1:] += label[:, 1:] != label[:, :-1]
     edges = ndi.gaussian_filter(np.clip(edges, 0, 1), max(0.5, 2.5 * s)) * 2.5
-    cortex = edges.ravel()[fg]
-    actin = act_int * (0.3 * cyto + cortex_w * cortex * (label.ravel()[fg] > 0)
+    cortex = np.maximum(edges.ravel()[fg], np.exp(-((inner / 0.07) ** 2)))
+    actin = act_int * (0.25 * np.clip(inner * 8, 0, 1) + cortex_w * cortex * (label.ravel()[fg] > 0)
                        + fib_w * stripes) * (1 - 0.3 * nuc)
     channels = np.stack([grid(dna), grid(tub), grid(actin)])
 

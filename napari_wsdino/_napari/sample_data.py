@@ -1,0 +1,80 @@
+"""napari sample data: a small synthetic BBBC021 replica (File > Open Sample).
+
+The replica (``mini`` subset, one site per well, 256 x 320 px, seed 0) is written
+once into the user cache (``$WSDINO_CACHE`` or ``~/.cache/napari-wsdino``) and reused;
+the sample opens one of its fields as three additive layers (DAPI blue, Tubulin green,
+Actin red) whose metadata names the field and the dataset folder, so the plate
+browser can move on to the other fields.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from napari_wsdino._napari.layers import field_layer_data
+from napari_wsdino.core.metadata import load_metadata
+from napari_wsdino.core.synth import make_replica
+
+if TYPE_CHECKING:
+    from napari.types import LayerDataTuple
+
+SAMPLE_SUBSET = "mini"
+SAMPLE_SITES = 1
+SAMPLE_SIZE = (256, 320)
+SAMPLE_SEED = 0
+_DONE = ".complete"
+
+
+def cache_dir() -> Path:
+    """Where generated sample data lives (``$WSDINO_CACHE`` overrides)."""
+    root = os.environ.get("WSDINO_CACHE") or Path.home() / ".cache" / "napari-wsdino"
+    return Path(root)
+
+
+def sample_replica(root: str | Path | None = None) -> Path:
+    """Path of the cached sample replica, writing it first if needed (a few seconds)."""
+    root = Path(root) if root is not None else cache_dir()
+    h, w = SAMPLE_SIZE
+    target = root / f"sample_replica_{SAMPLE_SUBSET}_s{SAMPLE_SITES}_{h}x{w}_seed{SAMPLE_SEED}"
+    if (target / _DONE).exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted run never leaves half a replica.
+    tmp = Path(tempfile.mkdtemp(prefix=".sample_", dir=root))
+    try:
+        make_replica(tmp, SAMPLE_SUBSET, SAMPLE_SITES, SAMPLE_SIZE, SAMPLE_SEED)
+        (tmp / _DONE).write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _field_sample(compound: str, root: str | Path | None = None) -> list["LayerDataTuple"]:
+    data = sample_replica(root)
+    metadata = load_metadata(data)
+    table = metadata.table
+    # The highest dose shows the phenotype best.
+    rows = table[table.compound == compound].sort_values("concentration", ascending=False).index
+    index = int(rows[0]) if len(rows) else 0
+    layers = field_layer_data(metadata, index, source=data)
+    for _, kwargs, _ in layers:
+        kwargs["name"] = f"{kwargs['name']} (synthetic replica)"
+    return layers
+
+
+def replica_dmso_field(root: str | Path | None = None) -> list["LayerDataTuple"]:
+    """A DMSO (untreated MCF-7) field of the synthetic replica, as three layers."""
+    return _field_sample("DMSO", root)
+
+
+def replica_taxol_field(root: str | Path | None = None) -> list["LayerDataTuple"]:
+    """A taxol (microtubule stabiliser, positive control) field of the synthetic replica."""
+    return _field_sample("taxol", root)
