@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,16 +48,6 @@ class Report:
     figures: dict[str, bytes] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def figure_png(fig, dpi: int = 110) -> bytes:
-    """A matplotlib figure as PNG bytes (and closed)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def _fmt(v: Any) -> str:

@@ -1,0 +1,118 @@
+"""Report figures beyond the confusion matrix: UMAPs, training curves, attention overlays.
+
+Built on :class:`matplotlib.figure.Figure` directly (no pyplot, no GUI backend), so
+they render headless and in worker threads.
+
+Example
+-------
+>>> fig = umap_figure(xy, labels, "MoA")            # doctest: +SKIP
+>>> fig.savefig("umap.png")                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
+    """Render a figure to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def umap_figure(xy: np.ndarray, labels: Sequence[str], title: str) -> Figure:
+    """Scatter of a 2-D map, one colour per label value, legend outside."""
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot(111)
+    labels = np.asarray([str(v) for v in labels])
+    values = sorted(set(labels))
+    cmap = _cmap(len(values))
+    for i, v in enumerate(values):
+        sel = labels == v
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=22, color=cmap[i], label=v, edgecolors="none")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(values) <= 15:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return fig
+
+
+def _cmap(n: int) -> list:
+    from matplotlib import colormaps
+
+    base = colormaps["tab20" if n > 10 else "tab10"]
+    return [base(i % base.N) for i in range(n)]
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The per-epoch records of a training run's ``log.jsonl``."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_curves_figure(logs: Mapping[str, list[dict]], title: str = "Training") -> Figure:
+    """Loss and learning rate per epoch, one line per channel (or run)."""
+    fig = Figure(figsize=(8, 3.2))
+    ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
+    for name, records in logs.items():
+        if not records:
+            continue
+        ep = [r["epoch"] for r in records]
+        ax1.plot(ep, [r["loss"] for r in records], marker=".", label=name)
+        ax2.plot(ep, [r["lr"] for r in records], marker=".", label=name)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("DINO loss")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("learning rate")
+    ax1.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def attention_grid_figure(panels: list[tuple[str, np.ndarray, np.ndarray]]) -> Figure:
+    """Rows of (image, attention overlay): ``panels`` holds ``(title, image, mean map)``."""
+    n = max(1, len(panels))
+    fig = Figure(figsize=(4.2, 2.0 * n))
+    for i, (title, image, attn) in enumerate(panels):
+        lo, hi = np.percentile(image, [1, 99.5])
+        ax = fig.add_subplot(n, 2, 2 * i + 1)
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+        ax = fig.add_subplot(n, 2, 2 * i + 2)
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
+        ax.imshow(attn, cmap="inferno", alpha=0.55)
+        ax.set_title("mean CLS attention", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def bar_figure(rows: list[dict], metrics: Sequence[str] = ("nsc", "nscb", "map_nsc"),
+               label_key: str = "model", title: str = "") -> Figure:
+    """Grouped bars of metrics per model (how the paper's Table 1 reads as a picture)."""
+    fig = Figure(figsize=(max(4.5, 1.1 * len(rows) + 2), 3.2))
+    ax = fig.add_subplot(111)
+    width = 0.8 / max(1, len(metrics))
+    x = np.arange(len(rows))
+    for j, m in enumerate(metrics):
+        vals = [np.nan if r.get(m) is None else float(r[m]) for r in rows]
+        ax.bar(x + j * width, vals, width, label=m.upper())
+    ax.set_xticks(x + width * (len(metrics) - 1) / 2)
+    ax.set_xticklabels([str(r.get(label_key, "")) for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

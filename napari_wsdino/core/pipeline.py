@@ -1,0 +1,316 @@
+"""One command from nothing to a result: the ``wsdino demo`` pipeline.
+
+Stages, each cached in the output folder so that a rerun skips what is finished:
+
+1. ``replica``    — synthetic BBBC021 replica (:mod:`napari_wsdino.core.synth`)
+2. ``preprocess`` — illumination correction, resize, clip, normalise (:mod:`~.preprocess`)
+3. ``train``      — one WS-DINO model per channel (:mod:`~.train`)
+4. ``embed``      — field profiles of the trained models, and of a random-init baseline
+5. ``evaluate``   — TVN, aggregation, NSC / NSCB / mAP (:mod:`~.evaluation`)
+6. ``report``     — ``report.html`` (+ JSON, CSV, figures)
+
+The stage list and presets are plain data; :func:`run_demo` is a generator of
+:class:`~napari_wsdino.core.progress.Progress` events, like every long task here.
+
+Example
+-------
+>>> from napari_wsdino.core.progress import run_to_end
+>>> summary = run_to_end(run_demo("wsdino_demo", preset="cpu"))     # doctest: +SKIP
+>>> summary["results"][0]["nsc"]                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Generator
+
+import numpy as np
+
+from napari_wsdino.core.progress import Progress
+
+STAGES = ("replica", "preprocess", "train", "embed", "evaluate", "report")
+STATE_FILE = "stages.json"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of a demo run.
+
+    Attributes
+    ----------
+    subset, sites, image_size
+        Replica to generate (:func:`~napari_wsdino.core.synth.write_replica`).
+    cache_size
+        Preprocessed image size ``(H, W)``.
+    train
+        :class:`~napari_wsdino.core.train.TrainConfig` overrides.
+    embed_crop
+        Side of the four centre crops used for profiles.
+    """
+
+    name: str
+    subset: str
+    sites: int | None
+    image_size: tuple[int, int]
+    cache_size: tuple[int, int]
+    train: dict = field(default_factory=dict)
+    embed_crop: int = 224
+    description: str = ""
+
+
+_CPU_MODEL = dict(arch="wsdino_vit_pico_patch8", drop_path_rate=0.0, out_dim=4096,
+                  hidden_dim=512, bottleneck_dim=128, warmup_teacher_temp=0.04)
+
+PRESETS: dict[str, Preset] = {
+    "test": Preset(
+        "test", "mini", 1, (64, 80), (48, 64),
+        dict(_CPU_MODEL, out_dim=256, hidden_dim=64, bottleneck_dim=32, epochs=1,
+             batch_size=16, global_size=32, local_size=16, local_crops=2, lr=5e-4,
+             min_lr=1e-5, warmup_epochs=0, checkpoint_every=1),
+        embed_crop=16,
+        description="seconds; for the test suite only",
+    ),
+    "cpu": Preset(
+        "cpu", "mini", 2, (160, 200), (96, 120),
+        dict(_CPU_MODEL, epochs=30, batch_size=32, global_size=48, local_size=24,
+             local_crops=4, lr=5e-4, min_lr=1e-5, warmup_epochs=3, checkpoint_every=5),
+        embed_crop=48,
+        description="a few minutes on a 2-core laptop: tiny patch-8 ViT from scratch",
+    ),
+    "gpu": Preset(
+        "gpu", "full", None, (1024, 1280), (512, 640),
+        dict(),  # the paper's settings (TrainConfig defaults): ViT-S/8, 400 epochs
+        embed_crop=224,
+        description="the paper's settings on the full replica; needs a GPU and hours",
+    ),
+}
+
+
+def _load_state(out: Path) -> dict:
+    path = out / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _mark(out: Path, state: dict, stage: str, **info: Any) -> None:
+    state[stage] = {"done": True, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+    tmp = out / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    tmp.replace(out / STATE_FILE)
+
+
+def resolve_preset(preset: str | Preset, **overrides) -> Preset:
+    """A preset by name, with ``train`` overrides merged in (e.g. ``epochs=5``)."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}.")
+        preset = PRESETS[preset]
+    if overrides:
+        preset = Preset(**{**asdict(preset), "train": {**preset.train, **overrides}})
+    return preset
+
+
+def run_demo(
+    out: str | Path,
+    preset: str | Preset = "cpu",
+    *,
+    weak_label: str = "compound",
+    seed: int = 0,
+    device: str = "auto",
+    workers: int = 2,
+    **train_overrides,
+) -> Generator[Progress, None, dict]:
+    """Replica → preprocess → WS-DINO per channel → embed → evaluate → report.
+
+    Parameters
+    ----------
+    out
+        Output folder; rerunning with the same folder skips finished stages.
+    preset
+        ``"cpu"`` (default, minutes on a laptop), ``"test"`` (seconds) or ``"gpu"``
+        (the paper's settings), or a :class:`Preset`.
+    weak_label
+        WS-DINO weak label: ``none`` (plain DINO), ``treatment``, ``compound``, ``moa``.
+    seed
+        Seed of the replica and of training.
+    device
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    workers
+        Processes for replica generation and preprocessing.
+    train_overrides
+        Any :class:`~napari_wsdino.core.train.TrainConfig` field (e.g. ``epochs=5``).
+
+    Returns
+    -------
+    dict
+        ``results`` (one row per model: NSC, NSCB, mAP ...), ``paths`` and ``skipped``
+        (stages that were already done).
+    """
+    from napari_wsdino.core.cache import open_cache
+    from napari_wsdino.core.embed import embed_cache
+    from napari_wsdino.core.metadata import load_metadata
+    from napari_wsdino.core.modelset import ModelSet
+    from napari_wsdino.core.preprocess import PreprocessSettings, preprocess
+    from napari_wsdino.core.profiles import ProfileTable
+    from napari_wsdino.core.synth import write_replica
+    from napari_wsdino.core.train import TrainConfig, train_channels
+
+    preset = resolve_preset(preset, **train_overrides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _load_state(out)
+    settings = {"preset": asdict(preset), "weak_label": weak_label, "seed": seed}
+    if state.get("settings") not in (None, settings):
+        raise ValueError(
+            f"{out} holds a demo run with other settings ({state['settings']}). "
+            "Use a new output folder, or delete this one to start over."
+        )
+    state["settings"] = settings
+    skipped = []
+    paths = {"data": out / "data", "cache": out / "cache", "run": out / "run",
+             "profiles": out / "profiles.parquet",
+             "baseline_profiles": out / "profiles_random_init.parquet",
+             "results": out / "results.json", "report": out / "report.html"}
+
+    def done(stage: str) -> bool:
+        if state.get(stage, {}).get("done"):
+            skipped.append(stage)
+            return True
+        return False
+
+    if not done("replica"):
+        yield from write_replica(paths["data"], preset.subset, preset.sites, preset.image_size,
+                                 seed=seed, workers=workers)
+        _mark(out, state, "replica")
+    meta = load_metadata(paths["data"])
+
+    if not done("preprocess"):
+        ps = PreprocessSettings(size=preset.cache_size, clip=10000.0)
+        yield from preprocess(meta, paths["cache"], ps, workers=workers)
+        _mark(out, state, "preprocess")
+    cache = open_cache(paths["cache"])
+
+    config = TrainConfig(weak_label=weak_label, seed=seed, device=device,
+                         **{k: v for k, v in preset.train.items()})
+    if not done("train"):
+        yield from train_channels(cache, config, paths["run"], resume=True)
+        _mark(out, state, "train")
+
+    if not done("embed"):
+        models = ModelSet.from_run(paths["run"])
+        yield from embed_cache(cache, models, paths["profiles"], crop=preset.embed_crop, device=device)
+        baseline = ModelSet.random(config.arch, cache.channels, seed=seed)
+        yield from embed_cache(cache, baseline, paths["baseline_profiles"], crop=preset.embed_crop,
+                               device=device)
+        _mark(out, state, "embed")
+
+    evaluated = {}
+    if not done("evaluate"):
+        yield Progress("evaluate", 0, 2, "TVN, aggregation, NSC / NSCB / mAP")
+        rows = []
+        for i, (name, label, key) in enumerate((
+            (f"WS-DINO ({weak_label})" if weak_label != "none" else "DINO", weak_label, "profiles"),
+            ("random-init ViT", "none", "baseline_profiles"),
+        )):
+            res = _evaluate(ProfileTable.read(paths[key]))
+            evaluated[key] = res
+            rows.append({"model": name, "weak_label": label, **_headline(res)})
+            yield Progress("evaluate", i + 1, 2, f"{name}: NSC {rows[-1]['nsc']:.2f}")
+        paths["results"].write_text(json.dumps(
+            {"data": "synthetic replica", "results": rows,
+             "detail": {k: v.to_dict() for k, v in evaluated.items()}}, indent=2))
+        _mark(out, state, "evaluate")
+    results = json.loads(paths["results"].read_text())
+
+    if not done("report"):
+        yield Progress("report", 0, 1, "writing report.html")
+        if not evaluated:
+            evaluated = {"profiles": _evaluate(ProfileTable.read(paths["profiles"]))}
+        _write_demo_report(out, paths, results, evaluated["profiles"], cache, preset, settings)
+        _mark(out, state, "report")
+        yield Progress("report", 1, 1, str(paths["report"]))
+    return {"results": results["results"], "paths": {k: str(v) for k, v in paths.items()},
+            "skipped": skipped}
+
+
+def _evaluate(profiles):
+    from napari_wsdino.core.evaluation import evaluate_profiles
+
+    return evaluate_profiles(profiles, tvn="paper", drop_constant=True)
+
+
+def _headline(result) -> dict:
+    d = result.to_dict()
+    return {k: d[k] for k in ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")}
+
+
+def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, preset: Preset,
+                       settings: dict) -> None:
+    from napari_wsdino.core.figures import (attention_grid_figure, png_bytes, read_log,
+                                            training_curves_figure, umap_figure)
+    from napari_wsdino.core.plots import confusion_figure, per_moa_figure
+    from napari_wsdino.core.report import SYNTHETIC_LABEL, Report, write_report
+
+    figures = {
+        "MoA confusion matrix (NSC)": png_bytes(confusion_figure(result.confusion_nsc, "NSC")),
+        "Per-MoA NSC accuracy": png_bytes(per_moa_figure(result.to_dict()["per_moa"], "per-MoA")),
+    }
+    if result.confusion_nscb is not None:
+        figures["MoA confusion matrix (NSCB)"] = png_bytes(
+            confusion_figure(result.confusion_nscb, "NSCB"))
+    figures.update(umap_figures(result.treatments))
+    logs = {ch: read_log(paths["run"] / ch / "log.jsonl") for ch in cache.channels}
+    figures["Training curves"] = png_bytes(training_curves_figure(logs))
+    figures["Self-attention, one field per MoA"] = png_bytes(
+        attention_grid_figure(attention_examples(cache, paths["run"], per_moa=1, max_panels=6)))
+    per_moa = [{"moa": m, **v} for m, v in result.to_dict()["per_moa"].items()]
+    report = Report(
+        title="napari-wsdino demo: WS-DINO on the synthetic BBBC021 replica",
+        data_label=SYNTHETIC_LABEL,
+        rows=results["results"],
+        sections={"Per-MoA accuracy (WS-DINO)": per_moa},
+        figures=figures,
+        settings={**settings, "cache": cache.settings},
+        notes=[f"Preset '{preset.name}': {preset.description}. NSC/NSCB use cosine 1-NN on "
+               "treatment profiles after TVN on DMSO (Ando et al. 2017)."],
+    )
+    write_report(report, out)
+
+
+def umap_figures(treatments) -> dict[str, bytes]:
+    """UMAPs of treatment profiles coloured by MoA and by batch."""
+    from napari_wsdino.core.figures import png_bytes, umap_figure
+    from napari_wsdino.core.projection import project_2d
+
+    xy = project_2d(treatments.features)
+    meta = treatments.meta
+    figs = {"UMAP of treatment profiles by MoA": png_bytes(
+        umap_figure(xy, meta["Metadata_MoA"], "treatments by MoA"))}
+    if "Metadata_Batch" in meta:
+        first = meta["Metadata_Batch"].astype(str).str.split(",").str[0]
+        figs["UMAP of treatment profiles by batch"] = png_bytes(
+            umap_figure(xy, first, "treatments by (first) batch"))
+    return figs
+
+
+def attention_examples(cache, run: Path, per_moa: int = 1, max_panels: int = 6,
+                       channel: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(title, image, mean attention) for the top dose field of a few MoAs."""
+    from napari_wsdino.core.attention import channel_attention_maps
+    from napari_wsdino.core.modelset import ModelSet
+
+    channel = channel or cache.channels[0]
+    models = ModelSet.from_run(run, [channel])
+    t = cache.table
+    panels = []
+    for moa, grp in t.groupby("moa", sort=True):
+        top = grp[grp.concentration == grp.concentration.max()]
+        for idx in top.index[:per_moa]:
+            img = np.asarray(cache.images(channel)[idx], dtype=np.float32)
+            maps = channel_attention_maps(models[channel], img)
+            panels.append((f"{moa} · {t.treatment[idx]} · {channel}", img, maps.mean))
+        if len(panels) >= max_panels:
+            break
+    return panels
