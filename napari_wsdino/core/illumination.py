@@ -19,12 +19,12 @@ clips to [0, 1] of its rescaled intensity range; because the function is >= 1 an
 raw pixels are >= 0 that clip never changes a value, so we only divide.
 
 An exact 136 px disk median of a full 1024 x 1280 image takes about 20 minutes
-(:func:`median_filter_exact`). :func:`median_filter_fast` computes the *exact*
-disk median on a regular grid of points about ``radius / 5`` apart (every pixel
-inside each point's disk counts, nothing is downsampled) and interpolates
-bilinearly between them: the smoothed function varies on the scale of the disk,
-so the interpolation stays within 1 % of the exact filter everywhere (checked in
-``tests/test_illumination.py``), in about 1 s per function.
+with ``scipy.ndimage.median_filter`` (:func:`median_filter_exact`, the reference).
+:func:`median_filter_fast` slides a histogram of quantised values along the rows
+(Huang's algorithm, compiled with numba): every ``radius / 17``-th row is filtered
+exactly (to 1/16384 of the intensity range) and the rows between are linearly
+interpolated, which stays within 1 % of the exact filter (0.2 % at full size;
+checked in ``tests/test_illumination.py``), in about 0.5 s per function.
 
 Filter sizes are given at the paper's 1024 x 1280 scale;
 :func:`scaled_filter_size` scales them to other image sizes by
@@ -57,8 +57,8 @@ import numpy as np
 REFERENCE_SHAPE: tuple[int, int] = (1024, 1280)
 #: CellProfiler's robust-minimum quantile.
 ROBUST_FACTOR = 0.02
-#: Grid step of the fast filter, as a fraction of the disk radius.
-FAST_STEP_FRACTION = 0.2
+#: Histogram levels of the fast median filter.
+FAST_LEVELS = 16384
 METHODS = ("fast", "exact")
 
 
@@ -191,11 +191,6 @@ def median_at(
     return out.reshape(len(ys), len(xs))
 
 
-def _median_rows(image: np.ndarray, radius: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Worker task: one band of grid rows."""
-    return median_at(image, radius, ys, xs)
-
-
 def _interp_matrix(points: np.ndarray, length: int) -> np.ndarray:
     """``(length, len(points))`` linear-interpolation weights from ``points`` to ``0..length-1``."""
     m = np.zeros((length, len(points)), dtype=np.float64)
@@ -212,42 +207,138 @@ def _interp_matrix(points: np.ndarray, length: int) -> np.ndarray:
     return m
 
 
+_KERNEL = None
+
+
+def _huang_kernel():
+    """Compile (once per process; cached on disk by numba) the sliding-histogram kernel."""
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def huang_rows(q, r, rows, width, levels):  # pragma: no cover - compiled
+        # Huang, Yang & Tang (1979): slide a disk along each row, keeping a histogram
+        # of quantised levels and the median level m with `below` = count(< m).
+        half = np.empty(2 * r + 1, np.int64)
+        n = 0
+        for i in range(2 * r + 1):
+            dy = i - r
+            a = int(np.sqrt(float(r * r - dy * dy)))
+            while (a + 1) * (a + 1) + dy * dy <= r * r:
+                a += 1
+            while a * a + dy * dy > r * r:
+                a -= 1
+            half[i] = a
+            n += 2 * a + 1
+        k = n // 2
+        out = np.empty((rows.size, width), np.int64)
+        hist = np.zeros(levels, np.int32)
+        for j in range(rows.size):
+            y0 = rows[j]
+            hist[:] = 0
+            for i in range(2 * r + 1):
+                for xx in range(r - half[i], r + half[i] + 1):
+                    hist[q[y0 + i, xx]] += 1
+            m = 0
+            below = 0
+            while below + hist[m] <= k:
+                below += hist[m]
+                m += 1
+            out[j, 0] = m
+            for x in range(1, width):
+                for i in range(2 * r + 1):
+                    left = q[y0 + i, x - 1 + r - half[i]]
+                    right = q[y0 + i, x + r + half[i]]
+                    hist[left] -= 1
+                    hist[right] += 1
+                    below += (right < m) - (left < m)
+                while below > k:
+                    m -= 1
+                    below -= hist[m]
+                while below + hist[m] <= k:
+                    below += hist[m]
+                    m += 1
+                out[j, x] = m
+        return out
+
+    _KERNEL = huang_rows
+    return _KERNEL
+
+
+def _median_rows(padded: np.ndarray, radius: int, width: int, levels: int,
+                 rows: np.ndarray) -> np.ndarray:
+    """Worker task: quantised disk medians of some rows (levels, int64)."""
+    return _huang_kernel()(padded, int(radius), np.asarray(rows, np.int64), int(width),
+                           int(levels))
+
+
+def default_row_step(radius: int) -> int:
+    """Rows between exactly filtered rows in :func:`median_filter_fast`: ``radius / 17``
+    rounded (8 for r = 136; every row for r < 26)."""
+    return max(1, int(round(radius / 17)))
+
+
 def median_filter_fast(
     image: np.ndarray,
     radius: int,
-    step: float | None = None,
+    row_step: int | None = None,
+    levels: int = FAST_LEVELS,
     mapper: Callable = map,
     bands: int = 1,
 ) -> np.ndarray:
-    """Disk median filter, fast: exact medians on a grid, bilinear in between.
+    """Disk median filter, fast: exact sliding-histogram medians on every
+    ``row_step``-th row, linear interpolation between those rows.
+
+    Values are quantised to ``levels`` levels between the image minimum and its
+    99.99th percentile (brighter pixels count in the top level), so each filtered
+    row equals the exact filter to within half a level (< 0.01 % of the range).
+    The filter changes little from row to row when the disk is large, so
+    interpolating between rows ``radius / 17`` apart stays within 1 % of
+    :func:`median_filter_exact` (0.2 % on a 48-field synthetic plate at
+    1024 x 1280, r = 136; checked on smaller images in the tests).
 
     Parameters
     ----------
     image
-        2-D image (the plate's mean image).
+        2-D image (a plate's mean image).
     radius
         Disk radius in pixels.
-    step
-        Grid spacing; default ``radius * FAST_STEP_FRACTION`` (27 px for r = 136).
-    mapper
-        A ``map``-like callable (e.g. ``ProcessPoolExecutor.map``) to spread the
-        grid rows over processes; ``bands`` is how many tasks to cut them into.
+    row_step
+        Default :func:`default_row_step`; 1 gives the exact filter (up to quantisation).
+    levels
+        Histogram levels (<= 65536).
+    mapper, bands
+        A ``map``-like callable (e.g. ``ProcessPoolExecutor.map``) and the number of
+        row bands to hand it, to spread the rows over processes.
 
     Returns
     -------
-    float64 array of ``image.shape``; equal to :func:`median_filter_exact` at the
-    grid points, within 1 % of it elsewhere for images whose texture is finer
-    than the disk (plate averages).
+    float64 array of ``image.shape``.
     """
-    image = np.asarray(image, dtype=np.float32)
+    image = np.asarray(image, dtype=np.float64)
     h, w = image.shape
-    if step is None:
-        step = max(1.0, radius * FAST_STEP_FRACTION)
-    ys, xs = grid_points(h, step), grid_points(w, step)
-    chunks = [c for c in np.array_split(ys, max(1, min(int(bands), len(ys)))) if len(c)]
-    parts = list(mapper(partial(_median_rows, image, int(radius), xs), chunks))
-    grid = np.concatenate(parts, axis=0)
-    return _interp_matrix(ys, h) @ grid @ _interp_matrix(xs, w).T
+    r = int(radius)
+    if row_step is None:
+        row_step = default_row_step(r)
+    lo = float(image.min())
+    hi = float(np.percentile(image, 99.99))
+    if not hi > lo:
+        hi = float(image.max())
+    if not hi > lo:
+        return image.copy()  # constant image: the median is the image
+    scale = (hi - lo) / (levels - 1)
+    q = np.clip(np.round((image - lo) / scale), 0, levels - 1).astype(np.uint16)
+    # numpy "symmetric" padding is scipy's "reflect" (edge pixel repeated).
+    padded = np.pad(q, r, mode="symmetric")
+    rows = grid_points(h, row_step)
+    chunks = [c for c in np.array_split(rows, max(1, min(int(bands), len(rows)))) if len(c)]
+    parts = list(mapper(partial(_median_rows, padded, r, w, int(levels)), chunks))
+    filtered = lo + np.concatenate(parts, axis=0) * scale
+    if len(rows) == h:
+        return filtered
+    return _interp_matrix(rows, h) @ filtered
 
 
 def robust_rescale(function: np.ndarray) -> tuple[np.ndarray, float]:
@@ -284,6 +375,8 @@ def illumination_function(
         Smoothing filter size in pixels *of this image* (see :func:`scaled_filter_size`).
     method
         ``"fast"`` (:func:`median_filter_fast`) or ``"exact"`` (:func:`median_filter_exact`).
+    mapper, bands
+        Spread the fast filter's rows over processes (see :func:`median_filter_fast`).
 
     Returns
     -------
