@@ -53,10 +53,13 @@ def _browser(viewer, qtbot):
     return widget
 
 
-def test_open_and_browse_fields(make_napari_viewer, qtbot, tiny, reads):
+def test_open_and_browse_fields(make_napari_viewer, qtbot, tiny, reads, tmp_path):
     viewer = make_napari_viewer()
     browser = _browser(viewer, qtbot)
     assert not browser.plate_combo.isEnabled()
+    # a folder that is no dataset is reported in the dock, not raised
+    assert not browser.open(tmp_path / "config")
+    assert "Cannot open" in browser.status_label.text() and len(viewer.layers) == 0
     browser.path_edit.setText(str(tiny))
     qtbot.mouseClick(browser.open_button, Qt.LeftButton)
 
@@ -89,12 +92,7 @@ def test_open_and_browse_fields(make_napari_viewer, qtbot, tiny, reads):
     assert len(reads) == 3 * 5
     assert state_for(viewer).field_index == 5
 
-
-def test_other_widgets_move_the_browser(make_napari_viewer, qtbot, tiny):
-    viewer = make_napari_viewer()
-    browser = _browser(viewer, qtbot)
-    assert browser.open(tiny)
-    state_for(viewer).field_index = 6  # e.g. a click on a UMAP point
+    state_for(viewer).field_index = 6  # another widget moves the field (e.g. a UMAP click)
     assert _field_of(viewer) == 6
     assert (browser.plate_combo.currentText(), browser.well_combo.currentText(),
             browser.site_combo.currentText()) == ("Week10_40115", "C05", "1")
@@ -111,14 +109,6 @@ def test_file_open_feeds_the_browser_and_folder_is_remembered(make_napari_viewer
     assert _field_of(viewer) == 2
     # next session: the last folder is pre-filled
     assert PlateBrowser(viewer).path_edit.text() == str(tiny / "BBBC021_v1_image.csv")
-
-
-def test_bad_folder_is_reported_not_raised(make_napari_viewer, qtbot, tmp_path):
-    viewer = make_napari_viewer()
-    browser = _browser(viewer, qtbot)
-    assert not browser.open(tmp_path)
-    assert "Cannot open" in browser.status_label.text()
-    assert len(viewer.layers) == 0
 
 
 def test_whole_screen_metadata_stays_responsive(make_napari_viewer, qtbot, tmp_path, reads):

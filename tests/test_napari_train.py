@@ -61,6 +61,15 @@ def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path
     viewer = make_napari_viewer()
     widget = _setup(viewer, cache, tmp_path, epochs=1)
     loader = viewer.window.add_plugin_dock_widget("napari-wsdino", "3 Load models")[1]
+
+    # an error inside the worker: a notification, a message in the dock, buttons back
+    widget.arch_combo.setCurrentText("no_such_vit")
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert widget.status == TaskStatus.CRASHED
+    assert "no_such_vit" in widget.status_label.text() and widget.start_button.isEnabled()
+
+    widget.arch_combo.setCurrentText("test_vit")
     qtbot.mouseClick(widget.start_button, Qt.LeftButton)
     assert widget.status == TaskStatus.RUNNING and not widget.start_button.isEnabled()
     qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
@@ -105,14 +114,3 @@ def test_stop_midway_and_resume(make_napari_viewer, qtbot, cache, tmp_path):
     qtbot.mouseClick(widget.stop_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
     assert seen[0] == stopped_at + 1 and widget.status == TaskStatus.STOPPED
-
-
-def test_training_error_is_notified(make_napari_viewer, qtbot, cache, tmp_path):
-    viewer = make_napari_viewer()
-    widget = _setup(viewer, cache, tmp_path, epochs=1)
-    widget.arch_combo.setCurrentText("no_such_vit")
-    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
-    assert widget.status == TaskStatus.CRASHED
-    assert "no_such_vit" in widget.status_label.text()
-    assert widget.start_button.isEnabled()

@@ -30,9 +30,8 @@ def counting(n, log, delay=0.0, fail_at=None):
 
 def test_worker_reports_progress_and_result(qtbot):
     events, done, log = [], [], []
-    worker = start_worker(counting(5, log), events.append, done.append, desc="Counting")
-    with qtbot.waitSignal(worker.finished, timeout=10_000):
-        pass
+    start_worker(counting(5, log), events.append, done.append, desc="Counting")
+    qtbot.waitUntil(lambda: bool(done and log), timeout=10_000)  # callbacks connect before start
     assert [e.step for e in events] == [1, 2, 3, 4, 5]
     assert events[-1].info["loss"] == pytest.approx(0.2)
     assert done == [50] and log == [False]
@@ -41,9 +40,8 @@ def test_worker_reports_progress_and_result(qtbot):
 def test_worker_error_becomes_a_notification(qtbot):
     errors, log = [], []
     before = len(notification_manager.records)
-    worker = start_worker(counting(5, log, fail_at=2), on_error=errors.append, desc="Counting")
-    with qtbot.waitSignal(worker.finished, timeout=10_000):
-        pass
+    start_worker(counting(5, log, fail_at=2), on_error=errors.append, desc="Counting")
+    qtbot.waitUntil(lambda: bool(errors and log), timeout=10_000)
     assert len(errors) == 1 and "step 2 went wrong" in str(errors[0])
     messages = [str(r.message) for r in notification_manager.records[before:]]
     assert any("Counting failed: step 2 went wrong" in m for m in messages), messages
@@ -60,16 +58,19 @@ def test_stopping_closes_the_core_generator_in_the_worker(qtbot):
     assert log == [False]  # the generator's finally ran, off the GUI thread
 
 
-def test_state_signals_and_per_viewer_instances(make_napari_viewer, tmp_path):
+def test_state_signals_and_per_viewer_instances(tmp_path):
     state = WsdinoState()
     seen = []
     state.cache_changed.connect(seen.append)
     state.cache_path = tmp_path
     state.cache_path = tmp_path  # unchanged: no second signal
     assert seen == [tmp_path]
-    viewer = make_napari_viewer()
+    class Viewer:  # any weak-referenceable object stands for a viewer here
+        pass
+
+    viewer, other = Viewer(), Viewer()
     assert state_for(viewer) is state_for(viewer)
-    assert state_for(viewer) is not state
+    assert state_for(viewer) is not state and state_for(other) is not state_for(viewer)
 
 
 def test_settings_persist_under_the_config_dir(tmp_path, monkeypatch):
