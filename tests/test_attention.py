@@ -187,3 +187,26 @@ def test_cli_attention_png_and_tiff(vit, tmp_path, capsys):
     assert main(["attention", str(cache.path), "--model", str(ckpt), "--channel", "DAPI",
                  "--index", "0", "--out", str(png)]) == 2
     assert "not 'DAPI'" in capsys.readouterr().err
+
+
+def test_cli_attention_on_a_raw_dataset_folder(vit, tmp_path):
+    from napari_wsdino.core.imageio import write_tiff
+    from napari_wsdino.core.metadata import bundled_metadata_dir
+
+    src = bundled_metadata_dir()
+    rows = pd.read_csv(src / "BBBC021_v1_image.csv").head(1)
+    rows.to_csv(tmp_path / "BBBC021_v1_image.csv", index=False)
+    (tmp_path / "BBBC021_v1_moa.csv").write_bytes((src / "BBBC021_v1_moa.csv").read_bytes())
+    row = rows.iloc[0]
+    raw = (np.random.default_rng(8).random((48, 64)) * 4000).astype(np.uint16)
+    write_tiff(tmp_path / row.Image_PathName_Tubulin / row.Image_FileName_Tubulin, raw)
+    weights = tmp_path / "timm_style.pth"
+    torch.save(vit.state_dict(), weights)
+    out = tmp_path / "raw.tif"
+    site = row.Image_FileName_DAPI.split("_s")[1][0]
+    key = f"{row.Image_Metadata_Plate_DAPI}/{row.Image_Metadata_Well_DAPI}/s{site}"
+    assert main(["attention", str(tmp_path), "--model", str(weights), "--arch", "test_vit",
+                 "--channel", "Tubulin", "--field", key, "--out", str(out)]) == 0
+    z = (raw - raw.mean()) / raw.std()
+    expected = attention_maps(vit, z.astype(np.float32))
+    np.testing.assert_allclose(tifffile.imread(out)[:2], expected.heads, rtol=1e-4)

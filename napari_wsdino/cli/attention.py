@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
         "thresholded mean (0/1).",
     )
     p.add_argument("data", help="preprocessed cache folder, or a dataset folder / image CSV "
-                   "(raw images are scaled to their 1-99.5 percentiles; the cache is preferred)")
+                   "(a raw TIFF is only z-scored: no illumination correction or resizing, so the cache "
+                   "is preferred)")
     p.add_argument("--model", required=True, metavar="RUN_OR_FILE",
                    help="run folder (uses RUN/<channel>/checkpoint.pth), our checkpoint, "
                    "a timm or official DINO file, or a .safetensors export")
@@ -69,8 +70,8 @@ def _load_image(args) -> tuple[np.ndarray, str]:
     if not 0 <= idx < len(meta.table):
         raise DataError(f"--index {idx} is outside 0..{len(meta.table) - 1}.")
     raw = read_tiff(meta.paths(args.channel).iloc[idx]).astype(np.float32)
-    lo, hi = np.percentile(raw, [1, 99.5])
-    return np.clip((raw - lo) / max(hi - lo, 1e-6), 0, None), _label(meta.table.iloc[idx])
+    # the cache's default normalisation, without illumination correction or resizing
+    return (raw - raw.mean()) / max(float(raw.std()), 1e-6), _label(meta.table.iloc[idx])
 
 
 def _label(row) -> str:
