@@ -125,7 +125,8 @@ def main(argv=None) -> None:
         print(f"Machine: 2-core CPU dev box, no GPU (shared with other jobs); Python "
               f"{platform.python_version()}, OMP_NUM_THREADS={threads}. `python benchmarks/bench_evaluate.py "
               f"--repeats {args.repeats} --markdown`: {len(profiles):,} fields x {args.features:,} "
-              "features (simulated on the BBBC021 design), best / median of the repeats.\n")
+              "features (simulated on the BBBC021 design), best / median of the repeats. "
+              f"Load average during the run: {os.getloadavg()[0]:.1f} (other helpers' jobs).\n")
         print("| what | best (s) | median (s) |\n| --- | ---: | ---: |")
         for name, (best, med, _) in rows:
             print(f"| {name} | {best:.3f} | {med:.3f} |")

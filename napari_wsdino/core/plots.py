@@ -65,9 +65,10 @@ def per_moa_figure(per_moa: dict, title: str = "") -> Figure:
     ax.bar(x - 0.2, as_float(nsc), width=0.4, label="NSC")
     ax.bar(x + 0.2, as_float(nscb), width=0.4, label="NSCB")
     ax.set_xticks(x, labels=moas, rotation=60, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_ylabel("accuracy")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncol=2, frameon=False)
     if title:
         ax.set_title(title)
     fig.tight_layout()

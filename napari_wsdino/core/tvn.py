@@ -167,7 +167,7 @@ class TypicalVariationNormalizer:
                 raise DataError("Per-plate TVN needs the plate of every row (Metadata_Plate).")
             plates = np.asarray(plates)
             self._fit_plates(x, is_control, plates)
-            ctl = self._scale_plates(x, plates)[is_control]
+            ctl = self._scale_plates(ctl, plates[is_control])
         self.mean_ = ctl.mean(axis=0)
         centred = ctl - self.mean_
         cov = centred.T @ centred / (n_ctl - 1)
