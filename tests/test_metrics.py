@@ -290,6 +290,8 @@ def test_errors_name_the_problem():
     with pytest.raises(DataError, match="one batch.*--no-nscb"):
         evaluate_treatments(treatment_table(one_batch))
     assert evaluate_treatments(treatment_table(one_batch), nscb=False)["nscb_match"] is None
+    with pytest.raises(DataError, match="k >= 1"):
+        evaluate_treatments(treatment_table(HAND), ks=(0, 3))
     single = [(t, c, m, "W1" if m == "M1" else "W2", a) for t, c, m, _, a in HAND]
     with pytest.raises(DataError, match="No MoA occurs in two or more batches"):
         evaluate_treatments(treatment_table(single))

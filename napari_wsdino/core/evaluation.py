@@ -169,6 +169,8 @@ def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool =
             f"NSC needs treatments of at least two compounds; found {sorted(set(compounds))}."
         )
     ks = tuple(sorted(set([1, *map(int, ks)])))
+    if ks[0] < 1:
+        raise DataError(f"k-NN needs k >= 1; got {ks[0]}.")
     sim = metrics.cosine_similarity(treatments.features)
     nsc_match = metrics.match(sim, metrics.candidate_mask(compounds), moas, ks=ks, rule="nsc")
     eligible = np.zeros(len(meta), dtype=bool)
