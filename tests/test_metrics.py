@@ -295,3 +295,11 @@ def test_errors_name_the_problem():
     single = [(t, c, m, "W1" if m == "M1" else "W2", a) for t, c, m, _, a in HAND]
     with pytest.raises(DataError, match="No MoA occurs in two or more batches"):
         evaluate_treatments(treatment_table(single))
+
+
+def test_dmso_is_never_a_candidate():
+    rows = HAND + [("DMSO@0", "DMSO", "DMSO", "W1", 1)]  # nearest to A@1 and A@3
+    out = evaluate_treatments(treatment_table(rows))
+    nb = out["neighbours"]
+    assert "DMSO@0" not in set(nb.treatment) and "DMSO@0" not in set(nb.nsc_neighbour)
+    assert nb.set_index("treatment").loc["A@1", "nsc_neighbour"] == "B@1"

@@ -152,15 +152,19 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
     return profiles
 
 
-def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool = True) -> dict:
+def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool = True,
+                        control: str = CONTROL) -> dict:
     """NSC / NSCB matching on treatment profiles (one row per treatment, canonical order).
 
     Needs ``Metadata_Treatment, Metadata_Compound, Metadata_MoA`` and, for NSCB,
     ``Metadata_Batch`` (batches joined by ``","``, as :func:`aggregate_treatments`
-    writes it). Returns a dict with ``nsc_match``, ``nscb_match`` (or ``None``),
+    writes it). Control rows (MoA ``control``) are left out. Returns a dict with ``nsc_match``, ``nscb_match`` (or ``None``),
     ``eligible``, ``neighbours``, ``per_moa``, ``confusion_nsc``, ``confusion_nscb``.
     """
     treatments.require([TREATMENT, COMPOUND, MOA])
+    is_control = treatments.is_control(control)
+    if is_control.any():  # controls are never queries nor candidates
+        treatments = treatments.subset(~is_control)
     meta = treatments.meta
     moas = meta[MOA].astype(str).to_numpy()
     compounds = meta[COMPOUND].astype(str).to_numpy()
