@@ -200,6 +200,16 @@ def test_cli_embed_random_and_checkpoint_channel_mismatch(cache, tmp_path, capsy
     specs = [a for c in CHANNELS for a in ("--model", f"{c}={tmp_path / 'st' / (c + '.safetensors')}")]
     assert main(["embed", str(cache.path), *specs, "--crop", "16", "--out", str(out2), "--quiet"]) == 0
     np.testing.assert_allclose(ProfileTable.read(out2).features, back.features, atol=1e-6)
+    # the init-only baseline: one weights file for every channel -> identical channel blocks
+    torch.save(ModelSet.random("test_vit", ("DAPI",), seed=5)["DAPI"].model.state_dict(), tmp_path / "init.pth")
+    out3 = tmp_path / "init.parquet"
+    assert main(["embed", str(cache.path), "--init-only", str(tmp_path / "init.pth"), "--arch", "test_vit",
+                 "--crop", "16", "--out", str(out3), "--quiet"]) == 0
+    feats = ProfileTable.read(out3).features
+    assert not np.allclose(feats[:, :64], feats[:, 64:128])  # same model, different channel images
+    expected = embed_fields(ModelSet.init_only("test_vit", tmp_path / "init.pth", CHANNELS),
+                            {c: np.asarray(cache.images(c), np.float32) for c in CHANNELS}, crop=16)
+    np.testing.assert_allclose(feats, expected, atol=1e-6)
     # a DAPI model given as Actin: exit code 2 and a message naming both channels
     rc = main(["embed", str(cache.path), "--model", f"Actin={tmp_path / 'st' / 'DAPI.safetensors'}",
                "--out", str(tmp_path / "bad.parquet"), "--quiet"])
