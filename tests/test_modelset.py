@@ -51,6 +51,8 @@ def test_from_run_loads_teacher_by_default_and_student_on_request(tmp_path):
     students = ModelSet.from_run(run, ["DAPI"], which="student")
     assert _same(students["DAPI"].model, expected["DAPI"][1])
     assert models.embed_dim == 128
+    with pytest.raises(CheckpointError, match=r"no model for \['Tubulin'\]"):
+        ModelSet.from_run(run, ["DAPI", "Tubulin"])
 
 
 def test_from_files_accepts_run_folder_channel_folder_and_file(tmp_path):

@@ -246,7 +246,14 @@ class ModelSet:
                     f"{run} holds no <channel>/{CHECKPOINT_NAME}; train with "
                     "'wsdino train --out RUN' or pass one file per channel with --model."
                 )
-        models = {c: load_channel_model(c, run, which=which) for c in channels}
+        missing = [c for c in channels if not (run / c / CHECKPOINT_NAME).is_file()]
+        if missing:
+            have = sorted(p.parent.name for p in run.glob(f"*/{CHECKPOINT_NAME}"))
+            raise CheckpointError(
+                f"Run {run} has no model for {missing} (it holds {have}). Train those "
+                "channels, or embed only the channels it has (--channels)."
+            )
+        models = {c: load_channel_model(c, run / c, which=which) for c in channels}
         return cls(models, kind="trained")
 
     @classmethod
