@@ -53,19 +53,37 @@ def write_tiny_dataset(root: Path, plates: int = 2, wells: int = 2, sites: int =
 
 
 def write_tiny_cache(path: Path, per_compound: int = 6, size: int = 48, seed: int = 0,
-                     compounds=("taxol", "AZ138", "ALLN", "DMSO")):
-    """A preprocessed cache of a few real BBBC021 fields with per-compound stripe images."""
+                     compounds=("taxol", "AZ138", "ALLN", "DMSO"), dataset: Path | None = None):
+    """A preprocessed cache of a few real BBBC021 fields with per-compound stripe images.
+
+    With ``dataset``, an official-layout folder of the same fields (small TIFFs) is
+    written there too, so the viewer can open the fields the cache holds.
+    """
     from napari_wsdino.core.cache import write_cache
     from napari_wsdino.core.metadata import load_metadata
 
-    table = load_metadata(bundled_metadata_dir(), check_files=False).table
-    table = pd.concat([table[table.compound == c].head(per_compound) for c in compounds])
-    table = table.reset_index(drop=True)
+    raw = pd.read_csv(bundled_metadata_dir() / IMAGE_CSV)
+    raw = pd.concat([raw[raw.Image_Metadata_Compound == c].head(per_compound)
+                     for c in compounds]).reset_index(drop=True)
+    if dataset is not None:
+        rng = np.random.default_rng(seed)
+        for i, row in raw.iterrows():
+            for c, col in enumerate(CHANNEL_FILES.values()):
+                img = rng.normal(1000 * (i + 1) + 100 * c, 50, size=(size, size))
+                write_tiff(Path(dataset) / row[col.replace("FileName", "PathName")] / row[col],
+                           img.clip(0, 65535).astype(np.uint16))
+        raw.to_csv(Path(dataset) / IMAGE_CSV, index=False)
+        pd.read_csv(bundled_metadata_dir() / MOA_CSV).to_csv(Path(dataset) / MOA_CSV, index=False)
+        table = load_metadata(dataset).table
+    else:
+        table = load_metadata(bundled_metadata_dir(), check_files=False).table
+        table = pd.concat([table[table.compound == c].head(per_compound) for c in compounds])
+        table = table.reset_index(drop=True)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
+    freq = {c: 2 + 3 * i for i, c in enumerate(compounds)}
     images = {}
     for k, channel in enumerate(("DAPI", "Tubulin", "Actin")):
-        freq = {c: 2 + 3 * i for i, c in enumerate(compounds)}
         images[channel] = np.stack([
             0.5 + 0.4 * np.sin(2 * np.pi * freq[c] * (np.cos(k) * xx + np.sin(k) * yy))
             + 0.1 * rng.standard_normal((size, size)) for c in table.compound

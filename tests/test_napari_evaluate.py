@@ -1,0 +1,116 @@
+"""Evaluate dock widget: one click to numbers, confusion matrix and a clickable map."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from qtpy.QtCore import QEvent, QPoint, QPointF, Qt
+from qtpy.QtGui import QMouseEvent
+from qtpy.QtWidgets import QApplication, QFileDialog
+
+from napari_helpers import write_tiny_cache
+
+from napari_wsdino.core.evaluation import evaluate_profiles
+from napari_wsdino.core.modelset import ModelSet
+from napari_wsdino.core.profiles import ProfileTable
+from napari_wsdino._napari.evaluate_widget import EvaluateWidget, profiles_path_for
+from napari_wsdino._napari.state import TaskStatus, state_for
+
+COMPOUNDS = ("taxol", "docetaxel", "ALLN", "MG-132", "DMSO")
+
+
+@pytest.fixture(autouse=True)
+def config_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_WSDINO_CONFIG_DIR", str(tmp_path / "config"))
+
+
+def _qt_pos(scatter, i):
+    """Where point ``i`` of the map is, in the canvas widget's (logical) pixels."""
+    x, y = scatter.ax.transData.transform(scatter.collection.get_offsets()[i])
+    dpr = scatter.canvas.device_pixel_ratio
+    return QPoint(int(round(x / dpr)), int(round(scatter.figure.bbox.height / dpr - y / dpr)))
+
+
+def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot, tmp_path,
+                                                     monkeypatch):
+    cache = write_tiny_cache(tmp_path / "cache", per_compound=8, size=32, compounds=COMPOUNDS,
+                             dataset=tmp_path / "bbbc")
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    browser = viewer.window.add_plugin_dock_widget("napari-wsdino", "1 Data - plate browser")[1]
+    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "5 Evaluate")[1]
+    assert isinstance(widget, EvaluateWidget)
+    qtbot.mouseClick(widget.run_button, Qt.LeftButton)
+    assert "Load a model set" in widget.status_label.text()
+    assert not widget.export_results_button.isEnabled()
+
+    browser.open(tmp_path / "bbbc")
+    state.cache_path = cache.path
+    state.models = ModelSet.random("test_vit", ("DAPI", "Tubulin", "Actin"), seed=0)
+    assert "random" in widget.inputs_label.text()
+    widget.method_combo.setCurrentText("pca")  # UMAP's first-call JIT is too slow for CI
+    widget.crop_spin.setValue(16)
+    widget.device_combo.setCurrentText("cpu")
+
+    qtbot.mouseClick(widget.run_button, Qt.LeftButton)
+    qtbot.mouseClick(widget.cancel_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=30_000)
+    assert widget.status == TaskStatus.STOPPED and state.results is None
+
+    qtbot.mouseClick(widget.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert widget.status == TaskStatus.DONE, widget.status_label.text()
+    ev = widget.evaluation
+    assert state.results is ev and len(ev.profiles) == 40
+
+    # the numbers are the core's numbers on the written profiles
+    ref = evaluate_profiles(ProfileTable.read(profiles_path_for(cache, state.models)), "paper")
+    numbers = {widget.numbers.item(i, 0).text(): widget.numbers.item(i, 1).text()
+               for i in range(widget.numbers.rowCount())}
+    assert numbers["NSC"] == f"{ref.nsc:.1%}" and numbers["fields"] == "40"
+    assert numbers["treatments (NSC)"] == str(ref.n_nsc)
+    moas = {widget.per_moa.item(i, 0).text() for i in range(widget.per_moa.rowCount())}
+    assert moas == set(ref.per_moa) and "Protein degradation" in moas
+
+    # one map point per treatment profile, named on hover
+    scatter = widget.map
+    n = len(ev.result.treatments)
+    assert len(scatter.collection.get_offsets()) == n == ev.xy.shape[0] >= 6
+    far = int(np.argmax(np.linalg.norm(ev.xy - ev.xy.mean(0), axis=1)))  # a point nobody hides
+    pos = _qt_pos(scatter, far)
+    QApplication.sendEvent(scatter.canvas, QMouseEvent(
+        QEvent.MouseMove, QPointF(pos), Qt.NoButton, Qt.NoButton, Qt.NoModifier))
+    treatment = ev.result.treatments.meta["Metadata_Treatment"].iloc[far]
+    assert scatter.annotation.get_visible() and scatter.annotation.get_text().startswith(treatment)
+
+    # clicking it opens a field of that treatment in the viewer
+    before = state.field_index
+    qtbot.mouseClick(scatter.canvas, Qt.LeftButton, pos=pos)
+    assert viewer.layers["DAPI"].metadata["treatment"] == treatment
+    assert state.metadata.table.treatment[state.field_index] == treatment
+    assert (state.field_index != before) or (state.metadata.table.treatment[before] == treatment)
+
+    widget.colour_combo.setCurrentText("compound")
+    legend = [t.get_text() for t in scatter.ax.get_legend().get_texts()]
+    assert set(legend) == set(ev.result.treatments.meta["Metadata_Compound"])
+    widget.colour_combo.setCurrentText("concentration")
+    assert scatter.colorbar is not None
+
+    # exports, through the buttons and the save dialogs
+    chosen = {}
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(chosen["path"]), chosen.get("filter", ""))))
+    chosen["path"] = tmp_path / "out" / "results.json"
+    (tmp_path / "out").mkdir()
+    qtbot.mouseClick(widget.export_results_button, Qt.LeftButton)
+    data = json.loads(chosen["path"].read_text())
+    assert data["nsc"] == pytest.approx(ref.nsc) and data["model_set"].startswith("random")
+    chosen["path"] = tmp_path / "out" / "profiles.csv"
+    qtbot.mouseClick(widget.export_profiles_button, Qt.LeftButton)
+    assert len(ProfileTable.read(chosen["path"])) == 40
+    chosen["path"], chosen["filter"] = tmp_path / "out" / "figs.svg", "SVG (*.svg)"
+    qtbot.mouseClick(widget.export_figures_button, Qt.LeftButton)
+    svgs = sorted(p.name for p in (tmp_path / "out" / "figs").iterdir())
+    assert "confusion_nsc.svg" in svgs and "map_treatments.svg" in svgs and "per_moa.svg" in svgs
