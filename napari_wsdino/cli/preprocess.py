@@ -1,0 +1,83 @@
+"""``wsdino preprocess DATA --out CACHE``: illumination-correct, resize, clip, normalise."""
+
+from __future__ import annotations
+
+import sys
+
+from napari_wsdino.cli._common import add_layout_option, drive, layout_from_args
+from napari_wsdino.core.metadata import DataError, load_metadata
+from napari_wsdino.core.preprocess import (
+    ILLUMINATION_METHODS,
+    NORMALIZATIONS,
+    PreprocessSettings,
+    preprocess,
+)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "preprocess",
+        help="illumination-correct, resize, clip and normalise a dataset into a cache",
+        description="Preprocess a BBBC021-layout dataset as WS-DINO does: per (plate, "
+        "channel) CellProfiler illumination function (mean image, median filter, "
+        "robust-minimum rescale), divide, bicubic anti-aliased resize, clip, "
+        "normalise. Writes a cache folder (images_<channel>.npy float16, "
+        "index.parquet, cache.json, illumination/) that 'wsdino train' and "
+        "'wsdino embed' read. Interrupted runs resume with the same --out; a cache "
+        "made with other settings is refused. Unreadable images are reported and "
+        "their fields left out.",
+    )
+    p.add_argument("data", help="dataset folder (holding BBBC021_v1_image.csv) or image CSV")
+    p.add_argument("--out", required=True, metavar="CACHE", help="cache folder to write")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                   help="output size (default: half the input size, as the paper)")
+    p.add_argument("--clip", type=float, default=10000.0, metavar="V",
+                   help="clip at V raw 16-bit counts after illumination correction "
+                   "(default 10000, the paper's code; 0: no clip)")
+    p.add_argument("--filter-size", type=float, default=320.0, metavar="F",
+                   help="illumination median-filter size at the 1024x1280 scale "
+                   "(default 320, the paper's; scaled to the image size)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="zscore",
+                   help="zscore: each image to mean 0 / std 1 (default); paper: "
+                   "divide by the clip value; none: keep counts")
+    p.add_argument("--illumination", choices=ILLUMINATION_METHODS, default="fast",
+                   help="fast (within 1%% of CellProfiler's exact function, default), "
+                   "exact (slow), or none")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="processes (default 2; 1: no subprocesses)")
+    p.add_argument("--drop-missing", action="store_true",
+                   help="leave out fields whose image files are missing instead of failing")
+    p.add_argument("--unannotated", choices=["error", "drop", "keep"], default="error",
+                   help="treatments with no MoA row (default: error)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_layout_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        settings = PreprocessSettings(
+            size=tuple(args.size) if args.size else None,
+            clip=args.clip if args.clip and args.clip > 0 else None,
+            filter_size=args.filter_size,
+            normalize=args.normalize,
+            illumination=args.illumination,
+        )
+    except ValueError as exc:
+        raise DataError(f"Invalid preprocessing option: {exc}") from None
+    meta = load_metadata(args.data, layout_from_args(args), drop_missing=args.drop_missing,
+                         unannotated=args.unannotated)
+    if meta.dropped:
+        print(f"left out {meta.dropped} field(s) with missing files", file=sys.stderr)
+    cache = drive(preprocess(meta, args.out, settings, workers=args.workers), quiet=args.quiet)
+    failed = cache.settings.get("failed", [])
+    h, w = cache.shape
+    print(f"Cache: {cache.path}  {len(cache)} fields x {len(cache.channels)} channels "
+          f"({', '.join(cache.channels)}), {h}x{w} float16")
+    if failed:
+        print(f"{len(failed)} field(s) left out, unreadable:")
+        for f in failed[:20]:
+            print(f"  {f['plate']}/{f['well']}/s{f['site']}: {f['path']} ({f['reason']})")
+        if len(failed) > 20:
+            print(f"  ... and {len(failed) - 20} more (cache.json, key 'failed')")
+    return 0
