@@ -128,3 +128,22 @@ def test_whole_screen_metadata_stays_responsive(make_napari_viewer, qtbot, tmp_p
         assert viewer.layers["DAPI"].metadata["plate"] == plate
     assert time.perf_counter() - t0 < 10
     assert len(reads) == 3 * 4
+
+
+def test_synthetic_sample_button(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from napari_wsdino._napari import sample_data
+
+    # a finished sample already in the cache folder is reused, not rewritten
+    monkeypatch.setenv("WSDINO_CACHE", str(tmp_path / "cache"))
+    h, w = sample_data.SAMPLE_SIZE
+    folder = tmp_path / "cache" / (f"sample_replica_{sample_data.SAMPLE_SUBSET}_s"
+                                   f"{sample_data.SAMPLE_SITES}_{h}x{w}_seed{sample_data.SAMPLE_SEED}")
+    write_tiny_dataset(folder, plates=1, wells=2, sites=1)
+    (folder / ".complete").write_text("ok\n")
+    assert sample_data.sample_replica() == folder
+    viewer = make_napari_viewer()
+    browser = _browser(viewer, qtbot)
+    qtbot.mouseClick(browser.sample_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: browser.well_combo.count() == 2, timeout=20_000)
+    assert str(state_for(viewer).source) == str(folder)
+    assert [layer.name for layer in viewer.layers] == ["DAPI", "Tubulin", "Actin"]

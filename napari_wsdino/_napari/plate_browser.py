@@ -27,6 +27,7 @@ from napari.utils.notifications import show_error
 
 from napari_wsdino.core.imageio import ImageReadError
 from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
+from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import FIELD_ROLE, ROLE, show_field
 from napari_wsdino._napari.state import state_for
@@ -72,6 +73,10 @@ class PlateBrowser(QWidget):
         self.path_edit.setPlaceholderText("dataset folder or BBBC021_v1_image.csv")
         self.browse_button = QPushButton("Browse…")
         self.open_button = QPushButton("Open")
+        self.sample_button = QPushButton("Synthetic sample")
+        self.sample_button.setToolTip(
+            "Open a small synthetic BBBC021 replica (written once into ~/.cache/napari-wsdino)")
+        self._sample_worker = None
         self.plate_combo = QComboBox()
         self.well_combo = QComboBox()
         self.site_combo = QComboBox()
@@ -98,11 +103,13 @@ class PlateBrowser(QWidget):
             form.addRow(title, self.info[key])
         layout = QVBoxLayout(self)
         layout.addLayout(path_row)
+        layout.addWidget(self.sample_button)
         layout.addWidget(self.status_label)
         layout.addLayout(form)
         layout.addStretch(1)
 
         self.browse_button.clicked.connect(self._browse)
+        self.sample_button.clicked.connect(self.open_sample)
         self.open_button.clicked.connect(lambda: self.open(self.path_edit.text()))
         self.path_edit.returnPressed.connect(lambda: self.open(self.path_edit.text()))
         self.plate_combo.currentTextChanged.connect(self._plate_picked)
@@ -146,6 +153,29 @@ class PlateBrowser(QWidget):
         settings.remember(LAST_FOLDER, path)
         self.state.set_dataset(metadata, path, field_index)
         return True
+
+    def open_sample(self) -> None:
+        """Write (first time only, in a worker) and open the synthetic sample replica."""
+        from napari_wsdino._napari.sample_data import sample_replica
+        from napari_wsdino._napari.workers import start_worker
+
+        def job():
+            yield Progress("sample", 0, 1, "writing the synthetic replica (first time only)")
+            return sample_replica()
+
+        self.sample_button.setEnabled(False)
+        self.status_label.setText("Preparing the synthetic sample…")
+
+        def done(path):
+            self.sample_button.setEnabled(True)
+            self.open(path)
+
+        def failed(_exc):
+            self.sample_button.setEnabled(True)
+            self.status_label.setText(f"Could not write the sample: {_exc}")
+
+        self._sample_worker = start_worker(job(), on_done=done, on_error=failed,
+                                           desc="Synthetic sample")
 
     def _on_layer_inserted(self, event) -> None:
         """A field opened by the reader (File > Open) becomes the browser's dataset."""
