@@ -41,7 +41,8 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     state = state_for(viewer)
     browser = viewer.window.add_plugin_dock_widget("napari-wsdino", "1 Data - plate browser")[1]
     widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "5 Evaluate")[1]
-    assert isinstance(widget, EvaluateWidget)
+    compare = viewer.window.add_plugin_dock_widget("napari-wsdino", "6 Compare model sets")[1]
+    assert isinstance(widget, EvaluateWidget) and compare.table.rowCount() == 0
     qtbot.mouseClick(widget.run_button, Qt.LeftButton)
     assert "Load a model set" in widget.status_label.text()
     assert not widget.export_results_button.isEnabled()
@@ -71,6 +72,7 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
                for i in range(widget.numbers.rowCount())}
     assert numbers["NSC"] == f"{ref.nsc:.1%}" and numbers["fields"] == "40"
     assert numbers["treatments (NSC)"] == str(ref.n_nsc)
+    assert compare.table.rowCount() == 1 and compare.table.item(0, 1).text() == f"{ref.nsc:.1%}"
     moas = {widget.per_moa.item(i, 0).text() for i in range(widget.per_moa.rowCount())}
     assert moas == set(ref.per_moa) and "Protein degradation" in moas
 
@@ -114,3 +116,41 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     qtbot.mouseClick(widget.export_figures_button, Qt.LeftButton)
     svgs = sorted(p.name for p in (tmp_path / "out" / "figs").iterdir())
     assert "confusion_nsc.svg" in svgs and "map_treatments.svg" in svgs and "per_moa.svg" in svgs
+
+
+def test_compare_table_chart_and_persistence(qtbot, tmp_path, monkeypatch):
+    from napari_wsdino._napari.compare_widget import CompareWidget
+
+    class Viewer:  # the compare panel only needs the shared state of some viewer
+        pass
+
+    viewer = Viewer()
+    widget = CompareWidget(viewer)
+    qtbot.addWidget(widget)
+    for name, nsc, nscb in (("init-only", 0.5, 0.4), ("WS-DINO compound", 0.9, None)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"model_set": name, "nsc": nsc, "nscb": nscb, "map_nsc": 0.3, "map_nscb": None,
+             "n_nsc": 92}))
+    monkeypatch.setattr(QFileDialog, "getOpenFileName",
+                        staticmethod(lambda *a, **k: (str(tmp_path / "init-only.json"), "")))
+    qtbot.mouseClick(widget.add_button, Qt.LeftButton)
+    widget.add_file(tmp_path / "WS-DINO compound.json")
+    widget.add_file(tmp_path / "init-only.json")  # same label: replaced, not duplicated
+    assert [widget.table.item(i, 0).text() for i in range(2)] == ["WS-DINO compound", "init-only"]
+    assert widget.table.item(0, 1).text() == "90.0%" and widget.table.item(0, 2).text() == "–"
+    ax = widget.figure.axes[0]
+    assert len(ax.patches) == 2 * 4 and [t.get_text() for t in ax.get_legend().get_texts()] == \
+        ["WS-DINO compound", "init-only"]
+    # rows survive a restart; removing and clearing work
+    again = CompareWidget(Viewer())
+    qtbot.addWidget(again)
+    assert again.table.rowCount() == 2
+    again.table.selectRow(0)
+    qtbot.mouseClick(again.remove_button, Qt.LeftButton)
+    assert list(again.frame()["model set"]) == ["init-only"]
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(tmp_path / "cmp.csv"), "")))
+    qtbot.mouseClick(again.export_button, Qt.LeftButton)
+    assert (tmp_path / "cmp.csv").read_text().splitlines()[1].startswith("init-only,0.5")
+    qtbot.mouseClick(again.clear_button, Qt.LeftButton)
+    assert again.table.rowCount() == 0
