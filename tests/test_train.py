@@ -152,6 +152,31 @@ def test_resume_after_close_reproduces_the_uninterrupted_run(cache, tmp_path):
     assert [x["loss"] for x in a] == [x["loss"] for x in b]
 
 
+def test_resume_after_a_crash_rewinds_the_log_to_the_checkpoint(cache, tmp_path, monkeypatch):
+    import napari_wsdino.core.train as train_mod
+
+    config = tiny_config(epochs=4, checkpoint_every=2)  # 3 steps per epoch
+    clean = load_checkpoint(run(cache, config, tmp_path / "clean"))
+    original, count = train_mod.multi_crop, {"n": 0}
+
+    def crash(*args, **kw):
+        count["n"] += 1
+        if count["n"] == 10:  # first step of epoch 4: epoch 3 logged, checkpoint at 2
+            raise MemoryError("simulated crash")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "multi_crop", crash)
+    with pytest.raises(MemoryError):
+        run(cache, config, tmp_path / "b")
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 3
+    monkeypatch.setattr(train_mod, "multi_crop", original)
+    resumed = load_checkpoint(run(cache, config, tmp_path / "b", resume=True))
+    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").open()] for d in ("clean", "b")]
+    assert [x["epoch"] for x in logs[1]] == [1, 2, 3, 4]
+    assert [x["loss"] for x in logs[0]] == [x["loss"] for x in logs[1]]
+    assert_same_state(resumed["teacher"], clean["teacher"])
+
+
 def test_stop_request_leaves_a_loadable_checkpoint(cache, tmp_path):
     steps = []
     gen = train(cache, tiny_config(epochs=5), tmp_path, stop=lambda: len(steps) >= 2)

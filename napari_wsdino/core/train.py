@@ -483,7 +483,10 @@ def train(
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_FILE
-    device = pick_device(config.device)
+    try:
+        device = pick_device(config.device)
+    except RuntimeError as exc:
+        raise TrainingError(str(exc)) from None
     info = distributed.setup(device.type)
     try:
         return (yield from _train(cache, config, out, ckpt_path, device, info, resume, stop))
@@ -542,6 +545,8 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
         epoch_loss = float(stats.get("loss_sum", 0.0))
         epoch_n = int(stats.get("n", 0))
         epoch_singletons = int(stats.get("singletons", 0))
+        if info.is_main:
+            _truncate_log(out / LOG_FILE, step // steps_per_epoch)
     if info.is_main:
         config.save(out / CONFIG_FILE)
 
@@ -556,7 +561,7 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 \
         else contextlib.nullcontext
-    source = FieldSource(images, np.concatenate([labels.index.to_numpy()]), device, config.preload)
+    source = FieldSource(images, labels.index.to_numpy(), device, config.preload)
     last_layer = list(student.head.last_layer.parameters())
     data_meta = {"channel": config.channel, "weak_label": config.weak_label,
                  "dmso": config.dmso, "fingerprint": fingerprint, **sampler.summary()}
@@ -605,7 +610,7 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
                 plan, plan_epoch = sampler.epoch(epoch), epoch
                 epoch_t0 = time.perf_counter()
             requested = bool(stop()) if stop is not None else False
-            if distributed.any_rank(info, requested, device if not cuda else device):
+            if distributed.any_rank(info, requested, device):
                 return write()
             lr, momentum, temp = sched.at(step)
             for group in optimizer.param_groups:
@@ -691,6 +696,15 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
         write()
         raise
     return ckpt_path
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs after the checkpoint (a crash after logging them)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= epochs_done]
+    _atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _check_resume(ckpt, config, fingerprint, steps_per_epoch, path) -> None:
