@@ -310,8 +310,7 @@ def _process_task(task: tuple) -> list:
         for c, arr in enumerate(arrays):
             arr[row] = out[c]
         results.append((field_id, row, None))
-    for arr in arrays:
-        arr.flush()
+    # No msync here: the pages are shared; the driver fsyncs once per plate.
     del arrays
     return results
 
@@ -646,6 +645,7 @@ def preprocess(
             if lost:  # unreadable only on the second read: close the gaps
                 kept = _compact(array_files, kept, row_of, lost, start)
             next_row = start + len(kept)
+            _fsync(array_files)  # rows on disk before the plate is recorded as done
             state["plates"][plate] = {
                 "start": start,
                 "fields": kept,
@@ -664,6 +664,15 @@ def preprocess(
     return cache
 
 
+def _fsync(files: list[str]) -> None:
+    for name in files:
+        fd = os.open(name, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _compact(array_files: list[str], kept: list[int], row_of: dict, lost: set, start: int) -> list[int]:
     survivors = [i for i in kept if i not in lost]
     arrays = [np.load(f, mmap_mode="r+") for f in array_files]
@@ -672,8 +681,7 @@ def _compact(array_files: list[str], kept: list[int], row_of: dict, lost: set, s
         if src != dst:
             for arr in arrays:
                 arr[dst] = arr[src]
-    for arr in arrays:
-        arr.flush()
+    del arrays
     return survivors
 
 
