@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from napari_wsdino.core.imageio import ImageReadError
     from napari_wsdino.core.metadata import DataError
+    from napari_wsdino.core.model import CheckpointError
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, ImageReadError, FileNotFoundError, FileExistsError) as exc:
+    except (DataError, ImageReadError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
         print(f"wsdino {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
