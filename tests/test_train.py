@@ -66,13 +66,18 @@ def test_config_defaults_are_the_papers_and_round_trip(tmp_path):
 
 # -- learning and pairing -------------------------------------------------------------
 def test_loss_falls_over_a_few_epochs(cache, tmp_path):
-    config = tiny_config(epochs=12, batch_size=4, lr=2e-4, momentum_teacher=0.996,
-                         freeze_last_layer=0, checkpoint_every=100)
+    # Teacher-temperature warm-up as DINO recommends. Epoch 1 starts with teacher = student,
+    # so its loss is artificially low; from epoch 2 on the loss must fall (checked for
+    # seeds 0-2 when written: by 0.5-0.8).
+    config = tiny_config(epochs=12, batch_size=4, lr=5e-4, warmup_epochs=2,
+                         momentum_teacher=0.99, freeze_last_layer=0, checkpoint_every=100,
+                         warmup_teacher_temp=0.04, teacher_temp=0.07,
+                         warmup_teacher_temp_epochs=4)
     events = []
     path = run_to_end(train(cache, config, tmp_path), events.append)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").open()]
     assert len(losses) == 12 and all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+    assert np.mean(losses[-3:]) < np.mean(losses[1:4]) - 0.3
     assert path == tmp_path / "checkpoint.pth" and path.exists()
     last = events[-1]
     assert last.step == last.total == 12 * events[0].total // 12
