@@ -668,7 +668,8 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
             eta = (total - step) / run_rate
             yield Progress(
                 "train", step, total,
-                f"{config.channel} epoch {epoch + 1}/{config.epochs} loss {loss_value:.4f}",
+                f"{config.channel} epoch {epoch + 1}/{config.epochs} loss {loss_value:.4f} "
+                f"{images_per_s:.0f} img/s eta {_hms(eta)}",
                 {"channel": config.channel, "epoch": epoch + 1, "step": step,
                  "loss": loss_value, "lr": lr, "teacher_temp": temp, "momentum": momentum,
                  "images_per_s": images_per_s, "eta_s": eta},
@@ -696,6 +697,14 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
         write()
         raise
     return ckpt_path
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
 
 
 def _truncate_log(path: Path, epochs_done: int) -> None:
