@@ -40,6 +40,7 @@ from napari_wsdino.core.synth.phenotypes import (
     MOA_PHENOTYPES,
     SynthConfig,
     batch_nuisance,
+    batch_response,
     plate_nuisance,
     stable_seed,
     treatment_vector,
@@ -90,6 +91,9 @@ def field_specs(subset: str = "mini", sites: int | None = None, seed: int = 0,
             treat_cache[key] = treatment_vector(moa, row.compound, row.concentration,
                                                 conc_by_compound[row.compound], seed, config)
         vec, dose = treat_cache[key]
+        if (key, row.batch) not in treat_cache:
+            treat_cache[key, row.batch] = batch_response(vec, row.batch, row.moa, seed, config)
+        vec = treat_cache[key, row.batch]
         specs.append({
             "plate": row.plate, "batch": row.batch, "well": row.well, "site": int(row.site),
             "compound": row.compound, "concentration": float(row.concentration),

@@ -93,7 +93,10 @@ class SynthConfig:
         Fraction of cells responding at saturating dose; the rest look untreated.
     batch_strength
         Multiplies the per-week nuisance (stain gain, background, focus, cell size and
-        cytoskeleton shifts). 0: no batch effects.
+        cytoskeleton shifts, drug response). 0: no batch effects.
+    batch_response
+        Multiplies the per-week change of drug response alone (treated cells only;
+        invisible in DMSO, so DMSO-based normalisation cannot undo it).
     illumination_strength
         Multiplies per-plate vignetting and gradients. 0: flat illumination.
     noise
@@ -109,6 +112,7 @@ class SynthConfig:
     dose_shift: float = 0.0
     responder_fraction: float = 0.85
     batch_strength: float = 1.0
+    batch_response: float = 1.0
     illumination_strength: float = 1.0
     noise: float = 1.0
     density: float = 1.0
@@ -186,6 +190,24 @@ def batch_nuisance(batch: str, seed: int, config: SynthConfig) -> dict:
         "density": rng.normal(0.0, 0.15 * b),
         "texture": np.exp(rng.normal(0.0, 0.2 * b)),
     }
+
+
+def batch_response(vec: np.ndarray, batch: str, moa: str, seed: int, config: SynthConfig) -> np.ndarray:
+    """A treatment's phenotype as this week's cells express it.
+
+    Cells of one week (passage, confluence at treatment) answer drugs with a gain and
+    a shift shared by all treatments of the week, plus a shift shared by the week's
+    compounds of one MoA. DMSO never shows it, so whitening on DMSO cannot remove it:
+    it is why same-week matches are easier (NSC) than cross-week ones (NSCB).
+    """
+    if not vec.any():
+        return vec
+    r = config.batch_strength * config.batch_response
+    week = np.random.default_rng(stable_seed(seed, "response", batch))
+    pair = np.random.default_rng(stable_seed(seed, "response", batch, moa))
+    gain = np.exp(week.normal(0.0, 0.2 * r))
+    shift = week.normal(0.0, 0.12 * r, len(AXES)) + pair.normal(0.0, 0.2 * r, len(AXES))
+    return vec * gain + shift * np.abs(vec).max()
 
 
 def plate_nuisance(plate: str, seed: int, config: SynthConfig) -> dict:
