@@ -77,7 +77,7 @@ def field_image(metadata, index: int, channel: str, cache: Cache | None = None,
         if hit is not None:
             image = np.asarray(cache.images(channel)[hit], dtype=np.float32)
             scale, translate = on_raw_grid(raw.shape, image.shape)
-            return FieldImage(image, scale, translate, f"cache {cache.path.name}")
+            return FieldImage(image, scale, translate, "preprocessed field from the cache")
     image = raw_for_model(raw, max_side)
     scale, translate = on_raw_grid(raw.shape, image.shape)
     return FieldImage(image, scale, translate, "raw field (no cache holds it)")
@@ -217,13 +217,16 @@ class AttentionWidget(QWidget):
         cmap, opacity = self.colormap_combo.currentText(), self.opacity_spin.value()
         common = {"scale": source.scale, "translate": source.translate,
                   "metadata": {"wsdino_role": "attention", "channel": channel, "field": key}}
-        top = float(maps.heads.max()) or 1.0
+        # Additive blending from the map's low percentile: little attention adds nothing,
+        # so the cells show through where the model does not look.
         self._put("image", f"attention heads [{channel}]", maps.heads,
-                  dict(colormap=cmap, opacity=opacity, blending="translucent",
-                       contrast_limits=(0.0, top), visible=False, **common))
+                  dict(colormap=cmap, opacity=opacity, blending="additive",
+                       contrast_limits=_limits(maps.heads), visible=False, **common))
         self._put("image", f"attention mean [{channel}]", maps.mean,
-                  dict(colormap=cmap, opacity=opacity, blending="translucent",
-                       contrast_limits=(0.0, float(maps.mean.max()) or 1.0), **common))
+                  dict(colormap=cmap, opacity=opacity, blending="additive",
+                       contrast_limits=_limits(maps.mean), **common))
+        if self.viewer.dims.ndim == 3:
+            self.viewer.dims.axis_labels = ("head", "y", "x")
         self._put("labels", f"attention mask [{channel}]", maps.mean_threshold.astype(np.uint8),
                   dict(opacity=1.0, **common))
         self.viewer.layers[f"attention mask [{channel}]"].contour = 1
@@ -243,8 +246,9 @@ class AttentionWidget(QWidget):
             for key in ("scale", "translate", "metadata"):
                 setattr(layer, key, kwargs[key])
             if kind == "image":
-                layer.contrast_limits_range = kwargs["contrast_limits"]
-                layer.contrast_limits = kwargs["contrast_limits"]
+                lo, hi = kwargs["contrast_limits"]
+                layer.contrast_limits_range = (min(float(data.min()), lo), hi)
+                layer.contrast_limits = (lo, hi)
             return
         kwargs = {k: v for k, v in kwargs.items()}
         if kind == "image":
@@ -269,3 +273,11 @@ class AttentionWidget(QWidget):
             PREFIX + "max_side": self.max_side_spin.value(),
             PREFIX + "auto": self.auto_check.isChecked(),
         })
+
+
+def _limits(maps: np.ndarray) -> tuple[float, float]:
+    """Display range of attention maps: 5th percentile of the seen area to the maximum."""
+    seen = maps[maps > 0]
+    lo = float(np.percentile(seen, 5)) if seen.size else 0.0
+    hi = float(maps.max())
+    return (lo, hi) if hi > lo else (0.0, hi or 1.0)

@@ -134,7 +134,8 @@ class ScatterMap:
                                               c=[colour[v] for v in labels.astype(str)])
             for c in cats:  # legend entries without drawing points twice
                 self.ax.scatter([], [], color=colour[c], label=c, s=20)
-            self.ax.legend(fontsize=6, loc="best", markerscale=0.8, frameon=False)
+            self.ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.02),
+                           ncol=2, markerscale=0.8, frameon=False)
         self.ax.set_title(title, fontsize=9)
         self.ax.set_xticks([])
         self.ax.set_yticks([])
@@ -221,7 +222,7 @@ class EvaluateWidget(QWidget):
 
         self.confusion_canvas = FigureCanvasQTAgg(Figure(figsize=(4, 4)))
         self.map = ScatterMap(self.open_point)
-        self.map.canvas.setMinimumHeight(300)
+        self.map.canvas.setMinimumHeight(340)
         self.export_profiles_button = QPushButton("Profiles…")
         self.export_figures_button = QPushButton("Figures…")
         self.export_results_button = QPushButton("Results…")

@@ -258,6 +258,7 @@ class PreprocessWidget(QWidget):
 
     def _adopt(self, cache: Cache) -> None:
         self.cache = cache
+        self.out_edit.setText(str(cache.path))
         failed = cache.settings.get("failed") or []
         note = f"; {len(failed)} unreadable field(s) left out" if failed else ""
         self.status_label.setText(f"Cache ready: {len(cache)} fields, {cache.shape[0]}x"
