@@ -499,6 +499,10 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
         device = torch.device("cuda", info.local_rank)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    if ckpt_path.exists() and not resume:
+        raise FileExistsError(
+            f"{ckpt_path} exists: resume it (--resume) or choose another output folder."
+        )
     images = cache.images(config.channel)
     labels = weak_labels(cache.table, config.weak_label, config.dmso)
     paired = config.weak_label != "none"
@@ -528,10 +532,6 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
     sched = Schedules.from_config(config, steps_per_epoch)
 
     step, epoch_loss, epoch_n, epoch_singletons = 0, 0.0, 0, 0
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(
-            f"{ckpt_path} exists: resume it (--resume) or choose another output folder."
-        )
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         _check_resume(ckpt, config, fingerprint, steps_per_epoch, ckpt_path)
@@ -549,6 +549,8 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
             _truncate_log(out / LOG_FILE, step // steps_per_epoch)
     if info.is_main:
         config.save(out / CONFIG_FILE)
+        if step == 0:  # a fresh start: no lines from an earlier attempt that never checkpointed
+            (out / LOG_FILE).unlink(missing_ok=True)
 
     model = student
     if info.distributed:
@@ -598,6 +600,16 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
 
     if step >= total:
         return ckpt_path
+    summary = sampler.summary()
+    singles = summary["singleton_groups"]
+    yield Progress(
+        "train", step, total,
+        f"{config.channel}: {summary['fields']} fields, {summary['groups']} "
+        f"{config.weak_label} groups ({len(singles)} of one field), "
+        f"{steps_per_epoch} steps/epoch",
+        {"channel": config.channel, "epoch": step // steps_per_epoch, "step": step,
+         "fields": summary["fields"], "groups": summary["groups"], "singleton_groups": singles},
+    )
     student.train()
     teacher.train()
     rate_t0, rate_steps, images_per_s = time.perf_counter(), 0, float("nan")
