@@ -113,6 +113,25 @@ def test_local_crops_come_from_the_paired_field(cache, tmp_path, monkeypatch, we
     assert ckpt["data"]["singleton_groups"] == []
 
 
+def test_resident_fields_equal_memory_mapped_ones(cache):
+    images = cache.images("DAPI")
+    rows = np.array([5, 0, 5, 17])
+    used = np.array([0, 5, 9, 17, 30])
+    mapped = FieldSource(images, used, torch.device("cpu"), "memmap").batch(rows)
+    resident = FieldSource(images, used, torch.device("cpu"), "device")
+    assert resident.lookup is not None
+    assert torch.equal(resident.batch(rows), mapped)
+    assert mapped.shape == (4, 1, 64, 64) and mapped.dtype == torch.float32
+    np.testing.assert_array_equal(mapped[1, 0].numpy(), images[0].astype(np.float32))
+
+
+def test_bf16_autocast_path_trains(cache, tmp_path):
+    path = run(cache, tiny_config(epochs=1, precision="bf16", preload="device"), tmp_path)
+    ckpt = load_checkpoint(path)
+    assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
+    assert ckpt["student"]["backbone.pos_embed"].dtype == torch.float32  # fp32 master weights
+
+
 # -- checkpoints, resume, stop ----------------------------------------------------------
 def test_checkpoint_contents_and_loading(cache, tmp_path):
     config = tiny_config(epochs=2)

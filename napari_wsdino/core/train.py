@@ -353,9 +353,9 @@ def _patch_size(backbone) -> int:
 class FieldSource:
     """Fields of one channel as ``(B, 1, H, W)`` float32 batches on the device.
 
-    On CUDA (``preload`` auto/device) the fields used are copied once to the GPU as
-    float16 — 2,528 fields of 512 x 640 take 1.7 GB — so a batch is a gather on the GPU.
-    Otherwise batches are read from the memory-mapped cache.
+    With ``preload="device"`` (or ``"auto"`` on CUDA when they fit) the fields used are
+    copied once to the device as float16 — 2,528 fields of 512 x 640 take 1.7 GB — so a
+    batch is a gather there. Otherwise batches are read from the memory-mapped cache.
     """
 
     def __init__(self, images: np.ndarray, rows: np.ndarray, device: torch.device, preload: str):
@@ -363,11 +363,11 @@ class FieldSource:
         self.lookup = None
         rows = np.unique(rows)
         nbytes = len(rows) * int(np.prod(images.shape[1:])) * 2
-        on_gpu = device.type == "cuda" and (
-            preload == "device"
-            or (preload == "auto" and nbytes < 0.4 * torch.cuda.mem_get_info(device)[0])
+        resident = preload == "device" or (
+            preload == "auto" and device.type == "cuda"
+            and nbytes < 0.4 * torch.cuda.mem_get_info(device)[0]
         )
-        if on_gpu:
+        if resident:
             self.lookup = np.full(images.shape[0], -1, dtype=np.int64)
             self.lookup[rows] = np.arange(len(rows))
             self.data = torch.empty((len(rows), *images.shape[1:]), dtype=torch.float16, device=device)
