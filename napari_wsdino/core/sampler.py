@@ -67,7 +67,9 @@ def weak_labels(table: pd.DataFrame, weak_label: str = "none", dmso: str = "excl
     pandas.Series of str, index = table row positions of the fields used.
     """
     if weak_label not in WEAK_LABELS:
-        raise DataError(f"Unknown weak label {weak_label!r}; choose one of {', '.join(WEAK_LABELS)}.")
+        raise DataError(
+            f"Unknown weak label {weak_label!r}; choose one of {', '.join(WEAK_LABELS)}."
+        )
     if dmso not in DMSO_MODES:
         raise DataError(f"Unknown DMSO mode {dmso!r}; choose one of {', '.join(DMSO_MODES)}.")
     rows = np.arange(len(table))
@@ -75,7 +77,8 @@ def weak_labels(table: pd.DataFrame, weak_label: str = "none", dmso: str = "excl
         labels = pd.Series(rows.astype(str), dtype=object)
     elif weak_label == "moa_or_compound":
         moa = table["moa"].astype(object)
-        known = moa.notna() & ~moa.astype(str).str.strip().str.lower().isin(["", "nan", "none", "unknown"])
+        missing = moa.astype(str).str.strip().str.lower().isin(["", "nan", "none", "unknown"])
+        known = moa.notna() & ~missing
         labels = pd.Series(
             np.where(known, "moa:" + moa.astype(str), "compound:" + table["compound"].astype(str)),
             dtype=object,

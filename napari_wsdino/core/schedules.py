@@ -43,7 +43,8 @@ def cosine_schedule(
 def warmup_constant(
     start: float, value: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0
 ) -> np.ndarray:
-    """Linear per-epoch warm-up from ``start`` to ``value``, then ``value`` (DINO's teacher temp)."""
+    """Linear per-epoch warm-up from ``start`` to ``value``, then constant (DINO's teacher
+    temperature)."""
     warm = min(warmup_epochs, epochs)
     per_epoch = np.concatenate([np.linspace(start, value, warm), np.full(epochs - warm, value)])
     return np.repeat(per_epoch, steps_per_epoch)

@@ -370,7 +370,8 @@ class FieldSource:
         if resident:
             self.lookup = np.full(images.shape[0], -1, dtype=np.int64)
             self.lookup[rows] = np.arange(len(rows))
-            self.data = torch.empty((len(rows), *images.shape[1:]), dtype=torch.float16, device=device)
+            self.data = torch.empty((len(rows), *images.shape[1:]), dtype=torch.float16,
+                                    device=device)
             for s in range(0, len(rows), 256):  # chunked: never the whole cache in host RAM
                 chunk = np.asarray(images[rows[s:s + 256]], dtype=np.float16)
                 self.data[s:s + len(chunk)] = torch.from_numpy(chunk).to(device)
