@@ -1,0 +1,283 @@
+"""The paper's study protocol on any cache: init-only vs DINO vs WS-DINO per weak label.
+
+For each weak label and seed, one model per channel is trained with the same budget;
+teacher snapshots every ``eval_every`` epochs are embedded and evaluated, and the table
+reports, per model, the mean and spread of NSC / NSCB / mAP over seeds and over the last
+``last_k`` evaluated epochs. The paper's "best epoch" number (the epoch of highest NSC,
+after Janssens et al. 2021) is reported too, marked as selected with the MoA labels.
+
+MoA as a weak label leaks the evaluation label. The honest variant, ``holdout_folds=K``,
+splits the annotated compounds into K folds; for each fold, the MoA labels of that fold's
+compounds are hidden during training (they fall back to their compound, the hierarchical
+``moa_or_compound`` label) and NSC / NSCB are scored on that fold's treatments only.
+
+Every stage is cached under the output folder (training resumes, finished embeddings are
+reused), so an interrupted study resumes where it stopped.
+
+Example
+-------
+>>> from napari_wsdino.core.progress import run_to_end
+>>> out = run_to_end(run_study("cache/", "study/", labels=("none", "compound")))  # doctest: +SKIP
+>>> out.rows[0]["nsc_mean"]                                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Generator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from napari_wsdino.core.cache import Cache, open_cache
+from napari_wsdino.core.metadata import CONTROL, DataError
+from napari_wsdino.core.progress import Progress
+
+LABEL_NAMES = {"none": "DINO", "treatment": "WS-DINO", "compound": "WS-DINO", "moa": "WS-DINO",
+               "moa_or_compound": "WS-DINO"}
+
+
+@dataclass
+class StudyResult:
+    """What a study produced.
+
+    Attributes
+    ----------
+    rows
+        Summary table: one row per model (baseline, each weak label, holdout).
+    evaluations
+        Every evaluation: model, label, seed, epoch, nsc, nscb, map_nsc, map_nscb.
+    out
+        The study folder.
+    """
+
+    rows: list[dict]
+    evaluations: list[dict]
+    out: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def snapshot_epochs(epochs: int, eval_every: int, last_k: int) -> list[int]:
+    """The epochs evaluated: the last ``last_k`` multiples of ``eval_every`` up to ``epochs``."""
+    every = [e for e in range(eval_every, epochs + 1, eval_every)]
+    if not every or every[-1] != epochs:
+        every.append(epochs)
+    return every[-last_k:]
+
+
+def compound_folds(table: pd.DataFrame, k: int, seed: int = 0) -> list[list[str]]:
+    """Split the annotated (non-control) compounds into ``k`` folds, deterministically."""
+    compounds = sorted(table.loc[(table.moa != CONTROL) & (table.moa != ""), "compound"].unique())
+    if k < 2 or k > len(compounds):
+        raise DataError(f"--holdout-folds must be between 2 and {len(compounds)} (compounds).")
+    order = np.random.default_rng(seed).permutation(len(compounds))
+    return [sorted(compounds[i] for i in order[f::k]) for f in range(k)]
+
+
+def _hide_moa(cache: Cache, compounds: Sequence[str]) -> Cache:
+    """The same cache with the MoA of ``compounds`` blanked (training labels only)."""
+    table = cache.table.copy()
+    table.loc[table.compound.isin(compounds), "moa"] = ""
+    return replace(cache, table=table)
+
+
+def _summary(evals: list[dict], model: str, label: str) -> dict:
+    sel = [e for e in evals if e["model"] == model and e["label"] == label and e.get("last")]
+    allr = [e for e in evals if e["model"] == model and e["label"] == label]
+    row = {"model": model, "weak_label": label, "n_evals": len(sel)}
+    for m in ("nsc", "nscb", "map_nsc"):
+        vals = np.array([np.nan if e.get(m) is None else e[m] for e in sel], dtype=float)
+        row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
+        row[f"{m}_std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else None
+    if allr and any(e.get("epoch") for e in allr):
+        best = max(allr, key=lambda e: (e["nsc"], e.get("nscb") or 0))
+        row["best_epoch_nsc"] = best["nsc"]
+        row["best_epoch_nscb"] = best.get("nscb")
+        row["best_epoch"] = f"{best.get('epoch')} (selected with MoA labels)"
+    return row
+
+
+def run_study(
+    cache: Cache | str | Path,
+    out: str | Path,
+    labels: Sequence[str] = ("none", "treatment", "compound", "moa"),
+    *,
+    seeds: int = 1,
+    init: str = "",
+    preset: str = "cpu",
+    eval_every: int | None = None,
+    last_k: int = 3,
+    holdout_folds: int = 0,
+    embed_crop: int | None = None,
+    device: str = "auto",
+    **train_overrides,
+) -> Generator[Progress, None, StudyResult]:
+    """Run the protocol; a generator of progress events returning a :class:`StudyResult`.
+
+    Parameters
+    ----------
+    cache
+        Preprocessed cache (:func:`~napari_wsdino.core.cache.open_cache`).
+    out
+        Study folder (created; reused to resume).
+    labels
+        Weak labels to train with (``none`` is plain DINO).
+    seeds
+        Training seeds per label.
+    init
+        Initial weights for every model (e.g. the official ``dino_deitsmall8_pretrain.pth``);
+        the init-only baseline embeds with these. Empty: random init, and a random-init baseline.
+    preset
+        Model/training size from :data:`napari_wsdino.core.pipeline.PRESETS`.
+    eval_every
+        Epochs between evaluated teacher snapshots (default: a fifth of the epochs).
+    last_k
+        Evaluated epochs per run averaged in the summary.
+    holdout_folds
+        K > 1 adds the honest MoA variant: compound-fold cross-validation.
+    train_overrides
+        Any :class:`~napari_wsdino.core.train.TrainConfig` field (e.g. ``epochs=20``).
+    """
+    from napari_wsdino.core.modelset import ModelSet
+    from napari_wsdino.core.pipeline import resolve_preset
+    from napari_wsdino.core.train import TrainConfig, train_channels
+
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    p = resolve_preset(preset, **train_overrides)
+    crop = embed_crop or p.embed_crop
+    base = TrainConfig(device=device, init=init, **p.train)
+    eval_every = eval_every or max(1, base.epochs // 5)
+    epochs_eval = snapshot_epochs(base.epochs, eval_every, last_k)
+    base = base.replace(snapshot_every=eval_every)
+    evals: list[dict] = []
+    notes = [f"preset {p.name}: {base.arch}, {base.epochs} epochs, evaluated epochs {epochs_eval}"]
+
+    # Baseline: the initial weights, not fine-tuned.
+    name = "init-only (no fine-tuning)" if init else "random-init ViT"
+    if init:
+        models = ModelSet.init_only(base.arch, init, cache.channels)
+    else:
+        models = ModelSet.random(base.arch, cache.channels, seed=0)
+    res = yield from _embed_eval(cache, models, out / "baseline" / "profiles.parquet", crop, device)
+    evals.append({"model": name, "label": "none", "seed": 0, "epoch": None, "last": True, **res})
+
+    runs = [(label, seed, None) for label in labels for seed in range(seeds)]
+    folds = compound_folds(cache.table, holdout_folds) if holdout_folds else []
+    runs += [("moa_or_compound", 0, f) for f in range(len(folds))]
+    for i, (label, seed, fold) in enumerate(runs):
+        tag = f"{label}_seed{seed}" if fold is None else f"moa_holdout_fold{fold}"
+        run_dir = out / tag
+        train_cache = cache if fold is None else _hide_moa(cache, folds[fold])
+        yield Progress("study", i, len(runs), f"training {tag}")
+        config = base.replace(weak_label=label, seed=seed)
+        yield from train_channels(train_cache, config, run_dir, resume=True)
+        model = f"{LABEL_NAMES[label]} ({label})" if fold is None else "WS-DINO (MoA, held-out folds)"
+        for epoch in epochs_eval:
+            files = {ch: _snapshot(run_dir / ch, epoch, base.epochs) for ch in cache.channels}
+            models = ModelSet.from_files(files)
+            res = yield from _embed_eval(cache, models, run_dir / f"profiles_epoch{epoch:04d}.parquet",
+                                         crop, device,
+                                         restrict=None if fold is None else folds[fold])
+            evals.append({"model": model, "label": label if fold is None else "moa (held out)",
+                          "seed": seed, "fold": fold, "epoch": epoch,
+                          "last": True, **res})
+    yield Progress("study", len(runs), len(runs), "summarising")
+    rows = []
+    seen = []
+    for e in evals:
+        key = (e["model"], e["label"])
+        if key not in seen:
+            seen.append(key)
+    for model, label in seen:
+        if label == "moa (held out)":
+            rows.append(_holdout_summary(evals, model, label))
+        else:
+            rows.append(_summary(evals, model, label))
+    (out / "evaluations.json").write_text(json.dumps(evals, indent=2, default=str))
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2, default=str))
+    return StudyResult(rows=rows, evaluations=evals, out=out, notes=notes)
+
+
+def _holdout_summary(evals, model, label) -> dict:
+    """Pool the held-out treatments of all folds, per evaluated epoch, then average."""
+    sel = [e for e in evals if e["model"] == model and e["label"] == label]
+    by_epoch: dict[int, list[dict]] = {}
+    for e in sel:
+        by_epoch.setdefault(e["epoch"], []).append(e)
+    accs = {"nsc": [], "nscb": []}
+    for epoch, group in by_epoch.items():
+        for m in accs:
+            hits = sum(e[f"{m}_hits"] for e in group)
+            n = sum(e[f"n_{m}"] for e in group)
+            if n:
+                accs[m].append(hits / n)
+    row = {"model": model, "weak_label": label, "n_evals": len(by_epoch)}
+    for m, vals in accs.items():
+        row[f"{m}_mean"] = float(np.mean(vals)) if vals else None
+        row[f"{m}_std"] = float(np.std(vals)) if vals else None
+    row["map_nsc_mean"] = None
+    row["map_nsc_std"] = None
+    return row
+
+
+def _snapshot(channel_dir: Path, epoch: int, final: int) -> Path:
+    snap = channel_dir / f"teacher_epoch{epoch:04d}.pth"
+    if snap.exists():
+        return snap
+    if epoch == final:
+        return channel_dir / "checkpoint.pth"
+    raise DataError(f"No teacher snapshot for epoch {epoch} in {channel_dir}.")
+
+
+def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None):
+    """Embed (reusing a finished profile file) and evaluate; returns headline numbers."""
+    from napari_wsdino.core.embed import embed_cache
+    from napari_wsdino.core.evaluation import evaluate_profiles
+    from napari_wsdino.core.profiles import ProfileTable
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        profiles = ProfileTable.read(path)
+    else:
+        profiles = yield from embed_cache(cache, models, path, crop=crop, device=device)
+    result = evaluate_profiles(profiles, tvn="paper", drop_constant=True)
+    d = result.to_dict()
+    out = {k: d[k] for k in ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")}
+    if restrict is not None:
+        nb = result.neighbours
+        held = nb.compound.isin(restrict)
+        for m in ("nsc", "nscb"):
+            col = f"{m}_correct"
+            if col in nb:
+                vals = nb.loc[held, col].dropna().astype(bool)
+                out[f"{m}_hits"], out[f"n_{m}"] = int(vals.sum()), int(len(vals))
+                out[m] = float(vals.mean()) if len(vals) else None
+            else:
+                out[f"{m}_hits"], out[f"n_{m}"] = 0, 0
+    return out
+
+
+def study_report(result: StudyResult, data_label: str) -> dict[str, Path]:
+    """Write ``report.html`` / ``.json`` / ``.csv`` for a study (bar chart + table)."""
+    from napari_wsdino.core.figures import bar_figure, png_bytes, read_log, training_curves_figure
+    from napari_wsdino.core.report import Report, write_report
+
+    bars = [{"model": f"{r['model']}", "nsc": r.get("nsc_mean"), "nscb": r.get("nscb_mean"),
+             "map_nsc": r.get("map_nsc_mean")} for r in result.rows]
+    figures = {"NSC / NSCB / mAP per model (mean over seeds and last epochs)":
+               png_bytes(bar_figure(bars, title="study"))}
+    logs = {}
+    for run in sorted(p for p in result.out.iterdir() if p.is_dir() and p.name != "baseline"):
+        for ch_dir in sorted(d for d in run.iterdir() if d.is_dir()):
+            logs[f"{run.name}/{ch_dir.name}"] = read_log(ch_dir / "log.jsonl")
+    if logs:
+        figures["Training curves"] = png_bytes(training_curves_figure(logs))
+    report = Report(title="napari-wsdino study: the WS-DINO protocol", data_label=data_label,
+                    rows=result.rows, figures=figures,
+                    sections={"Every evaluation": result.evaluations}, notes=result.notes,
+                    settings={"out": str(result.out)})
+    return write_report(report, result.out)

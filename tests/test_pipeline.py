@@ -1,0 +1,74 @@
+"""`wsdino demo` end to end (test-sized preset), its resume, and `wsdino study` on its cache."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from napari_wsdino.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", str(out), "--preset", "test", "--workers", "1", "--device", "cpu"]) == 0
+    return out
+
+
+def test_demo_report_holds_table_figures_and_json(demo_dir):
+    html = (demo_dir / "report.html").read_text()
+    assert "synthetic replica" in html
+    for caption in ("MoA confusion matrix (NSC)", "UMAP of treatment profiles by MoA",
+                    "UMAP of treatment profiles by batch", "Training curves",
+                    "Self-attention, one field per MoA"):
+        assert caption in html
+    assert len(re.findall(r"data:image/png;base64,", html)) >= 6
+    results = json.loads((demo_dir / "results.json").read_text())
+    assert results["data"] == "synthetic replica"
+    rows = {r["model"]: r for r in results["results"]}
+    assert set(rows) == {"WS-DINO (compound)", "random-init ViT"}
+    for r in rows.values():
+        assert 0.0 <= r["nsc"] <= 1.0 and 0.0 <= r["nscb"] <= 1.0
+        # The mini replica keeps all 103 treatments, 92 of them NSCB-eligible.
+        assert r["n_nsc"] == 103 and r["n_nscb"] == 92
+    assert (demo_dir / "report.csv").read_text().startswith("model,")
+    for ch in ("DAPI", "Tubulin", "Actin"):
+        assert (demo_dir / "run" / ch / "checkpoint.pth").exists()
+
+
+def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
+    before = (demo_dir / "profiles.parquet").stat().st_mtime_ns
+    assert main(["demo", str(demo_dir), "--preset", "test", "--device", "cpu", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped"] == ["replica", "preprocess", "train", "embed", "evaluate", "report"]
+    assert (demo_dir / "profiles.parquet").stat().st_mtime_ns == before
+
+
+def test_demo_refuses_other_settings_in_same_folder(demo_dir, capsys):
+    assert main(["demo", str(demo_dir), "--preset", "test", "--weak-label", "moa"]) != 0
+
+
+def test_study_two_labels_table(demo_dir, tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["study", str(demo_dir / "cache"), "--out", str(out), "--labels", "none,compound",
+            "--preset", "test", "--epochs", "2", "--eval-every", "1", "--last", "2",
+            "--device", "cpu", "--json"]
+    assert main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["weak_label"]) for r in rows] == [
+        ("random-init ViT", "none"), ("DINO (none)", "none"), ("WS-DINO (compound)", "compound")]
+    for r in rows[1:]:
+        assert r["n_evals"] == 2 and 0 <= r["nsc_mean"] <= 1 and r["nsc_std"] >= 0
+        assert "selected with MoA labels" in r["best_epoch"]
+    evals = json.loads((out / "evaluations.json").read_text())
+    assert sorted({e["epoch"] for e in evals if e["epoch"]}) == [1, 2]
+    assert (out / "report.html").exists()
+    # Resume: a second run reuses every profile file and gives the same table.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("profiles*.parquet")}
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out) == rows
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
