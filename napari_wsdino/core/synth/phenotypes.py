@@ -40,6 +40,9 @@ AXES: tuple[str, ...] = (
     "colony",       # compact epithelial colonies
 )
 _IX = {a: i for i, a in enumerate(AXES)}
+_CONTINUOUS = np.array([a in ("nuc_size", "nuc_bright", "cell_size", "round", "spread", "tub_diffuse",
+                              "tub_int", "act_fibres", "act_cortex", "act_int", "density")
+                        for a in AXES], dtype=float)
 
 #: Full-strength phenotype of each MoA (axes not named are 0).
 MOA_PHENOTYPES: dict[str, dict[str, float]] = {
@@ -206,8 +209,10 @@ def batch_response(vec: np.ndarray, batch: str, moa: str, seed: int, config: Syn
     week = np.random.default_rng(stable_seed(seed, "response", batch))
     pair = np.random.default_rng(stable_seed(seed, "response", batch, moa))
     gain = np.exp(week.normal(0.0, 0.2 * r))
-    shift = week.normal(0.0, 0.12 * r, len(AXES)) + pair.normal(0.0, 0.2 * r, len(AXES))
-    return vec * gain + shift * np.abs(vec).max()
+    shift = week.normal(0.0, 0.12 * r, len(AXES)) + pair.normal(0.0, 0.25 * r, len(AXES))
+    # Cell state shifts sizes, shapes, intensities and fibres; it does not create
+    # structures (aggresomes, asters, lobes) that the drug does not cause.
+    return vec * gain + shift * _CONTINUOUS * np.abs(vec).max()
 
 
 def plate_nuisance(plate: str, seed: int, config: SynthConfig) -> dict:
