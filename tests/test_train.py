@@ -206,7 +206,8 @@ def test_stop_request_leaves_a_loadable_checkpoint(cache, tmp_path):
     steps = lambda: sum("loss" in e.info for e in events)  # noqa: E731
     gen = train(cache, tiny_config(epochs=5), tmp_path, stop=lambda: steps() >= 2)
     path = run_to_end(gen, events.append)
-    assert "fields" in events[0].info and events[0].info["singleton_groups"] == []
+    assert events[0].info["singleton_groups"] == [] and events[0].info["fields"] == 30
+    assert "fields" not in events[1].info
     ckpt = load_checkpoint(path)
     assert ckpt["step"] == 2 and ckpt["epoch"] == 0 and not ckpt["finished"]
     student, _ = build_models(tiny_config())

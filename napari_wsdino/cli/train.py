@@ -114,7 +114,7 @@ def run(args) -> int:
     from napari_wsdino.core import distributed
     from napari_wsdino.core.cache import open_cache
     from napari_wsdino.core.model import CheckpointError
-    from napari_wsdino.core.train import CONFIG_FILE, TrainingError, train
+    from napari_wsdino.core.train import CONFIG_FILE, TrainingError, describe_data, train
 
     cache = open_cache(args.cache)
     if args.channel == "all":
@@ -141,6 +141,13 @@ def run(args) -> int:
             try:
                 config = build_config(args, out / CONFIG_FILE if args.resume else None)
                 config = config.replace(channel=ch)
+                if main and not args.quiet:
+                    d = describe_data(cache, config)
+                    singles = d["singleton_groups"]
+                    print(f"{ch}: {d['fields']} fields in {d['groups']} {config.weak_label} "
+                          f"groups, {d['steps_per_epoch']} steps/epoch; {len(singles)} groups "
+                          f"of one field{': ' + ', '.join(singles[:5]) if singles else ''} "
+                          f"-> {out}", file=sys.stderr)
                 path = drive(train(cache, config, out, resume=args.resume,
                                    stop=lambda: stop_flag["stop"]),
                              quiet=args.quiet or not main)

@@ -601,20 +601,12 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
 
     if step >= total:
         return ckpt_path
-    summary = sampler.summary()
-    singles = summary["singleton_groups"]
-    yield Progress(
-        "train", step, total,
-        f"{config.channel}: {summary['fields']} fields, {summary['groups']} "
-        f"{config.weak_label} groups ({len(singles)} of one field), "
-        f"{steps_per_epoch} steps/epoch",
-        {"channel": config.channel, "epoch": step // steps_per_epoch, "step": step,
-         "fields": summary["fields"], "groups": summary["groups"], "singleton_groups": singles},
-    )
     student.train()
     teacher.train()
     rate_t0, rate_steps, images_per_s = time.perf_counter(), 0, float("nan")
     run_t0, run_step0 = time.perf_counter(), step
+    summary = sampler.summary()  # reported with the first step's event
+    first_info = {k: summary[k] for k in ("fields", "groups", "singleton_groups")}
     plan_epoch, plan = -1, None
     try:
         while step < total:
@@ -685,7 +677,8 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
                 f"{images_per_s:.0f} img/s eta {_hms(eta)}",
                 {"channel": config.channel, "epoch": epoch + 1, "step": step,
                  "loss": loss_value, "lr": lr, "teacher_temp": temp, "momentum": momentum,
-                 "images_per_s": images_per_s, "eta_s": eta},
+                 "images_per_s": images_per_s, "eta_s": eta,
+                 **(first_info if step == run_step0 + 1 else {})},
             )
             if step % steps_per_epoch == 0:
                 done = step // steps_per_epoch
@@ -748,6 +741,23 @@ def _check_resume(ckpt, config, fingerprint, steps_per_epoch, path) -> None:
             f"Cannot resume {path}: {ckpt['steps_per_epoch']} steps per epoch then, "
             f"{steps_per_epoch} now (different number of processes?)."
         )
+
+
+def describe_data(cache: Cache | str | Path, config: TrainConfig) -> dict:
+    """What a run would train on: fields, weak-label groups, singleton groups, steps.
+
+    Example
+    -------
+    >>> describe_data("cache/", TrainConfig(weak_label="compound"))   # doctest: +SKIP
+    {'fields': 2528, 'groups': 38, 'singleton_groups': [], 'paired': True, ...}
+    """
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    labels = weak_labels(cache.table, config.weak_label, config.dmso)
+    paired = config.weak_label != "none"
+    sampler = PairSampler(labels, config.batch_size, pair=paired,
+                          balance=paired and config.balance, seed=config.seed,
+                          world_size=distributed.env_world_size())
+    return sampler.summary()
 
 
 def train_channels(
