@@ -100,6 +100,20 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     widget.colour_combo.setCurrentText("concentration")
     assert scatter.colorbar is not None
 
+    # well profiles instead of treatments: one point per well, a click opens that well
+    widget.level_combo.setCurrentText("wells")
+    qtbot.mouseClick(widget.run_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    ev = widget.evaluation
+    wells = cache.table.groupby(["plate", "well"]).ngroups
+    assert ev.level == "wells" and len(scatter.collection.get_offsets()) == wells
+    far = int(np.argmax(np.linalg.norm(ev.xy - ev.xy.mean(0), axis=1)))
+    qtbot.mouseClick(scatter.canvas, Qt.LeftButton, pos=_qt_pos(scatter, far))
+    row = ev.points.meta.iloc[far]
+    assert (viewer.layers["DAPI"].metadata["plate"], viewer.layers["DAPI"].metadata["well"]) == \
+        (str(row["Metadata_Plate"]), str(row["Metadata_Well"]))
+    assert compare.table.rowCount() == 1  # same model set: its row is replaced
+
     # exports, through the buttons and the save dialogs
     chosen = {}
     monkeypatch.setattr(QFileDialog, "getSaveFileName",
@@ -115,7 +129,7 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     chosen["path"], chosen["filter"] = tmp_path / "out" / "figs.svg", "SVG (*.svg)"
     qtbot.mouseClick(widget.export_figures_button, Qt.LeftButton)
     svgs = sorted(p.name for p in (tmp_path / "out" / "figs").iterdir())
-    assert "confusion_nsc.svg" in svgs and "map_treatments.svg" in svgs and "per_moa.svg" in svgs
+    assert "confusion_nsc.svg" in svgs and "map_wells.svg" in svgs and "per_moa.svg" in svgs
 
 
 def test_compare_table_chart_and_persistence(qtbot, tmp_path, monkeypatch):

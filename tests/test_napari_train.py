@@ -63,11 +63,16 @@ def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path
     loader = viewer.window.add_plugin_dock_widget("napari-wsdino", "3 Load models")[1]
 
     # an error inside the worker: a notification, a message in the dock, buttons back
+    from napari.utils.notifications import notification_manager
+
+    before = len(notification_manager.records)
     widget.arch_combo.setCurrentText("no_such_vit")
     qtbot.mouseClick(widget.start_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
     assert widget.status == TaskStatus.CRASHED
     assert "no_such_vit" in widget.status_label.text() and widget.start_button.isEnabled()
+    notes = [str(r.message) for r in notification_manager.records[before:]]
+    assert any(n.startswith("Training failed:") and "no_such_vit" in n for n in notes), notes
 
     widget.arch_combo.setCurrentText("test_vit")
     qtbot.mouseClick(widget.start_button, Qt.LeftButton)

@@ -149,7 +149,14 @@ class ScatterMap:
         if self.collection is None or event.inaxes is not self.ax:
             return None
         hit, info = self.collection.contains(event)
-        return int(info["ind"][0]) if hit and len(info["ind"]) else None
+        return self._nearest(info["ind"], event) if hit and len(info["ind"]) else None
+
+    def _nearest(self, indices, mouse) -> int:
+        """Of overlapping points under the mouse, the one closest to it."""
+        indices = np.asarray(indices)
+        xy = self.ax.transData.transform(self.collection.get_offsets()[indices])
+        d = np.hypot(xy[:, 0] - mouse.x, xy[:, 1] - mouse.y)
+        return int(indices[int(np.argmin(d))])
 
     def _hover(self, event) -> None:
         """Name the point under the mouse."""
@@ -168,7 +175,7 @@ class ScatterMap:
 
     def _pick(self, event) -> None:
         if event.artist is self.collection and len(event.ind):
-            self.on_click(int(event.ind[0]))
+            self.on_click(self._nearest(event.ind, event.mouseevent))
 
 
 class EvaluateWidget(QWidget):

@@ -95,6 +95,9 @@ class LossPlot:
         self.redraw()
 
     def add(self, event: Progress) -> None:
+        """Plot a training step (events without a loss, e.g. start-up notes, are skipped)."""
+        if "loss" not in event.info:
+            return
         channel = str(event.info.get("channel", ""))
         steps, loss, lr = self.series.setdefault(channel, ([], [], []))
         steps.append(event.step)
