@@ -32,7 +32,7 @@ def _dock(viewer, name):
 
 def test_load_random_and_per_channel_files(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
-    loader = _dock(viewer, "3 Load models")
+    loader = _dock(viewer, "3b Load models")
     state = state_for(viewer)
     loader.source_combo.setCurrentIndex(loader.source_combo.findData("run"))
     loader.path_edit.setText(str(tmp_path / "no-such-run"))

@@ -24,7 +24,7 @@ def cache(tmp_path):
 
 
 def _setup(viewer, cache, tmp_path, epochs):
-    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "3 Train")[1]
+    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "3a Train")[1]
     assert isinstance(widget, TrainWidget)
     state_for(viewer).cache_path = cache.path  # as the Preprocess panel does
     assert widget.cache_edit.text() == str(cache.path)
@@ -60,7 +60,7 @@ def test_config_from_widget_values(tmp_path):
 def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path):
     viewer = make_napari_viewer()
     widget = _setup(viewer, cache, tmp_path, epochs=1)
-    loader = viewer.window.add_plugin_dock_widget("napari-wsdino", "3 Load models")[1]
+    loader = viewer.window.add_plugin_dock_widget("napari-wsdino", "3b Load models")[1]
 
     # an error inside the worker: a notification, a message in the dock, buttons back
     from napari.utils.notifications import notification_manager

@@ -126,7 +126,7 @@ class AttentionWidget(QWidget):
         self.auto_check = QCheckBox("Update when the field changes")
         self.auto_check.setChecked(bool(saved.get(PREFIX + "auto", False)))
         self.compute_button = QPushButton("Show attention")
-        self.status_label = QLabel("Load models (3 Load models) and open a dataset.")
+        self.status_label = QLabel("Load models (3b Load models) and open a dataset.")
         self.status_label.setWordWrap(True)
 
         form = QFormLayout()
@@ -183,7 +183,7 @@ class AttentionWidget(QWidget):
         """Attention of the current field for the chosen channel, in a worker."""
         models, metadata = self.state.models, self.state.metadata
         if models is None or metadata is None or not len(metadata.table):
-            self.status_label.setText("Needs a dataset (1 Data) and models (3 Load models).")
+            self.status_label.setText("Needs a dataset (1 Data) and models (3b Load models).")
             return
         channel = self.channel_combo.currentText()
         self._remember()

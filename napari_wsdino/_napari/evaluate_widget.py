@@ -282,7 +282,7 @@ class EvaluateWidget(QWidget):
         cache, models = self.state.cache_path, self.state.models
         self.inputs_label.setText(
             f"Cache: {cache or '– (2 Preprocess)'}\n"
-            f"Models: {f'{models.kind}, ' + ', '.join(models.channels) if models else '– (3 Load models)'}"
+            f"Models: {f'{models.kind}, ' + ', '.join(models.channels) if models else '– (3b Load models)'}"
         )
 
     def run(self) -> None:
@@ -291,7 +291,7 @@ class EvaluateWidget(QWidget):
             return
         try:
             if self.state.models is None:
-                raise DataError("Load a model set first (3 Load models).")
+                raise DataError("Load a model set first (3b Load models).")
             if self.state.cache_path is None:
                 raise DataError("Preprocess the dataset or pick a cache first (2 Preprocess).")
             cache = open_cache(self.state.cache_path)
