@@ -29,10 +29,21 @@ def counting(n, log, delay=0.0, fail_at=None):
 
 
 def test_worker_reports_progress_and_result(qtbot):
-    events, done, log = [], [], []
-    start_worker(counting(5, log), events.append, done.append, desc="Counting")
+    from napari.utils import progress
+
+    events, done, log, bars = [], [], [], []
+
+    def seen(event):
+        events.append(event)
+        bars.extend((b.n, b.total, b.desc) for b in progress._all_instances if "Counting" in b.desc)
+
+    start_worker(counting(5, log), seen, done.append, desc="Counting")
     qtbot.waitUntil(lambda: bool(done and log), timeout=10_000)  # callbacks connect before start
     assert [e.step for e in events] == [1, 2, 3, 4, 5]
+    # napari's progress bar followed the events and was closed at the end
+    assert [(n, total) for n, total, _ in bars] == [(i, 5) for i in range(1, 6)]
+    assert bars[-1][2] == "Counting: step 5"
+    qtbot.waitUntil(lambda: not any("Counting" in b.desc for b in progress._all_instances))
     assert events[-1].info["loss"] == pytest.approx(0.2)
     assert done == [50] and log == [False]
 

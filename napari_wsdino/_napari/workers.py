@@ -57,7 +57,10 @@ class ProgressBar:
         if event.total and bar.total != event.total:
             bar.total = event.total
         bar.n = min(int(event.step), int(event.total)) if event.total else int(event.step)
-        bar.set_description(f"{self.desc}: {event.message}" if event.message else self.desc)
+        text = f"{self.desc}: {event.message}" if event.message else self.desc
+        # tqdm's set_description appends ": "; set the text as is and tell napari's bar.
+        bar.set_description_str(text, refresh=False)
+        bar.events.description(value=text)
         bar.refresh()
 
     def close(self) -> None:
