@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -66,10 +67,17 @@ def run_ours(meta, out: Path, workers: int) -> dict:
     from napari_wsdino.core.progress import run_to_end
 
     stamps = []
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     cache = run_to_end(preprocess(meta, out, workers=workers),
                        lambda e: stamps.append((time.perf_counter(), e)))
     wall = time.perf_counter() - t0
+    # The pool is shut down (its workers reaped) when preprocess returns, so their
+    # CPU time is in RUSAGE_CHILDREN now.
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (time.process_time() - cpu0 + children1.ru_utime - children0.ru_utime
+           + children1.ru_stime - children0.ru_stime)
     # Illumination phase of a plate: from its last "mean" event to its last
     # "illumination" event.
     illum = 0.0
@@ -84,8 +92,28 @@ def run_ours(meta, out: Path, workers: int) -> dict:
     # Start-up (spawning workers, importing torch there) happens once per run:
     # up to the first event (which also reads the first few fields).
     startup = stamps[0][0] - t0
-    return {"wall": wall, "fields": n, "illum_per_plate": illum / n_plates,
+    return {"wall": wall, "fields": n, "illum_per_plate": illum / n_plates, "cpu": cpu,
             "startup": startup, "per_field": (wall - illum - startup) / n}
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def illumination_cpu(meta, size) -> float:
+    """CPU seconds of the three fast functions of one plate, in one process."""
+    from napari_wsdino.core import illumination as il
+    from napari_wsdino.core.imageio import read_tiff
+
+    plate = meta.table.plate.iloc[0]
+    rows = meta.table[meta.table.plate == plate]
+    means = [il.mean_image(read_tiff(p) for p in rows[f"path_{c}"]) for c in meta.channels]
+    il.illumination_function(means[0][:64, :64], 20)  # compile / load the kernel first
+    cpu0 = time.process_time()
+    for m in means:
+        il.illumination_function(m, il.scaled_filter_size(320, size))
+    return time.process_time() - cpu0
 
 
 def run_baseline(meta, size, radius: int) -> dict:
@@ -112,7 +140,7 @@ def run_baseline(meta, size, radius: int) -> dict:
     t_exact_fn = per_pixel * size[0] * size[1]
 
     fns = [il.illumination_function(m, il.scaled_filter_size(320, size)) for m in means]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _, row in rows.iterrows():
         for c, fn in zip(channels, fns):
             img = read_tiff(row[f"path_{c}"]).astype(np.float32) / fn
@@ -121,8 +149,9 @@ def run_baseline(meta, size, radius: int) -> dict:
             small_img = (small_img - small_img.mean()) / small_img.std()
             small_img.astype(np.float16)
     t_apply = time.perf_counter() - t0
+    cpu_apply = time.process_time() - cpu0
     n = len(rows)
-    return {"fields": n, "per_field": (t_mean + t_apply) / n,
+    return {"fields": n, "per_field": (t_mean + t_apply) / n, "cpu_apply": cpu_apply / n,
             "exact_fn": t_exact_fn, "illum_per_plate": 3 * t_exact_fn}
 
 
@@ -168,7 +197,14 @@ def main() -> None:
               f"written in {time.perf_counter() - t0:.0f} s")
         meta = load_metadata(tmp / "data")
         load0 = os.getloadavg()[0]
+        # One plate, then all: the difference is the cost of the extra plates without
+        # the once-per-run start-up (spawning workers, importing torch and numba there).
+        first = meta.table.plate.iloc[0]
+        one = load_metadata(tmp / "data")
+        one.table = one.table[one.table.plate == first].reset_index(drop=True)
+        ours1 = run_ours(one, tmp / "cache1", args.workers)
         ours = run_ours(meta, tmp / "cache", args.workers)
+        illum_cpu = illumination_cpu(meta, size)
         radius = il.disk_radius(il.scaled_filter_size(320, size))
         base = run_baseline(meta, size, radius)
         err = check_fast_vs_exact(meta, tmp / "cache", size)
@@ -193,6 +229,19 @@ def main() -> None:
     print(f"| straightforward, 1 process (exact function extrapolated) | "
           f"{1 / (base['per_field'] + base['illum_per_plate'] / base['fields']):.3f} | "
           f"{base['illum_per_plate']:.0f} s | {full_base / 3600:.1f} h |")
+    n_plates = meta.table.plate.nunique()
+    extra_fields = ours["fields"] - ours1["fields"]
+    field_cpu = (ours["cpu"] - ours1["cpu"] - (n_plates - 1) * illum_cpu) / extra_fields
+    start_cpu = ours1["cpu"] - illum_cpu - ours1["fields"] * field_cpu
+    cpu_full = start_cpu + FULL_PLATES * illum_cpu + FULL_FIELDS * field_cpu
+    print(f"\nCPU time of ours, all processes: {ours['cpu']:.1f} s (one plate alone: "
+          f"{ours1['cpu']:.1f} s) = start-up {start_cpu:.1f} s "
+          f"(pool, torch, numba kernel) + {illum_cpu:.2f} s per plate "
+          f"for its 3 functions + {field_cpu * 1000:.0f} ms per field. The 3,848 fields and 55 "
+          f"plates are then {cpu_full / 60:.1f} CPU-min: about {cpu_full / 60 / args.workers:.1f} "
+          f"min on {args.workers} otherwise idle cores. The straightforward version spends "
+          f"{base['cpu_apply'] * 1000:.0f} ms CPU per field on reading, dividing and resizing "
+          f"alone (ours {field_cpu * 1000:.0f} ms including the mean-image pass).")
     print(f"\nPer field without the function: ours {ours['per_field'] * 1000:.0f} ms (wall, "
           f"{args.workers} workers, after {ours['startup']:.1f} s start-up), "
           f"straightforward {base['per_field'] * 1000:.0f} ms. "

@@ -13,7 +13,12 @@ from napari_wsdino.core import preprocess as pp
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.imageio import ImageReadError, read_tiff
 from napari_wsdino.core.metadata import DataError, load_metadata
-from napari_wsdino.core.preprocess import PreprocessSettings, preprocess, process_field
+from napari_wsdino.core.preprocess import (
+    PreprocessSettings,
+    plate_functions,
+    preprocess,
+    process_field,
+)
 from napari_wsdino.core.progress import run_to_end
 from preprocess_data import tile_background_cv, write_screen
 
@@ -137,6 +142,13 @@ def test_corrupt_tiff_reported_and_rest_of_plate_processed(tmp_path):
     for i, raw in enumerate(raws):
         want = process_field(raw, fns, PreprocessSettings()).astype(np.float16)
         assert np.array_equal(cache.images("Tubulin")[i], want[1])
+    # What a viewer shows for this plate: the same functions, from TIFFs or cache.
+    plate = meta.table.plate.iloc[0]
+    from_tiffs = plate_functions(meta, plate)
+    from_cache = plate_functions(meta, plate, cache=cache)
+    for c, ch in enumerate(meta.channels):
+        assert np.array_equal(from_tiffs[ch], fns[c])
+        assert np.array_equal(from_cache[ch], fns[c])
 
 
 def test_file_failing_on_second_read_keeps_the_other_rows(tmp_path, monkeypatch):

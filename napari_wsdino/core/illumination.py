@@ -138,7 +138,7 @@ class MeanAccumulator:
 def mean_image(images: Iterable[np.ndarray]) -> np.ndarray:
     """Per-pixel mean of 2-D images (float64): the average image of a plate.
 
-    >>> mean_image([np.zeros((2, 2)), np.full((2, 2), 4)])[0, 0]
+    >>> float(mean_image([np.zeros((2, 2)), np.full((2, 2), 4)])[0, 0])
     2.0
     """
     acc = MeanAccumulator()

@@ -43,7 +43,7 @@ import json
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Iterator, Sequence
@@ -247,11 +247,64 @@ def process_field(
         raw = raw[None]
     if functions is None:
         functions = [None] * raw.shape[0]
-    corrected = np.stack([illum.correct(raw[c], functions[c]) for c in range(raw.shape[0])])
+    # illumination.correct, written into one (C, H, W) buffer (no temporaries).
+    corrected = np.empty(raw.shape, dtype=np.float32)
+    for c in range(raw.shape[0]):
+        if functions[c] is None:
+            corrected[c] = raw[c]
+        else:
+            if np.shape(functions[c]) != raw.shape[1:]:
+                raise ValueError(f"illumination function shape {np.shape(functions[c])} "
+                                 f"!= image shape {raw.shape[1:]}")
+            np.divide(raw[c], np.asarray(functions[c], dtype=np.float32), out=corrected[c])
     small = resize(corrected, settings.output_size(raw.shape[-2:]))
     hi = settings.clip if settings.clip is not None else FLOAT16_MAX
     np.clip(small, 0.0, hi, out=small)
     return np.stack([normalize(im, settings.normalize, settings.clip) for im in small])
+
+
+def plate_functions(
+    metadata: Metadata,
+    plate: str,
+    settings: PreprocessSettings = PreprocessSettings(),
+    cache: Cache | None = None,
+) -> dict[str, np.ndarray | None]:
+    """Illumination function of each channel of one plate, for display or
+    :func:`process_field`.
+
+    Taken from ``cache`` when it holds them, else computed from the plate's TIFFs
+    (unreadable files skipped), exactly as :func:`preprocess` does.
+
+    Example
+    -------
+    >>> fns = plate_functions(meta, meta.table.plate.iloc[0])        # doctest: +SKIP
+    >>> raw = read_field([meta.table.loc[0, f"path_{c}"] for c in meta.channels])  # doctest: +SKIP
+    >>> shown = process_field(raw, list(fns.values()), PreprocessSettings())  # doctest: +SKIP
+    """
+    channels = list(metadata.channels)
+    if cache is not None:
+        stored = {c: cache.illumination(plate, c) for c in channels}
+        if all(v is not None for v in stored.values()):
+            return stored
+    if settings.illumination == "none":
+        return {c: None for c in channels}
+    rows = metadata.table[metadata.table["plate"] == plate]
+    if rows.empty:
+        raise DataError(f"No fields of plate {plate!r} in this dataset.")
+    # As in preprocess: a field counts only if all its channels read, at the screen's size.
+    shape = _probe_shape(metadata.table, channels)
+    acc = illum.MeanAccumulator()
+    for paths in rows[[f"path_{c}" for c in channels]].astype(str).to_numpy():
+        try:
+            acc.add(_read_field(list(paths), shape))
+        except ImageReadError:
+            continue
+    if acc.count == 0:
+        return {c: None for c in channels}
+    mean = acc.mean()
+    size = settings.scaled_filter_size(shape)
+    return {c: illum.illumination_function(mean[k], size, method=settings.illumination)
+            for k, c in enumerate(channels)}
 
 
 # --------------------------------------------------------------------------- workers
@@ -287,7 +340,9 @@ def _sum_task(task: tuple) -> tuple:
             bad.append((field_id, str(exc.path), exc.reason))
             continue
         if total is None:
-            total = np.zeros(img.shape, dtype=np.float64)
+            # float32 holds sums of a few 16-bit images exactly (< 2**24).
+            small = img.dtype.itemsize <= 2 and len(fields) <= 256
+            total = np.zeros(img.shape, dtype=np.float32 if small else np.float64)
         total += img
         good.append(field_id)
     return index, total, good, bad
@@ -332,6 +387,7 @@ class _Pool:
     """A process pool that yields task results as they finish."""
 
     def __init__(self, workers: int):
+        self.workers = workers
         # "spawn": safe when the caller has threads (napari's thread workers, torch).
         self.executor = ProcessPoolExecutor(
             max_workers=workers,
@@ -341,12 +397,27 @@ class _Pool:
         self.map = self.executor.map
 
     def run(self, fn: Callable, tasks: Iterable) -> Iterator:
-        futures = [self.executor.submit(fn, t) for t in tasks]
+        # A few tasks in flight per worker, and no reference kept to a finished
+        # future: results (a chunk's sums are tens of MB) are freed once consumed.
+        todo = iter(tasks)
+        pending: set = set()
         try:
-            for fut in as_completed(futures):
-                yield fut.result()
+            while True:
+                while len(pending) < 2 * self.workers:
+                    task = next(todo, None)
+                    if task is None:
+                        break
+                    pending.add(self.executor.submit(fn, task))
+                if not pending:
+                    return
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    result = fut.result()
+                    del fut
+                    yield result
+                del done
         finally:
-            for fut in futures:
+            for fut in pending:
                 fut.cancel()
 
     def shutdown(self) -> None:
