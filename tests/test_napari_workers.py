@@ -93,3 +93,19 @@ def test_settings_persist_under_the_config_dir(tmp_path, monkeypatch):
     assert (tmp_path / "cfg" / "settings.json").exists()
     (tmp_path / "cfg" / "settings.json").write_text("{not json")
     assert settings.recall("x", "fallback") == "fallback"
+
+
+def test_closing_the_owner_widget_stops_the_work(qtbot):
+    from qtpy.QtWidgets import QWidget
+
+    owner = QWidget()
+    events, done, stopped, log = [], [], [], []
+    worker = start_worker(counting(1000, log, delay=0.01), events.append, done.append,
+                          on_stopped=lambda: stopped.append(True), progress_bar=False,
+                          owner=owner)
+    qtbot.waitUntil(lambda: len(events) >= 2, timeout=10_000)
+    with qtbot.waitSignal(worker.finished, timeout=10_000):
+        owner.deleteLater()  # the dock was closed
+    seen = len(events)
+    qtbot.wait(50)
+    assert log == [False] and done == [] and stopped == [] and len(events) == seen < 1000

@@ -202,7 +202,7 @@ class AttentionWidget(QWidget):
             attention_job(entry.model, source.image, self.mode_combo.currentText(),
                           self.keep_spin.value()),
             on_done=lambda maps: self._show(maps, channel, source, key),
-            on_error=self._failed, desc="Attention",
+            on_error=self._failed, desc="Attention", owner=self
         )
 
     def _failed(self, exc: BaseException) -> None:

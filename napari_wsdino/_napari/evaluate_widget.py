@@ -316,7 +316,7 @@ class EvaluateWidget(QWidget):
                          level=self.level_combo.currentText(),
                          method=self.method_combo.currentText(), label=label),
             on_progress=lambda e: self.status_label.setText(e.message), on_done=self._done,
-            on_error=self._failed, on_stopped=self._stopped, desc="Evaluate",
+            on_error=self._failed, on_stopped=self._stopped, desc="Evaluate", owner=self
         )
 
     def cancel(self) -> None:

@@ -223,7 +223,7 @@ class ModelLoader(QWidget):
         self.load_button.setEnabled(False)
         self.status_label.setText("Loading…")
         self.worker = start_worker(load_job(config), on_done=self._loaded,
-                                   on_error=self._failed, desc="Load models")
+                                   on_error=self._failed, desc="Load models", owner=self)
 
     def _loaded(self, models: ModelSet) -> None:
         self.status = TaskStatus.DONE

@@ -175,7 +175,7 @@ class PlateBrowser(QWidget):
             self.status_label.setText(f"Could not write the sample: {_exc}")
 
         self._sample_worker = start_worker(job(), on_done=done, on_error=failed,
-                                           desc="Synthetic sample")
+                                           desc="Synthetic sample", owner=self)
 
     def _on_layer_inserted(self, event) -> None:
         """A field opened by the reader (File > Open) becomes the browser's dataset."""

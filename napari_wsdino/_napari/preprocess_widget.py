@@ -229,7 +229,7 @@ class PreprocessWidget(QWidget):
         self.worker = start_worker(
             preprocess(metadata, out, prep, workers=self.workers_spin.value()),
             on_progress=self._progress, on_done=self._done, on_error=self._failed,
-            on_stopped=self._stopped, desc="Preprocess",
+            on_stopped=self._stopped, desc="Preprocess", owner=self
         )
 
     def cancel(self) -> None:

@@ -312,7 +312,7 @@ class TrainWidget(QWidget):
         self.worker = start_worker(
             train_channels(cache, config, run, channels, resume=resume, stop=self._stop.is_set),
             on_progress=self._progress, on_done=self._finished, on_error=self._failed,
-            desc="Training",
+            desc="Training", owner=self
         )
 
     def stop(self) -> None:

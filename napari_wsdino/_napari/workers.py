@@ -78,6 +78,7 @@ def start_worker(
     on_stopped: Callable[[], None] | None = None,
     desc: str = "WS-DINO",
     progress_bar: bool = True,
+    owner=None,
 ) -> ClosingGeneratorWorker:
     """Run a core progress generator in a thread worker and start it.
 
@@ -98,6 +99,10 @@ def start_worker(
         Label of napari's progress bar.
     progress_bar
         Show napari's progress bar.
+    owner
+        The widget that started the work: when it is destroyed (dock closed), the
+        worker is stopped and the callbacks, which would touch deleted Qt objects,
+        are no longer called.
 
     Returns
     -------
@@ -109,25 +114,35 @@ def start_worker(
         _start_thread=False,
     )
     bar = ProgressBar(desc) if progress_bar else None
+    alive = [True]
 
     def _yielded(event):
         if isinstance(event, Progress):
             if bar is not None:
                 bar.update(event)
-            if on_progress is not None:
+            if on_progress is not None and alive[0]:
                 on_progress(event)
 
     def _errored(exc):
         show_error(f"{desc} failed: {exc}")
-        if on_error is not None:
+        if on_error is not None and alive[0]:
             on_error(exc)
+
+    def _guard(callback):
+        return lambda *args: callback(*args) if alive[0] else None
 
     worker.yielded.connect(_yielded)
     worker.errored.connect(_errored)
     if on_done is not None:
-        worker.returned.connect(on_done)
+        worker.returned.connect(_guard(on_done))
     if on_stopped is not None:
-        worker.aborted.connect(on_stopped)
+        worker.aborted.connect(_guard(on_stopped))
+    if owner is not None:
+        def _owner_gone(*_):
+            alive[0] = False
+            worker.quit()
+
+        owner.destroyed.connect(_owner_gone)
     if bar is not None:
         worker.finished.connect(bar.close)
     worker.start()
