@@ -147,3 +147,13 @@ def test_synthetic_sample_button(make_napari_viewer, qtbot, tmp_path, monkeypatc
     qtbot.waitUntil(lambda: browser.well_combo.count() == 2, timeout=20_000)
     assert str(state_for(viewer).source) == str(folder)
     assert [layer.name for layer in viewer.layers] == ["DAPI", "Tubulin", "Actin"]
+
+    # File > Open Sample (the manifest's sample data) feeds the browser as well
+    viewer.layers.clear()
+    state_for(viewer).set_dataset(None)
+    assert not browser.plate_combo.isEnabled()
+    viewer.open_sample("napari-wsdino", "replica_taxol")
+    qtbot.waitUntil(lambda: browser.plate_combo.isEnabled(), timeout=20_000)
+    assert browser.info["compound"].text() == "taxol" and len(viewer.layers) == 3
+    browser.well_combo.setCurrentIndex(1 - browser.well_combo.currentIndex())
+    assert viewer.layers[0].metadata["compound"] != "taxol" and len(viewer.layers) == 3
