@@ -54,6 +54,20 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _warn_unreadable(gen, stream):
+    """Pass events through, printing each unreadable file on a line of its own
+    (the progress bar would overwrite and cut it)."""
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if event.info.get("failed_path"):
+            stream.write(f"\nwarning: {event.message}\n")
+            stream.flush()
+        yield event
+
+
 def run(args) -> int:
     try:
         settings = PreprocessSettings(
@@ -69,7 +83,8 @@ def run(args) -> int:
                          unannotated=args.unannotated)
     if meta.dropped:
         print(f"left out {meta.dropped} field(s) with missing files", file=sys.stderr)
-    cache = drive(preprocess(meta, args.out, settings, workers=args.workers), quiet=args.quiet)
+    gen = preprocess(meta, args.out, settings, workers=args.workers)
+    cache = drive(_warn_unreadable(gen, sys.stderr), quiet=args.quiet)
     failed = cache.settings.get("failed", [])
     h, w = cache.shape
     print(f"Cache: {cache.path}  {len(cache)} fields x {len(cache.channels)} channels "
