@@ -249,6 +249,8 @@ class PreprocessWidget(QWidget):
         self._adopt(cache)
 
     def _progress(self, event: Progress) -> None:
+        if self.status != TaskStatus.RUNNING:
+            return  # a late event must not hide the final message
         self.status_label.setText(f"{event.message} ({event.step}/{event.total} fields)")
 
     def _done(self, cache: Cache) -> None:
