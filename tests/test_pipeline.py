@@ -56,7 +56,7 @@ def test_study_two_labels_table(demo_dir, tmp_path, capsys):
     out = tmp_path / "study"
     args = ["study", str(demo_dir / "cache"), "--out", str(out), "--labels", "none,compound",
             "--preset", "test", "--epochs", "2", "--eval-every", "1", "--last", "2",
-            "--device", "cpu", "--json"]
+            "--channels", "DAPI", "--device", "cpu", "--json"]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["model"], r["weak_label"]) for r in rows] == [

@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--holdout-folds", type=int, default=0,
                    help="K > 1: also train with the MoA labels of 1/K of the compounds hidden, "
                    "scoring only those compounds (honest MoA weak label)")
+    p.add_argument("--channels", help="comma-separated channels (default: all in the cache)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--data-label", default=SYNTHETIC_LABEL,
                    help=f"what the cache holds, shown in the report (default: {SYNTHETIC_LABEL})")
@@ -48,7 +49,9 @@ def run(args) -> int:
     overrides = {"epochs": args.epochs} if args.epochs else {}
     result = drive(run_study(args.cache, args.out, labels, seeds=args.seeds, init=args.init,
                              preset=args.preset, eval_every=args.eval_every, last_k=args.last,
-                             holdout_folds=args.holdout_folds, device=args.device, **overrides))
+                             holdout_folds=args.holdout_folds, device=args.device,
+                             channels=args.channels.split(",") if args.channels else None,
+                             **overrides))
     paths = study_report(result, args.data_label)
     if args.json:
         print(json.dumps(result.rows, indent=2))

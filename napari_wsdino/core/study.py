@@ -111,6 +111,7 @@ def run_study(
     last_k: int = 3,
     holdout_folds: int = 0,
     embed_crop: int | None = None,
+    channels: Sequence[str] | None = None,
     device: str = "auto",
     **train_overrides,
 ) -> Generator[Progress, None, StudyResult]:
@@ -137,6 +138,8 @@ def run_study(
         Evaluated epochs per run averaged in the summary.
     holdout_folds
         K > 1 adds the honest MoA variant: compound-fold cross-validation.
+    channels
+        Channels to model and concatenate (default: all the cache holds).
     train_overrides
         Any :class:`~napari_wsdino.core.train.TrainConfig` field (e.g. ``epochs=20``).
     """
@@ -145,6 +148,10 @@ def run_study(
     from napari_wsdino.core.train import TrainConfig, train_channels
 
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    channels = tuple(channels or cache.channels)
+    missing = [c for c in channels if c not in cache.channels]
+    if missing:
+        raise DataError(f"Cache {cache.path} has no channel(s) {missing}; it has {list(cache.channels)}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = resolve_preset(preset, **train_overrides)
@@ -154,14 +161,15 @@ def run_study(
     epochs_eval = snapshot_epochs(base.epochs, eval_every, last_k)
     base = base.replace(snapshot_every=eval_every)
     evals: list[dict] = []
-    notes = [f"preset {p.name}: {base.arch}, {base.epochs} epochs, evaluated epochs {epochs_eval}"]
+    notes = [f"preset {p.name}: {base.arch}, {base.epochs} epochs, evaluated epochs {epochs_eval}, "
+             f"channels {', '.join(channels)}"]
 
     # Baseline: the initial weights, not fine-tuned.
     name = "init-only (no fine-tuning)" if init else "random-init ViT"
     if init:
-        models = ModelSet.init_only(base.arch, init, cache.channels)
+        models = ModelSet.init_only(base.arch, init, channels)
     else:
-        models = ModelSet.random(base.arch, cache.channels, seed=0)
+        models = ModelSet.random(base.arch, channels, seed=0)
     res = yield from _embed_eval(cache, models, out / "baseline" / "profiles.parquet", crop, device)
     evals.append({"model": name, "label": "none", "seed": 0, "epoch": None, "last": True, **res})
 
@@ -174,10 +182,10 @@ def run_study(
         train_cache = cache if fold is None else _hide_moa(cache, folds[fold])
         yield Progress("study", i, len(runs), f"training {tag}")
         config = base.replace(weak_label=label, seed=seed)
-        yield from train_channels(train_cache, config, run_dir, resume=True)
+        yield from train_channels(train_cache, config, run_dir, channels, resume=True)
         model = f"{LABEL_NAMES[label]} ({label})" if fold is None else "WS-DINO (MoA, held-out folds)"
         for epoch in epochs_eval:
-            files = {ch: _snapshot(run_dir / ch, epoch, base.epochs) for ch in cache.channels}
+            files = {ch: _snapshot(run_dir / ch, epoch, base.epochs) for ch in channels}
             models = ModelSet.from_files(files)
             res = yield from _embed_eval(cache, models, run_dir / f"profiles_epoch{epoch:04d}.parquet",
                                          crop, device,
