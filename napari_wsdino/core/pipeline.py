@@ -29,6 +29,7 @@ from typing import Any, Generator
 
 import numpy as np
 
+from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.progress import Progress
 
 STAGES = ("replica", "preprocess", "train", "embed", "evaluate", "report")
@@ -105,7 +106,7 @@ def resolve_preset(preset: str | Preset, **overrides) -> Preset:
     """A preset by name, with ``train`` overrides merged in (e.g. ``epochs=5``)."""
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ValueError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}.")
+            raise DataError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}.")
         preset = PRESETS[preset]
     if overrides:
         preset = Preset(**{**asdict(preset), "train": {**preset.train, **overrides}})
@@ -161,9 +162,10 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out)
-    settings = {"preset": asdict(preset), "weak_label": weak_label, "seed": seed}
+    settings = json.loads(json.dumps(
+        {"preset": asdict(preset), "weak_label": weak_label, "seed": seed}))
     if state.get("settings") not in (None, settings):
-        raise ValueError(
+        raise DataError(
             f"{out} holds a demo run with other settings ({state['settings']}). "
             "Use a new output folder, or delete this one to start over."
         )
