@@ -77,4 +77,5 @@ def test_calibration_on_mini_replica(mini_replica):
     chance = 1 / 11  # 12 MoAs, the query's own excluded
     assert result.n_nsc == 103 and result.n_nscb == 92
     assert 2.5 * chance < result.nsc < 0.95
-    assert result.nscb < 0.95
+    # The week effects make cross-week matching harder than same-week matching.
+    assert result.nscb < result.nsc

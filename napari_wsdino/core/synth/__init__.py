@@ -127,8 +127,12 @@ def _write_chunk(out: str, specs: list[dict], size, seed: int, config: SynthConf
     return len(specs)
 
 
-def _default_workers(n_fields: int) -> int:
-    if n_fields < 4 * CHUNK:
+#: Below this many pixels in all, starting processes costs more than it saves.
+PARALLEL_PIXELS = 20_000_000
+
+
+def _default_workers(n_fields: int, size: tuple[int, int]) -> int:
+    if n_fields < 4 * CHUNK or n_fields * size[0] * size[1] < PARALLEL_PIXELS:
         return 1
     return max(1, min(os.cpu_count() or 1, 8))
 
@@ -157,7 +161,8 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     seed
         Seed of everything random (compound twists, weeks, plates, fields).
     workers
-        Processes (default: 1 for small jobs, else every core up to 8).
+        Processes (default: 1 below :data:`PARALLEL_PIXELS` pixels in all, else every
+        core up to 8).
     config
         Difficulty knobs (:class:`SynthConfig`).
 
@@ -185,7 +190,7 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     specs = field_specs(subset, sites, seed, config)
     write_design(out, raw, moa, keep)
     total = len(specs)
-    workers = _default_workers(total) if workers is None else max(1, int(workers))
+    workers = _default_workers(total, size) if workers is None else max(1, int(workers))
     yield Progress("synth", 0, total, f"{subset}: {total} fields at {size[0]}x{size[1]}")
     done = 0
     chunks = [specs[i:i + CHUNK] for i in range(0, total, CHUNK)]
