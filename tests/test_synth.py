@@ -241,3 +241,15 @@ def test_generator_yields_progress(tmp_path):
     assert out == tmp_path / "r"
     assert events[0].step == 0 and events[-1].step == events[-1].total == 146
     assert all(e.stage == "synth" for e in events)
+
+
+def test_core_imports_no_gui():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_wsdino.core.synth, napari_wsdino.core.classical, "
+            "napari_wsdino._napari.sample_data; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('napari', 'qtpy', 'PyQt5', 'magicgui', 'superqt')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("out", help="output folder (created)")
     p.add_argument("--subset", choices=SUBSETS, default="mini",
-                   help="full: 3,848 fields; replicate1: ~1,344; mini: ~292 (default)")
+                   help="full: 3,848 fields; replicate1: 1,368; mini: 292 (default)")
     p.add_argument("--sites", type=int, default=None, metavar="N",
                    help="sites per well, 1-4 (default 4; mini: 2)")
     p.add_argument("--size", type=int, nargs=2, default=DEFAULT_SIZE, metavar=("H", "W"),

@@ -152,7 +152,7 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     out
         Output folder (created; existing replica files are overwritten).
     subset
-        ``"full"`` (3,848 fields), ``"replicate1"`` (~1,344) or ``"mini"`` (~292 at
+        ``"full"`` (3,848 fields), ``"replicate1"`` (1,368) or ``"mini"`` (292 at
         2 sites); see :func:`select_subset`.
     sites
         Sites per well, 1–4 (default 4; ``mini``: 2).
