@@ -26,7 +26,7 @@ exactly (to 1/16384 of the intensity range) and the rows between are linearly
 interpolated; extra exact rows check the interpolation and the spacing is halved
 where it misses by more than 0.4 %. The result stays within 1 % of the exact
 filter (0.2 % at full size; checked in ``tests/test_illumination.py``), in about
-0.6 s per 1024 x 1280 function.
+0.2-0.25 s of CPU per 1024 x 1280 function.
 
 Filter sizes are given at the paper's 1024 x 1280 scale;
 :func:`scaled_filter_size` scales them to other image sizes by
