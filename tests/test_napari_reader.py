@@ -94,6 +94,18 @@ def test_reader_skips_fields_with_missing_files(tiny):
     assert layers[0][1]["metadata"]["well"] != row.Image_Metadata_Well_DAPI
 
 
+def test_reader_opens_official_csv_with_unannotated_compounds(tiny):
+    """The full official image CSV lists compounds without an MoA row: they are left out,
+    the annotated fields still open."""
+    import pandas as pd
+
+    moa = pd.read_csv(tiny / "BBBC021_v1_moa.csv")
+    moa[moa.compound != "taxol"].to_csv(tiny / "BBBC021_v1_moa.csv", index=False)
+    layers = get_reader(str(tiny))(str(tiny))
+    assert layers[0][1]["metadata"]["compound"] != "taxol"
+    assert abs(layers[0][0].mean() - 2000) < 20
+
+
 def test_viewer_opens_dataset_with_plugin(make_napari_viewer, tiny):
     viewer = make_napari_viewer()
     viewer.open(str(tiny), plugin="napari-wsdino")

@@ -140,7 +140,7 @@ class PlateBrowser(QWidget):
         if not path:
             return False
         try:
-            metadata = load_metadata(path, drop_missing=True)
+            metadata = load_metadata(path, drop_missing=True, unannotated="drop")
             if not len(metadata.table):
                 raise DataError(
                     f"None of the image files named in {path} exist under {metadata.root}."

@@ -55,7 +55,7 @@ def read_dataset(path: str | list[str]) -> list["LayerDataTuple"]:
     """Load the dataset's metadata (dropping fields with missing files) and its first field."""
     if isinstance(path, (list, tuple)):
         path = path[0]
-    metadata = load_metadata(path, drop_missing=True)
+    metadata = load_metadata(path, drop_missing=True, unannotated="drop")
     if not len(metadata.table):
         raise DataError(
             f"{path}: none of the {len(metadata.missing)} image files the CSV names exist "
