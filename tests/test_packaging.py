@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -66,3 +67,17 @@ def test_wheel_ships_manifest(tmp_path):
         zf.extractall(out)
     manifest = PluginManifest.from_file(out / "napari_wsdino" / "napari.yaml")
     assert manifest.name == "napari-wsdino"
+    # Installed from the wheel (ahead of the editable copy on sys.path), napari finds it.
+    target = tmp_path / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                          "--target", str(target), str(wheel)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    res = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-wsdino"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    code = ("import importlib.metadata as md, napari_wsdino; "
+            "print(napari_wsdino.__file__, md.distribution('napari-wsdino')._path)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    pkg_file, dist_path = res.stdout.split()
+    assert pkg_file.startswith(str(target)) and dist_path.startswith(str(target)), res.stdout
