@@ -73,11 +73,13 @@ def test_wheel_ships_manifest(tmp_path):
                           "--target", str(target), str(wheel)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     env = {**os.environ, "PYTHONPATH": str(target)}
+    # cwd outside the checkout, so that only the wheel's copy is importable first.
     res = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-wsdino"],
-                         capture_output=True, text=True, env=env)
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     code = ("import importlib.metadata as md, napari_wsdino; "
             "print(napari_wsdino.__file__, md.distribution('napari-wsdino')._path)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
     pkg_file, dist_path = res.stdout.split()
     assert pkg_file.startswith(str(target)) and dist_path.startswith(str(target)), res.stdout
