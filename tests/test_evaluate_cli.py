@@ -77,3 +77,22 @@ def test_single_batch_needs_no_nscb(profiles, tmp_path, capsys):
     assert main(["evaluate", str(path), "--json", "--no-nscb", "--tvn", "none"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["nscb"] is None and out["n_nscb"] == 0 and out["n_nsc"] > 0
+
+
+def test_no_batch_column_is_fine_without_nscb(profiles):
+    frame = profiles.to_frame().drop(columns=["Metadata_Batch"])
+    result = evaluate_profiles(ProfileTable.from_frame(frame), nscb=False)
+    assert result.nscb is None and result.n_nsc == 103
+    with pytest.raises(Exception, match="Metadata_Batch"):
+        evaluate_profiles(ProfileTable.from_frame(frame))
+
+
+def test_drop_constant_also_drops_features_constant_on_dmso(profiles):
+    x = profiles.features.copy()
+    ctl = profiles.is_control()
+    x[ctl, 0] = 1.0  # constant over DMSO only; TVN cannot whiten it
+    odd = profiles.with_features(x)
+    with pytest.raises(Exception, match="constant over the"):
+        evaluate_profiles(odd)
+    result = evaluate_profiles(odd, drop_constant=True)
+    assert result.n_features == profiles.n_features - 1

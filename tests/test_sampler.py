@@ -112,3 +112,13 @@ def test_shards_split_one_epoch_between_processes(table):
     ref = PairSampler(labels, batch_size=1, seed=3).epoch(2).global_rows.ravel()
     assert np.array_equal(both, ref[:n])
     assert np.array_equal(one.epoch(2).global_rows, PairSampler(labels, 4, seed=3).epoch(2).global_rows)
+
+
+def test_blank_weak_labels_are_refused_not_grouped():
+    """MoA '' (unannotated, kept) is no label: it must not become one pseudo-MoA group."""
+    table = pd.DataFrame({"moa": ["X", "X", "", " "], "compound": ["a", "b", "c", "d"],
+                          "plate": ["p"] * 4, "treatment": ["a@1", "b@1", "c@1", "d@1"]})
+    with pytest.raises(DataError, match="2 fields have no moa.*moa_or_compound"):
+        weak_labels(table, "moa")
+    labels = weak_labels(table, "moa_or_compound")
+    assert list(labels) == ["moa:X", "moa:X", "compound:c", "compound:d"]

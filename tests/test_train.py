@@ -176,6 +176,27 @@ def test_resume_after_close_reproduces_the_uninterrupted_run(cache, tmp_path):
     assert [x["loss"] for x in a] == [x["loss"] for x in b]
 
 
+def test_close_on_the_last_step_of_an_epoch_keeps_its_log_and_snapshot(cache, tmp_path):
+    """Closing right after an epoch's last step (the GUI closing its dock) must not lose that
+    epoch's log line or teacher snapshot, nor fold its stats into the next epoch."""
+    config = tiny_config(epochs=3, checkpoint_every=5, snapshot_every=1)  # 3 steps per epoch
+    full = run(cache, config, tmp_path / "a")
+    gen = train(cache, config, tmp_path / "b")
+    for event in gen:
+        if event.step == 3:
+            break
+    gen.close()
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pth")["step"] == 3
+    run(cache, config, tmp_path / "b", resume=True)
+    logs = [[json.loads(x) for x in (tmp_path / d / "log.jsonl").open()] for d in ("a", "b")]
+    assert [x["epoch"] for x in logs[1]] == [1, 2, 3]
+    assert [x["loss"] for x in logs[1]] == [x["loss"] for x in logs[0]]
+    assert [x["singleton_draws"] for x in logs[1]] == [x["singleton_draws"] for x in logs[0]]
+    assert sorted(p.name for p in (tmp_path / "b").glob("teacher_epoch*.pth")) == [
+        "teacher_epoch0001.pth", "teacher_epoch0002.pth", "teacher_epoch0003.pth"]
+    assert full.exists()
+
+
 def test_resume_after_a_crash_rewinds_the_log_to_the_checkpoint(cache, tmp_path, monkeypatch):
     import napari_wsdino.core.train as train_mod
 

@@ -112,7 +112,8 @@ class EvaluationResult:
 
 
 def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannotated: str = "error",
-                     drop_constant: bool = False, notes: list | None = None) -> ProfileTable:
+                     drop_constant: bool = False, notes: list | None = None,
+                     nscb: bool = True) -> ProfileTable:
     """Check a field-level table for evaluation; returns a cleaned copy.
 
     Raises :class:`DataError` for missing columns, NaN / infinite features, treatments
@@ -125,7 +126,7 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
         profiles = profiles.with_features(profiles.features)
         profiles.meta[TREATMENT] = [treatment_name(c, x) for c, x in
                                     zip(profiles.meta[COMPOUND], profiles.meta[CONCENTRATION])]
-    profiles.require([PLATE, BATCH, COMPOUND, TREATMENT, MOA])
+    profiles.require([PLATE, COMPOUND, TREATMENT, MOA] + ([BATCH] if nscb else []))
     if len(profiles) == 0:
         raise DataError("The profile table is empty.")
     profiles.check_finite()
@@ -143,7 +144,11 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
         profiles = profiles.subset(~missing.to_numpy())
         notes.append(f"left out {len(names)} treatment(s) without MoA ({int(missing.sum())} profiles)")
     if drop_constant:
-        const = profiles.constant_features()
+        # Constant over all rows, or over the controls alone (TVN cannot whiten those).
+        ctl = profiles.is_control(control)
+        const = sorted(set(profiles.constant_features())
+                       | set(profiles.constant_features(rows=ctl) if ctl.sum() > 1 else []),
+                       key=profiles.feature_names.index)
         if const:
             if len(const) == profiles.n_features:
                 raise DataError("Every feature is constant; there is nothing to evaluate.")
@@ -246,7 +251,7 @@ def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto
     notes: list[str] = []
     yield Progress("evaluate", 0, total, "checking profiles")
     profiles = prepare_profiles(profiles, control=control, unannotated=unannotated,
-                                drop_constant=drop_constant, notes=notes)
+                                drop_constant=drop_constant, notes=notes, nscb=nscb)
     is_control = profiles.is_control(control)
     yield Progress("evaluate", 1, total, f"TVN ({tvn})")
     fitted = TypicalVariationNormalizer(tvn, shrinkage)

@@ -87,9 +87,11 @@ def weak_labels(table: pd.DataFrame, weak_label: str = "none", dmso: str = "excl
         if weak_label not in table:
             raise DataError(f"The field table has no {weak_label!r} column to use as weak label.")
         col = table[weak_label]
-        if col.isna().any():
+        # A blank label is no label: grouping all blanks together would pair unrelated fields.
+        blank = col.isna() | col.astype(str).str.strip().str.lower().isin(["", "nan", "none", "unknown"])
+        if blank.any():
             raise DataError(
-                f"{int(col.isna().sum())} fields have no {weak_label}; use --weak-label "
+                f"{int(blank.sum())} fields have no {weak_label}; use --weak-label "
                 "moa_or_compound for partially annotated screens."
             )
         labels = pd.Series(col.astype(str).to_numpy(), dtype=object)

@@ -248,9 +248,15 @@ def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None
     from napari_wsdino.core.profiles import ProfileTable
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
+    provenance = path.with_suffix(".json")
+    # Reuse a finished profile file only if the same weights made it (else embed again).
+    same = (path.exists() and provenance.exists()
+            and json.loads(provenance.read_text()).get("models", {}).get("fingerprint")
+            == models.fingerprint())
+    if same:
         profiles = ProfileTable.read(path)
     else:
+        path.unlink(missing_ok=True)
         profiles = yield from embed_cache(cache, models, path, crop=crop, device=device)
     result = evaluate_profiles(profiles, tvn="paper", drop_constant=True)
     d = result.to_dict()

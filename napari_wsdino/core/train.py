@@ -671,7 +671,9 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
                 rate_t0, rate_steps = now, 0
             run_rate = (step - run_step0) / max(now - run_t0, 1e-9)
             eta = (total - step) / run_rate
-            yield Progress(
+            # Built now, yielded after the end-of-epoch work: a generator closed at this
+            # yield must find the epoch logged, snapshotted and its totals reset.
+            event = Progress(
                 "train", step, total,
                 f"{config.channel} epoch {epoch + 1}/{config.epochs} loss {loss_value:.4f} "
                 f"{images_per_s:.0f} img/s eta {_hms(eta)}",
@@ -698,9 +700,10 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
                                         out / f"teacher_epoch{done:04d}.pth")
                 if done % config.checkpoint_every == 0 or done == config.epochs:
                     write(finished=done == config.epochs)
+            yield event
     except GeneratorExit:
         # Closed between steps (the GUI's quit): the state is consistent, keep it.
-        write()
+        write(finished=step >= total)
         raise
     return ckpt_path
 
