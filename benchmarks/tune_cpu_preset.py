@@ -85,7 +85,7 @@ def run_config(cache_dir: Path, out: Path, name: str, preset: str, overrides: di
 
 
 def run_baselines(cache_dir: Path, out: Path, arch: str, crop: int, data: Path | None,
-                  channels: list[str] | None = None) -> list[dict]:
+                  channels: list[str] | None = None, seed: int = 0) -> list[dict]:
     """Random-init ViT (same arch and crop) and, with ``data``, the classical profile."""
     from napari_wsdino.core.cache import open_cache
     from napari_wsdino.core.embed import embed_cache
@@ -96,10 +96,10 @@ def run_baselines(cache_dir: Path, out: Path, arch: str, crop: int, data: Path |
     cache = open_cache(cache_dir)
     rows = []
     channels = channels or list(cache.channels)
-    models = ModelSet.random(arch, channels, seed=0)
-    path = out / f"random_{arch}_crop{crop}_{'-'.join(channels)}.parquet"
+    models = ModelSet.random(arch, channels, seed=seed)
+    path = out / f"random_{arch}_crop{crop}_{'-'.join(channels)}_seed{seed}.parquet"
     profiles = run_to_end(embed_cache(cache, models, path, crop=crop, device="cpu"))
-    rows.append({"name": f"random-init {arch}", "channels": channels, "embed_crop": crop,
+    rows.append({"name": f"random-init {arch}", "seed": seed, "channels": channels, "embed_crop": crop,
                  **_evaluate(profiles)})
     if data is not None:
         from napari_wsdino.core.classical import dataset_features, feature_names
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
                     help="TrainConfig override, JSON value (repeatable)")
     ap.add_argument("--embed-crop", type=int, default=None)
     ap.add_argument("--weak-label", default="compound")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (and random-init seed)")
     ap.add_argument("--channels", default=None, help="comma list (default: all); quick probes")
     ap.add_argument("--baselines", action="store_true", help="random-init ViT (+ classical)")
     ap.add_argument("--data", type=Path, default=None, help="raw replica, for the classical profile")
@@ -147,7 +147,7 @@ def main(argv=None) -> None:
 
         p = resolve_preset(args.preset, **overrides)
         emit(run_baselines(args.cache, args.out, p.train.get("arch", "vit_small_patch8_224"),
-                           args.embed_crop or p.embed_crop, args.data, channels))
+                           args.embed_crop or p.embed_crop, args.data, channels, args.seed))
     if not args.no_train:
         name = args.name or ("_".join(f"{k}-{v}" for k, v in overrides.items()) or args.preset)
         emit([run_config(args.cache, args.out, name, args.preset, overrides,
