@@ -8,13 +8,18 @@ teacher, evaluates (TVN on DMSO, NSC / NSCB / mAP) and appends one JSON line to
 and embedding. ``--baselines`` adds the random-init ViT and (with ``--data``) the classical
 profile once, for comparison. Numbers are *synthetic replica* numbers.
 
-Usage::
+Usage (the data and cache of ``wsdino demo``; results in ``benchmarks/RESULTS.md``)::
 
-    wsdino synth /tmp/tune/data --subset mini --sites 2 --size 160 200
-    wsdino preprocess /tmp/tune/data /tmp/tune/cache --size 96 120
-    python benchmarks/tune_cpu_preset.py /tmp/tune/cache /tmp/tune/out --baselines --data /tmp/tune/data
-    python benchmarks/tune_cpu_preset.py /tmp/tune/cache /tmp/tune/out --name warm \\
-        --set warmup_teacher_temp=0.04 --set teacher_temp=0.07 --set warmup_teacher_temp_epochs=10
+    wsdino synth /tmp/tune/data --subset mini --sites 2 --size 160 200 --seed 0
+    wsdino preprocess /tmp/tune/data --out /tmp/tune/cache --size 160 200
+    python benchmarks/tune_cpu_preset.py /tmp/tune/cache /tmp/tune/out --no-train \
+        --baselines --data /tmp/tune/data                       # random-init ViT + classical
+    python benchmarks/tune_cpu_preset.py /tmp/tune/cache /tmp/tune/out --name final_seed1 --seed 1
+    python benchmarks/tune_cpu_preset.py /tmp/tune/cache /tmp/tune/out --channels DAPI \
+        --name warm --set epochs=15 --set teacher_temp=0.07 --set warmup_teacher_temp_epochs=10
+
+``--set`` values are JSON (``--set global_scale=[0.5,1.0]``); ``--channels DAPI`` makes a quick
+one-channel probe. Set ``OMP_NUM_THREADS`` to compare runs: the thread count changes the numbers.
 """
 
 from __future__ import annotations
