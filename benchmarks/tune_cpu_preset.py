@@ -72,14 +72,15 @@ def run_config(cache_dir: Path, out: Path, name: str, preset: str, overrides: di
     run_to_end(train_channels(cache, config, run / "run", channels, resume=True))
     c1, w1 = _clock()
     models = ModelSet.from_run(run / "run")
-    profiles = run_to_end(embed_cache(cache, models, run / f"profiles_crop{crop}.parquet", crop=crop,
-                                      device="cpu"))
+    profiles = run_to_end(embed_cache(cache, models, run / f"profiles_crop{crop}.parquet",
+                                      crop=crop, device="cpu"))
     c2, w2 = _clock()
     losses = {}
     for ch in models.channels:
         lines = (run / "run" / ch / "log.jsonl").read_text().splitlines()
         losses[ch] = round(json.loads(lines[-1])["loss"], 4)
-    row = {"name": name, "channels": list(models.channels), "preset": preset, "overrides": overrides, "embed_crop": crop,
+    row = {"name": name, "channels": list(models.channels), "preset": preset,
+           "overrides": overrides, "embed_crop": crop,
            "weak_label": weak_label, "seed": seed, "cache_shape": list(cache.shape),
            "n_fields": len(cache.table), "final_loss": losses,
            "ln_out_dim": round(math.log(config.out_dim), 4),
@@ -104,8 +105,8 @@ def run_baselines(cache_dir: Path, out: Path, arch: str, crop: int, data: Path |
     models = ModelSet.random(arch, channels, seed=seed)
     path = out / f"random_{arch}_crop{crop}_{'-'.join(channels)}_seed{seed}.parquet"
     profiles = run_to_end(embed_cache(cache, models, path, crop=crop, device="cpu"))
-    rows.append({"name": f"random-init {arch}", "seed": seed, "channels": channels, "embed_crop": crop,
-                 **_evaluate(profiles)})
+    rows.append({"name": f"random-init {arch}", "seed": seed, "channels": channels,
+                 "embed_crop": crop, **_evaluate(profiles)})
     if data is not None:
         from napari_wsdino.core.classical import dataset_features, feature_names
         from napari_wsdino.core.metadata import load_metadata
@@ -130,7 +131,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="training seed (and random-init seed)")
     ap.add_argument("--channels", default=None, help="comma list (default: all); quick probes")
     ap.add_argument("--baselines", action="store_true", help="random-init ViT (+ classical)")
-    ap.add_argument("--data", type=Path, default=None, help="raw replica, for the classical profile")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="raw replica, for the classical profile")
     ap.add_argument("--no-train", action="store_true", help="baselines only")
     args = ap.parse_args(argv)
 
