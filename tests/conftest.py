@@ -8,6 +8,11 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Load torch's optional triton (through timm → torchvision → torch._dynamo) before any test
+# starts a Qt/OpenGL canvas: triton's LLVM loaded after Mesa's libLLVM crashes the process.
+# The plugin itself guards against this in napari_wsdino/_napari/__init__.py.
+import timm  # noqa: E402,F401
+
 SHARED_METADATA = os.path.join(os.path.dirname(__file__), "..", "napari_wsdino", "data")
 
 

@@ -6,13 +6,10 @@ three fields each, zipped as ``BBBC021_v1_images_<plate>.zip``).
 
 from __future__ import annotations
 
-import threading
-from http.server import ThreadingHTTPServer
-
 import pytest
 from qtpy.QtCore import Qt
 
-from test_fetch import PLATES, PREFIX, Site, _damage, _rows, _zip_plate, make_handler
+from test_fetch import PLATES, PREFIX, Site, _damage, _rows, _zip_plate, serve  # noqa: F401
 
 from napari_wsdino.core import fetch as F
 from napari_wsdino.core.metadata import IMAGE_CSV, MOA_CSV
@@ -26,28 +23,6 @@ WAIT_MS = 20_000
 @pytest.fixture(autouse=True)
 def config_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_WSDINO_CONFIG_DIR", str(tmp_path / "config"))
-
-
-@pytest.fixture
-def serve():
-    """Serve a Site on 127.0.0.1:0 in a thread; shut down after the test."""
-    started = []
-
-    def start(site: Site) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(site))
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        started.append((server, thread, site))
-        return f"http://127.0.0.1:{server.server_address[1]}{PREFIX}"
-
-    yield start
-    for server, thread, site in started:
-        site.stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture
