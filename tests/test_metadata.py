@@ -165,7 +165,7 @@ def test_other_screen_layout(tmp_path):
 
 
 def test_corrupt_and_truncated_tiffs(tmp_path, bundled_dir, capsys):
-    rows = _write_dataset(tmp_path, bundled_dir, plates=1, per_plate=4)
+    _write_dataset(tmp_path, bundled_dir, plates=1, per_plate=4)
     meta = load_metadata(tmp_path)
     garbage = meta.paths("DAPI").iloc[1]
     with open(garbage, "wb") as fh:

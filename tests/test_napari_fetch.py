@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from qtpy.QtCore import Qt
 
-from test_fetch import PLATES, PREFIX, Site, _damage, _rows, _zip_plate, serve  # noqa: F401
+from test_fetch import PLATES, Site, _damage, _rows, _zip_plate, serve  # noqa: F401
 
 from napari_wsdino.core import fetch as F
 from napari_wsdino.core.metadata import IMAGE_CSV, MOA_CSV

@@ -24,7 +24,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_wsdino.core.attention import AttentionMaps, attention_maps
@@ -34,7 +33,8 @@ from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import cache_row, on_raw_grid
-from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
@@ -92,15 +92,11 @@ def attention_job(model, image: np.ndarray, mode: str, keep: float
     return maps
 
 
-class AttentionWidget(QWidget):
+class AttentionWidget(WorkerDock):
     """Compute and overlay the current field's attention maps for one channel."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
-        self.status = TaskStatus.IDLE
-        self.worker = None
+        super().__init__(napari_viewer)
         self._pending = False
         self._cache: Cache | None = None
         saved = settings.load_settings()

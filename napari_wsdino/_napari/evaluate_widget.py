@@ -47,7 +47,8 @@ from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.projection import project_2d
 from napari_wsdino.core.tvn import METHODS as TVN_METHODS
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
@@ -178,15 +179,11 @@ class ScatterMap:
             self.on_click(self._nearest(event.ind, event.mouseevent))
 
 
-class EvaluateWidget(QWidget):
+class EvaluateWidget(WorkerDock):
     """Embed, evaluate, and explore the result: numbers, confusion matrix, map."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
-        self.status = TaskStatus.IDLE
-        self.worker = None
+        super().__init__(napari_viewer)
         self.evaluation: Evaluation | None = None
         saved = settings.load_settings()
         get = lambda key, default: saved.get(PREFIX + key, default)  # noqa: E731

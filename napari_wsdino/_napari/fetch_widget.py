@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_wsdino.core.fetch import (
@@ -41,7 +40,8 @@ from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.plate_browser import LAST_FOLDER
-from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
@@ -141,15 +141,11 @@ def _read_job(dest: Path) -> Generator[Progress, None, Metadata | str]:
     return read_dataset(dest)
 
 
-class FetchWidget(QWidget):
+class FetchWidget(WorkerDock):
     """Download BBBC021 (metadata, MoA subset, all plates or a list) and open it."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
-        self.status = TaskStatus.IDLE
-        self.worker = None
+        super().__init__(napari_viewer)
         self._read_worker = None
         self.request: FetchRequest | None = None
         self.result: FetchResult | None = None

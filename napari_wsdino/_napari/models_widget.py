@@ -22,7 +22,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_wsdino.core.metadata import CHANNELS, DataError
@@ -30,7 +29,8 @@ from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
@@ -103,15 +103,11 @@ def load_job(config: LoadConfig) -> Generator[Progress, None, ModelSet]:
     return models
 
 
-class ModelLoader(QWidget):
+class ModelLoader(WorkerDock):
     """Choose where the per-channel models come from, and load them."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
-        self.status = TaskStatus.IDLE
-        self.worker = None
+        super().__init__(napari_viewer)
         saved = settings.load_settings()
 
         self.source_combo = QComboBox()

@@ -26,7 +26,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_wsdino.core.cache import Cache, open_cache
@@ -40,7 +39,8 @@ from napari_wsdino.core.preprocess import (
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import cache_row, contrast_for, on_raw_grid, read_channel
-from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
@@ -76,15 +76,11 @@ def comparison_images(metadata, index: int, channel: str, cache: Cache) -> dict[
     }
 
 
-class PreprocessWidget(QWidget):
+class PreprocessWidget(WorkerDock):
     """Preprocess the loaded dataset into a cache, and compare raw / function / corrected."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
-        self.status = TaskStatus.IDLE
-        self.worker = None
+        super().__init__(napari_viewer)
         self.cache: Cache | None = None
         saved = settings.load_settings()
         get = lambda key, default: saved.get(PREFIX + key, default)  # noqa: E731

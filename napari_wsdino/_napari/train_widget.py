@@ -28,7 +28,6 @@ from qtpy.QtWidgets import (
     QPushButton,
     QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_wsdino.core.cache import open_cache
@@ -38,7 +37,8 @@ from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABELS
 from napari_wsdino.core.train import TrainConfig, train_channels
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.state import TaskStatus, state_for
+from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
@@ -121,15 +121,11 @@ class LossPlot:
         self.canvas.draw_idle()
 
 
-class TrainWidget(QWidget):
+class TrainWidget(WorkerDock):
     """Train (Start / Stop / Resume) one WS-DINO model per channel on the cache."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
-        self.status = TaskStatus.IDLE
-        self.worker = None
+        super().__init__(napari_viewer)
         self.result: dict[str, Path] | None = None
         self._stop = threading.Event()
         saved = settings.load_settings()
