@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from napari_wsdino.core import illumination as illum
+from napari_wsdino.core.identity import dataset_identity
 from napari_wsdino.core.cache import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -619,6 +620,8 @@ def preprocess(
     shape = _probe_shape(table, channels)
     record = settings.record(shape)
     state = _start_state(out, record, channels, _fingerprint(table, channels), len(table))
+    # Which dataset this is (core.identity): plate/well/site names alone do not tell.
+    state.setdefault("dataset_id", dataset_identity(table, channels))
     total = len(table)
     if state.get("complete"):
         yield Progress(STAGE, total, total, f"{out} is already complete", {"phase": "done"})
