@@ -9,7 +9,12 @@ made per (plate, channel):
 1. the per-pixel mean of all the plate's images of that channel
    (:class:`MeanAccumulator`, :func:`mean_image`);
 2. a median filter over a disk of radius ``max(1, int(filter_size / 2.35 + 0.5))``
-   (:func:`disk_radius`; 136 px for 320), with mirrored edges;
+   (:func:`disk_radius`; 136 px for 320). ``borders="reflect"`` (default) mirrors
+   the image at its edges; ``borders="in-image"`` is CellProfiler's own definition
+   (``skimage.filters.rank.median`` on the mean image scaled to uint16): the mean is
+   floored to whole counts and, near an edge, the median is taken over the part of
+   the disk inside the image only (for an even count, the upper of the two middle
+   values, as skimage's rank median);
 3. the robust-minimum rescale (:func:`robust_rescale`): sort the pixels > 0, take
    the value at index ``int(0.02 n)``, clamp the function below at it, divide by it.
    The function is then >= 1 everywhere.
@@ -64,6 +69,11 @@ FAST_LEVELS = 16384
 #: Relative interpolation error the fast filter accepts at its check rows.
 FAST_TOLERANCE = 0.004
 METHODS = ("fast", "exact")
+#: How the median filter treats the image edges (see the module docstring).
+BORDERS = ("reflect", "in-image")
+#: Relative interpolation error the fast filter accepts with ``borders="in-image"``
+#: (CellProfiler's definition, which the paper-code recipe must meet to 0.1 %).
+CELLPROFILER_TOLERANCE = 0.0003
 
 
 def disk_radius(filter_size: float) -> int:
@@ -147,16 +157,26 @@ def mean_image(images: Iterable[np.ndarray]) -> np.ndarray:
     return acc.mean()
 
 
-def median_filter_exact(image: np.ndarray, radius: int) -> np.ndarray:
-    """Exact median over a disk of ``radius`` at every pixel (mirrored edges).
+def _check_borders(borders: str) -> str:
+    if borders not in BORDERS:
+        raise ValueError(f"borders must be one of {BORDERS}, not {borders!r}")
+    return borders
 
-    The slow reference (``scipy.ndimage.median_filter`` with a disk footprint,
-    ``mode="reflect"``). Cost grows with pixels x disk area: use it on small
-    images or to check :func:`median_filter_fast`.
+
+def median_filter_exact(image: np.ndarray, radius: int, borders: str = "reflect") -> np.ndarray:
+    """Exact median over a disk of ``radius`` at every pixel.
+
+    The slow reference: ``borders="reflect"`` is ``scipy.ndimage.median_filter`` with
+    a disk footprint and ``mode="reflect"``; ``borders="in-image"`` takes the median
+    of the disk's in-image pixels only (:func:`median_at`). Cost grows with pixels x
+    disk area: use it on small images or to check :func:`median_filter_fast`.
     """
     from scipy import ndimage
 
     image = np.asarray(image, dtype=np.float64)
+    if _check_borders(borders) == "in-image":
+        h, w = image.shape
+        return median_at(image, radius, np.arange(h), np.arange(w), borders="in-image")
     return ndimage.median_filter(image, footprint=disk(radius), mode="reflect")
 
 
@@ -169,15 +189,18 @@ def grid_points(length: int, step: float) -> np.ndarray:
 
 
 def median_at(
-    image: np.ndarray, radius: int, ys: np.ndarray, xs: np.ndarray, batch: int = 8
+    image: np.ndarray, radius: int, ys: np.ndarray, xs: np.ndarray, batch: int = 8,
+    borders: str = "reflect",
 ) -> np.ndarray:
-    """Exact disk medians at the grid points ``ys x xs`` (mirrored edges).
+    """Exact disk medians at the grid points ``ys x xs``.
 
     Returns a ``(len(ys), len(xs))`` array equal to
-    ``median_filter_exact(image, radius)[np.ix_(ys, xs)]``.
+    ``median_filter_exact(image, radius, borders)[np.ix_(ys, xs)]``.
     """
-    image = np.asarray(image, dtype=np.float32)
     r = int(radius)
+    if _check_borders(borders) == "in-image":
+        return _median_at_in_image(np.asarray(image, dtype=np.float64), r, ys, xs, batch)
+    image = np.asarray(image, dtype=np.float32)
     # numpy "symmetric" padding is scipy's "reflect" (edge pixel repeated).
     padded = np.pad(image, r, mode="symmetric")
     flat = padded.ravel()
@@ -192,6 +215,22 @@ def median_at(
         window = flat[base[i : i + batch, None] + offsets[None, :]]
         window.partition(k, axis=1)
         out[i : i + batch] = window[:, k]
+    return out.reshape(len(ys), len(xs))
+
+
+def _median_at_in_image(image, r, ys, xs, batch) -> np.ndarray:
+    """Disk medians over in-image pixels only; for an even count the upper middle value
+    (element ``n // 2`` of the sorted window, skimage's rank-median convention)."""
+    padded = np.pad(image, r, mode="constant", constant_values=np.nan)
+    flat = padded.ravel()
+    dy, dx = np.nonzero(disk(r))
+    offsets = (dy * padded.shape[1] + dx).astype(np.intp)
+    base = (np.asarray(ys)[:, None] * padded.shape[1] + np.asarray(xs)[None, :]).ravel()
+    out = np.empty(base.size, dtype=np.float64)
+    for i in range(0, base.size, batch):
+        window = np.sort(flat[base[i : i + batch, None] + offsets[None, :]], axis=1)  # NaN last
+        k = np.isfinite(window).sum(axis=1) // 2
+        out[i : i + batch] = window[np.arange(len(window)), k]
     return out.reshape(len(ys), len(xs))
 
 
@@ -225,6 +264,8 @@ def _huang_kernel():
     def huang_rows(q, r, rows, width, levels):  # pragma: no cover - compiled
         # Huang, Yang & Tang (1979): slide a disk along each row, keeping a histogram
         # of quantised levels and the median level m with `below` = count(< m).
+        # Level `levels` marks pixels outside the image: counted in its own bin, never
+        # part of the median, so the rank k follows the number of in-image pixels.
         half = np.empty(2 * r + 1, np.int64)
         n = 0
         for i in range(2 * r + 1):
@@ -236,15 +277,15 @@ def _huang_kernel():
                 a -= 1
             half[i] = a
             n += 2 * a + 1
-        k = n // 2
         out = np.empty((rows.size, width), np.int64)
-        hist = np.zeros(levels, np.int32)
+        hist = np.zeros(levels + 1, np.int32)
         for j in range(rows.size):
             y0 = rows[j]
             hist[:] = 0
             for i in range(2 * r + 1):
                 for xx in range(r - half[i], r + half[i] + 1):
                     hist[q[y0 + i, xx]] += 1
+            k = (n - hist[levels]) // 2
             m = 0
             below = 0
             while below + hist[m] <= k:
@@ -258,6 +299,7 @@ def _huang_kernel():
                     hist[left] -= 1
                     hist[right] += 1
                     below += (right < m) - (left < m)
+                k = (n - hist[levels]) // 2
                 while below > k:
                     m -= 1
                     below -= hist[m]
@@ -292,6 +334,7 @@ def median_filter_fast(
     tolerance: float = FAST_TOLERANCE,
     mapper: Callable = map,
     bands: int = 1,
+    borders: str = "reflect",
 ) -> np.ndarray:
     """Disk median filter, fast: exact sliding-histogram medians on every
     ``row_step``-th row, linear interpolation between those rows, refined where
@@ -323,11 +366,16 @@ def median_filter_fast(
     mapper, bands
         A ``map``-like callable (e.g. ``ProcessPoolExecutor.map``) and the number of
         row bands to hand it, to spread the rows over processes.
+    borders
+        ``"reflect"`` (mirrored edges) or ``"in-image"`` (the disk's in-image pixels
+        only). With ``"in-image"``, an image of whole numbers spanning fewer than
+        65,536 values is not quantised: each filtered row is then exact.
 
     Returns
     -------
     float64 array of ``image.shape``.
     """
+    borders = _check_borders(borders)
     image = np.asarray(image, dtype=np.float64)
     h, w = image.shape
     r = int(radius)
@@ -339,10 +387,19 @@ def median_filter_fast(
         hi = float(image.max())
     if not hi > lo:
         return image.copy()  # constant image: the median is the image
-    scale = (hi - lo) / (levels - 1)
-    q = np.clip(np.round((image - lo) / scale), 0, levels - 1).astype(np.uint16)
-    # numpy "symmetric" padding is scipy's "reflect" (edge pixel repeated).
-    padded = np.pad(q, r, mode="symmetric")
+    top = float(image.max())
+    if borders == "in-image" and top - lo < 65536 and np.array_equal(image, np.floor(image)):
+        levels, scale = int(top - lo) + 1, 1.0  # whole counts: one level per count
+        q = (image - lo).astype(np.int32)
+    else:
+        scale = (hi - lo) / (levels - 1)
+        q = np.clip(np.round((image - lo) / scale), 0, levels - 1).astype(np.int32)
+    if borders == "in-image":
+        # Level `levels` marks outside pixels; the kernel leaves them out of the median.
+        padded = np.pad(q, r, mode="constant", constant_values=int(levels))
+    else:
+        # numpy "symmetric" padding is scipy's "reflect" (edge pixel repeated).
+        padded = np.pad(q, r, mode="symmetric")
     task = partial(_median_rows, padded, r, w, int(levels))
 
     def filter_rows(which: np.ndarray) -> np.ndarray:
@@ -397,6 +454,7 @@ def illumination_function(
     method: str = "fast",
     mapper: Callable = map,
     bands: int = 1,
+    borders: str = "reflect",
 ) -> np.ndarray:
     """Illumination function of one (plate, channel) from its mean image.
 
@@ -410,6 +468,10 @@ def illumination_function(
         ``"fast"`` (:func:`median_filter_fast`) or ``"exact"`` (:func:`median_filter_exact`).
     mapper, bands
         Spread the fast filter's rows over processes (see :func:`median_filter_fast`).
+    borders
+        ``"reflect"`` (default) or ``"in-image"``: CellProfiler's definition — the mean
+        floored to whole 16-bit counts (CellProfiler scales it to uint16), the median over
+        in-image pixels only, the fast filter held to :data:`CELLPROFILER_TOLERANCE`.
 
     Returns
     -------
@@ -424,10 +486,14 @@ def illumination_function(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     radius = disk_radius(filter_size)
+    if _check_borders(borders) == "in-image":
+        mean = np.floor(np.clip(np.asarray(mean, dtype=np.float64), 0, 65535))
     if method == "exact":
-        smooth = median_filter_exact(mean, radius)
+        smooth = median_filter_exact(mean, radius, borders)
     else:
-        smooth = median_filter_fast(mean, radius, mapper=mapper, bands=bands)
+        tolerance = CELLPROFILER_TOLERANCE if borders == "in-image" else FAST_TOLERANCE
+        smooth = median_filter_fast(mean, radius, mapper=mapper, bands=bands,
+                                    borders=borders, tolerance=tolerance)
     return robust_rescale(smooth)[0].astype(np.float32)
 
 
