@@ -303,3 +303,67 @@ def test_dmso_is_never_a_candidate():
     nb = out["neighbours"]
     assert "DMSO@0" not in set(nb.treatment) and "DMSO@0" not in set(nb.nsc_neighbour)
     assert nb.set_index("treatment").loc["A@1", "nsc_neighbour"] == "B@1"
+
+
+def _official_nscb(treat: pd.DataFrame, feats: np.ndarray) -> dict:
+    """WS-DINO's published NSCB loop, re-derived from its description: for each query
+    drop the same compound, then every treatment whose (median) batch code equals the
+    query's, and take the cosine argmax of what is left."""
+    out = {}
+    for i in range(len(treat)):
+        keep = [j for j in range(len(treat))
+                if treat.compound[j] != treat.compound[i] and treat.code[j] != treat.code[i]]
+        if not keep:
+            continue
+        sims = [feats[j] @ feats[i] / np.linalg.norm(feats[j]) / np.linalg.norm(feats[i])
+                for j in keep]
+        out[treat.treatment[i]] = treat.treatment[keep[int(np.argmax(sims))]]
+    return out
+
+
+def test_nscb_official_multibatch_rule_matches_the_published_loop():
+    """Issue 14: with ``nscb_multibatch="official"`` a treatment on plates of several
+    batches gets the median of its plates' batch codes and obeys the batch rule,
+    as in crosszamirski/WS-DINO ``Eval_BBBC021.py``; the default exempts it."""
+    rng = np.random.default_rng(5)
+    plates = {"P1": "Week1", "P2": "Week2", "P3": "Week10", "P4": "Week2"}  # codes 0, 1, 2, 1
+    spec = [("taxol", "MS", ["P1", "P2", "P3"])]  # median code 1 (Week2)
+    spec += [(f"s{k}", "MS", [p]) for k, p in enumerate(["P1", "P2", "P3", "P4"])]
+    spec += [(f"d{k}", "MD", [p]) for k, p in enumerate(["P1", "P2", "P3", "P4", "P2"])]
+    rows, feats = [], []
+    for comp, moa, on in spec:
+        centre = rng.normal(size=6)
+        for plate in on:
+            for site in range(2):
+                rows.append({"Metadata_Plate": plate, "Metadata_Batch": plates[plate],
+                             "Metadata_Well": f"{comp}{plate}", "Metadata_Site": site,
+                             "Metadata_Compound": comp, "Metadata_Concentration": 1.0,
+                             "Metadata_Treatment": f"{comp}@1", "Metadata_MoA": moa})
+                feats.append(centre + 0.1 * rng.normal(size=6))
+    profiles = ProfileTable(pd.DataFrame(rows), np.array(feats), [f"f{i}" for i in range(6)])
+    official = evaluate_profiles(profiles, tvn="none", nscb_multibatch="official")
+    exempt = evaluate_profiles(profiles, tvn="none")
+
+    treat = official.treatments.meta
+    codes = metrics.median_batch_codes(
+        [r["Metadata_Treatment"] for r in rows], [r["Metadata_Batch"] for r in rows],
+        treat["Metadata_Treatment"])
+    assert dict(zip(treat["Metadata_Treatment"], codes))["taxol@1"] == 1.0
+    ref = _official_nscb(pd.DataFrame({"treatment": treat["Metadata_Treatment"],
+                                       "compound": treat["Metadata_Compound"], "code": codes}),
+                         official.treatments.features)
+    nb = official.neighbours.set_index("treatment")["nscb_neighbour"]
+    assert {t: nb[t] for t in ref} == ref
+    # Taxol (code 1) never meets a Week2 treatment under the official rule; exempt, it may.
+    week2 = {"s1@1", "s3@1", "d1@1", "d3@1", "d4@1"}
+    assert nb["taxol@1"] not in week2
+    assert all(nb[t] != "taxol@1" for t in week2)
+    sim = official.treatments.features
+    names = list(treat["Metadata_Treatment"])
+    t = names.index("taxol@1")
+    best = max((n for n in names if n != "taxol@1"),
+               key=lambda n: sim[names.index(n)] @ sim[t] / np.linalg.norm(sim[names.index(n)]))
+    assert exempt.neighbours.set_index("treatment")["nscb_neighbour"]["taxol@1"] == best
+    assert best in week2  # so the two rules differ on this screen
+    with pytest.raises(DataError, match="multi-batch"):
+        evaluate_profiles(profiles, tvn="none", nscb_multibatch="median")

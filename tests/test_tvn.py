@@ -133,3 +133,30 @@ def test_bad_inputs_give_clear_errors():
     with pytest.raises(DataError, match="Plate 'P1' has no DMSO fields"):
         apply_tvn(no_dmso, "per-plate")
     assert np.isfinite(apply_tvn(no_dmso, "paper")[0].features).all()
+
+
+def test_per_channel_tvn_is_the_official_per_channel_pca_whitening():
+    """Issue 14: the published evaluation whitens each channel's raw CLS features with
+    ``PCA(n_components=dim, whiten=True)`` fitted on the DMSO fields, then the channels
+    are concatenated. Ours, from the feature names, equals that (up to axis signs)."""
+    from sklearn.decomposition import PCA
+
+    from napari_wsdino.core.tvn import channel_groups, output_names
+
+    a, b = correlated(400, 6, 3), correlated(400, 5, 4) * 0.01
+    x = np.concatenate([a, b], axis=1)
+    names = [f"DAPI_{i:03d}" for i in range(6)] + [f"Actin_{i:03d}" for i in range(5)]
+    ctl = np.arange(400) < 260
+    tvn = TypicalVariationNormalizer("per-channel", groups=channel_groups(names)).fit(x, ctl)
+    ours = tvn.transform(x)
+    ref = np.concatenate([PCA(n_components=6, whiten=True).fit(a[ctl]).transform(a),
+                          PCA(n_components=5, whiten=True).fit(b[ctl]).transform(b)], axis=1)
+    signs = np.sign((ours * ref).sum(axis=0))
+    assert np.allclose(ours * signs, ref, atol=1e-8)
+    # Not the joint whitening: cross-channel DMSO covariance is left in.
+    joint = TypicalVariationNormalizer("paper").fit_transform(x, ctl)
+    assert not np.allclose(np.abs(ours), np.abs(joint), atol=1e-3)
+    assert output_names("per-channel", names)[:2] == ["DAPI_pc0000", "DAPI_pc0001"]
+    assert output_names("per-channel", names)[6] == "Actin_pc0000"
+    with pytest.raises(DataError, match="groups"):
+        TypicalVariationNormalizer("per-channel")

@@ -34,7 +34,7 @@ from napari_wsdino.core.profiles import (
     BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, ProfileTable,
 )
 from napari_wsdino.core.progress import Progress, run_to_end
-from napari_wsdino.core.tvn import METHODS, TypicalVariationNormalizer, output_names
+from napari_wsdino.core.tvn import METHODS, TypicalVariationNormalizer, channel_groups, output_names
 
 DEFAULT_KS = (1, 3, 5)
 
@@ -158,18 +158,22 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
 
 
 def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool = True,
-                        control: str = CONTROL) -> dict:
+                        control: str = CONTROL, batch_code=None) -> dict:
     """NSC / NSCB matching on treatment profiles (one row per treatment, canonical order).
 
     Needs ``Metadata_Treatment, Metadata_Compound, Metadata_MoA`` and, for NSCB,
     ``Metadata_Batch`` (batches joined by ``","``, as :func:`aggregate_treatments`
     writes it). Control rows (MoA ``control``) are left out. Returns a dict with ``nsc_match``, ``nscb_match`` (or ``None``),
     ``eligible``, ``neighbours``, ``per_moa``, ``confusion_nsc``, ``confusion_nscb``.
+    ``batch_code`` (one number per row) replaces the batch codes of the NSCB rule, e.g.
+    :func:`~napari_wsdino.core.metrics.median_batch_codes` (the ``official`` rule).
     """
     treatments.require([TREATMENT, COMPOUND, MOA])
     is_control = treatments.is_control(control)
     if is_control.any():  # controls are never queries nor candidates
         treatments = treatments.subset(~is_control)
+        if batch_code is not None:
+            batch_code = np.asarray(batch_code)[~is_control]
     meta = treatments.meta
     moas = meta[MOA].astype(str).to_numpy()
     compounds = meta[COMPOUND].astype(str).to_numpy()
@@ -199,7 +203,8 @@ def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool =
                 "No MoA occurs in two or more batches, so no treatment can be NSCB-matched. "
                 "Evaluate NSC only (Python: nscb=False; CLI: --no-nscb)."
             )
-        cand = metrics.candidate_mask(compounds, metrics.batch_codes(batches), eligible)
+        codes = metrics.batch_codes(batches) if batch_code is None else np.asarray(batch_code)
+        cand = metrics.candidate_mask(compounds, codes, eligible)
         nscb_match = metrics.match(sim, cand, moas, queries=eligible, ks=ks, rule="nscb")
 
     names = meta[TREATMENT].astype(str).to_numpy()
@@ -243,10 +248,14 @@ def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool =
 
 def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto", ks=DEFAULT_KS,
                   nscb: bool = True, unannotated: str = "error", drop_constant: bool = False,
-                  control: str = CONTROL) -> Generator[Progress, None, EvaluationResult]:
+                  control: str = CONTROL, nscb_multibatch: str = "exempt",
+                  ) -> Generator[Progress, None, EvaluationResult]:
     """:func:`evaluate_profiles` as a generator of :class:`Progress` events."""
     if tvn not in METHODS:
         raise DataError(f"Unknown TVN method {tvn!r}; choose one of {', '.join(METHODS)}.")
+    if nscb_multibatch not in metrics.NSCB_MULTIBATCH:
+        raise DataError(f"Unknown NSCB multi-batch rule {nscb_multibatch!r}; choose one of "
+                        f"{', '.join(metrics.NSCB_MULTIBATCH)}.")
     total = 4
     notes: list[str] = []
     yield Progress("evaluate", 0, total, "checking profiles")
@@ -254,7 +263,8 @@ def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto
                                 drop_constant=drop_constant, notes=notes, nscb=nscb)
     is_control = profiles.is_control(control)
     yield Progress("evaluate", 1, total, f"TVN ({tvn})")
-    fitted = TypicalVariationNormalizer(tvn, shrinkage)
+    groups = channel_groups(profiles.feature_names) if tvn == "per-channel" else None
+    fitted = TypicalVariationNormalizer(tvn, shrinkage, groups)
     plates = profiles.meta[PLATE].astype(str).to_numpy() if tvn == "per-plate" else None
     fitted.fit(profiles.features, is_control, plates)
     shrink = getattr(fitted, "shrinkage_", None)
@@ -269,8 +279,12 @@ def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto
     means = plate_means(profiles, control)
     z = fitted.transform(means.features, means.meta[PLATE].to_numpy())
     treatments = median_across_plates(means.with_features(z, output_names(tvn, means.feature_names)))
+    codes = None
+    if nscb and nscb_multibatch == "official" and BATCH in means.meta:
+        codes = metrics.median_batch_codes(means.meta[TREATMENT], means.meta[BATCH],
+                                           treatments.meta[TREATMENT])
     yield Progress("evaluate", 3, total, "matching")
-    out = evaluate_treatments(treatments, ks=ks, nscb=nscb)
+    out = evaluate_treatments(treatments, ks=ks, nscb=nscb, batch_code=codes)
     nsc_m, nscb_m = out["nsc_match"], out["nscb_match"]
     n_queries = len(treatments)
     if nsc_m.n < n_queries:
@@ -313,7 +327,10 @@ def evaluate_profiles(profiles: ProfileTable, tvn: str = "paper", **kwargs) -> E
     profiles
         Field-level :class:`ProfileTable` (controls with ``Metadata_MoA == "DMSO"``).
     tvn
-        ``"paper"``, ``"per-plate"`` or ``"none"``.
+        ``"paper"``, ``"per-plate"``, ``"per-channel"`` or ``"none"``.
+    nscb_multibatch
+        ``"exempt"`` (default: treatments seen in several batches skip the batch rule)
+        or ``"official"`` (WS-DINO's code: median batch code, rule applied).
     shrinkage
         TVN covariance shrinkage: ``"auto"`` or a number in [0, 1].
     ks

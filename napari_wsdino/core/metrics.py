@@ -17,7 +17,12 @@ NSCB (not-same-compound-and-batch)
     (BBBC021's positive control taxol 0.3 uM is on every plate, so in all ten
     batches) is not subject to the batch rule, as in the published evaluation
     code (DeepProfiler's BBBC021 notebook), which would otherwise leave it with
-    no candidates and no candidate batch to compare to.
+    no candidates and no candidate batch to compare to (``multibatch="exempt"``,
+    the default). WS-DINO's own evaluation (crosszamirski/WS-DINO,
+    ``Eval_BBBC021.py``) instead gives every treatment the median, over its plates,
+    of the plates' numeric batch codes (taxol: 4.0) and applies the batch rule to
+    all, comparing codes for equality (``multibatch="official"``,
+    :func:`median_batch_codes`).
 
 The *neighbour* of a query is its candidate with the highest cosine similarity;
 the match is correct when the neighbour has the query's MoA. Accuracy is the
@@ -48,6 +53,8 @@ import numpy as np
 
 DECIMALS = 10
 MULTI_BATCH = -1
+#: How NSCB treats a treatment seen in several batches (see the module docstring).
+NSCB_MULTIBATCH = ("exempt", "official")
 
 
 def cosine_similarity(x: np.ndarray) -> np.ndarray:
@@ -74,6 +81,42 @@ def batch_codes(batches) -> np.ndarray:
     singles = sorted({s[0] for s in sets if len(s) == 1})
     index = {b: i for i, b in enumerate(singles)}
     return np.array([index[s[0]] if len(s) == 1 else MULTI_BATCH for s in sets], dtype=np.int64)
+
+
+def _natural_key(name: str) -> tuple:
+    """``Week2`` before ``Week10``: digit runs compare as numbers."""
+    import re
+
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name)))
+
+
+def median_batch_codes(plate_treatments, plate_batches, treatments) -> np.ndarray:
+    """The published WS-DINO evaluation's batch of each treatment: batches numbered
+    0, 1, ... in natural order (``Week1`` = 0 ... ``Week10`` = 9), each (treatment,
+    plate) row given its plate's number, then the median over the treatment's plates
+    (the mean of the two middle ones for an even count, as pandas' ``median``).
+
+    Parameters
+    ----------
+    plate_treatments, plate_batches
+        Treatment and batch of each (treatment, plate) row (:func:`~napari_wsdino.core
+        .aggregate.plate_means`).
+    treatments
+        The treatments to return codes for, in order.
+
+    Example
+    -------
+    >>> median_batch_codes(["t", "t", "t", "u"], ["Week1", "Week2", "Week10", "Week2"],
+    ...                    ["t", "u"]).tolist()
+    [1.0, 1.0]
+    """
+    import pandas as pd
+
+    batches = pd.Series(plate_batches, dtype=str).to_numpy()
+    number = {b: i for i, b in enumerate(sorted(set(batches), key=_natural_key))}
+    codes = pd.Series([number[b] for b in batches], dtype=np.float64)
+    medians = codes.groupby(pd.Series(plate_treatments, dtype=str).to_numpy()).median()
+    return medians.reindex(pd.Series(treatments, dtype=str).to_numpy()).to_numpy(np.float64)
 
 
 def nscb_eligible(moas, batches) -> np.ndarray:

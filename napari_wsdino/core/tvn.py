@@ -12,6 +12,12 @@ Variants (``method``):
 ``"per-plate"``
     Each plate is first centred and scaled, feature by feature, on its own DMSO
     fields (removes plate offsets), then one whitening is fitted on all DMSO fields.
+``"per-channel"``
+    The published evaluation code's variant (crosszamirski/WS-DINO, ``Eval_BBBC021.py``):
+    one whitening per channel (scikit-learn ``PCA(whiten=True)`` with all components),
+    fitted on that channel's raw CLS features of the DMSO fields; the whitened channels
+    are then concatenated. Channels are the feature-name prefixes (``DAPI_000`` ->
+    ``DAPI``). Embed with ``l2=False`` to whiten raw CLS features as that code does.
 ``"none"``
     Features are left as they are.
 
@@ -46,7 +52,7 @@ import scipy.linalg
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.profiles import PLATE, ProfileTable
 
-METHODS = ("paper", "per-plate", "none")
+METHODS = ("paper", "per-plate", "per-channel", "none")
 _SINGULAR = 1e-10
 
 
@@ -78,6 +84,9 @@ class TypicalVariationNormalizer:
         ``"paper"``, ``"per-plate"`` or ``"none"`` (see module docstring).
     shrinkage
         ``"auto"`` or a Ledoit-Wolf-style coefficient in ``[0, 1]``.
+    groups
+        ``"per-channel"`` only: the group (channel) of each feature column, e.g.
+        ``channel_groups(feature_names)``.
 
     Attributes (after ``fit``)
     --------------------------
@@ -95,9 +104,14 @@ class TypicalVariationNormalizer:
 
     method: str = "paper"
     shrinkage: str | float = "auto"
+    groups: tuple | None = None
 
     def __post_init__(self):
         _check_method(self.method)
+        if self.method == "per-channel":
+            if self.groups is None:
+                raise DataError("Per-channel TVN needs the channel of every feature (groups).")
+            self.groups = tuple(str(g) for g in self.groups)
         if not (self.shrinkage == "auto" or (isinstance(self.shrinkage, (int, float))
                                              and 0.0 <= float(self.shrinkage) <= 1.0)):
             raise DataError(f"shrinkage must be 'auto' or a number in [0, 1]; got {self.shrinkage!r}.")
@@ -148,6 +162,8 @@ class TypicalVariationNormalizer:
         self.n_features_in_ = d
         if self.method == "none":
             return self
+        if self.method == "per-channel":
+            return self._fit_groups(x, is_control)
         if n_ctl < 2:
             raise DataError(
                 f"TVN needs at least two DMSO fields to fit on; found {n_ctl}. "
@@ -209,7 +225,23 @@ class TypicalVariationNormalizer:
             if plates is None:
                 raise DataError("Per-plate TVN needs the plate of every row (Metadata_Plate).")
             x = self._scale_plates(x, np.asarray(plates))
+        if self.method == "per-channel":
+            return np.concatenate([tvn.transform(x[:, cols]) for cols, tvn in self.parts_], axis=1)
         return ((x - self.mean_) @ self.components_) * self.scale_
+
+    def _fit_groups(self, x, is_control) -> "TypicalVariationNormalizer":
+        groups = np.asarray(self.groups, dtype=object)
+        if len(groups) != x.shape[1]:
+            raise DataError(f"{len(groups)} feature groups given for {x.shape[1]} features.")
+        names = list(dict.fromkeys(groups))  # first-seen order = column order
+        self.parts_ = []
+        for name in names:
+            cols = np.flatnonzero(groups == name)
+            self.parts_.append((cols, TypicalVariationNormalizer("paper", self.shrinkage)
+                                .fit(x[:, cols], is_control)))
+        self.shrinkage_ = max(t.shrinkage_ for _, t in self.parts_)
+        self.components_ = None  # marks the normaliser as fitted
+        return self
 
     def fit_transform(self, X, is_control, plates=None) -> np.ndarray:
         return self.fit(X, is_control, plates).transform(X, plates)
@@ -227,7 +259,8 @@ def apply_tvn(profiles: ProfileTable, method: str = "paper", shrinkage: str | fl
     >>> normalised, tvn = apply_tvn(profiles, "per-plate")      # doctest: +SKIP
     """
     _check_method(method)
-    tvn = TypicalVariationNormalizer(method, shrinkage)
+    groups = channel_groups(profiles.feature_names) if method == "per-channel" else None
+    tvn = TypicalVariationNormalizer(method, shrinkage, groups)
     plates = None
     if method == "per-plate":
         profiles.require([PLATE])
@@ -237,9 +270,22 @@ def apply_tvn(profiles: ProfileTable, method: str = "paper", shrinkage: str | fl
     return profiles.with_features(z, output_names(method, profiles.feature_names)), tvn
 
 
+def channel_groups(names) -> list[str]:
+    """The channel of each feature name: the part before the last ``_`` (``DAPI_007``)."""
+    return [str(n).rsplit("_", 1)[0] for n in names]
+
+
 def output_names(method: str, names: list[str]) -> list[str]:
-    """Feature names after TVN: unchanged for ``"none"``, else principal axes ``pc0000...``."""
+    """Feature names after TVN: unchanged for ``"none"``, else principal axes ``pc0000...``
+    (``DAPI_pc000...`` per channel for ``"per-channel"``)."""
     if method == "none":
         return list(names)
+    if method == "per-channel":
+        groups = channel_groups(names)
+        out, seen = [], {}
+        for g in groups:
+            seen[g] = seen.get(g, -1) + 1
+            out.append(f"{g}_pc{seen[g]:04d}")
+        return out
     width = max(4, len(str(len(names) - 1)))
     return [f"pc{i:0{width}d}" for i in range(len(names))]
