@@ -59,7 +59,9 @@ def add_parser(sub) -> None:
                    "dino_deitsmall8_pretrain.pth); default random")
     p.add_argument("--out", metavar="RUN", help="run folder (default: CACHE/../runs/<weak label>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue RUN/<channel>/checkpoint.pth with its saved config")
+                   help="continue RUN/<channel>/checkpoint.pth with its saved config; with "
+                   "--epochs N, extend a finished or interrupted run to N epochs (continue "
+                   "training; see docs/training.md for the schedule)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

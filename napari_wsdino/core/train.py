@@ -727,8 +727,10 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
 
 def _check_resume(ckpt, config, fingerprint, steps_per_epoch, path) -> None:
     old = TrainConfig.from_dict(ckpt["config"])
+    # ``epochs`` may change: Continue training extends (or shortens) the run; the schedules
+    # are then those of the new total, read from the current step on (docs/training.md).
     diff = [k for k, v in config.to_dict().items()
-            if k not in RESUMABLE_CHANGES and old.to_dict()[k] != v]
+            if k not in RESUMABLE_CHANGES | {"epochs"} and old.to_dict()[k] != v]
     if diff:
         raise TrainingError(
             f"Cannot resume {path}: settings differ from the run's ({', '.join(diff)}). "
@@ -743,6 +745,12 @@ def _check_resume(ckpt, config, fingerprint, steps_per_epoch, path) -> None:
         raise TrainingError(
             f"Cannot resume {path}: {ckpt['steps_per_epoch']} steps per epoch then, "
             f"{steps_per_epoch} now (different number of processes?)."
+        )
+    done = int(ckpt["step"]) // max(int(ckpt["steps_per_epoch"]), 1)
+    if config.epochs * steps_per_epoch < int(ckpt["step"]):
+        raise TrainingError(
+            f"Cannot continue {path} with epochs = {config.epochs}: it has trained {done} "
+            f"epochs already. Give --epochs {done} or more."
         )
 
 
