@@ -56,18 +56,28 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from napari_wsdino.core.fsio import describe_os_error
     from napari_wsdino.core.imageio import ImageReadError
     from napari_wsdino.core.metadata import DataError
     from napari_wsdino.core.model import CheckpointError
 
     try:
         return int(args.func(args) or 0)
-    except (DataError, ImageReadError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
-        print(f"wsdino {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"wsdino {args.command}: interrupted; finished work is kept.", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # The disk (full, read-only, ...) first: it hides behind other errors
+        # (torch.save's RuntimeError, a broken worker pool).
+        message = describe_os_error(exc)
+        if message is None and isinstance(
+            exc, (DataError, ImageReadError, CheckpointError, FileNotFoundError, FileExistsError)
+        ):
+            message = str(exc)
+        if message is None:
+            raise
+        print(f"wsdino {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

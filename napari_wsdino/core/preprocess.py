@@ -38,12 +38,16 @@ Example
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Iterator, Sequence
@@ -52,6 +56,7 @@ import numpy as np
 import pandas as pd
 
 from napari_wsdino.core import illumination as illum
+from napari_wsdino.core.fsio import atomic_write, ensure_dir, preallocate
 from napari_wsdino.core.identity import dataset_identity
 from napari_wsdino.core.cache import (
     CACHE_FORMAT,
@@ -293,11 +298,12 @@ def plate_functions(
     if rows.empty:
         raise DataError(f"No fields of plate {plate!r} in this dataset.")
     # As in preprocess: a field counts only if all its channels read, at the screen's size.
-    shape = _probe_shape(metadata.table, channels)
+    expect = _probe_image(metadata.table, channels)
+    shape = expect[0]
     acc = illum.MeanAccumulator()
     for paths in rows[[f"path_{c}" for c in channels]].astype(str).to_numpy():
         try:
-            acc.add(_read_field(list(paths), shape))
+            acc.add(_read_field(list(paths), expect))
         except ImageReadError:
             continue
     if acc.count == 0:
@@ -311,32 +317,50 @@ def plate_functions(
 # --------------------------------------------------------------------------- workers
 
 
-def _init_worker() -> None:
-    """Pool initialiser: one thread per process (the pool is the parallelism)."""
+def _init_worker(parent: int | None = None) -> None:
+    """Pool initialiser: one thread per process (the pool is the parallelism), and an
+    end with the parent: a SIGKILLed parent runs no cleanup, and its workers (hundreds
+    of MB each) would otherwise live on as orphans."""
     import torch
 
     torch.set_num_threads(1)
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def _read_field(paths: Sequence[str], shape: tuple[int, int]) -> np.ndarray:
+def _exit_with_parent(parent: int, interval: float = 0.5) -> None:
+    """Poll until this process is re-parented (its parent died), then exit at once."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
+
+
+def _read_field(paths: Sequence[str], expect: tuple) -> np.ndarray:
+    """Read one field's channels; each must have the screen's ``(shape, dtype)``
+    (``expect``, from :func:`_probe_image`): a float or 8-bit file among 16-bit ones
+    would skew its whole plate's illumination function."""
+    shape, dtype = expect
     planes = []
     for p in paths:
         img = read_tiff(p)
         if img.shape != tuple(shape):
             raise ImageReadError(p, f"image is {img.shape[0]}x{img.shape[1]}, "
                                     f"the screen's images are {shape[0]}x{shape[1]}")
+        if dtype is not None and img.dtype != np.dtype(dtype):
+            raise ImageReadError(p, f"pixels are {img.dtype}, the screen's images are "
+                                    f"{np.dtype(dtype)}; re-export it as {np.dtype(dtype)}")
         planes.append(img)
     return np.stack(planes)
 
 
 def _sum_task(task: tuple) -> tuple:
     """Worker: sum of a chunk of fields, per channel; unreadable fields reported."""
-    index, fields, shape = task
+    index, fields, expect = task
     total = None
     good, bad = [], []
     for field_id, paths in fields:
         try:
-            img = _read_field(paths, shape)
+            img = _read_field(paths, expect)
         except ImageReadError as exc:
             bad.append((field_id, str(exc.path), exc.reason))
             continue
@@ -351,14 +375,14 @@ def _sum_task(task: tuple) -> tuple:
 
 def _process_task(task: tuple) -> list:
     """Worker: preprocess a chunk of fields and write them into the cache rows."""
-    fields, shape, function_files, array_files, settings_record = task
+    fields, expect, function_files, array_files, settings_record = task
     settings = PreprocessSettings.from_record(settings_record)
     functions = [np.load(f) if f else None for f in function_files]
     arrays = [np.load(f, mmap_mode="r+") for f in array_files]
     results = []
     for field_id, row, paths in fields:
         try:
-            raw = _read_field(paths, shape)
+            raw = _read_field(paths, expect)
         except ImageReadError as exc:
             results.append((field_id, row, (str(exc.path), exc.reason)))
             continue
@@ -394,6 +418,7 @@ class _Pool:
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
+            initargs=(os.getpid(),),
         )
         self.map = self.executor.map
 
@@ -429,10 +454,47 @@ class _Pool:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (a crash leaves the old file or the new one)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    """Write JSON atomically (a crash or a full disk leaves the old file or the new
+    one, and no temporary file)."""
+    with atomic_write(path, "w") as fh:
+        fh.write(json.dumps(obj, indent=2))
+
+
+def _file_stamp(paths: Iterable[str]) -> str:
+    """Size and modification time of files (missing: -1), hashed: a repaired,
+    re-downloaded or edited image changes it, a moved dataset (``mv``) does not."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(b"-1:-1;")
+    return h.hexdigest()[:16]
+
+
+def _check_files_unchanged(out: Path, state: dict, table: pd.DataFrame, channels: list[str]) -> None:
+    """Refuse a cache whose finished plates were made from files that have changed
+    since (recorded per plate; caches from before this check have no stamps)."""
+    path_cols = [f"path_{c}" for c in channels]
+    by_plate = table.groupby("plate", sort=False)
+    for plate, done in state.get("plates", {}).items():
+        for f in done.get("failed", []):
+            if "stamp" in f and _file_stamp([f["path"]]) != f["stamp"]:
+                raise DataError(
+                    f"{f['path']} was left out of cache {out} as unreadable ({f['reason']}) "
+                    "and has changed since: delete the cache folder and rerun to include it "
+                    "(or preprocess into another --out)."
+                )
+        if "stamp" not in done or plate not in by_plate.groups:
+            continue
+        rows = by_plate.get_group(plate)
+        if _file_stamp(rows[path_cols].astype(str).to_numpy().ravel()) != done["stamp"]:
+            raise DataError(
+                f"Image files of plate {plate} changed (size or modification time) since "
+                f"cache {out} was made: delete the cache folder and rerun to rebuild it "
+                "(or preprocess into another --out)."
+            )
 
 
 def _fingerprint(table: pd.DataFrame, channels: Sequence[str]) -> str:
@@ -466,23 +528,31 @@ def _shrink_rows(path: Path, n_rows: int) -> None:
         f.truncate(data_start + n_rows * row_bytes)
 
 
-def _probe_shape(table: pd.DataFrame, channels: Sequence[str]) -> tuple[int, int]:
-    """Input image size, from the first TIFF whose header can be read."""
+def _probe_image(table: pd.DataFrame, channels: Sequence[str]) -> tuple:
+    """The screen's image ``(shape, dtype name)``: the commonest among the first
+    TIFF headers (of every channel) that can be read, so one odd file among them
+    does not set the standard."""
     import tifffile
+    from collections import Counter
 
-    tried = []
-    for path in table[f"path_{channels[0]}"].head(20):
+    tried, seen = [], Counter()
+    heads = [p for col in (f"path_{c}" for c in channels) for p in table[col].head(7)]
+    for path in heads:
         try:
             with tifffile.TiffFile(path) as tf:
-                shape = tuple(int(v) for v in tf.pages[0].shape)
+                page = tf.pages[0]
+                shape, dtype = tuple(int(v) for v in page.shape), np.dtype(page.dtype).name
         except Exception as exc:  # noqa: BLE001 - any unreadable header: try the next
             tried.append(f"{path} ({type(exc).__name__})")
             continue
         if len(shape) == 3 and shape[0] == 1:
             shape = shape[1:]
         if len(shape) == 2:
-            return shape
-        tried.append(f"{path} (shape {shape})")
+            seen[(shape, dtype)] += 1
+        else:
+            tried.append(f"{path} (shape {shape})")
+    if seen:
+        return seen.most_common(1)[0][0]
     raise DataError(
         "Cannot find the image size: none of the first images could be read, e.g. "
         + "; ".join(tried[:3]) + ". Check the dataset with 'wsdino info DATA'."
@@ -528,19 +598,21 @@ def _start_state(
                 arr = image_file(out, ch)
                 if not arr.exists():
                     raise DataError(f"Incomplete cache {out} lacks {arr.name}; delete {out} and rerun.")
+                _reserve(arr)  # caches begun before files were reserved are sparse
         return state
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise DataError(
             f"{out} exists and is not a preprocessed cache (no {SETTINGS_FILE}). "
             "Give an empty or new folder to --out."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
     (out / ILLUMINATION_DIR).mkdir(exist_ok=True)
     h, w = record["size"]
     for ch in channels:
         arr = np.lib.format.open_memmap(image_file(out, ch), mode="w+", dtype=np.float16,
                                         shape=(n, h, w))
         del arr
+        _reserve(image_file(out, ch))
     state = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
@@ -556,6 +628,28 @@ def _start_state(
     }
     _write_json(settings_path, state)
     return state
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole (sparse) ``.npy`` file now: a memory-mapped write to a full
+    disk kills the process with SIGBUS, without a word; this fails first, with ENOSPC."""
+    preallocate(path, path.stat().st_size)
+
+
+def _pool_died(out: Path) -> Exception:
+    """The error for a worker pool whose process died: the disk if it is full (a
+    worker's own error would have come back as an exception), else the likely cause."""
+    try:
+        full = shutil.disk_usage(out).free < 64 * 2**20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+    return DataError(
+        "A preprocessing worker process died abruptly (killed, e.g. out of memory); the "
+        "plates finished so far are kept: rerun with the same --out and fewer --workers "
+        "(1: no subprocesses) to resume."
+    )
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -617,9 +711,11 @@ def preprocess(
     channels = list(metadata.channels)
     if len(table) == 0:
         raise DataError("The dataset has no fields to preprocess.")
-    shape = _probe_shape(table, channels)
+    expect = _probe_image(table, channels)
+    shape = expect[0]
     record = settings.record(shape)
     state = _start_state(out, record, channels, _fingerprint(table, channels), len(table))
+    _check_files_unchanged(out, state, table, channels)
     # Which dataset this is (core.identity): plate/well/site names alone do not tell.
     state.setdefault("dataset_id", dataset_identity(table, channels))
     total = len(table)
@@ -659,14 +755,15 @@ def preprocess(
             def fail(field_id: int, path: str, reason: str) -> Progress:
                 row = table.iloc[field_id]
                 failed[field_id] = {"plate": str(row.plate), "well": str(row.well),
-                                    "site": int(row.site), "path": path, "reason": reason}
+                                    "site": int(row.site), "path": path, "reason": reason,
+                                    "stamp": _file_stamp([path])}
                 return event(done_fields, plate, "failed",
                              f"unreadable, field left out: {path} ({reason})",
                              failed_path=path, reason=reason)
 
             # Pass 1: the plate's mean image per channel (sums added in task order,
             # so the mean never depends on which worker finished first).
-            tasks = [(k, [(i, list(paths[i])) for i in chunk], shape)
+            tasks = [(k, [(i, list(paths[i])) for i in chunk], expect)
                      for k, chunk in enumerate(_chunks(ids, chunk_size))]
             acc = illum.MeanAccumulator()
             pending: dict[int, tuple] = {}
@@ -704,7 +801,7 @@ def preprocess(
             kept = [i for i in ids if i in good]
             start = next_row
             row_of = {i: start + k for k, i in enumerate(kept)}
-            tasks = [([(i, row_of[i], list(paths[i])) for i in chunk], shape,
+            tasks = [([(i, row_of[i], list(paths[i])) for i in chunk], expect,
                       function_files, array_files, record)
                      for chunk in _chunks(kept, chunk_size)]
             lost: set[int] = set()
@@ -724,10 +821,13 @@ def preprocess(
                 "start": start,
                 "fields": kept,
                 "failed": [failed[i] for i in sorted(failed)],
+                "stamp": _file_stamp(paths[ids].ravel()),
             }
             _write_json(out / SETTINGS_FILE, state)
             yield event(done_fields, plate, "plate done",
                         f"{plate}: done ({len(kept)} fields, {len(failed)} left out)")
+    except BrokenProcessPool:
+        raise _pool_died(out) from None
     finally:
         pool.shutdown()
 

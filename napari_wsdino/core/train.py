@@ -46,6 +46,7 @@ import torch
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.dino import DINOHead, DINOLoss, MultiCropWrapper, ema_update
+from napari_wsdino.core.fsio import atomic_write
 from napari_wsdino.core.model import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -277,14 +278,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """Write ``obj`` with ``torch.save`` to a temporary file, flush it, then rename."""
+    """Write ``obj`` with ``torch.save`` to a temporary file, flush it, then rename; on
+    failure (a full disk) the temporary file is removed and the last checkpoint kept."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path, "wb") as fh:
         torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     return path
 
 

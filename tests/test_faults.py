@@ -1,0 +1,355 @@
+"""Bad inputs and faults (issue 16): each names its cause and fix on one line, exits
+non-zero (or warns), prints no traceback and loses nothing already computed.
+
+A full disk is simulated by a write that raises ENOSPC (no tmpfs can be mounted here).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_wsdino.cli import main
+from napari_wsdino.core import fsio
+from napari_wsdino.core import preprocess as pp
+from napari_wsdino.core.cache import open_cache
+from napari_wsdino.core.imageio import write_tiff
+from napari_wsdino.core.metadata import load_metadata
+from napari_wsdino.core.progress import Progress, run_to_end
+from preprocess_data import write_screen
+
+SHAPE = (32, 40)
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory) -> Path:
+    """3 plates x 3 fields x 3 channels, 32 x 40."""
+    return write_screen(tmp_path_factory.mktemp("screen"), n_plates=3, fields_per_plate=3,
+                        shape=SHAPE, seed=3)
+
+
+def _cli(argv, capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err: str, *words: str) -> str:
+    """The last stderr line: the error, one line, naming ``words``; no traceback."""
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("wsdino ") and ": error: " in line, line
+    for w in words:
+        assert w in line, (w, line)
+    return line
+
+
+def _preprocess_args(data, out):
+    return ["preprocess", data, "--out", out, "--workers", "1", "--quiet"]
+
+
+class _FullAfter:
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written."""
+
+    def __init__(self, fh, room: int):
+        self.fh, self.room = fh, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.fh.write(data[: self.room])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+
+# ---------------------------------------------------------------- the message itself
+
+
+@pytest.mark.parametrize("code, words", [
+    (errno.ENOSPC, ["No space left", "/x/out", "free space"]),
+    (errno.EROFS, ["read-only", "/x/out", "writable"]),
+    (errno.EACCES, ["Permission denied", "/x/out", "chmod"]),
+    (errno.ENOTDIR, ["/x/out", "not a folder", "folder path"]),
+])
+def test_file_system_errors_read_as_one_line(code, words):
+    exc = OSError(code, os.strerror(code), "/x/out")
+    message = fsio.describe_os_error(exc)
+    assert "\n" not in message
+    for w in words:
+        assert w in message
+    # Found also behind another error (torch.save raises RuntimeError from ENOSPC).
+    try:
+        try:
+            raise exc
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672]")
+    except RuntimeError as wrapped:
+        assert fsio.describe_os_error(wrapped) == message
+    assert fsio.describe_os_error(ValueError("x")) is None
+
+
+def test_atomic_write_removes_its_temporary_file_and_keeps_the_old(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    real_open = open
+    monkeypatch.setattr(fsio, "open", lambda p, m: _FullAfter(real_open(p, m), 2), raising=False)
+    with pytest.raises(OSError) as info:
+        with fsio.atomic_write(target, "w") as fh:
+            fh.write("new contents")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+# ---------------------------------------------------------------- 1: disk full, preprocess
+
+
+def test_case1_disk_full_at_reservation_is_a_message_not_sigbus(screen, tmp_path, capsys, monkeypatch):
+    """The arrays are reserved up front: a full disk fails there with ENOSPC (a
+    memory-mapped write to it would kill the process with SIGBUS)."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fsio.os, "posix_fallocate", full)
+    out = tmp_path / "cache"
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 2
+    _one_line_error(err, "No space left", str(out / "images_DAPI.npy"), "free space")
+
+
+def test_case1_disk_full_mid_run_keeps_finished_plates(screen, tmp_path, capsys, monkeypatch):
+    clean = run_to_end(pp.preprocess(load_metadata(screen), tmp_path / "clean", workers=1))
+    out = tmp_path / "cache"
+    calls = {"n": 0}
+    real_open = open
+
+    def open_filling(path, mode):  # the 3rd state write (after plate 2) meets a full disk
+        calls["n"] += 1
+        return _FullAfter(real_open(path, mode), 10 if calls["n"] == 3 else 10**9)
+
+    monkeypatch.setattr(fsio, "open", open_filling, raising=False)
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 2
+    _one_line_error(err, "No space left", str(out / "cache.json"), "rerun resumes")
+    assert not list(out.glob("*.tmp"))
+    import json
+
+    assert len(json.loads((out / "cache.json").read_text())["plates"]) == 1  # plate 1 kept
+    monkeypatch.undo()
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 0, err
+    resumed = open_cache(out)
+    for ch in clean.channels:
+        assert np.array_equal(resumed.images(ch), clean.images(ch))
+
+
+def test_case1_dead_worker_pool_names_the_full_disk(screen, tmp_path, capsys, monkeypatch):
+    from concurrent.futures.process import BrokenProcessPool
+
+    class Broken(pp._Inline):
+        def __init__(self, workers):
+            pass
+
+        def run(self, fn, tasks):
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+            yield
+
+    monkeypatch.setattr(pp, "_Pool", Broken)
+    out = tmp_path / "cache"
+    args = ["preprocess", screen, "--out", out, "--workers", "2", "--quiet"]
+    code, _, err = _cli(args, capsys)
+    assert code == 2
+    _one_line_error(err, "worker process died", "--workers")
+    usage = type("Usage", (), {"free": 10 * 2**20})
+    monkeypatch.setattr(pp.shutil, "disk_usage", lambda p: usage)
+    code, _, err = _cli(args, capsys)
+    assert code == 2
+    _one_line_error(err, "No space left", str(out))
+
+
+# ---------------------------------------------------------------- 2: disk full, checkpoint
+
+
+def test_case2_checkpoint_on_full_disk_removes_tmp_and_keeps_the_last(tmp_path, monkeypatch):
+    import torch
+
+    from napari_wsdino.core import train
+
+    path = tmp_path / "checkpoint.pth"
+    train.save_checkpoint({"step": 1}, path)
+    real_open = open
+    monkeypatch.setattr(fsio, "open", lambda p, m: _FullAfter(real_open(p, m), 100), raising=False)
+    with pytest.raises(Exception) as info:
+        train.save_checkpoint({"step": 2, "w": torch.zeros(10_000)}, path)
+    message = fsio.describe_os_error(info.value)
+    assert message and "No space left" in message and str(path) in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pth"]
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+# ---------------------------------------------------------------- 3: unwritable --out
+
+
+def test_case3_out_is_a_file(screen, tmp_path, capsys):
+    out = tmp_path / "a_file"
+    out.write_text("not a folder")
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 2
+    _one_line_error(err, str(out), "not a folder")
+    code, _, err = _cli(_preprocess_args(screen, out / "cache"), capsys)
+    assert code == 2
+    _one_line_error(err, "not a folder")
+    assert out.read_text() == "not a folder"
+
+
+def test_case3_read_only_out(screen, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ro" / "cache"
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(pp, "ensure_dir", read_only)
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 2
+    _one_line_error(err, str(out), "read-only", "writable")
+
+
+# ---------------------------------------------------------------- 5: odd pixel types
+
+
+@pytest.mark.parametrize("dtype", ["float64", "uint8"])
+def test_case5_other_pixel_type_refused_naming_the_file(tmp_path, capsys, dtype):
+    root = write_screen(tmp_path / "data", n_plates=1, fields_per_plate=4, shape=SHAPE, seed=5)
+    meta = load_metadata(root)
+    odd = Path(meta.table.loc[1, "path_DAPI"])
+    from napari_wsdino.core.imageio import read_tiff
+
+    img = read_tiff(odd)
+    write_tiff(odd, img.astype(np.float64) * 1e6 if dtype == "float64" else (img // 256).astype(np.uint8))
+    code, out, err = _cli(["preprocess", root, "--out", tmp_path / "cache", "--workers", "1"], capsys)
+    assert code == 0
+    warning = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(warning) == 1 and str(odd) in warning[0]
+    assert dtype in warning[0] and "uint16" in warning[0] and "re-export" in warning[0]
+    cache = open_cache(tmp_path / "cache")
+    assert len(cache) == 3 and cache.settings["failed"][0]["path"] == str(odd)
+    # The plate's illumination function is the one of the three 16-bit fields.
+    keep = meta.table.drop(index=1).reset_index(drop=True)
+    from napari_wsdino.core import illumination as il
+
+    raws = [read_tiff(p) for p in keep["path_DAPI"]]
+    size = il.scaled_filter_size(320, SHAPE)
+    fn = il.illumination_function(il.mean_image(raws), size)
+    assert np.array_equal(cache.illumination(keep.plate[0], "DAPI"), fn)
+
+
+# ---------------------------------------------------------------- 6: orphans
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from napari_wsdino.core.preprocess import _Pool
+pool = _Pool(2)
+list(pool.executor.map(time.sleep, [0.3] * 4))
+print(" ".join(str(p) for p in pool.executor._processes), flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            state = next(ln for ln in fh if ln.startswith("State:"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return "Z" not in state.split()[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_case6_workers_end_with_a_killed_parent():
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+# ---------------------------------------------------------------- 7: changed files
+
+
+def test_case7_repaired_file_is_noticed_on_rerun(tmp_path, capsys):
+    root = write_screen(tmp_path / "data", n_plates=2, fields_per_plate=3, shape=SHAPE, seed=7)
+    meta = load_metadata(root)
+    bad = Path(meta.table.loc[4, "path_Actin"])
+    good = bad.read_bytes()
+    bad.write_bytes(good[:300])
+    out = tmp_path / "cache"
+    assert _cli(_preprocess_args(root, out), capsys)[0] == 0
+    assert open_cache(out).settings["failed"][0]["path"] == str(bad)
+    bad.write_bytes(good)  # repaired
+    code, _, err = _cli(_preprocess_args(root, out), capsys)
+    assert code == 2
+    _one_line_error(err, str(bad), "changed", "delete the cache folder")
+    assert len(open_cache(out)) == 5  # the cache is left as it was
+
+
+def test_case7_edited_file_of_a_finished_plate_is_noticed(tmp_path, capsys):
+    root = write_screen(tmp_path / "data", n_plates=2, fields_per_plate=2, shape=SHAPE, seed=8)
+    meta = load_metadata(root)
+    out = tmp_path / "cache"
+    assert _cli(_preprocess_args(root, out), capsys)[0] == 0
+    edited = Path(meta.table.loc[0, "path_DAPI"])
+    edited.write_bytes(edited.read_bytes() + b"\0" * 16)
+    code, _, err = _cli(_preprocess_args(root, out), capsys)
+    assert code == 2
+    _one_line_error(err, str(meta.table.plate[0]), "changed", "delete the cache folder")
+
+
+# ---------------------------------------------------------------- 17: logs
+
+
+def test_case17_progress_in_a_log_is_a_line_per_stage_not_per_step():
+    from napari_wsdino.cli._common import ProgressPrinter
+
+    log = io.StringIO()  # not a terminal
+    printer = ProgressPrinter(stream=log, interval=3600)
+    for stage in ("preprocess", "train"):
+        for step in range(1, 1001):
+            printer(Progress(stage, step, 1000, f"step {step}"))
+    lines = log.getvalue().splitlines()
+    assert lines == ["preprocess: 1/1000 (0%) step 1", "preprocess: 1000/1000 (100%) step 1000",
+                     "train: 1/1000 (0%) step 1", "train: 1000/1000 (100%) step 1000"]
+    assert "\r" not in log.getvalue()
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    ProgressPrinter(stream=tty)(Progress("train", 1, 10, "x"))
+    assert tty.getvalue().startswith("\r")
