@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from napari_wsdino.core.metadata import DataError, ScreenLayout
@@ -30,16 +31,37 @@ def layout_from_args(args) -> ScreenLayout:
     return ScreenLayout.from_mapping(mapping)
 
 
-class ProgressPrinter:
-    """Prints progress events as one self-overwriting line per stage."""
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is an interactive terminal (not a pipe or a log file)."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # closed stream
+        return False
 
-    def __init__(self, stream=None, quiet: bool = False):
+
+#: Seconds between progress lines when the output is a log, not a terminal.
+LOG_INTERVAL = 30.0
+
+
+class ProgressPrinter:
+    """Prints progress events: on a terminal, one self-overwriting bar per stage; in a
+    log (stderr redirected), a plain line when a stage starts and ends and at most
+    every ``interval`` seconds in between, not one per step."""
+
+    def __init__(self, stream=None, quiet: bool = False, interval: float | None = None):
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.terminal = is_terminal(self.stream)
+        self.interval = LOG_INTERVAL if interval is None else interval
         self._last_stage = None
+        self._last_time = 0.0
 
     def __call__(self, event: Progress) -> None:
         if self.quiet:
+            return
+        if not self.terminal:
+            self._log_line(event)
             return
         if self._last_stage not in (None, event.stage):
             self.stream.write("\n")
@@ -52,6 +74,18 @@ class ProgressPrinter:
         if event.total and event.step >= event.total:
             self.stream.write("\n")
             self._last_stage = None
+        self.stream.flush()
+
+    def _log_line(self, event: Progress) -> None:
+        now = time.monotonic()
+        finished = bool(event.total) and event.step >= event.total
+        new_stage = event.stage != self._last_stage
+        if not (new_stage or finished or now - self._last_time >= self.interval):
+            return
+        self._last_stage = None if finished else event.stage
+        self._last_time = now
+        total = f"/{event.total} ({100 * event.fraction:.0f}%)" if event.total else ""
+        self.stream.write(f"{event.stage}: {event.step}{total} {event.message}\n".replace(" \n", "\n"))
         self.stream.flush()
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
 
+from napari_wsdino.cli._common import LOG_INTERVAL, is_terminal
 from napari_wsdino.core.fetch import (
     DEFAULT_BASE_URL,
     FetchError,
@@ -60,13 +62,16 @@ def add_parser(sub) -> None:
 
 
 class FetchPrinter:
-    """Overall and per-file progress bars on one self-overwriting line."""
+    """Overall and per-file progress bars on one self-overwriting line; in a log (not a
+    terminal) a plain line per plate and phase, and at most every ``LOG_INTERVAL`` s."""
 
     def __init__(self, stream=None, quiet: bool = False, width: int = 20):
         self.stream = stream or sys.stderr
         self.quiet = quiet
         self.width = width
         self._last = None
+        self.terminal = is_terminal(self.stream)
+        self._logged = (None, 0.0)
 
     def _bar(self, fraction: float) -> str:
         done = int(self.width * min(max(fraction, 0.0), 1.0))
@@ -90,12 +95,27 @@ class FetchPrinter:
         if key == self._last:
             return
         self._last = key
+        if not self.terminal:
+            self._log_line(event, key[:2], file_frac)
+            return
         line = (f"\r overall [{self._bar(event.fraction)}] {format_bytes(event.step)}"
                 f"/{format_bytes(event.total)}  {info.get('plate', '')} "
                 f"({info.get('plate_index', '?')}/{info.get('plates', '?')}) {phase or ''} "
                 f"[{self._bar(file_frac)}] {100 * file_frac:3.0f}%")
         self.stream.write(f"{line:<110}")
         self.stream.flush()
+
+    def _log_line(self, event: Progress, what: tuple, file_frac: float) -> None:
+        now = time.monotonic()
+        if what == self._logged[0] and now - self._logged[1] < LOG_INTERVAL:
+            return
+        self._logged = (what, now)
+        info = event.info
+        self.stream.write(f"fetch: {format_bytes(event.step)}/{format_bytes(event.total)} "
+                          f"{info.get('plate', '')} ({info.get('plate_index', '?')}/"
+                          f"{info.get('plates', '?')}) {what[1] or ''} {100 * file_frac:.0f}%\n")
+        self.stream.flush()
+        self._last = None  # nothing to end with a newline
 
     def _newline(self) -> None:
         if self._last is not None:
