@@ -353,3 +353,91 @@ def test_case17_progress_in_a_log_is_a_line_per_stage_not_per_step():
     tty = Tty()
     ProgressPrinter(stream=tty)(Progress("train", 1, 10, "x"))
     assert tty.getvalue().startswith("\r")
+
+
+# ---------------------------------------------------------------- 8: NaN pixels at embed
+
+
+def test_case8_nan_pixels_at_embed_warn_and_keep_the_rows(tmp_path, capsys):
+    import pandas as pd
+
+    from napari_wsdino.core.cache import write_cache
+    from napari_wsdino.core.profiles import ProfileTable
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"plate": ["P1"] * 4, "batch": ["B1"] * 4, "well": ["B02", "B03", "B04", "B05"],
+                          "site": [1] * 4, "replicate": [1] * 4, "compound": ["DMSO", "taxol"] * 2,
+                          "concentration": [0.0, 0.3] * 2, "treatment": ["DMSO@0", "taxol@0.3"] * 2,
+                          "moa": ["DMSO", "Microtubule stabilizers"] * 2})
+    images = {c: rng.random((4, 40, 40)).astype(np.float32) for c in ("DAPI",)}
+    images["DAPI"][2, 5:9, 5:9] = np.nan
+    cache = write_cache(tmp_path / "cache", table, images)
+    out = tmp_path / "profiles.parquet"
+    code, _, err = _cli(["embed", cache.path, "--random", "--arch", "test_vit", "--crop", "16",
+                         "--out", out, "--quiet"], capsys)
+    assert code == 0 and "Traceback" not in err
+    (warning,) = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert "1 of 4 fields" in warning and "P1/B04/s1" in warning and "wsdino preprocess" in warning
+    back = ProfileTable.read(out)
+    assert len(back) == 4 and np.isnan(back.features[2]).all()
+    assert np.isfinite(back.features[[0, 1, 3]]).all()
+
+
+# ---------------------------------------------------------------- 9: trivial evaluations
+
+
+@pytest.fixture(scope="module")
+def field_profiles(bundled_dir):
+    from napari_wsdino.core.profiles import simulate_profiles
+
+    table = load_metadata(bundled_dir, check_files=False).table
+    return simulate_profiles(table, 8, moa_signal=0.5, seed=4)
+
+
+def test_case9_one_moa_is_flagged(field_profiles, tmp_path, capsys):
+    moa = field_profiles.meta["Metadata_MoA"]
+    one = field_profiles.subset(moa.isin(["DMSO", "Actin disruptors"]).to_numpy())
+    path = one.write(tmp_path / "one.parquet")
+    code, out, err = _cli(["evaluate", path, "--json"], capsys)
+    assert code == 0 and "Traceback" not in err
+    (warning,) = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert "Only one MoA (Actin disruptors)" in warning and "at least two MoAs" in warning
+    import json
+
+    assert any("Only one MoA" in n for n in json.loads(out)["notes"])
+
+
+def test_case9_duplicated_rows_are_flagged(field_profiles, tmp_path, capsys):
+    from napari_wsdino.core.profiles import ProfileTable, evaluation_warnings
+
+    some = field_profiles.subset(np.arange(0, len(field_profiles), 3))
+    doubled = ProfileTable.from_frame(pd_concat([some.to_frame(), some.to_frame()]))
+    assert evaluation_warnings(some) == []
+    (warning,) = evaluation_warnings(doubled)
+    assert f"{len(some)} profile(s) repeat a field" in warning and "remove the duplicates" in warning
+    path = doubled.write(tmp_path / "doubled.parquet")
+    code, _, err = _cli(["evaluate", path, "--json"], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("warning:")] == [f"warning: {warning}"]
+
+
+def pd_concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------- 11: empty profile file
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_case11_profile_file_without_rows(field_profiles, tmp_path, capsys, suffix):
+    empty = field_profiles.subset(np.array([], dtype=int))
+    path = tmp_path / f"empty{suffix}"
+    if suffix == ".csv":
+        path.write_text(",".join(field_profiles.to_frame().columns) + "\n")
+    else:
+        empty.write(path)
+    code, _, err = _cli(["evaluate", path], capsys)
+    assert code == 2
+    _one_line_error(err, str(path), "no profile rows", "wsdino embed")

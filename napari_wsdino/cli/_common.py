@@ -58,6 +58,13 @@ class ProgressPrinter:
         self._last_time = 0.0
 
     def __call__(self, event: Progress) -> None:
+        if event.info.get("warning"):  # even when quiet; a line of its own, never overwritten
+            if self.terminal and self._last_stage is not None:
+                self.stream.write("\n")
+                self._last_stage = None
+            self.stream.write(f"warning: {event.info['warning']}\n")
+            self.stream.flush()
+            return
         if self.quiet:
             return
         if not self.terminal:

@@ -365,6 +365,13 @@ def embed_cache(
         chunks.append(out_chunk)
 
     features = np.concatenate(chunks, axis=0) if chunks else np.zeros((0, len(names)), np.float32)
+    bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+    if bad.size:  # kept (rows stay aligned with the cache), but said out loud
+        first = table.iloc[int(bad[0])]
+        warning = (f"{bad.size} of {n} fields have NaN/inf features: cache {cache.path} holds "
+                   f"NaN/inf pixels (e.g. {first['plate']}/{first['well']}/s{first['site']}); "
+                   "rebuild the cache with 'wsdino preprocess' or leave those fields out.")
+        yield Progress("embed", n, n, warning, {"warning": warning, "nan_rows": bad.tolist()})
     result = profile_table(table, features, names)
     if out is not None:
         provenance = {"models": models.summary(), "crop": crops, "n_fields": n,

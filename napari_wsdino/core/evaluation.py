@@ -31,7 +31,7 @@ from napari_wsdino.core import metrics
 from napari_wsdino.core.aggregate import median_across_plates, plate_means, treatment_batches
 from napari_wsdino.core.metadata import CONTROL, DataError, treatment_name
 from napari_wsdino.core.profiles import (
-    BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, ProfileTable,
+    BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, ProfileTable, evaluation_warnings,
 )
 from napari_wsdino.core.progress import Progress, run_to_end
 from napari_wsdino.core.tvn import METHODS, TypicalVariationNormalizer, channel_groups, output_names
@@ -262,6 +262,9 @@ def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto
     profiles = prepare_profiles(profiles, control=control, unannotated=unannotated,
                                 drop_constant=drop_constant, notes=notes, nscb=nscb)
     is_control = profiles.is_control(control)
+    for warning in evaluation_warnings(profiles, control):  # one MoA, duplicated rows
+        notes.append(warning)
+        yield Progress("evaluate", 0, total, warning, {"warning": warning})
     yield Progress("evaluate", 1, total, f"TVN ({tvn})")
     groups = channel_groups(profiles.feature_names) if tvn == "per-channel" else None
     fitted = TypicalVariationNormalizer(tvn, shrinkage, groups)

@@ -207,6 +207,11 @@ class ProfileTable:
             raise
         except Exception as exc:  # pyarrow / parser errors: name the file
             raise DataError(f"Cannot read profiles from {path}: {exc}") from None
+        if len(frame) == 0:  # else an empty CSV's columns read as text: "not numeric"
+            raise DataError(
+                f"{path} has column names but no profile rows (an interrupted or failed "
+                "export?): write it again, e.g. with 'wsdino embed CACHE --out FILE'."
+            )
         return cls.from_frame(frame)
 
     def write(self, path: str | Path) -> Path:
@@ -297,6 +302,36 @@ class ProfileTable:
     def drop_constant_features(self) -> "ProfileTable":
         """A copy without features that are constant over all profiles."""
         return self.drop_features(self.constant_features())
+
+
+def evaluation_warnings(profiles: ProfileTable, control: str = CONTROL) -> list[str]:
+    """What makes an evaluation of ``profiles`` trivial or skewed, one line each (empty
+    when nothing does): fewer than two MoAs besides ``control`` (every match is right),
+    profiles of one field given more than once (they count twice, controls included).
+
+    >>> meta = pd.DataFrame({MOA: ["DMSO", "Actin disruptors"], PLATE: ["p", "p"],
+    ...                      WELL: ["B02", "B03"], SITE: [1, 1]})
+    >>> evaluation_warnings(ProfileTable(meta, np.eye(2), ["a", "b"]))[0][:40]
+    'Only one MoA (Actin disruptors) besides '
+    """
+    out = []
+    moas = sorted(set(profiles.meta[MOA].astype(str)) - {control}) if MOA in profiles.meta else []
+    if len(moas) < 2:
+        which = f"one MoA ({moas[0]})" if moas else "no MoA"
+        out.append(f"Only {which} besides {control}: NSC, NSCB and mAP are trivially "
+                   "100 % or undefined; evaluate profiles of at least two MoAs.")
+    keys = [c for c in (PLATE, WELL, SITE) if c in profiles.meta]
+    if len(keys) == 3:
+        dup = profiles.meta.duplicated(subset=keys).to_numpy()
+    else:  # no field identity: identical metadata and features
+        dup = profiles.to_frame().duplicated().to_numpy()
+    if dup.any():
+        first = profiles.meta.loc[dup].iloc[0]
+        where = "/".join(str(first[c]) for c in keys) if keys else f"row {int(np.argmax(dup))}"
+        out.append(f"{int(dup.sum())} profile(s) repeat a field given before (e.g. {where}), "
+                   "so they count twice (DMSO too): remove the duplicates (a table "
+                   "concatenated twice?) and evaluate again.")
+    return out
 
 
 def simulate_profiles(table: pd.DataFrame, n_features: int = 32, *, moa_signal: float = 1.0,
