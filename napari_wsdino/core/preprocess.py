@@ -100,6 +100,9 @@ class PreprocessSettings:
         or ``"none"``.
     illumination
         ``"fast"`` (within 1 % of exact), ``"exact"`` (slow) or ``"none"``.
+    borders
+        Median-filter edges of the illumination function: ``"reflect"`` (mirrored) or
+        ``"in-image"`` (CellProfiler's own definition; see :mod:`.illumination`).
 
     Example
     -------
@@ -114,6 +117,7 @@ class PreprocessSettings:
     filter_size: float = 320.0
     normalize: str = "zscore"
     illumination: str = "fast"
+    borders: str = "reflect"
 
     def __post_init__(self) -> None:
         if self.size is not None:
@@ -136,6 +140,8 @@ class PreprocessSettings:
             raise ValueError(
                 f"illumination must be one of {ILLUMINATION_METHODS}, not {self.illumination!r}"
             )
+        if self.borders not in illum.BORDERS:
+            raise ValueError(f"borders must be one of {illum.BORDERS}, not {self.borders!r}")
 
     def output_size(self, input_shape: tuple[int, int]) -> tuple[int, int]:
         """The output ``(H, W)`` for inputs of ``input_shape``."""
@@ -151,6 +157,8 @@ class PreprocessSettings:
         """JSON-able description, with everything resolved for ``input_shape``."""
         scaled = self.scaled_filter_size(input_shape)
         rec = asdict(self)
+        if self.borders == "reflect":
+            rec.pop("borders")  # caches made before the option existed keep matching
         rec.update(
             size=list(self.output_size(input_shape)),
             input_shape=[int(v) for v in input_shape],
@@ -310,7 +318,8 @@ def plate_functions(
         return {c: None for c in channels}
     mean = acc.mean()
     size = settings.scaled_filter_size(shape)
-    return {c: illum.illumination_function(mean[k], size, method=settings.illumination)
+    return {c: illum.illumination_function(mean[k], size, method=settings.illumination,
+                                           borders=settings.borders)
             for k, c in enumerate(channels)}
 
 
@@ -789,7 +798,7 @@ def preprocess(
                 for c, ch in enumerate(channels):
                     fn = illum.illumination_function(
                         mean[c], radius_filter, method=settings.illumination,
-                        mapper=pool.map, bands=2 * max(1, workers),
+                        mapper=pool.map, bands=2 * max(1, workers), borders=settings.borders,
                     )
                     path = illumination_file(out, plate, ch)
                     np.save(path, fn)
