@@ -108,8 +108,11 @@ def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, 
     mean = layers["attention mean [Tubulin]"]
     mask = layers["attention mask [Tubulin]"]
     assert heads.data.shape == (2, 48, 64) and mean.data.shape == (48, 64)
-    assert mask.data.dtype == np.uint8 and set(np.unique(mask.data)) <= {0, 1}
-    assert mask.data.any() and mask.contour == 1
+    # the mask is a thin outline that cannot be painted or edited
+    assert mask._type_string == "shapes" and not mask.editable
+    assert len(mask.data) >= 1 and set(mask.shape_type) == {"path"}
+    ys, xs = np.concatenate(mask.data).T
+    assert ys.min() >= -0.5 and ys.max() <= 47.5 and xs.min() >= -0.5 and xs.max() <= 63.5
     # scaled onto the 96x128 raw field: same world extent as the DAPI layer
     np.testing.assert_allclose(mean.scale, (2.0, 2.0))
     _same_pixel_edges(mean, viewer.layers["DAPI"])
@@ -133,3 +136,50 @@ def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, 
     attention.opacity_spin.setValue(0.3)
     assert mean.opacity == pytest.approx(0.3)
     assert len(_attention_layers(viewer)) == 3
+
+
+def test_cache_of_another_dataset_is_refused(make_napari_viewer, qtbot, tmp_path):
+    """Same plates, wells and sites, other pixels (another replica seed): never mixed up."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_wsdino.core.preprocess import PreprocessSettings, preprocess
+    from napari_wsdino.core.progress import run_to_end
+    from napari_wsdino.core.synth import make_replica
+
+    data = {seed: make_replica(tmp_path / f"seed{seed}", subset="mini", sites=1, size=(32, 40),
+                               seed=seed, workers=1) for seed in (0, 1)}
+    other = run_to_end(preprocess(load_metadata(data[1]), tmp_path / "cache1",
+                                  PreprocessSettings(), workers=1))
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    browser = _dock(viewer, "1 Data - plate browser")
+    prep = _dock(viewer, "2 Preprocess")
+    attention = _dock(viewer, "4 Attention")
+    evaluate = _dock(viewer, "5 Evaluate")
+    browser.open(data[0])
+    state.cache_path = other.path
+    state.models = ModelSet.random(ARCH, ("DAPI", "Tubulin", "Actin"), seed=0)
+    assert state.check_cache(other).same is False
+
+    # attention: the raw field of the open dataset, and the cache named as another dataset's
+    attention.max_side_spin.setValue(32)
+    qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE, timeout=20_000)
+    text = attention.status_label.text()
+    assert "raw field" in text and "another dataset" in text and "from the cache" not in text
+
+    # evaluation and "Use existing cache" refuse it, in the dock and as a notification
+    before = len(notification_manager.records)
+    qtbot.mouseClick(evaluate.run_button, Qt.LeftButton)
+    assert evaluate.status == TaskStatus.IDLE and "another dataset" in evaluate.status_label.text()
+    prep.out_edit.setText(str(other.path))
+    qtbot.mouseClick(prep.use_button, Qt.LeftButton)
+    assert "another dataset" in prep.status_label.text()
+    notes = [str(r.message) for r in notification_manager.records[before:]]
+    assert sum("another dataset" in n for n in notes) == 2, notes
+
+    # its own dataset: the cache is used
+    browser.open(data[1])
+    qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE
+                    and "from the cache" in attention.status_label.text(), timeout=20_000)

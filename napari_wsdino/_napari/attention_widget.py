@@ -33,9 +33,8 @@ from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import cache_row, on_raw_grid
-from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.dock import WorkerDock, add_row
 from napari_wsdino._napari.state import TaskStatus
-from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
     import napari
@@ -83,13 +82,26 @@ def field_image(metadata, index: int, channel: str, cache: Cache | None = None,
     return FieldImage(image, scale, translate, "raw field (no cache holds it)")
 
 
-def attention_job(model, image: np.ndarray, mode: str, keep: float
-                  ) -> Generator[Progress, None, AttentionMaps]:
-    """Worker body: one progress event, then the maps."""
-    yield Progress("attention", 0, 1, f"{image.shape[0]}x{image.shape[1]} image")
-    maps = attention_maps(model, image, mode=mode, keep=keep)
-    yield Progress("attention", 1, 1, "done")
-    return maps
+def mask_outline(mask: np.ndarray) -> list[np.ndarray]:
+    """Outline of a binary mask as closed (y, x) paths through the pixel edges."""
+    from skimage.measure import find_contours
+
+    padded = np.pad(np.asarray(mask, dtype=np.float32), 1)
+    return [c - 1.0 for c in find_contours(padded, 0.5) if len(c) >= 3]
+
+
+def attention_job(model, metadata, index: int, channel: str, cache: Cache | None,
+                  max_side: int, mode: str, keep: float
+                  ) -> Generator[Progress, None, tuple[AttentionMaps, FieldImage, list]]:
+    """Worker body: read the field, compute the maps and the mask's outline."""
+    yield Progress("attention", 0, 3, "reading the field")
+    source = field_image(metadata, index, channel, cache, max_side)
+    yield Progress("attention", 1, 3, f"{source.image.shape[0]}x{source.image.shape[1]} image")
+    maps = attention_maps(model, source.image, mode=mode, keep=keep)
+    yield Progress("attention", 2, 3, "outlining the mask")
+    outline = mask_outline(maps.mean_threshold)
+    yield Progress("attention", 3, 3, "done")
+    return maps, source, outline
 
 
 class AttentionWidget(WorkerDock):
@@ -121,18 +133,29 @@ class AttentionWidget(WorkerDock):
         self.max_side_spin.setValue(int(saved.get(PREFIX + "max_side", 640)))
         self.auto_check = QCheckBox("Update when the field changes")
         self.auto_check.setChecked(bool(saved.get(PREFIX + "auto", False)))
+        self.auto_check.setToolTip("Recompute the maps whenever the plate browser shows "
+                                   "another field")
         self.compute_button = QPushButton("Show attention")
+        self.compute_button.setToolTip("Compute the loaded model's last-block attention for the "
+                                       "field in view (in the background) and lay it over the "
+                                       "image")
         self.status_label = QLabel("Load models (3b Load models) and open a dataset.")
         self.status_label.setWordWrap(True)
 
         form = QFormLayout()
-        form.addRow("Channel", self.channel_combo)
-        form.addRow("Upsampling", self.mode_combo)
-        form.addRow("Mask keeps mass", self.keep_spin)
-        form.addRow("Colormap", self.colormap_combo)
-        form.addRow("Opacity", self.opacity_spin)
-        form.addRow("Raw field max side", self.max_side_spin)
-        layout = QVBoxLayout(self)
+        add_row(form, "Channel", self.channel_combo, "Channel model of the loaded set to look at")
+        add_row(form, "Upsampling", self.mode_combo,
+                "How the patch-grid maps are brought to pixel size: bilinear (smooth) or "
+                "nearest (one block per patch)")
+        add_row(form, "Mask keeps mass", self.keep_spin,
+                "The outline encloses the patches holding this share of the attention "
+                "(DINO uses 0.6)")
+        add_row(form, "Colormap", self.colormap_combo, "Colormap of the attention maps")
+        add_row(form, "Opacity", self.opacity_spin, "Opacity of the attention maps")
+        add_row(form, "Raw field max side", self.max_side_spin,
+                "When no cache of this dataset holds the field, the raw field is shrunk to "
+                "this many pixels on its longer side before the model sees it")
+        layout = QVBoxLayout(self.body)
         layout.addLayout(form)
         layout.addWidget(self.auto_check)
         layout.addWidget(self.compute_button)
@@ -185,20 +208,26 @@ class AttentionWidget(WorkerDock):
         self._remember()
         try:
             entry = models[channel]
-            source = field_image(metadata, self.state.field_index, channel, self._cache,
-                                 self.max_side_spin.value())
-        except (DataError, OSError) as exc:
-            self.status_label.setText(str(exc))
+        except (DataError, KeyError) as exc:
+            self.input_error(self.status_label, str(exc))
             return
+        cache, note = self._cache, ""
+        if cache is not None:
+            check = self.state.check_cache(cache)
+            if check.same is False:  # another dataset's pixels must never stand in for these
+                cache = None
+                note = f"; the cache {self._cache.path} is of another dataset ({check.reason}), not used"
         self.status = TaskStatus.RUNNING
         self.compute_button.setEnabled(False)
-        key = metadata.field_key(self.state.field_index)
+        index = self.state.field_index
+        key = metadata.field_key(index)
         self.status_label.setText(f"Computing {channel} attention of {key}…")
-        self.worker = start_worker(
-            attention_job(entry.model, source.image, self.mode_combo.currentText(),
+        self.run_task(
+            attention_job(entry.model, metadata, index, channel, cache,
+                          self.max_side_spin.value(), self.mode_combo.currentText(),
                           self.keep_spin.value()),
-            on_done=lambda maps: self._show(maps, channel, source, key),
-            on_error=self._failed, desc="Attention", owner=self
+            on_done=lambda out: self._show(*out, channel, key, note),
+            on_error=self._failed, desc="Attention",
         )
 
     def _failed(self, exc: BaseException) -> None:
@@ -206,7 +235,8 @@ class AttentionWidget(WorkerDock):
         self.compute_button.setEnabled(True)
         self.status_label.setText(f"Attention failed: {exc}")
 
-    def _show(self, maps: AttentionMaps, channel: str, source: FieldImage, key: str) -> None:
+    def _show(self, maps: AttentionMaps, source: FieldImage, outline: list, channel: str,
+              key: str, note: str = "") -> None:
         """Add or update the three attention layers."""
         self.status = TaskStatus.DONE
         self.compute_button.setEnabled(True)
@@ -223,13 +253,11 @@ class AttentionWidget(WorkerDock):
                        contrast_limits=_limits(maps.mean), **common))
         if self.viewer.dims.ndim == 3:
             self.viewer.dims.axis_labels = ("head", "y", "x")
-        self._put("labels", f"attention mask [{channel}]", maps.mean_threshold.astype(np.uint8),
-                  dict(opacity=1.0, **common))
-        self.viewer.layers[f"attention mask [{channel}]"].contour = 1
+        self._put_outline(f"attention mask [{channel}]", outline, common)
         self.status_label.setText(
             f"{channel} attention of {key}: {maps.n_heads} heads on a {maps.grid[0]}x{maps.grid[1]}"
-            f" patch grid ({source.origin}). The heads layer is hidden: show it and use the "
-            "slider to walk the heads."
+            f" patch grid ({source.origin}{note}). The heads layer is hidden: show it and use "
+            "the slider to walk the heads."
         )
         if self._pending:
             self._pending = False
@@ -251,6 +279,20 @@ class AttentionWidget(WorkerDock):
             self.viewer.add_image(data, name=name, **kwargs)
         else:
             self.viewer.add_labels(data, name=name, **kwargs)
+
+    def _put_outline(self, name: str, outline: list, common: dict) -> None:
+        """The mask as a thin outline (Shapes paths), locked: it cannot be painted or edited."""
+        paths = outline or [np.zeros((2, 2))]  # an empty mask: one invisible point
+        visible = True
+        if name in self.viewer.layers:  # replaced, not updated: paths differ in number
+            visible = self.viewer.layers[name].visible
+            self.viewer.layers.remove(name)
+        layer = self.viewer.add_shapes(
+            paths, shape_type="path", name=name, edge_color="cyan", edge_width=0.5,
+            face_color="transparent", opacity=1.0 if outline else 0.0, **common)
+        layer.visible = visible
+        layer.editable = False
+        layer.mode = "pan_zoom"
 
     def _restyle(self, *_):
         """Colormap / opacity apply to the attention layers already shown."""

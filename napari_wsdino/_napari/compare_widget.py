@@ -22,11 +22,10 @@ from qtpy.QtWidgets import (
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.state import state_for
+from napari_wsdino._napari.dock import WorkerDock
 
 if TYPE_CHECKING:
     import napari
@@ -46,13 +45,11 @@ def row_from_results(label: str, results: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-class CompareWidget(QWidget):
+class CompareWidget(WorkerDock):
     """Results of several model sets as a table and a bar chart."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        super().__init__(napari_viewer)
         self.rows: list[dict[str, Any]] = [r for r in settings.recall(KEY, []) if isinstance(r, dict)]
 
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -64,17 +61,26 @@ class CompareWidget(QWidget):
         self.figure = Figure(figsize=(4.5, 3), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(220)
+        self.table.setToolTip("One row per model set; NSC / NSCB: MoA accuracy of the nearest "
+                              "other compound (NSCB: on another batch); mAP: mean average "
+                              "precision of retrieving the same MoA")
+        self.canvas.setToolTip("The table's numbers as bars (percent)")
         self.add_button = QPushButton("Add results JSON…")
+        self.add_button.setToolTip("Add results exported by 5 Evaluate or written by "
+                                   "wsdino evaluate --json")
         self.remove_button = QPushButton("Remove selected")
+        self.remove_button.setToolTip("Remove the selected rows")
         self.clear_button = QPushButton("Clear")
+        self.clear_button.setToolTip("Remove every row")
         self.export_button = QPushButton("Export CSV…")
+        self.export_button.setToolTip("Write the table as CSV")
         self.hint = QLabel("Each evaluation of 5 Evaluate is added here.")
         self.hint.setWordWrap(True)
 
         buttons = QHBoxLayout()
         for b in (self.add_button, self.remove_button, self.clear_button, self.export_button):
             buttons.addWidget(b)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addWidget(self.hint)
         layout.addWidget(self.table)
         layout.addWidget(self.canvas, 1)
@@ -85,16 +91,19 @@ class CompareWidget(QWidget):
         self.clear_button.clicked.connect(self.clear)
         self.export_button.clicked.connect(self._ask_export)
         self.state.results_changed.connect(self._on_results)
+        for evaluation in self.state.evaluations:  # computed before this dock opened
+            self._on_results(evaluation, refresh=False)
         self._refresh()
 
-    def _on_results(self, evaluation) -> None:
+    def _on_results(self, evaluation, refresh: bool = True) -> None:
         """A new evaluation (``Evaluate`` panel): add it, replacing a row of the same label."""
         if evaluation is not None:
-            self.add(row_from_results(evaluation.label, evaluation.result.to_dict()))
+            self.add(row_from_results(evaluation.label, evaluation.result.to_dict()), refresh)
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], refresh: bool = True) -> None:
         self.rows = [r for r in self.rows if r.get("model set") != row["model set"]] + [row]
-        self._refresh()
+        if refresh:
+            self._refresh()
 
     def add_file(self, path: str | Path) -> None:
         """Add a results JSON (Evaluate export or ``wsdino evaluate --json``)."""

@@ -13,12 +13,13 @@ Profiles, figures and results can be exported.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator
 
 import numpy as np
 import pandas as pd
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -47,9 +48,8 @@ from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.projection import project_2d
 from napari_wsdino.core.tvn import METHODS as TVN_METHODS
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.dock import WorkerDock, add_row
 from napari_wsdino._napari.state import TaskStatus
-from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
     import napari
@@ -57,11 +57,32 @@ if TYPE_CHECKING:
 PREFIX = "evaluate."
 COLOUR_BY = {"MoA": MOA, "compound": COMPOUND, "batch": BATCH, "concentration": CONCENTRATION}
 LEVELS = ("treatments", "wells")
+#: One line per number: what it means (shown beside it and as its tooltip).
+MEANINGS = {
+    "NSC": "share of treatments whose most similar treatment of another compound has the "
+           "same MoA (not-same-compound 1-NN accuracy)",
+    "NSCB": "as NSC, but the neighbour must also come from another batch: batch effects "
+            "cannot help (harder)",
+    "mAP": "mean average precision: how high same-MoA treatments rank among all candidates "
+           "(1 = all first)",
+    "TVN": "typical variation normalisation: whitening fitted on the DMSO controls, so "
+           "directions in which untreated cells vary anyway count less",
+}
+TVN_HELP = {
+    "paper": "one whitening fitted on all DMSO fields (the WS-DINO paper); when there are too "
+             "few DMSO fields, the covariance is shrunk (Ledoit-Wolf shrinkage: blended with "
+             "a scaled identity so it can be inverted)",
+    "per-plate": "each plate centred and scaled on its own DMSO fields first, then the paper's "
+                 "whitening",
+    "per-channel": "one whitening per channel (the published evaluation code's variant)",
+    "none": "features left as they are",
+}
+DOC_LINK = "docs/evaluation.md"
 
 
 @dataclass
 class Evaluation:
-    """What one Evaluate click produced."""
+    """What one Evaluate click produced (everything the dock shows, computed in the worker)."""
 
     label: str
     profiles: ProfileTable
@@ -70,6 +91,8 @@ class Evaluation:
     xy: np.ndarray
     level: str
     profiles_path: Path | None
+    names: list[str] = field(default_factory=list)
+    confusion: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def profiles_path_for(cache: Cache, models) -> Path:
@@ -77,15 +100,47 @@ def profiles_path_for(cache: Cache, models) -> Path:
     return Path(cache.path).parent / "profiles" / f"{models.kind}-{models.fingerprint()[:10]}.parquet"
 
 
-def evaluate_job(cache: Cache, models, out: Path | None, *, tvn: str, crop: int, device: str,
-                 level: str, method: str, label: str) -> Generator[Progress, None, Evaluation]:
-    """Embed, evaluate and project, as one progress generator (the worker body)."""
+def model_set_label(models) -> str:
+    """How a model set is named in results and in Compare (hashes its weights: a worker's job)."""
+    return f"{models.kind} ({', '.join(models.archs.values())}) {models.fingerprint()[:6]}"
+
+
+def labelled_confusion(matrix: pd.DataFrame) -> pd.DataFrame:
+    """The matrix with its axes named: true MoA (rows), predicted MoA (columns)."""
+    return matrix.rename_axis(index="true MoA",
+                              columns="predicted MoA (of the nearest neighbour)")
+
+
+def point_names(points: ProfileTable, level: str) -> list[str]:
+    """Hover names of the map's points."""
+    meta = points.meta
+    if level == "treatments":
+        return [f"{t} ({m})" for t, m in zip(meta[TREATMENT], meta[MOA])]
+    return [f"{p}/{w}: {t} ({m})" for p, w, t, m in
+            zip(meta[PLATE], meta[WELL], meta[TREATMENT], meta[MOA])]
+
+
+def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, crop: int,
+                 device: str, level: str, method: str, label: str | None = None
+                 ) -> Generator[Progress, None, Evaluation]:
+    """Embed, evaluate and project, as one progress generator (the worker body).
+
+    Everything slow happens here, off the GUI thread: hashing the weights (label and
+    profiles file), embedding, TVN and matching, the 2-D map and the names of its points.
+    """
+    yield Progress("evaluate", 0, 1, "checking the model set")
+    label = label or model_set_label(models)
+    out = out or profiles_path_for(cache, models)
     profiles = yield from embed_cache(cache, models, out, crop=crop, device=device)
     result = yield from iter_evaluate(profiles, tvn)
     points = result.treatments if level == "treatments" else aggregate_wells(profiles)
     yield Progress("evaluate", 0, 1, f"{method.upper()} of {len(points)} {level}")
     xy = project_2d(points.features, method=method)
-    return Evaluation(label, profiles, result, points, np.asarray(xy), level, out)
+    confusion = {"NSC": labelled_confusion(result.confusion_nsc)}
+    if result.confusion_nscb is not None:
+        confusion["NSCB"] = labelled_confusion(result.confusion_nscb)
+    return Evaluation(label, profiles, result, points, np.asarray(xy), level, out,
+                      point_names(points, level), confusion)
 
 
 def _fmt(value) -> str:
@@ -101,8 +156,10 @@ class ScatterMap:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.figure = Figure(figsize=(4.5, 4), tight_layout=True)
+        self.figure = Figure(figsize=(4.5, 4), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setToolTip("Hover a point to name it; click it to show one of its fields "
+                               "in the viewer")
         self.ax = self.figure.add_subplot()
         self.on_click = on_click
         self.names: list[str] = []
@@ -125,8 +182,10 @@ class ScatterMap:
             values = np.log10(labels.astype(float).clip(lower=1e-3))
             self.collection = self.ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap="viridis",
                                               s=30, picker=True, pickradius=5)
+            unit = " (µM)" if "concentration" in str(labels.name).lower() else ""
+            name = str(labels.name).replace("Metadata_", "").lower()
             self.colorbar = self.figure.colorbar(self.collection, ax=self.ax,
-                                                 label=f"log10 {labels.name}")
+                                                 label=f"log10 {name}{unit}")
         else:
             cats = sorted(labels.astype(str).unique())
             cmap = matplotlib.colormaps["tab20"]
@@ -135,14 +194,17 @@ class ScatterMap:
                                               c=[colour[v] for v in labels.astype(str)])
             for c in cats:  # legend entries without drawing points twice
                 self.ax.scatter([], [], color=colour[c], label=c, s=20)
-            self.ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.02),
-                           ncol=2, markerscale=0.8, frameon=False)
+            # beside the map, every entry: the layout makes room for it
+            self.ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                           ncol=1 + (len(cats) - 1) // 20, markerscale=0.8, frameon=False,
+                           borderaxespad=0.0, handletextpad=0.2)
         self.ax.set_title(title, fontsize=9)
         self.ax.set_xticks([])
         self.ax.set_yticks([])
         self.annotation = self.ax.annotate("", xy=(0, 0), xytext=(8, 8), textcoords="offset points",
                                            fontsize=8, bbox={"boxstyle": "round", "fc": "w"})
         self.annotation.set_visible(False)
+        self.annotation.set_in_layout(False)  # a hover label never moves the map
         self.canvas.draw()
 
     def point_at(self, event) -> int | None:
@@ -192,6 +254,8 @@ class EvaluateWidget(WorkerDock):
         self.inputs_label.setWordWrap(True)
         self.tvn_combo = QComboBox()
         self.tvn_combo.addItems(TVN_METHODS)
+        for i, method in enumerate(TVN_METHODS):
+            self.tvn_combo.setItemData(i, TVN_HELP.get(method, ""), Qt.ToolTipRole)
         self.tvn_combo.setCurrentText(get("tvn", "paper"))
         self.crop_spin = QSpinBox()
         self.crop_spin.setRange(8, 2048)
@@ -209,35 +273,53 @@ class EvaluateWidget(WorkerDock):
         self.colour_combo.addItems(list(COLOUR_BY))
         self.colour_combo.setCurrentText(get("colour", "MoA"))
         self.run_button = QPushButton("Evaluate")
+        self.run_button.setToolTip("Embed every field of the cache with the loaded model set, "
+                                   "then TVN, NSC / NSCB / mAP and the map (in the background)")
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop at the next step; embedded chunks are kept and the "
+                                      "next Evaluate continues")
         self.status_label = QLabel("Idle.")
         self.status_label.setWordWrap(True)
 
-        self.numbers = QTableWidget(0, 2)
-        self.numbers.setHorizontalHeaderLabels(["", "value"])
+        self.numbers = QTableWidget(0, 3)
+        self.numbers.setHorizontalHeaderLabels(["", "value", "what this means"])
         self.numbers.verticalHeader().setVisible(False)
+        self.numbers.setWordWrap(True)
+        self.numbers.setToolTip(f"The evaluation's numbers; {DOC_LINK} explains each")
         self.per_moa = QTableWidget(0, 3)
         self.per_moa.setHorizontalHeaderLabels(["MoA", "NSC", "NSCB"])
         self.per_moa.verticalHeader().setVisible(False)
+        self.per_moa.setToolTip("NSC and NSCB of the treatments of each MoA")
         self.confusion_combo = QComboBox()
         self.confusion_combo.addItems(("NSC", "NSCB"))
+        self.confusion_combo.setToolTip("Confusion matrix of NSC or NSCB matching: rows the "
+                                        "true MoA, columns the MoA predicted by the neighbour")
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.confusion_canvas = FigureCanvasQTAgg(Figure(figsize=(4, 4)))
+        self.confusion_figure = Figure(figsize=(4.5, 4.5), layout="constrained")
+        self.confusion_canvas = FigureCanvasQTAgg(self.confusion_figure)
+        self.confusion_canvas.setMinimumHeight(380)
         self.map = ScatterMap(self.open_point)
         self.map.canvas.setMinimumHeight(340)
         self.export_profiles_button = QPushButton("Profiles…")
+        self.export_profiles_button.setToolTip("Write the field profiles (Parquet or CSV)")
         self.export_figures_button = QPushButton("Figures…")
+        self.export_figures_button.setToolTip("Write the confusion matrices, per-MoA accuracy and "
+                                              "the map (PNG or SVG)")
         self.export_results_button = QPushButton("Results…")
+        self.export_results_button.setToolTip("Write the numbers as JSON (the keys of "
+                                              "wsdino evaluate --json); 6 Compare reads it")
 
         form = QFormLayout()
-        form.addRow("TVN", self.tvn_combo)
-        form.addRow("Crop px", self.crop_spin)
-        form.addRow("Device", self.device_combo)
-        form.addRow("Map of", self.level_combo)
-        form.addRow("Map method", self.method_combo)
-        form.addRow("Colour by", self.colour_combo)
+        add_row(form, "TVN", self.tvn_combo, f"TVN: {MEANINGS['TVN']}. paper: {TVN_HELP['paper']}")
+        add_row(form, "Crop px", self.crop_spin,
+                "Side of the four centre crops embedded per field (their median is the profile)")
+        add_row(form, "Device", self.device_combo, "auto uses the GPU when there is one")
+        add_row(form, "Map of", self.level_combo, "One point per treatment, or per well")
+        add_row(form, "Map method", self.method_combo,
+                "UMAP (neighbourhoods; slower the first time) or PCA (linear, instant)")
+        add_row(form, "Colour by", self.colour_combo, "What the map's colours show")
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -250,11 +332,12 @@ class EvaluateWidget(WorkerDock):
         self.tabs.addTab(self.numbers, "Numbers")
         self.tabs.addTab(self.per_moa, "Per MoA")
         self.tabs.addTab(confusion_tab, "Confusion")
+        self.tabs.setMinimumHeight(420)
         exports = QHBoxLayout()
         exports.addWidget(QLabel("Export:"))
         for b in (self.export_profiles_button, self.export_figures_button, self.export_results_button):
             exports.addWidget(b)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addWidget(self.inputs_label)
         layout.addLayout(form)
         layout.addLayout(buttons)
@@ -271,8 +354,11 @@ class EvaluateWidget(WorkerDock):
         self.export_results_button.clicked.connect(self._ask_results)
         self.state.cache_changed.connect(lambda _p: self._describe_inputs())
         self.state.models_changed.connect(lambda _m: self._describe_inputs())
+        self.state.metadata_changed.connect(lambda _m: self._describe_inputs())
         self._describe_inputs()
         self._set_running(False)
+        if isinstance(self.state.results, Evaluation):  # evaluated before this dock opened
+            self._show(self.state.results)
 
     # -- inputs --------------------------------------------------------------------------
     def _describe_inputs(self) -> None:
@@ -294,33 +380,42 @@ class EvaluateWidget(WorkerDock):
             cache = open_cache(self.state.cache_path)
             models = self.state.models
             models.check_channels(cache.channels)
+            check = self.state.check_cache(cache)
+            if check.same is False:
+                raise DataError(
+                    f"The cache {cache.path} was made from another dataset than the one open "
+                    f"in 1 Data ({check.reason}). Open the cache's dataset, or preprocess "
+                    "this one (2 Preprocess).")
         except DataError as exc:
-            self.status_label.setText(str(exc))
+            self.input_error(self.status_label, str(exc))
             return
         settings.remember_many({PREFIX + k: v for k, v in (
             ("tvn", self.tvn_combo.currentText()), ("crop", self.crop_spin.value()),
             ("device", self.device_combo.currentText()), ("level", self.level_combo.currentText()),
             ("method", self.method_combo.currentText()), ("colour", self.colour_combo.currentText()),
         )})
-        label = f"{models.kind} ({', '.join(models.archs.values())}) {models.fingerprint()[:6]}"
         self.status = TaskStatus.RUNNING
         self._set_running(True)
         self.status_label.setText(f"Embedding {len(cache)} fields…")
-        self.worker = start_worker(
-            evaluate_job(cache, models, profiles_path_for(cache, models),
-                         tvn=self.tvn_combo.currentText(), crop=self.crop_spin.value(),
-                         device=self.device_combo.currentText(),
+        self.run_task(
+            evaluate_job(cache, models, tvn=self.tvn_combo.currentText(),
+                         crop=self.crop_spin.value(), device=self.device_combo.currentText(),
                          level=self.level_combo.currentText(),
-                         method=self.method_combo.currentText(), label=label),
-            on_progress=lambda e: self.status_label.setText(e.message), on_done=self._done,
-            on_error=self._failed, on_stopped=self._stopped, desc="Evaluate", owner=self
+                         method=self.method_combo.currentText()),
+            on_progress=self._progress, on_done=self._done, on_error=self._failed,
+            on_stopped=self._stopped, desc="Evaluate",
         )
+
+    def _progress(self, event: Progress) -> None:
+        if self.status == TaskStatus.RUNNING:
+            self.status_label.setText(event.message)
 
     def cancel(self) -> None:
         """Stop at the next step (embedded chunks are kept: Evaluate again resumes)."""
         if self.worker is not None and self.status == TaskStatus.RUNNING:
             self.worker.quit()
             self.cancel_button.setEnabled(False)
+            self.status_label.setText("Cancelling…")
 
     def _stopped(self) -> None:
         self.status = TaskStatus.STOPPED
@@ -341,46 +436,66 @@ class EvaluateWidget(WorkerDock):
 
     # -- results -------------------------------------------------------------------------
     def _done(self, evaluation: Evaluation) -> None:
-        self.evaluation = evaluation
         self.status = TaskStatus.DONE
+        self._show(evaluation)
+        self.state.results = evaluation
+
+    def _show(self, evaluation: Evaluation) -> None:
+        """Fill the tabs with an evaluation's numbers, confusion matrix and map."""
+        self.evaluation = evaluation
         self._set_running(False)
         r = evaluation.result
         self.status_label.setText(f"NSC {_fmt(r.nsc)}, NSCB {_fmt(r.nscb)} on {r.n_treatments} "
                                   f"treatments ({r.n_fields} fields). {' '.join(r.notes)}")
-        rows = [("NSC", _fmt(r.nsc)), ("NSCB", _fmt(r.nscb)), ("mAP (NSC)", _fmt(r.map_nsc)),
-                ("mAP (NSCB)", _fmt(r.map_nscb)), ("treatments (NSC)", str(r.n_nsc)),
-                ("treatments (NSCB)", str(r.n_nscb)), ("fields", str(r.n_fields)),
-                ("DMSO fields", str(r.n_dmso_fields)), ("features", str(r.n_features)),
-                ("TVN", r.tvn), ("model set", evaluation.label)]
+        rows = [("NSC", _fmt(r.nsc), MEANINGS["NSC"]), ("NSCB", _fmt(r.nscb), MEANINGS["NSCB"]),
+                ("mAP (NSC)", _fmt(r.map_nsc), MEANINGS["mAP"] + ", NSC candidates"),
+                ("mAP (NSCB)", _fmt(r.map_nscb), MEANINGS["mAP"] + ", NSCB candidates"),
+                ("treatments (NSC)", str(r.n_nsc), "treatments that were matched for NSC"),
+                ("treatments (NSCB)", str(r.n_nscb), "treatments with a candidate in another batch"),
+                ("fields", str(r.n_fields), "fields embedded"),
+                ("DMSO fields", str(r.n_dmso_fields), "control fields TVN was fitted on"),
+                ("features", str(r.n_features), "length of a profile"),
+                ("TVN", r.tvn, TVN_HELP.get(r.tvn, MEANINGS["TVN"])),
+                ("model set", evaluation.label, "model kind, architectures, weights hash")]
         _fill(self.numbers, rows)
+        for i, (_name, _value, meaning) in enumerate(rows):
+            for j in range(3):
+                self.numbers.item(i, j).setToolTip(f"{meaning} (see {DOC_LINK})")
         _fill(self.per_moa, [(m, _fmt(d.get("nsc")), _fmt(d.get("nscb")))
                              for m, d in r.per_moa.items()])
         self._draw_confusion()
         self._draw_map()
-        self.state.results = evaluation
 
     def _draw_confusion(self) -> None:
-        """Re-render the confusion matrix picture on the dock's canvas."""
+        """Draw the chosen confusion matrix (labelled: true MoA rows, predicted MoA columns)."""
         if self.evaluation is None:
             return
-        r = self.evaluation.result
         which = self.confusion_combo.currentText()
-        matrix = r.confusion_nscb if which == "NSCB" and r.confusion_nscb is not None else r.confusion_nsc
-        fig = confusion_figure(matrix, f"MoA confusion ({which})")
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-
-        canvas = FigureCanvasQTAgg(fig)
-        layout = self.confusion_canvas.parentWidget().layout()
-        layout.replaceWidget(self.confusion_canvas, canvas)
-        self.confusion_canvas.deleteLater()
-        self.confusion_canvas = canvas
-
-    def _names(self) -> list[str]:
-        meta = self.evaluation.points.meta
-        if self.evaluation.level == "treatments":
-            return [f"{t} ({m})" for t, m in zip(meta[TREATMENT], meta[MOA])]
-        return [f"{p}/{w}: {t} ({m})" for p, w, t, m in
-                zip(meta[PLATE], meta[WELL], meta[TREATMENT], meta[MOA])]
+        confusion = self.evaluation.confusion
+        matrix = confusion.get(which, confusion.get("NSC"))
+        if matrix is None:
+            return
+        fig = self.confusion_figure
+        fig.clear()
+        ax = fig.add_subplot()
+        counts = matrix.to_numpy(dtype=float)
+        totals = counts.sum(axis=1, keepdims=True)
+        shown = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+        image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
+        n = len(matrix)
+        ax.set_xticks(range(n), labels=[str(c) for c in matrix.columns], rotation=60,
+                      ha="right", fontsize=6)
+        ax.set_yticks(range(n), labels=[str(i) for i in matrix.index], fontsize=6)
+        ax.set_xlabel(matrix.columns.name, fontsize=8)
+        ax.set_ylabel(matrix.index.name, fontsize=8)
+        for i, j in zip(*np.nonzero(counts)):
+            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=6,
+                    color="white" if shown[i, j] > 0.5 else "black")
+        total = counts.sum()
+        acc = f"{np.trace(counts) / total:.1%}" if total else "no queries"
+        ax.set_title(f"MoA confusion ({which}): {acc}", fontsize=8)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="share of the true MoA's row")
+        self.confusion_canvas.draw_idle()
 
     def _draw_map(self) -> None:
         if self.evaluation is None:
@@ -389,7 +504,7 @@ class EvaluateWidget(WorkerDock):
         column = COLOUR_BY[self.colour_combo.currentText()]
         meta = ev.points.meta
         labels = meta[column] if column in meta else pd.Series([""] * len(meta), name=column)
-        self.map.draw(ev.xy, labels, self._names(),
+        self.map.draw(ev.xy, labels, ev.names or point_names(ev.points, ev.level),
                       f"{self.method_combo.currentText().upper()} of {len(meta)} {ev.level}")
 
     def field_of_point(self, i: int) -> int | None:
@@ -432,11 +547,12 @@ class EvaluateWidget(WorkerDock):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         r = self.evaluation.result
-        out = [save_figure(confusion_figure(r.confusion_nsc, "MoA confusion (NSC)"),
+        out = [save_figure(confusion_figure(labelled_confusion(r.confusion_nsc), "MoA confusion (NSC)"),
                            folder / f"confusion_nsc.{fmt}"),
                save_figure(per_moa_figure(r.per_moa, "Accuracy per MoA"), folder / f"per_moa.{fmt}")]
         if r.confusion_nscb is not None:
-            out.append(save_figure(confusion_figure(r.confusion_nscb, "MoA confusion (NSCB)"),
+            out.append(save_figure(confusion_figure(labelled_confusion(r.confusion_nscb),
+                                                    "MoA confusion (NSCB)"),
                                    folder / f"confusion_nscb.{fmt}"))
         path = folder / f"map_{self.evaluation.level}.{fmt}"
         self.map.figure.savefig(path, dpi=120)

@@ -40,7 +40,7 @@ from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.plate_browser import LAST_FOLDER
-from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.dock import WorkerDock, add_row
 from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.workers import start_worker
 
@@ -172,12 +172,19 @@ class FetchWidget(WorkerDock):
                                  "mirror, a local web server or a file:// folder")
         self.url_reset = QPushButton("Official")
         self.url_reset.setToolTip(DEFAULT_BASE_URL)
+        self.metadata_check.setToolTip("Download only the image, MoA and compound CSVs")
+        self.dest_browse.setToolTip("Choose the destination folder")
         self.fetch_button = QPushButton("Fetch")
+        self.fetch_button.setToolTip("Download (or resume) in the background; finished plates "
+                                     "are skipped")
         self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop after the current chunk; Fetch again resumes")
+        self.file_bar_tip = "Progress of the current file (download, verify, unpack)"
         self.file_bar = QProgressBar()
         self.file_bar.setRange(0, BAR_STEPS)
         self.file_bar.setValue(0)
         self.file_bar.setFormat("%p%")
+        self.file_bar.setToolTip(self.file_bar_tip)
         self.status_label = QLabel(
             "The MoA plates are about 40 GB zipped and 105 GB unpacked; "
             "a rerun resumes and skips finished plates.")
@@ -190,15 +197,16 @@ class FetchWidget(WorkerDock):
         url_row.addWidget(self.url_edit, 1)
         url_row.addWidget(self.url_reset)
         form = QFormLayout()
-        form.addRow("Destination", dest_row)
-        form.addRow("Plates", self.choice_combo)
-        form.addRow("Plate list", self.plates_edit)
+        add_row(form, "Destination", dest_row, "Folder the screen is downloaded and unpacked into")
+        add_row(form, "Plates", self.choice_combo,
+                "Which plates: the MoA subset, all plates, or the list below")
+        add_row(form, "Plate list", self.plates_edit, self.plates_edit.toolTip())
         form.addRow("", self.metadata_check)
-        form.addRow("Base URL", url_row)
+        add_row(form, "Base URL", url_row, self.url_edit.toolTip())
         buttons = QHBoxLayout()
         buttons.addWidget(self.fetch_button)
         buttons.addWidget(self.stop_button)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(QLabel("Current file"))
@@ -245,7 +253,7 @@ class FetchWidget(WorkerDock):
         try:
             request = self.make_request()
         except FetchError as exc:
-            self.status_label.setText(str(exc))
+            self.input_error(self.status_label, str(exc))
             return
         settings.remember_many({
             PREFIX + "dest": str(request.dest), PREFIX + "base_url": request.base_url,
@@ -256,9 +264,9 @@ class FetchWidget(WorkerDock):
         self._set_running(True)
         self._file_progress(0, 0, "connecting")
         self.status_label.setText(f"{request.describe()}…")
-        self.worker = start_worker(
+        self.run_task(
             fetch_and_read(request), on_progress=self._progress, on_done=self._done,
-            on_error=self._failed, on_stopped=self._stopped, desc="Fetch BBBC021", owner=self,
+            on_error=self._failed, on_stopped=self._stopped, desc="Fetch BBBC021",
         )
 
     def stop(self) -> None:

@@ -28,10 +28,10 @@ from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
 from napari_wsdino.core.progress import Progress
+from napari_wsdino.core.train import CONFIG_FILE, TrainConfig
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.dock import WorkerDock, add_row
 from napari_wsdino._napari.state import TaskStatus
-from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
     import napari
@@ -43,7 +43,7 @@ SOURCES = {
     "random": "Random initialisation (baseline)",
 }
 WHICH = ("teacher", "student")
-ARCHS = (DEFAULT_ARCH, *CPU_ARCHS, "vit_base_patch8_224", "test_vit")
+ARCHS = (DEFAULT_ARCH, *CPU_ARCHS, "vit_base_patch8_224")
 PREFIX = "models."
 
 
@@ -103,6 +103,18 @@ def load_job(config: LoadConfig) -> Generator[Progress, None, ModelSet]:
     return models
 
 
+def run_arch(run: str | Path) -> str | None:
+    """The architecture a training run folder's channels were trained with (config.toml)."""
+    if not str(run).strip() or not Path(run).is_dir():
+        return None
+    for saved in sorted(Path(run).glob(f"*/{CONFIG_FILE}")):
+        try:
+            return TrainConfig.load(saved).arch
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 class ModelLoader(WorkerDock):
     """Choose where the per-channel models come from, and load them."""
 
@@ -125,6 +137,9 @@ class ModelLoader(WorkerDock):
         self.file_edits: dict[str, QLineEdit] = {}
         self.files_form = QFormLayout()
         self.load_button = QPushButton("Load models")
+        self.load_button.setToolTip("Load the model set in the background; Attention and "
+                                    "Evaluate use it")
+        self.browse_button.setToolTip("Choose the run folder, or the weights file")
         self.status_label = QLabel("No models loaded.")
         self.status_label.setWordWrap(True)
 
@@ -132,11 +147,16 @@ class ModelLoader(WorkerDock):
         path_row.addWidget(self.path_edit, 1)
         path_row.addWidget(self.browse_button)
         form = QFormLayout()
-        form.addRow("Source", self.source_combo)
-        form.addRow("Path", path_row)
-        form.addRow("Architecture", self.arch_combo)
-        form.addRow("Weights", self.which_combo)
-        layout = QVBoxLayout(self)
+        add_row(form, "Source", self.source_combo,
+                "Where the per-channel models come from: a training run, one file per channel, "
+                "the same initial weights for every channel (ImageNet-DINO baseline), or random")
+        add_row(form, "Path", path_row, "The training run folder, or the initial weights file")
+        add_row(form, "Architecture", self.arch_combo,
+                "timm ViT name for weights files and random models; a run's checkpoints name "
+                "their own architecture")
+        add_row(form, "Weights", self.which_combo,
+                "teacher (DINO's evaluation default) or student weights of a checkpoint")
+        layout = QVBoxLayout(self.body)
         layout.addLayout(form)
         layout.addLayout(self.files_form)
         layout.addWidget(self.load_button)
@@ -153,8 +173,11 @@ class ModelLoader(WorkerDock):
         self.state.model_changed.connect(self._point_at_run)
         self.state.metadata_changed.connect(lambda _m: self._set_channels(self._channels()))
         self.state.models_changed.connect(self._show_models)
+        self.path_edit.editingFinished.connect(self._source_changed)
         if self.state.models is not None:
             self._show_models(self.state.models)
+        elif self.state.model_path is not None:  # a run trained before this dock opened
+            self._point_at_run(self.state.model_path)
 
     def _channels(self) -> tuple[str, ...]:
         meta = self.state.metadata
@@ -169,6 +192,8 @@ class ModelLoader(WorkerDock):
         self.file_edits = {c: QLineEdit() for c in channels}
         for channel, edit in self.file_edits.items():
             edit.setPlaceholderText(f"{channel} weights (.pth / .safetensors / run folder)")
+            edit.setToolTip(f"Weights file of the {channel} model (ours, timm, official DINO "
+                            "or .safetensors); empty leaves the channel out")
             self.files_form.addRow(channel, edit)
         self._source_changed()
 
@@ -182,6 +207,11 @@ class ModelLoader(WorkerDock):
                 label.setVisible(source == "files")
         self.path_edit.setEnabled(source in ("run", "init-only"))
         self.browse_button.setEnabled(source in ("run", "init-only"))
+        # a run's checkpoints name their architecture: show it, never a stale choice
+        arch = run_arch(self.path_edit.text()) if source == "run" else None
+        if arch:
+            self.arch_combo.setCurrentText(arch)
+        self.arch_combo.setEnabled(source != "run")
 
     def _browse(self) -> None:
         """Folder for runs, file for init-only weights."""
@@ -192,12 +222,14 @@ class ModelLoader(WorkerDock):
                                                   "Weights (*.pth *.pt *.safetensors);;All files (*)")
         if path:
             self.path_edit.setText(path)
+            self._source_changed()
 
     def _point_at_run(self, path) -> None:
         """Training finished or stopped: the loader points at its run folder."""
         if path is not None:
             self.source_combo.setCurrentIndex(self.source_combo.findData("run"))
             self.path_edit.setText(str(path))
+            self._source_changed()
             self.status_label.setText(f"New training run at {path}: press Load models.")
 
     def config(self) -> LoadConfig:
@@ -212,14 +244,14 @@ class ModelLoader(WorkerDock):
         try:
             config = self.config()
         except DataError as exc:
-            self.status_label.setText(str(exc))
+            self.input_error(self.status_label, str(exc))
             return
         settings.remember_many({PREFIX + k: getattr(config, k) for k in ("source", "path", "arch")})
         self.status = TaskStatus.RUNNING
         self.load_button.setEnabled(False)
         self.status_label.setText("Loading…")
-        self.worker = start_worker(load_job(config), on_done=self._loaded,
-                                   on_error=self._failed, desc="Load models", owner=self)
+        self.run_task(load_job(config), on_done=self._loaded, on_error=self._failed,
+                      desc="Load models")
 
     def _loaded(self, models: ModelSet) -> None:
         self.status = TaskStatus.DONE
@@ -234,3 +266,6 @@ class ModelLoader(WorkerDock):
     def _show_models(self, models) -> None:
         if models is not None:
             self.status_label.setText(f"Loaded ({models.kind}):\n{describe(models)}")
+            archs = set(models.archs.values())
+            if len(archs) == 1:
+                self.arch_combo.setCurrentText(archs.pop())

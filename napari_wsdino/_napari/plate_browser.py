@@ -20,7 +20,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QPushButton,
     QVBoxLayout,
-    QWidget,
 )
 
 from napari.utils.notifications import show_error
@@ -30,7 +29,7 @@ from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import FIELD_ROLE, ROLE, show_field
-from napari_wsdino._napari.state import state_for
+from napari_wsdino._napari.dock import WorkerDock, add_row
 
 if TYPE_CHECKING:
     import napari
@@ -60,19 +59,21 @@ class FieldIndex:
         return str(row.plate), str(row.well), int(row.site)
 
 
-class PlateBrowser(QWidget):
+class PlateBrowser(WorkerDock):
     """Open a BBBC021-layout folder (or image CSV) and browse its fields."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        super().__init__(napari_viewer)
         self._index: FieldIndex | None = None
 
         self.path_edit = QLineEdit(str(settings.recall(LAST_FOLDER, "")))
         self.path_edit.setPlaceholderText("dataset folder or BBBC021_v1_image.csv")
+        self.path_edit.setToolTip("A BBBC021-layout folder (holding BBBC021_v1_image.csv and "
+                                  "BBBC021_v1_moa.csv) or its image CSV")
         self.browse_button = QPushButton("Browse…")
+        self.browse_button.setToolTip("Choose a dataset folder and open it")
         self.open_button = QPushButton("Open")
+        self.open_button.setToolTip("Open the dataset named on the left")
         self.sample_button = QPushButton("Synthetic sample")
         self.sample_button.setToolTip(
             "Open a small synthetic BBBC021 replica (written once into ~/.cache/napari-wsdino)")
@@ -81,7 +82,9 @@ class PlateBrowser(QWidget):
         self.well_combo = QComboBox()
         self.site_combo = QComboBox()
         self.prev_button = QPushButton("◀ Previous")
+        self.prev_button.setToolTip("The previous field in table order")
         self.next_button = QPushButton("Next ▶")
+        self.next_button.setToolTip("The next field in table order")
         self.status_label = QLabel("No dataset loaded.")
         self.status_label.setWordWrap(True)
         self.info = {k: QLabel("–") for k in ("compound", "concentration", "moa", "batch", "treatment")}
@@ -91,9 +94,9 @@ class PlateBrowser(QWidget):
         path_row.addWidget(self.browse_button)
         path_row.addWidget(self.open_button)
         form = QFormLayout()
-        form.addRow("Plate", self.plate_combo)
-        form.addRow("Well", self.well_combo)
-        form.addRow("Site", self.site_combo)
+        add_row(form, "Plate", self.plate_combo, "Plate of the field shown")
+        add_row(form, "Well", self.well_combo, "Well of the plate (its first site is shown)")
+        add_row(form, "Site", self.site_combo, "Site (field of view) of the well")
         nav = QHBoxLayout()
         nav.addWidget(self.prev_button)
         nav.addWidget(self.next_button)
@@ -101,7 +104,7 @@ class PlateBrowser(QWidget):
         for key, title in (("compound", "Compound"), ("concentration", "Concentration (µM)"),
                            ("moa", "MoA"), ("batch", "Batch"), ("treatment", "Treatment")):
             form.addRow(title, self.info[key])
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addLayout(path_row)
         layout.addWidget(self.sample_button)
         layout.addWidget(self.status_label)

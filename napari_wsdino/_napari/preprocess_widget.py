@@ -39,9 +39,8 @@ from napari_wsdino.core.preprocess import (
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import cache_row, contrast_for, on_raw_grid, read_channel
-from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.dock import WorkerDock, add_row
 from napari_wsdino._napari.state import TaskStatus
-from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
     import napari
@@ -107,15 +106,23 @@ class PreprocessWidget(WorkerDock):
         self.illum_combo.addItems(ILLUMINATION_METHODS)
         self.illum_combo.setCurrentText(get("illumination", "fast"))
         self.workers_spin = _spin(1, 64, get("workers", 2))
+        self.out_browse.setToolTip("Choose the cache folder")
         self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Preprocess the dataset into the cache folder (resumes an "
+                                   "interrupted run)")
         self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop at the next step; finished plates are kept")
         self.use_button = QPushButton("Use existing cache")
+        self.use_button.setToolTip("Adopt the complete cache in the cache folder without running")
         self.status_label = QLabel("Idle.")
         self.status_label.setWordWrap(True)
         self.channel_combo = QComboBox()
         self.compare_button = QPushButton("Compare raw / illumination / corrected")
         self.follow_check = QCheckBox("Follow the current field")
         self.follow_check.setChecked(True)
+        self.follow_check.setToolTip("Keep the comparison on the field the plate browser shows")
+        self.compare_button.setToolTip("Lay the raw image, its plate's illumination function and "
+                                       "the corrected image beside the field")
 
         size_row = QHBoxLayout()
         size_row.addWidget(self.height_spin)
@@ -125,19 +132,26 @@ class PreprocessWidget(WorkerDock):
         out_row.addWidget(self.out_edit, 1)
         out_row.addWidget(self.out_browse)
         form = QFormLayout()
-        form.addRow("Cache folder", out_row)
-        form.addRow("Size H x W (0: half)", size_row)
-        form.addRow("Clip (0: none)", self.clip_spin)
-        form.addRow("Filter size (px @1024)", self.filter_spin)
-        form.addRow("Normalise", self.norm_combo)
-        form.addRow("Illumination", self.illum_combo)
-        form.addRow("Processes", self.workers_spin)
+        add_row(form, "Cache folder", out_row,
+                "Where the preprocessed images go (new, or a cache of this dataset to resume "
+                "or reuse)")
+        add_row(form, "Size H x W (0: half)", size_row,
+                "Output size in pixels; 0 x 0 = half the input size, as in the paper")
+        add_row(form, "Clip (0: none)", self.clip_spin,
+                "Raw 16-bit counts above this are clipped (10,000 in the paper's code)")
+        add_row(form, "Filter size (px @1024)", self.filter_spin,
+                "Smoothing filter of the illumination function, in pixels at the 1024 x 1280 "
+                "scale (scaled to other sizes)")
+        add_row(form, "Normalise", self.norm_combo, "How each corrected image is normalised")
+        add_row(form, "Illumination", self.illum_combo,
+                "How the per-plate illumination function is estimated (none = no correction)")
+        add_row(form, "Processes", self.workers_spin, "Worker processes (CPU cores) to use")
         buttons = QHBoxLayout()
         for b in (self.run_button, self.cancel_button, self.use_button):
             buttons.addWidget(b)
         compare = QFormLayout()
-        compare.addRow("Channel", self.channel_combo)
-        layout = QVBoxLayout(self)
+        add_row(compare, "Channel", self.channel_combo, "Channel shown in the comparison")
+        layout = QVBoxLayout(self.body)
         layout.addWidget(self.dataset_label)
         layout.addLayout(form)
         layout.addLayout(buttons)
@@ -209,7 +223,7 @@ class PreprocessWidget(WorkerDock):
                 raise DataError("Choose a cache folder.")
             prep = self.prep_settings()
         except (DataError, ValueError) as exc:
-            self.status_label.setText(str(exc))
+            self.input_error(self.status_label, str(exc))
             return
         settings.remember_many({
             PREFIX + "out": out, PREFIX + "height": self.height_spin.value(),
@@ -222,10 +236,10 @@ class PreprocessWidget(WorkerDock):
         self.status = TaskStatus.RUNNING
         self._set_running(True)
         self.status_label.setText(f"Preprocessing {len(metadata.table)} fields into {out}…")
-        self.worker = start_worker(
+        self.run_task(
             preprocess(metadata, out, prep, workers=self.workers_spin.value()),
             on_progress=self._progress, on_done=self._done, on_error=self._failed,
-            on_stopped=self._stopped, desc="Preprocess", owner=self
+            on_stopped=self._stopped, desc="Preprocess",
         )
 
     def cancel(self) -> None:
@@ -239,8 +253,12 @@ class PreprocessWidget(WorkerDock):
         """Adopt a complete cache without running."""
         try:
             cache = open_cache(self.out_edit.text().strip())
+            check = self.state.check_cache(cache)
+            if check.same is False:
+                raise DataError(f"{cache.path} is a cache of another dataset ({check.reason}): "
+                                "choose another cache folder and Run.")
         except (DataError, OSError) as exc:
-            self.status_label.setText(str(exc))
+            self.input_error(self.status_label, str(exc))
             return
         self._adopt(cache)
 
@@ -287,7 +305,12 @@ class PreprocessWidget(WorkerDock):
         """Raw | illumination function | corrected, right of the field, for one channel."""
         metadata, channel = self.state.metadata, self.channel_combo.currentText()
         if metadata is None or self.cache is None or not channel:
-            self.status_label.setText("Needs a dataset and a complete cache.")
+            self.input_error(self.status_label, "Compare needs a dataset (1 Data) and a "
+                                                "complete cache of it (Run or Use existing cache).")
+            return
+        if self.state.check_cache(self.cache).same is False:
+            self.input_error(self.status_label, f"The cache {self.cache.path} is of another "
+                                                "dataset: Run into another cache folder first.")
             return
         try:
             images = comparison_images(metadata, self.state.field_index, channel, self.cache)

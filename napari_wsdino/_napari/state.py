@@ -18,12 +18,14 @@ Example
 from __future__ import annotations
 
 import enum
+import json
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
 
+from napari_wsdino.core.identity import DatasetCheck, check_dataset
 from napari_wsdino.core.metadata import Metadata
 
 if TYPE_CHECKING:
@@ -59,7 +61,14 @@ class WsdinoState:
     models
         The loaded :class:`~napari_wsdino.core.modelset.ModelSet` (attention, evaluation).
     results
-        Last evaluation result (whatever ``core.evaluation`` returns) or ``None``.
+        Last evaluation (the Evaluate panel's ``Evaluation``) or ``None``.
+    evaluations
+        Every evaluation of this session, one per model set label (the latest kept), so
+        a panel opened later (Compare) shows what was computed before it opened.
+
+    The workflow runs dataset -> cache -> run (``model_path``) -> model set -> evaluations;
+    each panel reads these when it opens and follows the signals while it is open.
+    :meth:`check_cache` tells whether a cache was made from the open dataset.
     """
 
     metadata_changed = Signal(object)
@@ -77,6 +86,8 @@ class WsdinoState:
         self._model_path: Path | None = None
         self._models: Any = None
         self._results: Any = None
+        self.evaluations: list[Any] = []
+        self._checks: dict[tuple, DatasetCheck] = {}
 
     # -- dataset -----------------------------------------------------------------
     @property
@@ -88,6 +99,7 @@ class WsdinoState:
         """Replace the dataset; emits ``metadata_changed`` then ``field_changed``."""
         self._metadata = metadata
         self.source = Path(source) if source is not None else None
+        self._checks.clear()
         self._field_index = int(field_index)
         self.metadata_changed.emit(metadata)
         self.field_changed.emit(self._field_index)
@@ -152,7 +164,28 @@ class WsdinoState:
     @results.setter
     def results(self, value: Any) -> None:
         self._results = value
+        if value is not None:
+            label = getattr(value, "label", None)
+            self.evaluations = [e for e in self.evaluations
+                                if getattr(e, "label", None) != label] + [value]
         self.results_changed.emit(value)
+
+    # -- dataset identity ----------------------------------------------------------
+    def check_cache(self, cache) -> DatasetCheck:
+        """Was ``cache`` (a ``core.cache.Cache``) made from the open dataset?
+
+        ``same`` is True or False from the identity the cache records
+        (:mod:`napari_wsdino.core.identity`), None when no dataset is open or the cache
+        records none. Remembered per (dataset, cache): only a few files are read, once.
+        """
+        if self._metadata is None:
+            return DatasetCheck(None, "no dataset is open in 1 Data")
+        key = (id(self._metadata), str(cache.path), json.dumps(cache.settings.get("dataset_id"),
+                                                               sort_keys=True))
+        if key not in self._checks:
+            self._checks[key] = check_dataset(cache.settings.get("dataset_id"),
+                                              self._metadata.table, self._metadata.channels)
+        return self._checks[key]
 
 
 _STATES: "weakref.WeakKeyDictionary[Any, WsdinoState]" = weakref.WeakKeyDictionary()

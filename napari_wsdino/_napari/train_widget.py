@@ -10,6 +10,8 @@ Load models panel is ready to load it.
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -33,22 +35,27 @@ from qtpy.QtWidgets import (
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
+from napari_wsdino.core.pipeline import PRESETS
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABELS
-from napari_wsdino.core.train import TrainConfig, train_channels
+from napari_wsdino.core.train import CONFIG_FILE, LOG_FILE, TrainConfig, train_channels
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.dock import WorkerDock, add_row
 from napari_wsdino._napari.state import TaskStatus
-from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
     import napari
 
 PREFIX = "train."
-ARCHS = (DEFAULT_ARCH, *CPU_ARCHS, "vit_base_patch8_224", "test_vit")
+#: Architectures offered (the box is editable: any timm ViT name works).
+ARCHS = (DEFAULT_ARCH, *CPU_ARCHS, "vit_base_patch8_224")
 #: Widget fields that go straight into TrainConfig.
 CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "device",
                  "global_size", "local_size", "local_crops", "out_dim")
+#: Presets offered, by the smallest cache side they fit (the demo's presets).
+PRESET_FOR_SIDE = ((448, "gpu"), (64, "cpu"), (0, "test"))
+PRESET_TITLES = {"gpu": "paper (ViT-S/8, GPU)", "cpu": "CPU demo (tiny ViT)",
+                 "test": "quick test (tiny ViT, 1 epoch)"}
 
 
 def device_choices() -> list[tuple[str, str]]:
@@ -63,16 +70,80 @@ def device_choices() -> list[tuple[str, str]]:
     return choices
 
 
-def make_train_config(values: dict[str, Any], base_file: str = "") -> TrainConfig:
-    """Widget values over a base config (a TOML file, or WS-DINO's defaults), validated.
+def preset_for(shape) -> str:
+    """The demo preset whose crops fit a cache of ``shape`` (H, W) px."""
+    side = min(shape)
+    return next(name for limit, name in PRESET_FOR_SIDE if side >= limit)
+
+
+def preset_config(name: str) -> TrainConfig:
+    """WS-DINO's defaults with a demo preset's training settings."""
+    return TrainConfig().replace(**PRESETS[name].train) if name in PRESETS else TrainConfig()
+
+
+def make_train_config(values: dict[str, Any], base_file: str = "", preset: str = "") -> TrainConfig:
+    """Widget values over a base config (a TOML file, else a preset, else WS-DINO's defaults).
 
     Raises ``ValueError`` / ``FileNotFoundError`` with a message naming the bad setting.
     """
-    base = TrainConfig.load(base_file) if str(base_file).strip() else TrainConfig()
+    if str(base_file).strip():
+        base = TrainConfig.load(base_file)
+    else:
+        base = preset_config(preset)
     changes = {k: values[k] for k in CONFIG_FIELDS if k in values}
     if changes.get("init") and not Path(changes["init"]).exists():
         raise FileNotFoundError(f"Initial weights file {changes['init']} does not exist.")
     return base.replace(**changes)  # dataclasses.replace re-runs the validation
+
+
+def patch_size(arch: str) -> int | None:
+    """Patch size of an architecture name (ours, or timm's ``..._patchN_...``)."""
+    if arch in CPU_ARCHS:
+        return CPU_ARCHS[arch][0]
+    match = re.search(r"patch(\d+)", arch)
+    return int(match.group(1)) if match else None
+
+
+def check_fit(config: TrainConfig, shape) -> None:
+    """Refuse settings that do not fit a cache of ``shape`` px, naming what to change."""
+    side = min(shape)
+    if side < config.global_size // 2:
+        raise ValueError(
+            f"Global crop px = {config.global_size} is too large for this cache's "
+            f"{shape[0]}x{shape[1]} px fields: set Global crop px (Advanced) to at most "
+            f"{2 * side}, or choose the preset '{PRESET_TITLES[preset_for(shape)]}'.")
+    patch = patch_size(config.arch)
+    for title, value in (("Global crop px", config.global_size),
+                         ("Local crop px", config.local_size)):
+        if patch and value % patch:
+            raise ValueError(f"{title} = {value} is not a multiple of {config.arch}'s patch "
+                             f"size {patch}: set it to {max(patch, value // patch * patch)}.")
+
+
+def run_summary(run: str | Path, channels) -> str:
+    """How far a run folder's channels are (from config.toml and log.jsonl; no weights read)."""
+    parts = []
+    for channel in channels:
+        folder = Path(run) / channel
+        if not (folder / CONFIG_FILE).exists():
+            continue
+        try:
+            epochs = TrainConfig.load(folder / CONFIG_FILE).epochs
+            lines = (folder / LOG_FILE).read_text().splitlines() if (folder / LOG_FILE).exists() else []
+            done = json.loads(lines[-1])["epoch"] if lines else 0
+        except (OSError, ValueError, KeyError):
+            continue
+        parts.append(f"{channel} {done}/{epochs} epochs")
+    return ", ".join(parts)
+
+
+def continue_config(run: str | Path, channels, epochs: int, device: str) -> TrainConfig:
+    """The run's saved settings with a new number of epochs (Continue training)."""
+    for channel in channels:
+        saved = Path(run) / channel / CONFIG_FILE
+        if saved.exists():
+            return TrainConfig.load(saved).replace(epochs=int(epochs), device=device)
+    raise ValueError(f"{run} holds no run of {', '.join(channels)} to continue: press Start.")
 
 
 class LossPlot:
@@ -122,23 +193,30 @@ class LossPlot:
 
 
 class TrainWidget(WorkerDock):
-    """Train (Start / Stop / Resume) one WS-DINO model per channel on the cache."""
+    """Train (Start / Stop / Continue) one WS-DINO model per channel on the cache."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer)
         self.result: dict[str, Path] | None = None
         self._stop = threading.Event()
+        self._shape: tuple[int, int] | None = None
         saved = settings.load_settings()
         get = lambda key, default: saved.get(PREFIX + key, default)  # noqa: E731
 
         self.cache_edit = QLineEdit(str(self.state.cache_path or get("cache", "")))
         self.cache_edit.setPlaceholderText("preprocessed cache folder (2 Preprocess)")
         self.cache_browse = QPushButton("…")
-        self.run_edit = QLineEdit(get("run", ""))
+        self.cache_browse.setToolTip("Choose a preprocessed cache folder")
+        self.run_edit = QLineEdit(str(self.state.model_path or get("run", "")))
         self.run_edit.setPlaceholderText("run folder: RUN/<channel>/checkpoint.pth")
         self.run_browse = QPushButton("…")
+        self.run_browse.setToolTip("Choose the run folder")
         self.channel_boxes: dict[str, QCheckBox] = {}
         self.channels_row = QHBoxLayout()
+        self.preset_combo = QComboBox()
+        for name, title in PRESET_TITLES.items():
+            self.preset_combo.addItem(title, name)
+        self.preset_combo.setCurrentIndex(max(self.preset_combo.findData(get("preset", "gpu")), 0))
         self.weak_combo = QComboBox()
         self.weak_combo.addItems(WEAK_LABELS)
         self.weak_combo.setCurrentText(get("weak_label", "compound"))
@@ -151,6 +229,7 @@ class TrainWidget(WorkerDock):
         self.init_edit = QLineEdit(get("init", ""))
         self.init_edit.setPlaceholderText("empty: random; ours / timm / DINO .pth")
         self.init_browse = QPushButton("…")
+        self.init_browse.setToolTip("Choose an initial weights file")
         self.device_combo = QComboBox()
         for label, value in device_choices():
             self.device_combo.addItem(label, value)
@@ -167,38 +246,63 @@ class TrainWidget(WorkerDock):
         self.base_edit = QLineEdit(get("base", ""))
         self.base_edit.setPlaceholderText("optional TOML with every other setting")
         self.start_button = QPushButton("Start")
+        self.start_button.setToolTip("Train a new run in the run folder (refused if it holds one)")
         self.stop_button = QPushButton("Stop")
-        self.resume_button = QPushButton("Resume")
+        self.stop_button.setToolTip("Stop before the next step; a checkpoint is written")
+        self.resume_button = QPushButton("Continue")
+        self.resume_button.setToolTip(
+            "Continue the run in the run folder with its saved settings: an interrupted run "
+            "resumes exactly; with more Epochs a finished run is extended (the schedules are "
+            "recomputed for the new total, see docs/training.md)")
+        self.run_label = QLabel("")
+        self.run_label.setWordWrap(True)
         self.status_label = QLabel("Idle.")
         self.status_label.setWordWrap(True)
         self.plot = LossPlot()
         self.plot.canvas.setMinimumHeight(220)
 
         form = QFormLayout()
-        form.addRow("Cache", _row(self.cache_edit, self.cache_browse))
-        form.addRow("Run folder", _row(self.run_edit, self.run_browse))
-        form.addRow("Channels", self.channels_row)
-        form.addRow("Weak label", self.weak_combo)
-        form.addRow("Architecture", self.arch_combo)
-        form.addRow("Epochs", self.epochs_spin)
-        form.addRow("Batch size", self.batch_spin)
-        form.addRow("Initial weights", _row(self.init_edit, self.init_browse))
-        form.addRow("Device", self.device_combo)
+        add_row(form, "Cache", _row(self.cache_edit, self.cache_browse),
+                "Preprocessed cache to train on (filled in by 2 Preprocess)")
+        add_row(form, "Run folder", _row(self.run_edit, self.run_browse),
+                "Where RUN/<channel>/checkpoint.pth, config.toml and log.jsonl go")
+        add_row(form, "Channels", self.channels_row, "One model is trained per ticked channel")
+        add_row(form, "Preset", self.preset_combo,
+                "Settings that fit the cache: chosen by the cache's size when it is selected "
+                "(paper settings need fields of at least 448 px; the demo presets fit small caches)")
+        add_row(form, "Weak label", self.weak_combo,
+                "none = plain DINO; otherwise local crops come from another field of the same "
+                "treatment / compound / MoA (WS-DINO)")
+        add_row(form, "Architecture", self.arch_combo,
+                "timm ViT name; the wsdino_vit_* models are small enough for a CPU")
+        add_row(form, "Epochs", self.epochs_spin,
+                "Passes over the fields; Continue with more epochs extends a finished run")
+        add_row(form, "Batch size", self.batch_spin, "Fields per optimisation step")
+        add_row(form, "Initial weights", _row(self.init_edit, self.init_browse),
+                "Start from these weights (ours, timm or the official DINO file); empty = random")
+        add_row(form, "Device", self.device_combo, "auto uses the GPU when there is one")
         advanced = QGroupBox("Advanced")
+        advanced.setToolTip("Less common settings; a TOML file can hold every setting")
         adv = QFormLayout(advanced)
-        adv.addRow("Learning rate", self.lr_spin)
-        adv.addRow("Global crop px", self.global_spin)
-        adv.addRow("Local crop px", self.local_spin)
-        adv.addRow("Local crops", self.crops_spin)
-        adv.addRow("Head output dim", self.outdim_spin)
-        adv.addRow("Base config", self.base_edit)
+        add_row(adv, "Learning rate", self.lr_spin, "Peak learning rate (after warm-up)")
+        add_row(adv, "Global crop px", self.global_spin,
+                "Side of the two global crops; at most twice the cache's shorter side, "
+                "a multiple of the patch size")
+        add_row(adv, "Local crop px", self.local_spin,
+                "Side of the local crops; a multiple of the patch size")
+        add_row(adv, "Local crops", self.crops_spin, "Local crops per field")
+        add_row(adv, "Head output dim", self.outdim_spin, "Outputs of the DINO head")
+        add_row(adv, "Base config", self.base_edit,
+                "Optional TOML (as wsdino train writes) with every other setting; "
+                "replaces the preset")
         buttons = QHBoxLayout()
         for b in (self.start_button, self.stop_button, self.resume_button):
             buttons.addWidget(b)
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout(self.body)
         layout.addLayout(form)
         layout.addWidget(advanced)
         layout.addLayout(buttons)
+        layout.addWidget(self.run_label)
         layout.addWidget(self.status_label)
         layout.addWidget(self.plot.canvas, 1)
 
@@ -206,20 +310,29 @@ class TrainWidget(WorkerDock):
         self.cache_browse.clicked.connect(lambda: self._pick_dir(self.cache_edit, "Cache folder"))
         self.run_browse.clicked.connect(lambda: self._pick_dir(self.run_edit, "Run folder"))
         self.init_browse.clicked.connect(self._pick_init)
-        self.cache_edit.editingFinished.connect(lambda: self._set_channels(self._channels()))
+        self.cache_edit.editingFinished.connect(lambda: self._cache_picked(self.cache_edit.text()))
+        self.run_edit.editingFinished.connect(self._describe_run)
+        self.preset_combo.currentIndexChanged.connect(lambda _i: self.apply_preset())
         self.start_button.clicked.connect(lambda: self.start(resume=False))
         self.resume_button.clicked.connect(lambda: self.start(resume=True))
         self.stop_button.clicked.connect(self.stop)
         self.state.cache_changed.connect(self._on_cache)
+        self.state.model_changed.connect(self._on_run)
         self._set_running(False)
+        if self.state.cache_path is not None:  # a cache made before this dock opened
+            self._on_cache(self.state.cache_path)
+        self._describe_run()
 
     # -- inputs ----------------------------------------------------------------------
     def _channels(self) -> tuple[str, ...]:
         try:
-            return open_cache(self.cache_edit.text().strip()).channels
+            cache = open_cache(self.cache_edit.text().strip())
         except (DataError, OSError, ValueError):
+            self._shape = None
             meta = self.state.metadata
             return tuple(meta.channels) if meta is not None else CHANNELS
+        self._shape = cache.shape
+        return cache.channels
 
     def _set_channels(self, channels, checked=None) -> None:
         """One check box per channel of the cache."""
@@ -231,6 +344,7 @@ class TrainWidget(WorkerDock):
         self.channel_boxes = {}
         for channel in channels:
             box = QCheckBox(channel)
+            box.setToolTip(f"Train a model on the {channel} channel")
             box.setChecked(checked is None or channel in checked)
             self.channel_boxes[channel] = box
             self.channels_row.addWidget(box)
@@ -242,13 +356,45 @@ class TrainWidget(WorkerDock):
         self.cache_edit.setText(str(path))
         if not self.run_edit.text().strip():
             self.run_edit.setText(str(Path(path).parent / "runs" / self.weak_combo.currentText()))
+        self._cache_picked(path)
+
+    def _cache_picked(self, _path) -> None:
+        """Channels of the cache, and the preset whose crops fit its fields."""
         self._set_channels(self._channels())
+        if self._shape is not None:
+            index = self.preset_combo.findData(preset_for(self._shape))
+            if index != self.preset_combo.currentIndex():
+                self.preset_combo.setCurrentIndex(index)  # applies it
+        self._describe_run()
+
+    def _on_run(self, path) -> None:
+        """A run folder chosen elsewhere (or this panel's run finished)."""
+        if path is not None and self.status != TaskStatus.RUNNING:
+            self.run_edit.setText(str(path))
+            self._describe_run()
+
+    def apply_preset(self) -> None:
+        """Fill the form with the chosen preset's settings."""
+        cfg = preset_config(self.preset_combo.currentData())
+        self.arch_combo.setCurrentText(cfg.arch)
+        for spin, value in ((self.epochs_spin, cfg.epochs), (self.batch_spin, cfg.batch_size),
+                            (self.lr_spin, cfg.lr), (self.global_spin, cfg.global_size),
+                            (self.local_spin, cfg.local_size), (self.crops_spin, cfg.local_crops),
+                            (self.outdim_spin, cfg.out_dim)):
+            spin.setValue(value)
+
+    def _describe_run(self) -> None:
+        run = self.run_edit.text().strip()
+        summary = run_summary(run, self.channel_boxes) if run else ""
+        self.run_label.setText(
+            f"Run folder holds: {summary}. Continue resumes it, or extends it to the Epochs above."
+            if summary else "")
 
     def _pick_dir(self, edit: QLineEdit, title: str) -> None:
         path = QFileDialog.getExistingDirectory(self, title, edit.text())
         if path:
             edit.setText(path)
-            self._set_channels(self._channels())
+            self._cache_picked(path)
 
     def _pick_init(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Initial weights", self.init_edit.text(),
@@ -273,28 +419,35 @@ class TrainWidget(WorkerDock):
 
     # -- run ---------------------------------------------------------------------------
     def start(self, resume: bool = False) -> None:
-        """Validate and start (or resume) training in a worker."""
+        """Validate and start a run, or continue the one in the run folder, in a worker."""
         if self.status == TaskStatus.RUNNING:
             return
         channels = [c for c, box in self.channel_boxes.items() if box.isChecked()]
         run = self.run_edit.text().strip()
         try:
-            config = make_train_config(self.values(), self.base_edit.text())
             cache = open_cache(self.cache_edit.text().strip())
             if not channels:
                 raise ValueError("Tick at least one channel to train.")
             if not run:
                 raise ValueError("Choose a run folder.")
+            if resume:
+                config = continue_config(run, channels, self.epochs_spin.value(),
+                                         self.device_combo.currentData())
+            else:
+                config = make_train_config(self.values(), self.base_edit.text(),
+                                           self.preset_combo.currentData())
+            check_fit(config, cache.shape)
             existing = [c for c in channels if (Path(run) / c / "checkpoint.pth").exists()]
             if existing and not resume:
                 raise ValueError(f"{run} already holds checkpoints for {existing}: press "
-                                 "Resume to continue them, or choose another run folder.")
+                                 "Continue to resume or extend them, or choose another run folder.")
         except (ValueError, FileNotFoundError, DataError) as exc:
-            self.status_label.setText(str(exc))
+            self.input_error(self.status_label, str(exc))
             return
         settings.remember_many({
             PREFIX + "cache": str(cache.path), PREFIX + "run": run,
             PREFIX + "channels": channels, PREFIX + "base": self.base_edit.text().strip(),
+            PREFIX + "preset": self.preset_combo.currentData(),
             **{PREFIX + k: v for k, v in self.values().items()},
         })
         self._stop.clear()
@@ -303,12 +456,12 @@ class TrainWidget(WorkerDock):
             self.plot.clear()
         self.status = TaskStatus.RUNNING
         self._set_running(True)
-        self.status_label.setText(f"{'Resuming' if resume else 'Starting'} {', '.join(channels)}…")
+        self.status_label.setText(f"{'Continuing' if resume else 'Starting'} {', '.join(channels)}…")
         self._run = Path(run)
-        self.worker = start_worker(
+        self.run_task(
             train_channels(cache, config, run, channels, resume=resume, stop=self._stop.is_set),
             on_progress=self._progress, on_done=self._finished, on_error=self._failed,
-            desc="Training", owner=self
+            desc="Training",
         )
 
     def stop(self) -> None:
@@ -319,6 +472,8 @@ class TrainWidget(WorkerDock):
             self.status_label.setText("Stopping after this step…")
 
     def _progress(self, event: Progress) -> None:
+        if self.status != TaskStatus.RUNNING:
+            return
         self.plot.add(event)
         eta = event.info.get("eta_s")
         eta_text = f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) and eta == eta else ""
@@ -332,10 +487,11 @@ class TrainWidget(WorkerDock):
         word = "Stopped" if self.status == TaskStatus.STOPPED else "Finished"
         self.status_label.setText(
             f"{word}: checkpoints of {', '.join(paths) or 'no channel'} in {self._run}. "
-            "Load models points there."
+            "3b Load models points there."
         )
         self.state.model_path = None  # re-emit even when the same folder is trained again
         self.state.model_path = self._run
+        self._describe_run()
 
     def _failed(self, exc: BaseException) -> None:
         self.status = TaskStatus.CRASHED
