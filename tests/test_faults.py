@@ -441,3 +441,120 @@ def test_case11_profile_file_without_rows(field_profiles, tmp_path, capsys, suff
     code, _, err = _cli(["evaluate", path], capsys)
     assert code == 2
     _one_line_error(err, str(path), "no profile rows", "wsdino embed")
+
+
+# ---------------------------------------------------------------- 12: info counts
+
+
+def test_case12_info_counts_unannotated_fields_and_odd_images(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+
+    from napari_wsdino.core.metadata import IMAGE_CSV
+
+    root = write_screen(tmp_path / "data", n_plates=1, fields_per_plate=6, shape=SHAPE, seed=12)
+    meta = load_metadata(root)
+    # One field's compound gets a name the MoA table lacks.
+    csv = pd.read_csv(root / IMAGE_CSV)
+    csv.loc[0, "Image_Metadata_Compound"] = "unknown-compound"
+    csv.to_csv(root / IMAGE_CSV, index=False)
+    rgb, small = Path(meta.table.loc[2, "path_DAPI"]), Path(meta.table.loc[3, "path_Actin"])
+    write_tiff(rgb, np.zeros(SHAPE + (3,), np.uint16))
+    write_tiff(small, np.zeros((16, 20), np.uint16))
+    code, out, err = _cli(["info", root, "--json"], capsys)
+    assert code == 0 and "Traceback" not in err
+    summary = json.loads(out)
+    assert summary["unannotated_fields"] == 1 and summary["fields"] == 5
+    assert summary["unreadable_files"] == 2
+    code, out, _ = _cli(["info", root], capsys)
+    assert "fields without MoA" in out and "no MoA row" in out
+    assert f"unreadable: {rgb} (expected one 2-D plane" in out
+    assert f"unreadable: {small} (image is 16x20, most images are 32x40)" in out
+
+
+# ---------------------------------------------------------------- 13: reader, empty CSV
+
+
+def test_case13_reader_on_a_header_only_csv(tmp_path):
+    from napari_wsdino._napari.reader import get_reader
+    from napari_wsdino.core.metadata import IMAGE_CSV, MOA_CSV, DataError, bundled_metadata_dir
+
+    src = bundled_metadata_dir()
+    header = (src / IMAGE_CSV).read_text().splitlines()[0]
+    (tmp_path / IMAGE_CSV).write_text(header + "\n")
+    (tmp_path / MOA_CSV).write_bytes((src / MOA_CSV).read_bytes())
+    reader = get_reader(str(tmp_path))
+    assert reader is not None
+    with pytest.raises(DataError, match="lists no fields") as info:
+        reader(str(tmp_path))
+    assert "none of the 0" not in str(info.value)
+
+
+# ---------------------------------------------------------------- 14: CSV encodings
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_case14_csv_in_another_encoding_says_save_as_utf8(tmp_path, capsys, encoding):
+    from napari_wsdino.core.metadata import IMAGE_CSV, MOA_CSV, bundled_metadata_dir
+
+    src = bundled_metadata_dir()
+    lines = (src / IMAGE_CSV).read_text().splitlines()[:4]
+    lines[1] = lines[1].replace("DMSO", "DMSO-é", 1)  # a byte Latin-1 writes differently
+    (tmp_path / IMAGE_CSV).write_bytes(("\n".join(lines) + "\n").encode(encoding))
+    (tmp_path / MOA_CSV).write_bytes((src / MOA_CSV).read_bytes())
+    code, _, err = _cli(["info", tmp_path, "--no-check"], capsys)
+    assert code == 2
+    _one_line_error(err, str(tmp_path / IMAGE_CSV), "UTF-16" if encoding == "utf-16" else "not UTF-8",
+                    "save it as UTF-8")
+
+
+# ---------------------------------------------------------------- 15: stalled size request
+
+
+def test_case15_stalled_size_request_is_an_error_not_an_estimate():
+    import socket
+    import threading
+
+    from napari_wsdino.core.fetch import FetchError, remote_size
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)  # accepts, never answers
+    stop = threading.Event()
+
+    def hold():
+        conn, _ = server.accept()
+        stop.wait(5)
+        conn.close()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/BBBC021_v1_images_Week1_22123.zip"
+    try:
+        with pytest.raises(FetchError, match="did not answer a size request") as info:
+            remote_size(url, timeout=0.3)
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+    message = str(info.value)
+    assert url in message and "--timeout" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- 16: gpu preset, no GPU
+
+
+def test_case16_gpu_demo_without_cuda_refuses_before_writing(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "demo"
+    code, _, err = _cli(["demo", out, "--gpu"], capsys)
+    assert code == 2
+    _one_line_error(err, "gpu preset", "no", "days", "--device cpu")
+    assert not out.exists()
+    code, _, err = _cli(["demo", out, "--device", "cuda", "--preset", "test"], capsys)
+    assert code == 2
+    _one_line_error(err, "no CUDA GPU", "--device cpu")
+    assert not out.exists()

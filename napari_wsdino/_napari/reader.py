@@ -27,8 +27,12 @@ def _looks_like_dataset(path: Path) -> bool:
         image_csv, _ = locate(path, _LAYOUT)
         if image_csv.suffix.lower() != ".csv":
             return False
-        with open(image_csv, newline="", encoding="utf-8", errors="replace") as fh:
-            header = next(csv.reader(fh), [])
+        with open(image_csv, "rb") as fh:
+            raw = fh.read(65536)
+        # A UTF-16 file of ours is still ours: reading it then says "save it as UTF-8".
+        encoding = "utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8"
+        text = raw.decode(encoding, errors="replace").splitlines()
+        header = next(csv.reader(text[:1]), [])
     except (DataError, OSError, csv.Error, StopIteration):
         return False
     return _LAYOUT.plate_column in header and _LAYOUT.well_column in header
@@ -51,14 +55,23 @@ def get_reader(path: str | list[str]) -> Callable[[str], list["LayerDataTuple"]]
         return None
 
 
+def _no_field_reason(path, metadata) -> str:
+    """Why a dataset shows nothing: no rows, no annotated rows, or no files."""
+    if metadata.missing:
+        return (f"{path}: none of the {len(metadata.missing)} image files the CSV names exist "
+                f"under {metadata.root}. Unpack the plate folders next to the CSV.")
+    if metadata.no_moa:
+        return (f"{path}: all {metadata.no_moa} fields have treatments without an MoA row. "
+                "Add them to the MoA CSV (BBBC021_v1_moa.csv).")
+    return (f"{path}: the image CSV lists no fields (a header without rows?). Use the "
+            "complete BBBC021_v1_image.csv, e.g. 'wsdino fetch DEST --metadata-only'.")
+
+
 def read_dataset(path: str | list[str]) -> list["LayerDataTuple"]:
     """Load the dataset's metadata (dropping fields with missing files) and its first field."""
     if isinstance(path, (list, tuple)):
         path = path[0]
     metadata = load_metadata(path, drop_missing=True, unannotated="drop")
     if not len(metadata.table):
-        raise DataError(
-            f"{path}: none of the {len(metadata.missing)} image files the CSV names exist "
-            f"under {metadata.root}. Unpack the plate folders next to the CSV."
-        )
+        raise DataError(_no_field_reason(path, metadata))
     return field_layer_data(metadata, 0, source=path)

@@ -71,7 +71,7 @@ class FetchPrinter:
         self.width = width
         self._last = None
         self.terminal = is_terminal(self.stream)
-        self._logged = (None, 0.0)
+        self._logged = (None, 0.0, False)
 
     def _bar(self, fraction: float) -> str:
         done = int(self.width * min(max(fraction, 0.0), 1.0))
@@ -91,13 +91,13 @@ class FetchPrinter:
             return
         file_total = info.get("file_total") or 0
         file_frac = info.get("file_done", 0) / file_total if file_total else 0.0
+        if not self.terminal:
+            self._log_line(event, (info.get("plate"), phase), file_frac)
+            return
         key = (info.get("plate"), phase, int(100 * event.fraction), int(100 * file_frac))
         if key == self._last:
             return
         self._last = key
-        if not self.terminal:
-            self._log_line(event, key[:2], file_frac)
-            return
         line = (f"\r overall [{self._bar(event.fraction)}] {format_bytes(event.step)}"
                 f"/{format_bytes(event.total)}  {info.get('plate', '')} "
                 f"({info.get('plate_index', '?')}/{info.get('plates', '?')}) {phase or ''} "
@@ -106,16 +106,19 @@ class FetchPrinter:
         self.stream.flush()
 
     def _log_line(self, event: Progress, what: tuple, file_frac: float) -> None:
+        """A line when a plate's phase starts and ends, and at most every LOG_INTERVAL s."""
         now = time.monotonic()
-        if what == self._logged[0] and now - self._logged[1] < LOG_INTERVAL:
+        last_what, last_time, last_done = self._logged
+        done = file_frac >= 1.0
+        if what == last_what and (done == last_done) and now - last_time < LOG_INTERVAL:
             return
-        self._logged = (what, now)
+        self._logged = (what, now, done)
         info = event.info
-        self.stream.write(f"fetch: {format_bytes(event.step)}/{format_bytes(event.total)} "
-                          f"{info.get('plate', '')} ({info.get('plate_index', '?')}/"
-                          f"{info.get('plates', '?')}) {what[1] or ''} {100 * file_frac:.0f}%\n")
+        self.stream.write(f"overall [{self._bar(event.fraction)}] {format_bytes(event.step)}"
+                          f"/{format_bytes(event.total)}  {info.get('plate', '')} "
+                          f"({info.get('plate_index', '?')}/{info.get('plates', '?')}) "
+                          f"{what[1] or ''} {100 * file_frac:.0f}%\n")
         self.stream.flush()
-        self._last = None  # nothing to end with a newline
 
     def _newline(self) -> None:
         if self._last is not None:

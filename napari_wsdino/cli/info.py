@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from napari_wsdino.cli._common import add_layout_option, layout_from_args
-from napari_wsdino.core.imageio import check_readable
+from napari_wsdino.core.imageio import image_problems
 from napari_wsdino.core.metadata import load_metadata, summarise
 
 LABELS = {
@@ -19,6 +19,7 @@ LABELS = {
     "nscb_treatments": "NSCB treatments",
     "missing_files": "missing files",
     "unreadable_files": "unreadable files",
+    "unannotated_fields": "fields without MoA",
 }
 
 
@@ -45,10 +46,12 @@ def run(args) -> int:
     meta = load_metadata(args.data, layout_from_args(args), check_files=check,
                          drop_missing=True, unannotated=args.unannotated)
     table = meta.table
-    unreadable = []
+    problems = []
     if check and len(table):
+        # What preprocess would leave out: unreadable, RGB, other size or pixel type.
         paths = [p for ch in meta.channels for p in table[f"path_{ch}"]]
-        unreadable = check_readable(paths)
+        problems = image_problems(paths)
+    unreadable = [p for p, _ in problems]
     # Count fields over the whole CSV, including those whose files are missing.
     if meta.dropped:
         full = load_metadata(args.data, layout_from_args(args), check_files=False,
@@ -56,13 +59,19 @@ def run(args) -> int:
     else:
         full = table
     summary = summarise(full, meta.missing, unreadable)
+    summary["unannotated_fields"] = meta.no_moa
     if args.json:
         print(json.dumps(summary))
         return 0
     print(f"Dataset: {args.data}")
     for key, label in LABELS.items():
         print(f"  {label:<22}{summary[key]:>8,}")
-    for kind, paths in (("missing", meta.missing), ("unreadable", unreadable)):
-        if paths:
-            print(f"  first {kind}: " + ", ".join(str(p) for p in paths[:3]))
+    if meta.missing:
+        print("  first missing: " + ", ".join(str(p) for p in meta.missing[:3]))
+    for path, reason in problems[:3]:
+        print(f"  unreadable: {path} ({reason})")
+    if meta.no_moa:
+        kept = "kept unlabelled" if args.unannotated == "keep" else "left out of the counts"
+        print(f"  {meta.no_moa} field(s) have a treatment with no MoA row ({kept}); "
+              "'wsdino preprocess' refuses them unless given --unannotated drop or keep")
     return 0

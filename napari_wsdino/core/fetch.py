@@ -413,7 +413,9 @@ def remote_size(url: str, timeout: float = 30.0) -> int | None:
     Raises
     ------
     FetchError
-        The server answers 404 (the file is not there).
+        The server answers 404 (the file is not there), or does not answer within
+        ``timeout`` (a stalled server would stall the download too; guessing a size
+        instead would hide it, once per plate).
     """
     try:
         with urllib.request.urlopen(_request(url, "HEAD"), timeout=timeout) as resp:
@@ -425,7 +427,15 @@ def remote_size(url: str, timeout: float = 30.0) -> int | None:
                 "folder holding the BBBC021 files.", url=url,
             ) from None
         return None
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(exc, (TimeoutError, socket.timeout)) or isinstance(
+                reason, (TimeoutError, socket.timeout)):
+            raise FetchError(
+                f"The server did not answer a size request for {url} within {timeout:g} s "
+                "(stalled or unreachable): check the connection and --base-url and rerun, "
+                "or allow longer with --timeout.", url=url,
+            ) from None
         return None
     try:
         return int(length) if length is not None else None

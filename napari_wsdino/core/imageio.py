@@ -94,20 +94,60 @@ def iter_fields(
 
 
 def check_readable(paths: Iterable[str | Path]) -> list[Path]:
-    """Return the paths that cannot be opened as TIFF (header check, no pixel read)."""
-    bad = []
+    """Return the paths that cannot be opened as TIFF (header check, no pixel read),
+    hold no single 2-D plane, or differ in size or pixel type from most of the others
+    (what preprocessing leaves out); :func:`image_problems` says why."""
+    return [p for p, _ in image_problems(paths)]
+
+
+def image_problems(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """``(path, reason)`` for each file preprocessing would leave out, from the TIFF
+    headers alone: unreadable or truncated, not one 2-D plane (RGB, stacks), or of a
+    size / pixel type other than the commonest among ``paths``.
+
+    Example
+    -------
+    >>> image_problems(meta.paths("DAPI"))                  # doctest: +SKIP
+    [(PosixPath('.../B02_s1_w1.tif'), 'pixels are float64, most images are uint16')]
+    """
+    bad, heads = [], {}
     for p in paths:
         try:
-            with tifffile.TiffFile(p) as tf:
-                page = tf.pages[0]
-                expected = int(np.prod(page.shape)) * page.dtype.itemsize
-                # Truncated files keep a valid header; compare the bytes present.
-                offsets, counts = page.dataoffsets, page.databytecounts
-                end = max(o + c for o, c in zip(offsets, counts)) if offsets else 0
-                if page.compression == 1 and sum(counts) < expected:
-                    raise ValueError("strip sizes smaller than the image")
-                if end > Path(p).stat().st_size:
-                    raise ValueError("file shorter than its image data")
-        except Exception:
-            bad.append(Path(p))
+            heads[Path(p)] = _header(p)
+        except Exception as exc:  # noqa: BLE001 - any failure: unreadable
+            bad.append((Path(p), f"unreadable ({exc})"))
+    for p, (shape, _) in heads.items():
+        if len(shape) != 2:
+            bad.append((p, f"expected one 2-D plane, found shape {shape}"))
+    planes = {p: h for p, h in heads.items() if len(h[0]) == 2}
+    if planes:
+        counts: dict = {}
+        for h in planes.values():
+            counts[h] = counts.get(h, 0) + 1
+        shape, dtype = max(counts, key=counts.get)
+        for p, (s, d) in planes.items():
+            if s != shape:
+                bad.append((p, f"image is {s[0]}x{s[1]}, most images are {shape[0]}x{shape[1]}"))
+            elif d != dtype:
+                bad.append((p, f"pixels are {d}, most images are {dtype}"))
     return bad
+
+
+def _header(path: str | Path) -> tuple[tuple[int, ...], str]:
+    """``(shape, dtype name)`` of a TIFF's first page, checking the pixel data is all there."""
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        expected = int(np.prod(page.shape)) * page.dtype.itemsize
+        # Truncated files keep a valid header; compare the bytes present.
+        offsets, counts = page.dataoffsets, page.databytecounts
+        end = max(o + c for o, c in zip(offsets, counts)) if offsets else 0
+        if page.compression == 1 and sum(counts) < expected:
+            raise ValueError("strip sizes smaller than the image")
+        if end > Path(path).stat().st_size:
+            raise ValueError("file shorter than its image data")
+        shape = tuple(int(v) for v in page.shape)
+        if len(tf.pages) > 1:
+            shape = (len(tf.pages),) + shape
+        if len(shape) == 3 and shape[0] == 1:
+            shape = shape[1:]
+        return shape, np.dtype(page.dtype).name

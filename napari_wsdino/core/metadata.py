@@ -131,6 +131,9 @@ class Metadata:
         Paths referenced by the CSV that do not exist (empty if not checked).
     dropped
         Number of fields removed because ``drop_missing`` was set.
+    no_moa
+        Number of fields whose treatment has no MoA row (left out with
+        ``unannotated="drop"``, kept unlabelled with ``"keep"``).
     """
 
     table: pd.DataFrame
@@ -138,6 +141,7 @@ class Metadata:
     channels: tuple[str, ...]
     missing: list[Path] = field(default_factory=list)
     dropped: int = 0
+    no_moa: int = 0
 
     def paths(self, channel: str) -> pd.Series:
         """File path of each field's image for one channel."""
@@ -172,12 +176,28 @@ def _require_columns(df: pd.DataFrame, needed: list[str], what: Path) -> None:
         )
 
 
+#: How to fix a CSV in another text encoding (spreadsheets often save Latin-1 or UTF-16).
+SAVE_AS_UTF8 = ("save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet's Save As, or "
+                "'iconv -f LATIN1 -t UTF-8') and retry")
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except FileNotFoundError:
+        raise DataError(f"File not found: {path}.") from None
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head:
+        raise DataError(f"{path} is UTF-16 (or binary), not UTF-8 text: {SAVE_AS_UTF8}.")
     try:
         return pd.read_csv(path)
     except FileNotFoundError:
         raise DataError(f"File not found: {path}.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text ({exc.reason}; Latin-1 / Windows-1252?): {SAVE_AS_UTF8}."
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"Cannot parse {path} as CSV: {exc}") from None
 
 
@@ -334,6 +354,7 @@ def load_metadata(
     is_control = table.compound == layout.control_compound
     table.loc[is_control, "moa"] = CONTROL
     no_moa = table.moa.isna()
+    n_no_moa = int(no_moa.sum())
     if no_moa.any():
         missing_t = sorted(table.loc[no_moa, "treatment"].unique())
         if unannotated == "error":
@@ -387,7 +408,7 @@ def load_metadata(
             )
     table = table.reset_index(drop=True)
     return Metadata(table=table, root=root, channels=tuple(layout.channels),
-                    missing=missing, dropped=dropped)
+                    missing=missing, dropped=dropped, no_moa=n_no_moa)
 
 
 def nscb_treatments(table: pd.DataFrame) -> list[str]:

@@ -111,6 +111,25 @@ def _mark(out: Path, state: dict, stage: str, **info: Any) -> None:
     tmp.replace(out / STATE_FILE)
 
 
+def _check_device(preset: Preset, device: str) -> None:
+    """Refuse, before any file is written, a GPU-sized run on a machine without CUDA,
+    unless ``device="cpu"`` was asked for."""
+    import torch
+
+    if device == "cpu" or torch.cuda.is_available():
+        return
+    if device == "cuda":
+        raise DataError("--device cuda was asked for but no CUDA GPU is visible: check the "
+                        "driver (nvidia-smi) and the PyTorch build, or use --device cpu.")
+    if preset.name == "gpu" and device == "auto":
+        raise DataError(
+            "The gpu preset (ViT-S/8, the paper's 400 epochs on 3,848 full-size fields, "
+            "about 40 GB of disk) needs a CUDA GPU and none is visible: on this CPU it would "
+            "take days. Run it on a GPU machine, use the cpu preset (minutes), or add "
+            "--device cpu to run it here anyway."
+        )
+
+
 def resolve_preset(preset: str | Preset, **overrides) -> Preset:
     """A preset by name, with ``train`` overrides merged in (e.g. ``epochs=5``)."""
     if isinstance(preset, str):
@@ -168,6 +187,7 @@ def run_demo(
     from napari_wsdino.core.train import TrainConfig, train_channels
 
     preset = resolve_preset(preset, **train_overrides)
+    _check_device(preset, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out)
