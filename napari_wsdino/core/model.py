@@ -8,6 +8,15 @@ colour axis — the same output as feeding the grey image replicated to RGB.
 
 Checkpoint files are untrusted input: they are read with ``torch.load(weights_only=True)``.
 
+Official DINO "full checkpoints" (facebookresearch/dino ``main_dino.py`` saves
+``student``, ``teacher``, ``optimizer``, ``epoch``, ``args`` and ``dino_loss`` with the
+centre; the student's keys carry DistributedDataParallel's ``module.`` prefix, both nets
+``backbone.``/``head.``) are read part by part: :func:`backbone_state_dict` and
+:func:`head_state_dict` for either net, :func:`dino_optimizer_state` for AdamW's moments
+(mapped by parameter name), :func:`dino_centre` for the loss centre. The backbone-only
+release (``dino_deitsmall8_pretrain.pth``) is read as before. A file made for another
+architecture is refused with a :class:`CheckpointError` that names both shapes.
+
 Example
 -------
 >>> from napari_wsdino.core.model import create_backbone
@@ -18,6 +27,7 @@ torch.Size([1, 64])
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Mapping
 
@@ -57,6 +67,10 @@ def _register_cpu_archs() -> None:
 
 
 _register_cpu_archs()
+
+
+#: ``--init random``: start from random weights on purpose (where weights are expected).
+RANDOM_INIT = "random"
 
 
 class CheckpointError(ValueError):
@@ -110,7 +124,10 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # DINO's full checkpoints also hold the run's argparse.Namespace ("args"): a plain
+        # attribute bag, allowed; anything else needing code stays refused.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
             f"Cannot read {path} as a weights-only PyTorch checkpoint ({exc}). "
@@ -177,10 +194,41 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return sd
 
 
+def _describe_vit(sd: Mapping[str, torch.Tensor]) -> str:
+    """``embed dim 384, 8-px patches, 12 blocks`` from a ViT state dict."""
+    parts = []
+    if "cls_token" in sd:
+        parts.append(f"embed dim {sd['cls_token'].shape[-1]}")
+    if "patch_embed.proj.weight" in sd:
+        parts.append(f"{sd['patch_embed.proj.weight'].shape[-1]}-px patches")
+    blocks = {k.split(".")[1] for k in sd if k.startswith("blocks.")}
+    if blocks:
+        parts.append(f"{len(blocks)} blocks")
+    return ", ".join(parts) or "unknown layout"
+
+
+def _check_shapes(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights of another architecture with both shapes named (no traceback)."""
+    target = model.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(target[k].shape)) for k, v in sd.items()
+             if k in target and tuple(v.shape) != tuple(target[k].shape)]
+    if wrong:
+        key, theirs, ours = wrong[0]
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture",
+                                                                    type(model).__name__)
+        raise CheckpointError(
+            f"The weights are for another architecture: {key} is {list(theirs)} in the file "
+            f"but {list(ours)} in {arch} ({len(wrong)} tensor(s) differ). File: "
+            f"{_describe_vit(sd)}; model: {_describe_vit(target)}. Choose the --arch the file "
+            "was made for (vit_small_patch8_224 for the ViT-S/8 DINO files)."
+        )
+
+
 def load_backbone_weights(model: nn.Module, path_or_sd, which: str = "teacher") -> nn.Module:
     """Load ours / timm / official-DINO weights into a timm ViT backbone (strict)."""
     ckpt = read_checkpoint(path_or_sd) if isinstance(path_or_sd, (str, Path)) else path_or_sd
     sd = adapt_state_dict(backbone_state_dict(ckpt, which), model)
+    _check_shapes(model, sd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
@@ -190,6 +238,94 @@ def load_backbone_weights(model: nn.Module, path_or_sd, which: str = "teacher") 
             "dino_deitsmall8_pretrain.pth)."
         )
     return model
+
+
+def is_full_checkpoint(ckpt: Mapping) -> bool:
+    """A training checkpoint holding both nets (DINO's full checkpoint, or ours)."""
+    return all(isinstance(ckpt.get(k), Mapping) for k in ("student", "teacher"))
+
+
+def _strip_ddp(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def head_state_dict(ckpt: Mapping, which: str = "teacher") -> dict[str, torch.Tensor]:
+    """The DINO head of ``ckpt[which]`` (keys without ``module.``/``head.``); ``{}`` if none."""
+    sd = ckpt.get(which)
+    if not isinstance(sd, Mapping):
+        return {}
+    return {_strip_ddp(k)[len("head."):]: v for k, v in sd.items()
+            if isinstance(v, torch.Tensor) and _strip_ddp(k).startswith("head.")}
+
+
+def dino_centre(ckpt: Mapping) -> torch.Tensor | None:
+    """The DINO loss centre ``(1, out_dim)`` of a full checkpoint, or ``None``."""
+    loss = ckpt.get("dino_loss")
+    centre = loss.get("center") if isinstance(loss, Mapping) else None
+    return centre if isinstance(centre, torch.Tensor) else None
+
+
+def dino_optimizer_state(ckpt: Mapping, optimizer: torch.optim.Optimizer,
+                         names: list[str]) -> dict | None:
+    """The checkpoint's AdamW state re-keyed for ``optimizer`` (``None`` if it has none).
+
+    DINO's ``get_params_groups`` puts the student's parameters, in ``named_parameters``
+    order, into a regularised group (weights) and a not-regularised one (biases and 1-D
+    tensors); the saved state is indexed by position in those groups. Positions are
+    mapped back to names (the state dict's key order), then to ``optimizer``'s
+    parameters, whose names are ``names`` in the optimizer's own order. Our param
+    groups' hyper-parameters are kept (the schedules set lr and weight decay every step,
+    as DINO's loop does). A frozen ``head.last_layer.weight_g`` (``norm_last_layer``) is
+    not in DINO's optimizer. The moments of RGB patch filters are averaged over colour
+    for a one-channel model (the one tensor that cannot be carried over exactly).
+    """
+    saved, student = ckpt.get("optimizer"), ckpt.get("student")
+    if not isinstance(saved, Mapping) or not isinstance(student, Mapping):
+        return None
+    keys = [(_strip_ddp(k), v) for k, v in student.items() if isinstance(v, torch.Tensor)]
+    reg = [k for k, v in keys if not (k.endswith(".bias") or v.ndim == 1)]
+    not_reg = [k for k, v in keys if k.endswith(".bias") or v.ndim == 1]
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(reg), len(not_reg)]:
+        frozen = [k for k in reg if k != "head.last_layer.weight_g"]
+        if sizes != [len(frozen), len(not_reg)]:
+            raise CheckpointError(
+                f"The checkpoint's optimizer has parameter groups of {sizes} tensors; its "
+                f"student has {len(reg)} weights and {len(not_reg)} biases/norms. It does not "
+                "come from DINO's training script."
+            )
+        reg = frozen
+    by_name = {}
+    for group, group_names in zip(saved["param_groups"], (reg, not_reg)):
+        for pid, name in zip(group["params"], group_names):
+            if pid in saved["state"]:
+                by_name[name] = saved["state"][pid]
+    ours = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for index, (name, param) in enumerate(zip(names, params)):
+        entry = by_name.get(name)
+        if entry is None:
+            continue
+        entry = dict(entry)
+        for moment in ("exp_avg", "exp_avg_sq"):
+            t = entry.get(moment)
+            if t is None or t.shape == param.shape:
+                continue
+            if t.ndim == 4 and param.ndim == 4 and param.shape[1] == 1:
+                entry[moment] = t.mean(dim=1, keepdim=True)
+            else:
+                raise CheckpointError(
+                    f"The optimizer state of {name} is {list(t.shape)}, the parameter "
+                    f"{list(param.shape)}: the checkpoint is for another architecture."
+                )
+        if "step" in entry and not isinstance(entry["step"], torch.Tensor):
+            entry["step"] = torch.tensor(float(entry["step"]))
+        state[index] = entry
+    return {"state": state, "param_groups": ours["param_groups"]}
 
 
 def pick_device(device: str = "auto") -> torch.device:

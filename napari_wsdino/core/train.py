@@ -49,8 +49,13 @@ from napari_wsdino.core.dino import DINOHead, DINOLoss, MultiCropWrapper, ema_up
 from napari_wsdino.core.fsio import atomic_write
 from napari_wsdino.core.model import (
     CHECKPOINT_FORMAT,
+    RANDOM_INIT,
     CheckpointError,
     create_backbone,
+    dino_centre,
+    dino_optimizer_state,
+    head_state_dict,
+    is_full_checkpoint,
     load_backbone_weights,
     pick_device,
     read_checkpoint,
@@ -66,6 +71,8 @@ CONFIG_FILE = "config.toml"
 LOG_FILE = "log.jsonl"
 N_GLOBAL = 2
 # Settings that may differ between a run and its resumption (they do not change the maths).
+INIT_PARTS = ("backbone", "full")
+EPOCH_SPLITS = ("shard", "replicate")
 RESUMABLE_CHANGES = {"device", "checkpoint_every", "snapshot_every", "preload", "compile"}
 
 
@@ -146,6 +153,13 @@ class TrainConfig:
     precision: str = "auto"
     preload: str = "auto"
     compile: bool = False
+    # What a full checkpoint given as init fills: "backbone" (its teacher backbone, and head
+    # when it fits, into both nets) or "full" (DINO's restart_from_checkpoint: student,
+    # teacher, heads, loss centre and optimiser state each where it was saved).
+    init_parts: str = "backbone"
+    # Multi-GPU epochs: "shard" (each process a share of the fields) or "replicate" (each
+    # process draws the whole dataset, as WS-DINO's sampler without DistributedSampler).
+    epoch_split: str = "shard"
 
     def __post_init__(self):
         problems = []
@@ -173,6 +187,10 @@ class TrainConfig:
                 problems.append(f"{name} must lie in [0, 1]")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append("precision must be auto, fp32 or bf16")
+        if self.init_parts not in INIT_PARTS:
+            problems.append(f"init_parts must be one of {', '.join(INIT_PARTS)}")
+        if self.epoch_split not in EPOCH_SPLITS:
+            problems.append(f"epoch_split must be one of {', '.join(EPOCH_SPLITS)}")
         if self.preload not in ("auto", "device", "memmap"):
             problems.append("preload must be auto, device or memmap")
         if problems:
@@ -301,8 +319,10 @@ def load_checkpoint(path: str | Path) -> dict:
 def build_models(config: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student and teacher (same weights; the teacher without drop-path, frozen).
 
-    Weights come from ``torch.manual_seed(config.seed)``, then ``config.init`` if set,
-    so every channel of a run starts from the same initial weights.
+    Weights come from ``torch.manual_seed(config.seed)``, then ``config.init`` if set
+    (``"random"``: none), so every channel of a run starts from the same initial weights.
+    With ``init_parts="full"`` and a full checkpoint, the student and the teacher each
+    get their own saved backbone and head (the heads must fit).
     """
     torch.manual_seed(config.seed)
     backbone = create_backbone(config.arch, in_chans=1, drop_path_rate=config.drop_path_rate)
@@ -315,31 +335,58 @@ def build_models(config: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrappe
         DINOHead(embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
                  use_bn=False, norm_last_layer=config.norm_last_layer),
     )
-    if config.init:
-        init = read_checkpoint(config.init)
-        load_backbone_weights(student.backbone, init)
-        _maybe_load_head(student.head, init)
+    init = read_checkpoint(config.init) if config.init not in ("", RANDOM_INIT) else None
+    full = init is not None and config.init_parts == "full" and is_full_checkpoint(init)
+    if init is not None:
+        which = "student" if full else "teacher"
+        load_backbone_weights(student.backbone, init, which=which)
+        _maybe_load_head(student.head, init, which, strict=full)
     teacher.load_state_dict(student.state_dict())
+    if full:
+        load_backbone_weights(teacher.backbone, init, which="teacher")
+        _maybe_load_head(teacher.head, init, "teacher", strict=True)
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher
 
 
-def _maybe_load_head(head: DINOHead, ckpt: dict) -> bool:
-    """Load a DINO head from a full (ours / official) checkpoint when its shape fits."""
-    sd = ckpt.get("teacher") if isinstance(ckpt.get("teacher"), dict) else None
-    if sd is None:
-        return False
-    found = {}
-    for k, v in sd.items():
-        for prefix in ("module.head.", "head."):
-            if k.startswith(prefix):
-                found[k[len(prefix):]] = v
+def _maybe_load_head(head: DINOHead, ckpt: dict, which: str = "teacher",
+                     strict: bool = False) -> bool:
+    """Load a DINO head from a full (ours / official) checkpoint when its shape fits
+    (``strict``: a head that does not fit is an error naming both shapes)."""
+    found = head_state_dict(ckpt, which)
     target = head.state_dict()
     if set(found) != set(target) or any(found[k].shape != target[k].shape for k in target):
+        if strict:
+            theirs = {k: list(v.shape) for k, v in found.items() if "last_layer" in k}
+            ours = {k: list(v.shape) for k, v in target.items() if "last_layer" in k}
+            raise CheckpointError(
+                f"The {which} head in the checkpoint does not fit: its last layer is {theirs}, "
+                f"this config's is {ours}. Set out_dim / hidden_dim / bottleneck_dim to the "
+                "checkpoint's (65536 / 2048 / 256 for DINO ViT-S/8)."
+            )
         return False
     head.load_state_dict(found)
     return True
+
+
+def _load_init_state(config, student, optimizer, dino_loss) -> None:
+    """The rest of DINO's restart_from_checkpoint: loss centre and optimiser state of a
+    full init checkpoint (its epoch counter is not taken: training starts at epoch 0)."""
+    if config.init in ("", RANDOM_INIT):
+        return
+    init = read_checkpoint(config.init)
+    centre = dino_centre(init)
+    if centre is not None:
+        if tuple(centre.shape) != tuple(dino_loss.center.shape):
+            raise CheckpointError(f"The checkpoint's DINO centre is {list(centre.shape)}, this "
+                                  f"config's {list(dino_loss.center.shape)}; set out_dim to match.")
+        dino_loss.center.copy_(centre.to(dino_loss.center))
+    names = {id(p): n for n, p in student.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = dino_optimizer_state(init, optimizer, order)
+    if state is not None:
+        optimizer.load_state_dict(state)
 
 
 def _patch_size(backbone) -> int:
@@ -505,9 +552,12 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
     images = cache.images(config.channel)
     labels = weak_labels(cache.table, config.weak_label, config.dmso)
     paired = config.weak_label != "none"
+    # "replicate": every process draws the whole epoch, as WS-DINO's WeightedRandomSampler.
+    shard = config.epoch_split == "shard"
     sampler = PairSampler(labels, config.batch_size, pair=paired,
                           balance=paired and config.balance, seed=config.seed,
-                          rank=info.rank, world_size=info.world_size)
+                          rank=info.rank if shard else 0,
+                          world_size=info.world_size if shard else 1)
     fingerprint = dataset_fingerprint(cache, config.channel, labels)
 
     student, teacher = build_models(config)
@@ -529,6 +579,8 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
     steps_per_epoch = sampler.steps_per_epoch
     total = config.epochs * steps_per_epoch
     sched = Schedules.from_config(config, steps_per_epoch)
+    if config.init_parts == "full" and not (resume and ckpt_path.exists()):
+        _load_init_state(config, student, optimizer, dino_loss)
 
     step, epoch_loss, epoch_n, epoch_singletons = 0, 0.0, 0, 0
     if resume and ckpt_path.exists():
@@ -765,7 +817,8 @@ def describe_data(cache: Cache | str | Path, config: TrainConfig) -> dict:
     paired = config.weak_label != "none"
     sampler = PairSampler(labels, config.batch_size, pair=paired,
                           balance=paired and config.balance, seed=config.seed,
-                          world_size=distributed.env_world_size())
+                          world_size=distributed.env_world_size()
+                          if config.epoch_split == "shard" else 1)
     return sampler.summary()
 
 

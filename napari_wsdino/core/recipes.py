@@ -1,0 +1,189 @@
+"""Recipes: named bundles of settings for preprocess, train, embed and evaluate.
+
+A recipe changes defaults only; every element stays its own option (a flag or a
+``--set`` key), and explicit settings win over the recipe's.
+
+``default``
+    This package's choices, the behaviour from before recipes existed: z-scored
+    inputs, mirrored illumination borders, bf16 on CUDA, centred embedding quadrants
+    with numpy's median, L2-normalised profiles, one joint TVN, taxol exempt from the
+    NSCB batch rule, the epoch sharded over GPUs.
+``paper-code``
+    The official WS-DINO code element by element (crosszamirski/WS-DINO
+    ``WS-DINO_BBBC021.py`` and ``Eval_BBBC021.py``, on facebookresearch/dino
+    ``main_dino.py``/``utils.py``): the full ImageNet DINO checkpoint as start
+    (student, teacher, head, centre, optimiser), ``min_lr`` 3e-6, fp32, CellProfiler's
+    in-image illumination borders, inputs clipped at 10,000 and divided by 10,000, the
+    fixed embedding windows with ``torch.median``, raw CLS features, per-channel TVN,
+    the official taxol rule, and every GPU drawing the whole dataset each epoch.
+    docs/fidelity.md lists each element with the test that pins it.
+
+:func:`resolve` gives the :class:`Settings` of a recipe plus overrides, and
+:meth:`Settings.to_toml` prints them (``wsdino train --print-config``).
+
+Example
+-------
+>>> s = resolve("paper-code")
+>>> s.train.min_lr, s.train.precision, s.preprocess.normalize, s.evaluate.tvn
+(3e-06, 'fp32', 'paper', 'per-channel')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from napari_wsdino.core.embed import DEFAULT_CROP, MEDIANS, WINDOWS
+from napari_wsdino.core.metrics import NSCB_MULTIBATCH
+from napari_wsdino.core.preprocess import PreprocessSettings
+from napari_wsdino.core.train import TrainConfig
+from napari_wsdino.core.tvn import METHODS as TVN_METHODS
+
+#: ``--input-scaling``: preprocessing settings of each choice.
+INPUT_SCALING = {
+    "zscore": {"normalize": "zscore"},
+    "divide": {"normalize": "paper", "clip": 10000.0},
+}
+#: The word that starts from random weights where a recipe or preset needs ``--init``.
+RANDOM_INIT = "random"
+
+
+class InitRequired(ValueError):
+    """A recipe or preset that needs initial weights was started without them."""
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How fields become profiles (:func:`napari_wsdino.core.embed.embed_cache`)."""
+
+    crop: int = DEFAULT_CROP
+    windows: str = "centre"
+    median: str = "mean-middle"
+    l2: bool = True
+
+    def __post_init__(self):
+        if self.windows not in WINDOWS:
+            raise ValueError(f"windows must be one of {', '.join(WINDOWS)}, not {self.windows!r}.")
+        if self.median not in MEDIANS:
+            raise ValueError(f"median must be one of {', '.join(MEDIANS)}, not {self.median!r}.")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """How profiles are scored (:func:`napari_wsdino.core.evaluation.evaluate_profiles`)."""
+
+    tvn: str = "paper"
+    nscb_multibatch: str = "exempt"
+
+    def __post_init__(self):
+        if self.tvn not in TVN_METHODS:
+            raise ValueError(f"tvn must be one of {', '.join(TVN_METHODS)}, not {self.tvn!r}.")
+        if self.nscb_multibatch not in NSCB_MULTIBATCH:
+            raise ValueError(f"nscb_multibatch must be one of {', '.join(NSCB_MULTIBATCH)}, "
+                             f"not {self.nscb_multibatch!r}.")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named bundle of defaults; ``requires_init``: refuse random weights unless the
+    user says ``--init random``."""
+
+    name: str
+    description: str
+    train: dict = field(default_factory=dict)
+    preprocess: dict = field(default_factory=dict)
+    embed: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    requires_init: bool = False
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(recipe: Recipe) -> Recipe:
+    """Add a recipe to :data:`RECIPES` (the CLI and GUI list them from there)."""
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+register_recipe(Recipe("default", "this package's defaults (unchanged behaviour)"))
+register_recipe(Recipe(
+    "paper-code",
+    "the official WS-DINO code element by element (docs/fidelity.md)",
+    train={"min_lr": 3e-6, "precision": "fp32", "init_parts": "full",
+           "epoch_split": "replicate"},
+    preprocess={**INPUT_SCALING["divide"], "borders": "in-image"},
+    embed={"windows": "official", "median": "lower", "l2": False},
+    evaluate={"tvn": "per-channel", "nscb_multibatch": "official"},
+    requires_init=True,
+))
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}; choose one of {', '.join(RECIPES)}.")
+    return RECIPES[name]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a recipe resolves to, one dataclass per stage."""
+
+    recipe: str
+    train: TrainConfig
+    preprocess: PreprocessSettings
+    embed: EmbedSettings
+    evaluate: EvaluateSettings
+
+    def to_toml(self) -> str:
+        """The resolved settings as a TOML document, one table per stage."""
+        from napari_wsdino.core.train import _toml_value
+
+        lines = ["# napari-wsdino resolved settings", f"recipe = {_toml_value(self.recipe)}"]
+        for name in ("train", "preprocess", "embed", "evaluate"):
+            lines += ["", f"[{name}]"]
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                if value is None:  # TOML has no null: an unset value is left out
+                    lines.append(f"# {key} = (unset)")
+                else:
+                    lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def resolve(recipe: str = "default", *, train: dict | None = None,
+            preprocess: dict | None = None, embed: dict | None = None,
+            evaluate: dict | None = None) -> Settings:
+    """A recipe's settings with explicit overrides on top (overrides win).
+
+    Example
+    -------
+    >>> resolve("paper-code", evaluate={"tvn": "paper"}).evaluate.tvn
+    'paper'
+    """
+    r = get_recipe(recipe)
+    return Settings(
+        recipe=r.name,
+        train=TrainConfig.from_dict({**r.train, **(train or {})}),
+        preprocess=PreprocessSettings(**{**r.preprocess, **(preprocess or {})}),
+        embed=EmbedSettings(**{**r.embed, **(embed or {})}),
+        evaluate=EvaluateSettings(**{**r.evaluate, **(evaluate or {})}),
+    )
+
+
+def train_defaults(recipe: str = "default") -> dict:
+    """TrainConfig values of a recipe (all fields), for layering under user settings."""
+    return TrainConfig.from_dict(get_recipe(recipe).train).to_dict()
+
+
+def check_init(init: str, needed: bool, what: str) -> None:
+    """Refuse to start ``what`` from random weights by default when it needs initial ones.
+
+    ``init`` is a weights file, ``"random"`` (random weights, said out loud) or ``""``.
+    """
+    if needed and not init:
+        raise InitRequired(
+            f"{what} starts from pretrained weights, as the paper does: give --init FILE "
+            "(the full ImageNet DINO ViT-S/8 checkpoint, dino_deitsmall8_pretrain_full_"
+            "checkpoint.pth; see docs/fidelity.md for where to get it and its SHA-256), "
+            f"or say --init {RANDOM_INIT} to train from random weights on purpose."
+        )
