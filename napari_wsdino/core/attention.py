@@ -257,6 +257,75 @@ def channel_attention_maps(entry, image: np.ndarray, **kwargs) -> AttentionMaps:
     return attention_maps(entry.model, entry.normalise(np.asarray(image, dtype=np.float32)), **kwargs)
 
 
+@dataclass(frozen=True)
+class CellAttention:
+    """How much of the CLS attention falls on the cells, relative to their area.
+
+    ``score`` is the attention mass on the channel's foreground (Otsu) divided by the
+    foreground's share of the image: 1 is what attention spread uniformly gets, above 1
+    means the model looks at the cells, below 1 at the background. ``per_head`` holds
+    the same ratio for every head; ``score`` is that of the head mean (= the mean of the
+    heads' masses over the share). ``share`` is the foreground's area fraction.
+    """
+
+    score: float
+    per_head: tuple[float, ...]
+    share: float
+
+
+def attention_on_cells(maps: AttentionMaps, image: np.ndarray,
+                       foreground: np.ndarray | None = None) -> CellAttention:
+    """Attention-on-cells score of one field's maps (see :class:`CellAttention`).
+
+    Parameters
+    ----------
+    maps
+        :func:`attention_maps` of ``image``.
+    image
+        The ``(H, W)`` field the maps were computed on (its Otsu foreground is the cells).
+    foreground
+        A boolean cell mask instead of Otsu's.
+
+    Example
+    -------
+    >>> from napari_wsdino.core.model import create_backbone
+    >>> img = np.zeros((64, 64), np.float32); img[:32] = 1
+    >>> res = attention_on_cells(attention_maps(create_backbone("test_vit"), img), img, img > 0)
+    >>> round(res.share, 2), len(res.per_head)
+    (0.5, 2)
+    """
+    from napari_wsdino.core.nuclei import foreground_mask
+
+    fg = foreground_mask(image) if foreground is None else np.asarray(foreground, bool)
+    p = maps.patch_size
+    gh, gw = maps.grid
+    # The foreground fraction of every patch, on the grid the model saw.
+    frac = fg[: gh * p, : gw * p].reshape(gh, p, gw, p).mean(axis=(1, 3))
+    share = float(frac.mean())
+    if share <= 0.0:
+        return CellAttention(float("nan"), tuple(float("nan") for _ in range(maps.n_heads)), 0.0)
+    mass = (maps.patches * frac[None]).sum(axis=(1, 2))
+    per_head = tuple(float(m / share) for m in mass)
+    return CellAttention(float(np.mean(mass) / share), per_head, share)
+
+
+def mean_attention_on_cells(entry, images) -> CellAttention:
+    """:func:`attention_on_cells` averaged over several fields of one channel model.
+
+    ``entry`` is a :class:`~napari_wsdino.core.modelset.ChannelModel`; fields without
+    foreground are skipped.
+    """
+    scores = [attention_on_cells(channel_attention_maps(entry, img), np.asarray(img, np.float32))
+              for img in images]
+    scores = [s for s in scores if s.share > 0]
+    if not scores:
+        return CellAttention(float("nan"), (), 0.0)
+    heads = np.mean([s.per_head for s in scores], axis=0)
+    return CellAttention(float(np.mean([s.score for s in scores])),
+                         tuple(float(h) for h in heads),
+                         float(np.mean([s.share for s in scores])))
+
+
 # -- fields and files ------------------------------------------------------------------
 
 
