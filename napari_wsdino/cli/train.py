@@ -1,8 +1,10 @@
 """``wsdino train CACHE``: train DINO / WS-DINO, one model per channel.
 
-Settings come from WS-DINO's defaults, then ``--config FILE`` (or, with ``--resume``, the
-run's saved ``config.toml``), then ``--set KEY=VALUE`` and the named options. Ctrl-C
-stops between steps and writes a checkpoint that ``--resume`` continues.
+Settings come from the recipe's defaults (``--recipe``: ``default`` or ``paper-code``), then
+``--config FILE`` (or, with ``--resume``, the run's saved ``config.toml``), then
+``--set KEY=VALUE`` and the named options. ``--print-config`` prints the resolved settings
+of every stage as TOML and exits. Ctrl-C stops between steps and writes a checkpoint
+that ``--resume`` continues.
 Multi-GPU: ``torchrun --nproc_per_node N --no-python wsdino train CACHE ...``.
 """
 
@@ -25,11 +27,14 @@ OPTIONS = {
     "out_dim": "out_dim", "checkpoint_every": "checkpoint_every", "seed": "seed",
     "precision": "precision", "center_momentum": "center_momentum",
     "student_temp": "student_temp", "teacher_temp": "teacher_temp",
+    "init_parts": "init_parts", "epoch_split": "epoch_split",
 }
 
 
 def add_parser(sub) -> None:
+    from napari_wsdino.core.recipes import RECIPES
     from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS
+    from napari_wsdino.core.train import EPOCH_SPLITS, INIT_PARTS
 
     p = sub.add_parser(
         "train",
@@ -40,7 +45,13 @@ def add_parser(sub) -> None:
         "RUN/<channel>/checkpoint.pth, config.toml and log.jsonl.",
         epilog="Multi-GPU: torchrun --nproc_per_node 4 --no-python wsdino train CACHE ...",
     )
-    p.add_argument("cache", help="preprocessed cache folder (wsdino preprocess)")
+    p.add_argument("cache", nargs="?", help="preprocessed cache folder (wsdino preprocess)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="bundle of defaults: " + "; ".join(
+                       f"{k}: {v.description}" for k, v in RECIPES.items()))
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved settings (train, preprocess, embed, evaluate) as "
+                   "TOML and exit")
     p.add_argument("--channel", default="DAPI",
                    help="channel to train, a comma list, or 'all' (default DAPI)")
     p.add_argument("--weak-label", choices=WEAK_LABELS, default=None,
@@ -54,9 +65,17 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default 4e-6)")
     p.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
     p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--init", metavar="PATH",
-                   help="initial weights: ours, timm, or official DINO (e.g. "
-                   "dino_deitsmall8_pretrain.pth); default random")
+    p.add_argument("--init", metavar="PATH|random",
+                   help="initial weights: ours, timm, or official DINO (the full checkpoint "
+                   "dino_deitsmall8_pretrain_full_checkpoint.pth or the backbone-only "
+                   "dino_deitsmall8_pretrain.pth); 'random' for random weights. Required "
+                   "(or 'random') with --recipe paper-code")
+    p.add_argument("--init-parts", choices=INIT_PARTS,
+                   help="what a full checkpoint fills: backbone (its teacher backbone into "
+                   "both nets) or full (student, teacher, heads, centre, optimiser; paper-code)")
+    p.add_argument("--epoch-split", choices=EPOCH_SPLITS,
+                   help="multi-GPU epochs: shard the fields over processes, or replicate "
+                   "(every process draws the whole dataset; paper-code)")
     p.add_argument("--out", metavar="RUN", help="run folder (default: CACHE/../runs/<weak label>)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN/<channel>/checkpoint.pth with its saved config; with "
@@ -94,16 +113,27 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def build_config(args, saved: Path | None = None):
-    """Defaults < --config (or the saved run config when resuming) < --set < options."""
+def _file_values(path: str) -> dict:
+    """The settings a config file names (all of them for YAML), validated."""
     from napari_wsdino.core.train import TrainConfig
 
+    loaded = TrainConfig.load(path).to_dict()
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        return loaded
+    raw = tomllib.loads(Path(path).read_text())
+    return {k: loaded[k] for k in raw.get("train", raw)}
+
+
+def build_config(args, saved: Path | None = None):
+    """Recipe < --config (or the saved run config when resuming) < --set < options."""
+    from napari_wsdino.core.recipes import train_defaults
+    from napari_wsdino.core.train import TrainConfig
+
+    values = train_defaults(getattr(args, "recipe", "default"))
     if args.config:
-        values = TrainConfig.load(args.config).to_dict()
+        values.update(_file_values(args.config))
     elif saved is not None and saved.exists():
         values = TrainConfig.load(saved).to_dict()
-    else:
-        values = TrainConfig().to_dict()
     values.update(parse_set(args.set))
     for dest, key in OPTIONS.items():
         value = getattr(args, dest, None)
@@ -112,12 +142,39 @@ def build_config(args, saved: Path | None = None):
     return TrainConfig.from_dict(values)
 
 
+def print_config(args) -> int:
+    """``--print-config``: the recipe's settings of every stage with this command's
+    training settings on top, as TOML."""
+    from napari_wsdino.core.recipes import resolve
+
+    try:
+        config = build_config(args)
+        print(resolve(args.recipe, train=config.to_dict()).to_toml(), end="")
+    except ValueError as exc:
+        print(f"wsdino train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run(args) -> int:
     from napari_wsdino.core import distributed
     from napari_wsdino.core.cache import open_cache
     from napari_wsdino.core.model import CheckpointError
+    from napari_wsdino.core.recipes import check_init, get_recipe
     from napari_wsdino.core.train import CONFIG_FILE, TrainingError, describe_data, train
 
+    if args.print_config:
+        return print_config(args)
+    if not args.cache:
+        print("wsdino train: error: give the cache folder (or --print-config)", file=sys.stderr)
+        return 2
+    if not args.resume:
+        try:
+            check_init(build_config(args).init, get_recipe(args.recipe).requires_init,
+                       f"--recipe {args.recipe}")
+        except ValueError as exc:
+            print(f"wsdino train: error: {exc}", file=sys.stderr)
+            return 2
     cache = open_cache(args.cache)
     if args.channel == "all":
         channels = list(cache.channels)

@@ -140,8 +140,12 @@ class Settings:
         from napari_wsdino.core.train import _toml_value
 
         lines = ["# napari-wsdino resolved settings", f"recipe = {_toml_value(self.recipe)}"]
+        scaling = next((k for k, v in INPUT_SCALING.items()
+                        if all(getattr(self.preprocess, f) == x for f, x in v.items())), "other")
         for name in ("train", "preprocess", "embed", "evaluate"):
             lines += ["", f"[{name}]"]
+            if name == "preprocess":
+                lines.append(f"# input scaling: {scaling} (divide = clip at 10000, then / 10000)")
             for key, value in dataclasses.asdict(getattr(self, name)).items():
                 if value is None:  # TOML has no null: an unset value is left out
                     lines.append(f"# {key} = (unset)")

@@ -1,0 +1,133 @@
+"""Issue 14: recipes bundle settings; --print-config shows them; weights required where
+the paper starts from ImageNet; multi-GPU epochs replicated as WS-DINO's sampler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+
+import numpy as np
+import pytest
+import torch
+from train_helpers import make_cache, tiny_config
+
+from napari_wsdino.cli import main
+from napari_wsdino.core import recipes
+from napari_wsdino.core.preprocess import PreprocessSettings
+from napari_wsdino.core.train import TrainConfig, describe_data, load_checkpoint
+
+
+def _printed(capsys, *argv) -> dict:
+    assert main(["train", "--print-config", *argv]) == 0
+    return tomllib.loads(capsys.readouterr().out)
+
+
+def test_print_config_paper_code_shows_every_official_element(capsys):
+    cfg = _printed(capsys, "--recipe", "paper-code")
+    assert cfg["recipe"] == "paper-code"
+    t, p, e, v = cfg["train"], cfg["preprocess"], cfg["embed"], cfg["evaluate"]
+    assert t["min_lr"] == 3e-6 and t["precision"] == "fp32"
+    assert t["init_parts"] == "full" and t["epoch_split"] == "replicate"
+    assert (p["normalize"], p["clip"], p["borders"]) == ("paper", 10000.0, "in-image")
+    assert (e["windows"], e["median"], e["l2"]) == ("official", "lower", False)
+    assert (v["tvn"], v["nscb_multibatch"]) == ("per-channel", "official")
+    # The rest is the paper's, shared with the default recipe.
+    assert t["lr"] == 4e-6 and t["epochs"] == 400 and t["batch_size"] == 16
+
+
+def test_default_recipe_is_the_unchanged_behaviour(capsys):
+    cfg = _printed(capsys)
+    assert cfg["train"] == tomllib.loads(TrainConfig().to_toml())["train"]
+    assert cfg["train"]["min_lr"] == 1e-6 and cfg["train"]["precision"] == "auto"
+    assert cfg["preprocess"]["normalize"] == PreprocessSettings().normalize == "zscore"
+    assert cfg["preprocess"]["borders"] == "reflect"
+    assert (cfg["embed"]["windows"], cfg["embed"]["median"]) == ("centre", "mean-middle")
+    assert (cfg["evaluate"]["tvn"], cfg["evaluate"]["nscb_multibatch"]) == ("paper", "exempt")
+
+
+def test_flags_and_files_win_over_the_recipe(capsys, tmp_path):
+    cfg = _printed(capsys, "--recipe", "paper-code", "--precision", "bf16",
+                   "--set", "min_lr=1e-6")
+    assert cfg["train"]["precision"] == "bf16" and cfg["train"]["min_lr"] == 1e-6
+    assert cfg["embed"]["windows"] == "official"  # untouched elements stay the recipe's
+    f = tmp_path / "mine.toml"
+    f.write_text("[train]\nepochs = 7\n")
+    cfg = _printed(capsys, "--recipe", "paper-code", "--config", str(f))
+    assert cfg["train"]["epochs"] == 7 and cfg["train"]["min_lr"] == 3e-6
+    assert recipes.resolve("paper-code", evaluate={"tvn": "paper"}).evaluate.tvn == "paper"
+    with pytest.raises(ValueError, match="recipe"):
+        recipes.resolve("paper-text")
+
+
+def test_paper_code_refuses_random_weights_unless_said(tmp_path, capsys):
+    cache = make_cache(tmp_path / "cache", per_compound=4, size=32)
+    code = main(["train", str(cache.path), "--recipe", "paper-code", "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and "random" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(recipes.InitRequired):
+        recipes.check_init("", True, "the gpu preset")
+    recipes.check_init("random", True, "the gpu preset")  # said out loud: fine
+    recipes.check_init("", False, "--recipe default")
+
+
+def test_replicated_epoch_steps(tmp_path, monkeypatch):
+    """Two processes: sharded, each draws half the fields per epoch; replicated (the
+    official WeightedRandomSampler without DistributedSampler), each draws them all."""
+    cache = make_cache(tmp_path / "cache", per_compound=8, size=32)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shard = describe_data(cache, tiny_config(batch_size=4))
+    repl = describe_data(cache, tiny_config(batch_size=4, epoch_split="replicate"))
+    assert shard["steps_per_epoch"] == -(-shard["fields"] // 2) // 4
+    assert repl["steps_per_epoch"] == shard["fields"] // 4
+
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np, torch
+    sys.path.insert(0, {tests!r})
+    from train_helpers import tiny_config
+    from napari_wsdino.core import train as T
+    from napari_wsdino.core.progress import run_to_end
+
+    rows = []
+    batch = T.FieldSource.batch
+    def spy_batch(self, r):
+        rows.append(np.asarray(r).copy())
+        return batch(self, r)
+    T.FieldSource.batch = spy_batch
+    rank = int(os.environ["RANK"])
+    run_to_end(T.train({cache!r}, tiny_config(epochs=1, batch_size=4, epoch_split="replicate"),
+                       {out!r}))
+    np.save(os.path.join({out!r}, f"rows{{rank}}.npy"), np.concatenate(rows))
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_each_draw_the_whole_epoch(tmp_path):
+    """As WS-DINO's script (one WeightedRandomSampler per process, every process seeded
+    alike by DINO's fix_random_seeds): both ranks draw the same whole-dataset epoch."""
+    cache = make_cache(tmp_path / "cache", per_compound=4, size=32)
+    out = tmp_path / "run"
+    out.mkdir()
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=os.path.dirname(__file__), cache=str(cache.path),
+                                    out=str(out)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+         "--nproc_per_node", "2", str(script)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    r0, r1 = np.load(out / "rows0.npy"), np.load(out / "rows1.npy")
+    fields = ckpt["data"]["fields"]
+    assert ckpt["steps_per_epoch"] == fields // 4
+    assert len(r0) == 2 * (fields // 4) * 4  # global and partner rows of a whole epoch each
+    assert np.array_equal(r0, r1)
+    assert torch.is_tensor(ckpt["dino_loss"]["center"])
