@@ -31,10 +31,21 @@ def add_parser(sub) -> None:
         "k-NN accuracy and mAP. See docs/evaluation.md for the exact rules.",
     )
     p.add_argument("profiles", help="field-level profile file (.parquet, .csv, .csv.gz, .tsv)")
-    p.add_argument("--tvn", choices=METHODS, default="paper",
+    from napari_wsdino.core.metrics import NSCB_MULTIBATCH
+    from napari_wsdino.core.recipes import RECIPES
+
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="defaults of --tvn/--nscb-multibatch: default (paper, exempt) or "
+                   "paper-code (per-channel, official)")
+    p.add_argument("--tvn", choices=METHODS, default=None,
                    help="typical variation normalisation: 'paper' (whitening fitted on all "
                    "DMSO fields), 'per-plate' (centre/scale each plate on its DMSO first), "
-                   "'none' (default: paper)")
+                   "'per-channel' (one whitening per channel, then concatenated: the published "
+                   "code), 'none' (default: the recipe's)")
+    p.add_argument("--nscb-multibatch", choices=NSCB_MULTIBATCH, default=None,
+                   help="NSCB for a treatment seen in several batches (BBBC021's taxol): exempt "
+                   "from the batch rule, or official (median batch code of its plates, rule "
+                   "applied, as WS-DINO's Eval_BBBC021.py); default: the recipe's")
     p.add_argument("--shrinkage", default="auto", type=_shrinkage,
                    help="DMSO covariance shrinkage: 'auto' (Ledoit-Wolf, only when the "
                    "covariance is singular) or a number in [0, 1]")
@@ -80,11 +91,17 @@ def _pct(x) -> str:
 
 
 def run(args) -> int:
+    from napari_wsdino.core.recipes import resolve
+
+    given = {k: getattr(args, k) for k in ("tvn", "nscb_multibatch")
+             if getattr(args, k, None) is not None}
+    settings = resolve(getattr(args, "recipe", "default"), evaluate=given).evaluate
     profiles = ProfileTable.read(args.profiles)
     result = drive(
-        iter_evaluate(profiles, args.tvn, shrinkage=args.shrinkage, ks=args.k,
+        iter_evaluate(profiles, settings.tvn, shrinkage=args.shrinkage, ks=args.k,
                       nscb=not args.no_nscb, unannotated=args.unannotated,
-                      drop_constant=args.drop_constant),
+                      drop_constant=args.drop_constant,
+                      nscb_multibatch=settings.nscb_multibatch),
         quiet=args.quiet or args.json,
     )
     written = write_outputs(result, args.out) if args.out else []
