@@ -142,8 +142,9 @@ def test_case1_disk_full_mid_run_keeps_finished_plates(screen, tmp_path, capsys,
     real_open = open
 
     def open_filling(path, mode):  # the 3rd state write (after plate 2) meets a full disk
-        calls["n"] += 1
-        return _FullAfter(real_open(path, mode), 10 if calls["n"] == 3 else 10**9)
+        calls["n"] += Path(path).name == "cache.json.tmp"
+        full = Path(path).name == "cache.json.tmp" and calls["n"] == 3
+        return _FullAfter(real_open(path, mode), 10 if full else 10**9)
 
     monkeypatch.setattr(fsio, "open", open_filling, raising=False)
     code, _, err = _cli(_preprocess_args(screen, out), capsys)
@@ -266,10 +267,12 @@ def test_case5_other_pixel_type_refused_naming_the_file(tmp_path, capsys, dtype)
 
 _ORPHAN_SCRIPT = """
 import os, sys, time
+from multiprocessing import resource_tracker
 from napari_wsdino.core.preprocess import _Pool
 pool = _Pool(2)
 list(pool.executor.map(time.sleep, [0.3] * 4))
-print(" ".join(str(p) for p in pool.executor._processes), flush=True)
+pids = list(pool.executor._processes) + [resource_tracker._resource_tracker._pid]
+print(" ".join(str(p) for p in pids), flush=True)
 time.sleep(120)
 """
 
@@ -285,11 +288,12 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_case6_workers_end_with_a_killed_parent():
+    """Two workers and the resource tracker end within seconds of a SIGKILLed parent."""
     proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE,
                             text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -351,8 +355,11 @@ def test_case17_progress_in_a_log_is_a_line_per_stage_not_per_step():
             return True
 
     tty = Tty()
-    ProgressPrinter(stream=tty)(Progress("train", 1, 10, "x"))
-    assert tty.getvalue().startswith("\r")
+    bar = ProgressPrinter(stream=tty)
+    bar(Progress("train", 1, 10, "x"))
+    assert tty.getvalue().startswith("\r") and not tty.getvalue().endswith("\n")
+    bar.close()  # an error message after an unfinished bar starts a line of its own
+    assert tty.getvalue().endswith("\n")
 
 
 # ---------------------------------------------------------------- 8: NaN pixels at embed
@@ -558,3 +565,51 @@ def test_case16_gpu_demo_without_cuda_refuses_before_writing(tmp_path, capsys, m
     assert code == 2
     _one_line_error(err, "no CUDA GPU", "--device cpu")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- 1 on a real small disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of ``size`` at ``tmp_path/disk`` (skipped where mounting is not allowed)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / "disk"
+        point.mkdir(exist_ok=True)
+        opts = f"size={size}" if not mounted else f"remount,size={size}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)],
+                              capture_output=True)
+        if done.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here: " + done.stderr.decode().strip())
+        mounted.append(point)
+        return point
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(mounted[0])], capture_output=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="mounts a tmpfs (root on Linux)")
+@pytest.mark.parametrize("workers, size", [("1", "1m"), ("2", "1m"), ("1", "1800k"), ("2", "1800k")])
+def test_case1_full_tmpfs(tmp_path, capsys, small_disk, workers, size):
+    """256 x 320 fields into a cache of about 1.5 MB: a 1 MB disk fails when the arrays
+    are reserved, a 1.8 MB one when a plate's illumination function is written. Either way
+    one line, no SIGBUS, no temporary files; with room made, the rerun finishes."""
+    root = write_screen(tmp_path / "data", n_plates=2, fields_per_plate=6, shape=(256, 320),
+                        seed=1)
+    disk = small_disk(size)
+    out = disk / "cache"
+    args = ["preprocess", root, "--out", out, "--workers", workers, "--quiet"]
+    code, _, err = _cli(args, capsys)
+    assert code == 2, err
+    _one_line_error(err, "No space left", str(out), "free space")
+    assert not list(disk.rglob("*.tmp"))
+    small_disk("8m")
+    code, _, err = _cli(args, capsys)
+    assert code == 0, err
+    clean = run_to_end(pp.preprocess(load_metadata(root), tmp_path / "clean", workers=1))
+    for ch in clean.channels:
+        assert np.array_equal(open_cache(out).images(ch), clean.images(ch))

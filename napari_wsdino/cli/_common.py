@@ -83,6 +83,13 @@ class ProgressPrinter:
             self._last_stage = None
         self.stream.flush()
 
+    def close(self) -> None:
+        """End an unfinished bar line, so that what follows (an error) starts a line."""
+        if self.terminal and self._last_stage is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._last_stage = None
+
     def _log_line(self, event: Progress) -> None:
         now = time.monotonic()
         finished = bool(event.total) and event.step >= event.total
@@ -98,4 +105,8 @@ class ProgressPrinter:
 
 def drive(gen, quiet: bool = False):
     """Run a core generator to its end with a progress bar; return its result."""
-    return run_to_end(gen, ProgressPrinter(quiet=quiet))
+    printer = ProgressPrinter(quiet=quiet)
+    try:
+        return run_to_end(gen, printer)
+    finally:
+        printer.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,17 +34,25 @@ FILE_SYSTEM_ERRNOS = frozenset(
 )
 
 
+#: numpy's ``tofile`` on a full disk: ``OSError("81920 requested and 36832 written")``.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 def find_os_error(exc: BaseException | None) -> OSError | None:
     """The first file-system :class:`OSError` in ``exc`` or its causes / contexts.
 
     ``torch.save`` on a full disk raises ``RuntimeError('[enforce fail ...]')`` while
-    handling ``OSError(ENOSPC)``; worker processes raise the OSError itself.
+    handling ``OSError(ENOSPC)``; worker processes raise the OSError itself; numpy
+    reports a short write without an errno (taken as ENOSPC: a regular file takes
+    every byte it is given unless the disk or a quota is full).
     """
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in FILE_SYSTEM_ERRNOS:
             return exc
+        if isinstance(exc, OSError) and exc.errno is None and _SHORT_WRITE.search(str(exc)):
+            return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({exc})")
         exc = exc.__cause__ or exc.__context__
     return None
 

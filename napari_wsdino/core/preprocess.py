@@ -73,7 +73,7 @@ from napari_wsdino.core.imageio import ImageReadError, read_tiff
 from napari_wsdino.core.metadata import DataError, Metadata
 from napari_wsdino.core.progress import Progress, Timer
 
-NORMALIZATIONS = ("zscore", "paper", "none")
+NORMALIZATIONS = ("zscore", "paper", "plate", "none")
 ILLUMINATION_METHODS = ("fast", "exact", "none")
 #: How the resize is done (recorded in the cache settings).
 RESIZE_METHOD = "torch.nn.functional.interpolate bicubic antialias=True"
@@ -96,8 +96,9 @@ class PreprocessSettings:
         CellProfiler smoothing filter size at the 1024 x 1280 scale (the paper: 320);
         scaled by ``sqrt(H * W / (1024 * 1280))`` for other input sizes.
     normalize
-        ``"zscore"`` (each image to mean 0 / std 1), ``"paper"`` (divide by ``clip``)
-        or ``"none"``.
+        ``"zscore"`` (each image to mean 0 / std 1), ``"paper"`` (divide by ``clip``),
+        ``"plate"`` (each plate's fields to mean 0 / std 1 together, per channel: keeps
+        the differences between a plate's fields; the ``cpu`` demo's choice) or ``"none"``.
     illumination
         ``"fast"`` (within 1 % of exact), ``"exact"`` (slow) or ``"none"``.
     borders
@@ -223,9 +224,28 @@ def normalize(image: np.ndarray, method: str = "zscore", clip: float | None = No
         if clip is None:
             raise ValueError("normalize='paper' needs the clip value")
         return image / np.float32(clip)
-    if method == "none":
+    if method in ("none", "plate"):  # "plate" is applied to the plate's rows afterwards
         return image
     raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {method!r}")
+
+
+def normalise_plate_rows(array_files: Sequence[str], start: int, n: int) -> None:
+    """``normalize="plate"``: standardise one plate's cached rows, per channel, by the
+    mean and standard deviation over all of the plate's fields.
+
+    Unlike a per-image z-score this keeps what differs between the fields of a plate
+    (a treatment's brighter, larger or fewer nuclei) and removes what differs between
+    plates (a week's stain level): the standard per-plate normalisation of profiling.
+    """
+    if n <= 0:
+        return
+    for path in array_files:
+        arr = np.load(path, mmap_mode="r+")
+        rows = np.asarray(arr[start:start + n], dtype=np.float64)
+        mean, std = rows.mean(), rows.std()
+        arr[start:start + n] = ((rows - mean) / (std if std > 0 else 1.0)).astype(arr.dtype)
+        arr.flush()
+        del arr
 
 
 def process_field(
@@ -614,14 +634,9 @@ def _start_state(
             f"{out} exists and is not a preprocessed cache (no {SETTINGS_FILE}). "
             "Give an empty or new folder to --out."
         )
+    new_folder = not out.exists()
     ensure_dir(out)
-    (out / ILLUMINATION_DIR).mkdir(exist_ok=True)
     h, w = record["size"]
-    for ch in channels:
-        arr = np.lib.format.open_memmap(image_file(out, ch), mode="w+", dtype=np.float16,
-                                        shape=(n, h, w))
-        del arr
-        _reserve(image_file(out, ch))
     state = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
@@ -635,7 +650,24 @@ def _start_state(
         "plates": {},
         "failed": [],
     }
-    _write_json(settings_path, state)
+    try:
+        (out / ILLUMINATION_DIR).mkdir(exist_ok=True)
+        for ch in channels:
+            arr = np.lib.format.open_memmap(image_file(out, ch), mode="w+", dtype=np.float16,
+                                            shape=(n, h, w))
+            del arr
+            _reserve(image_file(out, ch))
+        _write_json(settings_path, state)
+    except BaseException:
+        # Nothing is computed yet: leave the folder as it was, so a rerun starts afresh.
+        for ch in channels:
+            image_file(out, ch).unlink(missing_ok=True)
+        for folder in (out / ILLUMINATION_DIR, out) if new_folder else (out / ILLUMINATION_DIR,):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
     return state
 
 
@@ -801,7 +833,8 @@ def preprocess(
                         mapper=pool.map, bands=2 * max(1, workers), borders=settings.borders,
                     )
                     path = illumination_file(out, plate, ch)
-                    np.save(path, fn)
+                    with atomic_write(path) as fh:
+                        np.save(fh, fn)
                     function_files[c] = str(path)
                     yield event(done_fields, plate, "illumination",
                                 f"{plate}: illumination function {ch}")
@@ -824,6 +857,8 @@ def preprocess(
             done_fields += len(ids) - len(kept)  # fields that failed in pass 1
             if lost:  # unreadable only on the second read: close the gaps
                 kept = _compact(array_files, kept, row_of, lost, start)
+            if record.get("normalize") == "plate":
+                normalise_plate_rows(array_files, start, len(kept))
             next_row = start + len(kept)
             _fsync(array_files)  # rows on disk before the plate is recorded as done
             state["plates"][plate] = {
@@ -877,7 +912,8 @@ def _finish(out: Path, state: dict, table: pd.DataFrame, channels: list[str]) ->
         )
     for ch in channels:
         _shrink_rows(image_file(out, ch), len(kept))
-    table.iloc[kept].reset_index(drop=True).to_parquet(out / INDEX_FILE)
+    with atomic_write(out / INDEX_FILE) as fh:
+        table.iloc[kept].reset_index(drop=True).to_parquet(fh)
     state["failed"] = [f for p in state["plates"].values() for f in p["failed"]]
     state["n_fields"] = len(kept)
     state["complete"] = True
