@@ -233,6 +233,45 @@ def test_case3_read_only_out(screen, tmp_path, capsys, monkeypatch):
     _one_line_error(err, str(out), "read-only", "writable")
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """16 fields of one channel, 64 x 64, four treatments over two plates."""
+    import pandas as pd
+
+    from napari_wsdino.core.cache import write_cache
+    from napari_wsdino.core.metadata import treatment_name
+
+    comps = ["DMSO", "taxol", "AZ138", "colchicine"]
+    rows = [dict(plate=f"Week{1 + i // 8}_{100 + i // 8}", batch=f"Week{1 + i // 8}",
+                 well=f"B{2 + i % 8:02d}", site=1, replicate=1, compound=comps[i % 4],
+                 concentration=0.0 if i % 4 == 0 else 0.3,
+                 treatment=treatment_name(comps[i % 4], 0.0 if i % 4 == 0 else 0.3),
+                 moa="DMSO" if i % 4 == 0 else "ABC"[i % 4 - 1]) for i in range(16)]
+    rng = np.random.default_rng(0)
+    return write_cache(tmp_path_factory.mktemp("tiny") / "cache", pd.DataFrame(rows),
+                       {"DAPI": rng.random((16, 64, 64)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("command", ["train", "embed", "evaluate", "synth"])
+def test_case3_out_under_a_file_for_other_commands(tiny_cache, field_profiles, tmp_path, capsys,
+                                                   command):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    out = blocker / "sub"
+    args = {
+        "train": ["train", tiny_cache.path, "--arch", "test_vit", "--epochs", "1", "--out", out,
+                  "--device", "cpu", "--quiet"],
+        "embed": ["embed", tiny_cache.path, "--random", "--arch", "test_vit", "--crop", "16",
+                  "--out", out / "p.parquet", "--quiet"],
+        "evaluate": ["evaluate", field_profiles.write(tmp_path / "f.parquet"), "--out", out],
+        "synth": ["synth", out, "--subset", "mini", "--size", "64", "80"],
+    }[command]
+    code, _, err = _cli(args, capsys)
+    assert code == 2
+    _one_line_error(err, str(blocker), "not a folder")
+    assert blocker.read_text() == "x"
+
+
 # ---------------------------------------------------------------- 5: odd pixel types
 
 
