@@ -130,9 +130,11 @@ def test_case1_disk_full_at_reservation_is_a_message_not_sigbus(screen, tmp_path
 
     monkeypatch.setattr(fsio.os, "posix_fallocate", full)
     out = tmp_path / "cache"
-    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    # Arrays of 1.5 MB each: sparse when created (tiny ones fit their first blocks).
+    code, _, err = _cli(_preprocess_args(screen, out) + ["--size", "256", "320"], capsys)
     assert code == 2
     _one_line_error(err, "No space left", str(out / "images_DAPI.npy"), "free space")
+    assert not out.exists()  # nothing half-made left in the way of a rerun
 
 
 def test_case1_disk_full_mid_run_keeps_finished_plates(screen, tmp_path, capsys, monkeypatch):
@@ -596,7 +598,7 @@ def test_case16_gpu_demo_without_cuda_refuses_before_writing(tmp_path, capsys, m
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "demo"
-    code, _, err = _cli(["demo", out, "--gpu"], capsys)
+    code, _, err = _cli(["demo", out, "--gpu", "--init", "random"], capsys)
     assert code == 2
     _one_line_error(err, "gpu preset", "no", "days", "--device cpu")
     assert not out.exists()

@@ -674,7 +674,9 @@ def _start_state(
 def _reserve(path: Path) -> None:
     """Allocate the whole (sparse) ``.npy`` file now: a memory-mapped write to a full
     disk kills the process with SIGBUS, without a word; this fails first, with ENOSPC."""
-    preallocate(path, path.stat().st_size)
+    st = path.stat()
+    if st.st_blocks * 512 < st.st_size:  # sparse still (blocks of 512 bytes, POSIX)
+        preallocate(path, st.st_size)
 
 
 def _pool_died(out: Path) -> Exception:
