@@ -119,6 +119,11 @@ def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, 
     assert 0 < mean.opacity < 1 and mean.colormap.name == "inferno"
     np.testing.assert_allclose(heads.data.reshape(2, -1).sum(1) / 256, 1.0, rtol=1e-4)
     assert "raw field" in attention.status_label.text()
+    # The attention-on-cells score of this field, shown next to the overlay.
+    assert "Attention on cells:" in attention.status_label.text()
+    cells = attention.last_cells
+    assert 0.0 < cells.share < 1.0 and len(cells.per_head) == heads.data.shape[0]
+    assert cells.score == pytest.approx(sum(cells.per_head) / len(cells.per_head))
 
     # a preprocessed cache holding the field is used instead (half size here)
     meta = load_metadata(tiny)

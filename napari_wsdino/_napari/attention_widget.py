@@ -26,7 +26,8 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from napari_wsdino.core.attention import AttentionMaps, attention_maps
+from napari_wsdino.core.attention import (AttentionMaps, CellAttention, attention_maps,
+                                          attention_on_cells)
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import DataError
@@ -92,16 +93,18 @@ def mask_outline(mask: np.ndarray) -> list[np.ndarray]:
 
 def attention_job(model, metadata, index: int, channel: str, cache: Cache | None,
                   max_side: int, mode: str, keep: float
-                  ) -> Generator[Progress, None, tuple[AttentionMaps, FieldImage, list]]:
-    """Worker body: read the field, compute the maps and the mask's outline."""
+                  ) -> Generator[Progress, None, tuple[AttentionMaps, FieldImage, list, CellAttention]]:
+    """Worker body: read the field, compute the maps, the mask's outline and the
+    attention-on-cells score."""
     yield Progress("attention", 0, 3, "reading the field")
     source = field_image(metadata, index, channel, cache, max_side)
     yield Progress("attention", 1, 3, f"{source.image.shape[0]}x{source.image.shape[1]} image")
     maps = attention_maps(model, source.image, mode=mode, keep=keep)
     yield Progress("attention", 2, 3, "outlining the mask")
     outline = mask_outline(maps.mean_threshold)
+    cells = attention_on_cells(maps, source.image)
     yield Progress("attention", 3, 3, "done")
-    return maps, source, outline
+    return maps, source, outline, cells
 
 
 class AttentionWidget(WorkerDock):
@@ -235,8 +238,8 @@ class AttentionWidget(WorkerDock):
         self.compute_button.setEnabled(True)
         self.status_label.setText(f"Attention failed: {exc}")
 
-    def _show(self, maps: AttentionMaps, source: FieldImage, outline: list, channel: str,
-              key: str, note: str = "") -> None:
+    def _show(self, maps: AttentionMaps, source: FieldImage, outline: list,
+              cells: CellAttention, channel: str, key: str, note: str = "") -> None:
         """Add or update the three attention layers."""
         self.status = TaskStatus.DONE
         self.compute_button.setEnabled(True)
@@ -256,9 +259,12 @@ class AttentionWidget(WorkerDock):
         self._put_outline(f"attention mask [{channel}]", outline, common)
         self.status_label.setText(
             f"{channel} attention of {key}: {maps.n_heads} heads on a {maps.grid[0]}x{maps.grid[1]}"
-            f" patch grid ({source.origin}{note}). The heads layer is hidden: show it and use "
-            "the slider to walk the heads."
+            f" patch grid ({source.origin}{note}). Attention on cells: {cells.score:.2f} "
+            f"(heads {', '.join(f'{h:.2f}' for h in cells.per_head)}; 1 = spread evenly, above 1"
+            f" = on the {channel} foreground, which covers {100 * cells.share:.0f}% of the field)."
+            " The heads layer is hidden: show it and use the slider to walk the heads."
         )
+        self.last_cells = cells
         if self._pending:
             self._pending = False
             self.compute()
