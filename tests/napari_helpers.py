@@ -99,3 +99,53 @@ warmup_epochs = 1
 min_lr = 0.0001
 checkpoint_every = 1
 """
+
+
+class LoopGaps:
+    """Longest gap between ticks of a 50 ms QTimer: how long the GUI thread was busy.
+
+    Records, per gap, the wall-clock time and the GUI thread's own CPU time
+    (``time.thread_time``): on a machine loaded by other processes the wall-clock gap also
+    counts the time the thread waited for a core, the CPU time only what ran on it.
+
+    >>> gaps = LoopGaps(); gaps.start(); ...; gaps.stop(); gaps.longest_ms  # doctest: +SKIP
+    """
+
+    def __init__(self, interval_ms: int = 50):
+        from qtpy.QtCore import QTimer
+
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self._tick)
+        self.ticks: list[tuple[float, float]] = []
+
+    def _tick(self) -> None:
+        import time
+
+        self.ticks.append((time.perf_counter(), time.thread_time()))
+
+    def start(self) -> "LoopGaps":
+        self.ticks.clear()
+        self._tick()
+        self.timer.start()
+        return self
+
+    def stop(self) -> None:
+        self.timer.stop()
+        self._tick()
+
+    def _longest(self, column: int) -> float:
+        import numpy as np
+
+        t = np.asarray(self.ticks)
+        return float(np.diff(t[:, column]).max() * 1000) if len(t) > 1 else 0.0
+
+    @property
+    def longest_ms(self) -> float:
+        """Longest wall-clock gap between ticks."""
+        return self._longest(0)
+
+    @property
+    def longest_cpu_ms(self) -> float:
+        """Most CPU time the GUI thread spent between two ticks."""
+        return self._longest(1)

@@ -86,6 +86,29 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
         QEvent.MouseMove, QPointF(pos), Qt.NoButton, Qt.NoButton, Qt.NoModifier))
     treatment = ev.result.treatments.meta["Metadata_Treatment"].iloc[far]
     assert scatter.annotation.get_visible() and scatter.annotation.get_text().startswith(treatment)
+    # hovering never re-lays out the map (the label is outside the layout)
+    box = scatter.ax.get_position().bounds
+    scatter.canvas.draw()
+    assert scatter.ax.get_position().bounds == pytest.approx(box, abs=1e-3)
+    assert not scatter.annotation.get_in_layout()
+    legend = scatter.ax.get_legend()  # every MoA, beside the map, inside the figure
+    moas = set(ev.result.treatments.meta["Metadata_MoA"])
+    assert {t.get_text() for t in legend.get_texts()} == moas
+    fig_box = scatter.figure.bbox
+    leg_box = legend.get_window_extent()
+    assert leg_box.x1 <= fig_box.x1 + 1 and leg_box.y0 >= fig_box.y0 - 1
+
+    # the confusion matrix names its axes: true MoA rows, predicted MoA columns
+    widget.tabs.setCurrentWidget(widget.confusion_tab)
+    ax = widget.confusion_figure.axes[0]
+    assert ax.get_ylabel() == "true MoA" and ax.get_xlabel().startswith("predicted MoA")
+    assert "MoA confusion (NSC)" in ax.get_title()
+    widget.tabs.setCurrentIndex(0)
+    # every number has a "what this means" line
+    meaning = {widget.numbers.item(i, 0).text(): widget.numbers.item(i, 2).text()
+               for i in range(widget.numbers.rowCount())}
+    assert "another compound" in meaning["NSC"] and "batch" in meaning["NSCB"]
+    assert "precision" in meaning["mAP (NSC)"] and "Ledoit-Wolf" in meaning["TVN"]
 
     # clicking it opens a field of that treatment in the viewer
     before = state.field_index
@@ -98,7 +121,7 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     legend = [t.get_text() for t in scatter.ax.get_legend().get_texts()]
     assert set(legend) == set(ev.result.treatments.meta["Metadata_Compound"])
     widget.colour_combo.setCurrentText("concentration")
-    assert scatter.colorbar is not None
+    assert scatter.colorbar is not None and "(µM)" in scatter.colorbar.ax.get_ylabel()
 
     # well profiles instead of treatments: one point per well, a click opens that well
     widget.level_combo.setCurrentText("wells")

@@ -323,7 +323,7 @@ class EvaluateWidget(WorkerDock):
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
-        confusion_tab = QWidget()
+        confusion_tab = self.confusion_tab = QWidget()
         cl = QVBoxLayout(confusion_tab)
         cl.addWidget(self.confusion_combo)
         cl.addWidget(self.confusion_canvas, 1)
@@ -355,8 +355,10 @@ class EvaluateWidget(WorkerDock):
         self.state.cache_changed.connect(lambda _p: self._describe_inputs())
         self.state.models_changed.connect(lambda _m: self._describe_inputs())
         self.state.metadata_changed.connect(lambda _m: self._describe_inputs())
+        self.tabs.currentChanged.connect(lambda _i: self._draw_confusion())
         self._describe_inputs()
         self._set_running(False)
+        _preload()
         if isinstance(self.state.results, Evaluation):  # evaluated before this dock opened
             self._show(self.state.results)
 
@@ -467,9 +469,17 @@ class EvaluateWidget(WorkerDock):
         self._draw_map()
 
     def _draw_confusion(self) -> None:
-        """Draw the chosen confusion matrix (labelled: true MoA rows, predicted MoA columns)."""
-        if self.evaluation is None:
+        """Draw the chosen confusion matrix (labelled: true MoA rows, predicted MoA columns).
+
+        Only while its tab is shown: drawing a dozen MoA labels and counts is the slowest
+        thing the dock does on the GUI thread, and a hidden tab need not pay for it.
+        """
+        if self.evaluation is None or self.tabs.currentWidget() is not self.confusion_tab:
             return
+        key = (id(self.evaluation), self.confusion_combo.currentText())
+        if getattr(self, "_confusion_drawn", None) == key:
+            return
+        self._confusion_drawn = key
         which = self.confusion_combo.currentText()
         confusion = self.evaluation.confusion
         matrix = confusion.get(which, confusion.get("NSC"))
@@ -577,6 +587,17 @@ class EvaluateWidget(WorkerDock):
             fmt = "svg" if path.lower().endswith(".svg") or "svg" in chosen.lower() else "png"
             files = self.export_figures(Path(path).with_suffix(""), fmt)
             self.status_label.setText(f"{len(files)} figures written to {files[0].parent}.")
+
+
+def _preload() -> None:
+    """Import what evaluation needs (scikit-learn's shrinkage) when the dock opens.
+
+    Imported in the worker, its hundreds of modules and shared libraries hold the GIL long
+    enough to freeze the window for a second or more in the middle of an evaluation; here
+    it costs the same once, while the panel opens. UMAP is imported by the worker only when
+    chosen (its import is slow and most of it runs without the GIL).
+    """
+    import sklearn.covariance  # noqa: F401
 
 
 def _fill(table: QTableWidget, rows: list[tuple[Any, ...]]) -> None:
