@@ -25,8 +25,13 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="wsdino_study", help="study folder (default: wsdino_study)")
     p.add_argument("--labels", default="none,treatment,compound,moa",
                    help="comma-separated weak labels (default: none,treatment,compound,moa)")
+    from napari_wsdino.core.recipes import RECIPES
+
     p.add_argument("--init", default="", help="initial weights for every model (ours, timm or "
-                   "official DINO file); default: random init")
+                   "official DINO file), or 'random'; required with --preset gpu or "
+                   "--recipe paper-code (say 'random' to train from random weights on purpose)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per label (default 1)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
                    help="model and training size (default: cpu)")
@@ -50,6 +55,7 @@ def run(args) -> int:
     result = drive(run_study(args.cache, args.out, labels, seeds=args.seeds, init=args.init,
                              preset=args.preset, eval_every=args.eval_every, last_k=args.last,
                              holdout_folds=args.holdout_folds, device=args.device,
+                             recipe=args.recipe,
                              channels=args.channels.split(",") if args.channels else None,
                              **overrides))
     paths = study_report(result, args.data_label)

@@ -34,6 +34,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from napari_wsdino.core.embed import DEFAULT_CROP, MEDIANS, WINDOWS
+from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.metrics import NSCB_MULTIBATCH
 from napari_wsdino.core.preprocess import PreprocessSettings
 from napari_wsdino.core.train import TrainConfig
@@ -44,11 +45,9 @@ INPUT_SCALING = {
     "zscore": {"normalize": "zscore"},
     "divide": {"normalize": "paper", "clip": 10000.0},
 }
-#: The word that starts from random weights where a recipe or preset needs ``--init``.
-RANDOM_INIT = "random"
 
 
-class InitRequired(ValueError):
+class InitRequired(DataError):
     """A recipe or preset that needs initial weights was started without them."""
 
 
@@ -182,12 +181,13 @@ def train_defaults(recipe: str = "default") -> dict:
 def check_init(init: str, needed: bool, what: str) -> None:
     """Refuse to start ``what`` from random weights by default when it needs initial ones.
 
-    ``init`` is a weights file, ``"random"`` (random weights, said out loud) or ``""``.
+    ``init`` is a weights file, ``"random"`` (:data:`~napari_wsdino.core.model.RANDOM_INIT`:
+    random weights, said out loud) or ``""``.
     """
     if needed and not init:
         raise InitRequired(
             f"{what} starts from pretrained weights, as the paper does: give --init FILE "
             "(the full ImageNet DINO ViT-S/8 checkpoint, dino_deitsmall8_pretrain_full_"
             "checkpoint.pth; see docs/fidelity.md for where to get it and its SHA-256), "
-            f"or say --init {RANDOM_INIT} to train from random weights on purpose."
+            "or say --init random to train from random weights on purpose."
         )

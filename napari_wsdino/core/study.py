@@ -113,6 +113,7 @@ def run_study(
     embed_crop: int | None = None,
     channels: Sequence[str] | None = None,
     device: str = "auto",
+    recipe: str = "default",
     **train_overrides,
 ) -> Generator[Progress, None, StudyResult]:
     """Run the protocol; a generator of progress events returning a :class:`StudyResult`.
@@ -140,12 +141,24 @@ def run_study(
         K > 1 adds the honest MoA variant: compound-fold cross-validation.
     channels
         Channels to model and concatenate (default: all the cache holds).
+    recipe
+        :mod:`~napari_wsdino.core.recipes` name: its training, embedding and evaluation
+        settings go over the preset's (``paper-code`` and the ``gpu`` preset need ``init``;
+        ``"random"`` says random weights on purpose).
     train_overrides
         Any :class:`~napari_wsdino.core.train.TrainConfig` field (e.g. ``epochs=20``).
     """
+    from napari_wsdino.core.model import RANDOM_INIT
     from napari_wsdino.core.modelset import ModelSet
     from napari_wsdino.core.pipeline import resolve_preset
+    from napari_wsdino.core.recipes import check_init, get_recipe, resolve
     from napari_wsdino.core.train import TrainConfig, train_channels
+
+    r = get_recipe(recipe)
+    check_init(init, r.requires_init or preset == "gpu",
+               f"The study with preset {preset} and recipe {recipe}")
+    stages = resolve(recipe)
+    init = "" if init == RANDOM_INIT else init
 
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     channels = tuple(channels or cache.channels)
@@ -154,9 +167,9 @@ def run_study(
         raise DataError(f"Cache {cache.path} has no channel(s) {missing}; it has {list(cache.channels)}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    p = resolve_preset(preset, **train_overrides)
+    p = resolve_preset(preset)
     crop = embed_crop or p.embed_crop
-    base = TrainConfig(device=device, init=init, **p.train)
+    base = TrainConfig(device=device, init=init, **{**p.train, **r.train, **train_overrides})
     eval_every = eval_every or max(1, base.epochs // 5)
     epochs_eval = snapshot_epochs(base.epochs, eval_every, last_k)
     base = base.replace(snapshot_every=eval_every)
@@ -170,7 +183,8 @@ def run_study(
         models = ModelSet.init_only(base.arch, init, channels)
     else:
         models = ModelSet.random(base.arch, channels, seed=0)
-    res = yield from _embed_eval(cache, models, out / "baseline" / "profiles.parquet", crop, device)
+    res = yield from _embed_eval(cache, models, out / "baseline" / "profiles.parquet", crop, device,
+                                 stages=stages)
     evals.append({"model": name, "label": "none", "seed": 0, "epoch": None, "last": True, **res})
 
     runs = [(label, seed, None) for label in labels for seed in range(seeds)]
@@ -189,7 +203,8 @@ def run_study(
             models = ModelSet.from_files(files)
             res = yield from _embed_eval(cache, models, run_dir / f"profiles_epoch{epoch:04d}.parquet",
                                          crop, device,
-                                         restrict=None if fold is None else folds[fold])
+                                         restrict=None if fold is None else folds[fold],
+                                         stages=stages)
             evals.append({"model": model, "label": label if fold is None else "moa (held out)",
                           "seed": seed, "fold": fold, "epoch": epoch,
                           "last": True, **res})
@@ -241,8 +256,13 @@ def _snapshot(channel_dir: Path, epoch: int, final: int) -> Path:
     raise DataError(f"No teacher snapshot for epoch {epoch} in {channel_dir}.")
 
 
-def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None):
-    """Embed (reusing a finished profile file) and evaluate; returns headline numbers."""
+def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None, stages=None):
+    """Embed (reusing a finished profile file) and evaluate; returns headline numbers.
+    ``stages``: a recipe's :class:`~napari_wsdino.core.recipes.Settings` (default: ours)."""
+    from napari_wsdino.core.recipes import resolve
+
+    stages = stages or resolve("default")
+    emb = {"windows": stages.embed.windows, "median": stages.embed.median, "l2": stages.embed.l2}
     from napari_wsdino.core.embed import embed_cache
     from napari_wsdino.core.evaluation import evaluate_profiles
     from napari_wsdino.core.profiles import ProfileTable
@@ -250,15 +270,17 @@ def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None
     path.parent.mkdir(parents=True, exist_ok=True)
     provenance = path.with_suffix(".json")
     # Reuse a finished profile file only if the same weights made it (else embed again).
-    same = (path.exists() and provenance.exists()
-            and json.loads(provenance.read_text()).get("models", {}).get("fingerprint")
-            == models.fingerprint())
+    old = json.loads(provenance.read_text()) if path.exists() and provenance.exists() else {}
+    same = (old.get("models", {}).get("fingerprint") == models.fingerprint()
+            and all(old.get(k, d) == emb[k] for k, d in
+                    (("windows", "centre"), ("median", "mean-middle"), ("l2", True))))
     if same:
         profiles = ProfileTable.read(path)
     else:
         path.unlink(missing_ok=True)
-        profiles = yield from embed_cache(cache, models, path, crop=crop, device=device)
-    result = evaluate_profiles(profiles, tvn="paper", drop_constant=True)
+        profiles = yield from embed_cache(cache, models, path, crop=crop, device=device, **emb)
+    result = evaluate_profiles(profiles, tvn=stages.evaluate.tvn, drop_constant=True,
+                               nscb_multibatch=stages.evaluate.nscb_multibatch)
     d = result.to_dict()
     out = {k: d[k] for k in ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")}
     if restrict is not None:

@@ -16,8 +16,8 @@ Variants (``method``):
     The published evaluation code's variant (crosszamirski/WS-DINO, ``Eval_BBBC021.py``):
     one whitening per channel (scikit-learn ``PCA(whiten=True)`` with all components),
     fitted on that channel's raw CLS features of the DMSO fields; the whitened channels
-    are then concatenated. Channels are the feature-name prefixes (``DAPI_000`` ->
-    ``DAPI``). Embed with ``l2=False`` to whiten raw CLS features as that code does.
+    are then concatenated. Channels are the feature-name prefixes (``DAPI_000`` and
+    ``DAPI_log_mean`` -> ``DAPI``). Embed with ``l2=False`` to whiten raw CLS features as that code does.
 ``"none"``
     Features are left as they are.
 
@@ -271,8 +271,9 @@ def apply_tvn(profiles: ProfileTable, method: str = "paper", shrinkage: str | fl
 
 
 def channel_groups(names) -> list[str]:
-    """The channel of each feature name: the part before the last ``_`` (``DAPI_007``)."""
-    return [str(n).rsplit("_", 1)[0] for n in names]
+    """The channel of each feature name: the part before the first ``_`` (``DAPI_007``,
+    ``DAPI_log_mean``)."""
+    return [str(n).split("_", 1)[0] for n in names]
 
 
 def output_names(method: str, names: list[str]) -> list[str]:
