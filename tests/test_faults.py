@@ -654,3 +654,22 @@ def test_case1_full_tmpfs(tmp_path, capsys, small_disk, workers, size):
     clean = run_to_end(pp.preprocess(load_metadata(root), tmp_path / "clean", workers=1))
     for ch in clean.channels:
         assert np.array_equal(open_cache(out).images(ch), clean.images(ch))
+
+
+# ---------------------------------------------------------------- 10: damaged checkpoint
+
+
+def test_case10_damaged_checkpoint_is_not_called_unsafe(tiny_cache, tmp_path, capsys):
+    import torch
+
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.zeros(1000)}, good)
+    damaged = {"random": os.urandom(4000), "truncated": good.read_bytes()[:600], "empty": b""}
+    for name, data in damaged.items():
+        path = tmp_path / f"{name}.pth"
+        path.write_bytes(data)
+        code, _, err = _cli(["embed", tiny_cache.path, "--init-only", path, "--arch", "test_vit",
+                             "--crop", "16", "--out", tmp_path / "p.parquet", "--quiet"], capsys)
+        assert code == 2
+        line = _one_line_error(err, str(path), "damaged or not a PyTorch checkpoint", "again")
+        assert "weights_only=False" not in line and "pickled" not in line

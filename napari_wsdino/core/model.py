@@ -129,14 +129,27 @@ def read_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"Cannot read {path} as a weights-only PyTorch checkpoint ({exc}). "
-            "Files that need arbitrary pickled code are refused on purpose; "
-            "re-save the state dict with torch.save(model.state_dict(), path)."
-        ) from None
+        raise _unreadable_checkpoint(path, exc) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict.")
     return dict(obj)
+
+
+def _unreadable_checkpoint(path: Path, exc: Exception) -> CheckpointError:
+    """Tell an unsafe file (it names Python code to run) from a damaged one; PyTorch's
+    own message would advise ``weights_only=False``, which is unsafe and wrong here."""
+    text = str(exc)
+    unsafe = [ln.strip() for ln in text.splitlines() if "unsupported global" in ln.lower()]
+    if unsafe:
+        return CheckpointError(
+            f"{path} holds Python objects besides weights ({unsafe[0]}); such files could run "
+            "code, so only weights-only files are read. If it is your own, re-save only the "
+            "weights: torch.save(model.state_dict(), path).")
+    reason = type(exc).__name__ + (": " + text.splitlines()[0][:80] if text.strip() and
+                                   "Weights only load failed" not in text else "")
+    return CheckpointError(
+        f"{path} is damaged or not a PyTorch checkpoint ({reason}): download or copy it "
+        "again (compare its size / SHA-256 with the source).")
 
 
 def backbone_state_dict(checkpoint: Mapping, which: str = "teacher") -> dict[str, torch.Tensor]:
