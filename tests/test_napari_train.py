@@ -92,9 +92,42 @@ def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path
     qtbot.waitUntil(lambda: state_for(viewer).models is not None, timeout=30_000)
     assert state_for(viewer).models.channels == ("DAPI",)
     assert state_for(viewer).models.fingerprint() == ModelSet.from_run(run).fingerprint()
-    # Start again on the same folder is refused (Resume continues instead)
+    # Start again on the same folder is refused (Continue resumes or extends instead)
     qtbot.mouseClick(widget.start_button, Qt.LeftButton)
     assert "already holds checkpoints" in widget.status_label.text()
+    assert "DAPI 1/1 epochs" in widget.run_label.text()
+
+    # Continue with more epochs extends the finished run (its own saved settings)
+    widget.epochs_spin.setValue(2)
+    widget.lr_spin.setValue(0.1)  # ignored: Continue keeps the run's settings
+    qtbot.mouseClick(widget.resume_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert widget.status == TaskStatus.DONE, widget.status_label.text()
+    ckpt = torch.load(run / "DAPI" / "checkpoint.pth", weights_only=False)
+    assert ckpt["finished"] and ckpt["epoch"] == 2 and ckpt["config"]["lr"] == 5e-4
+    assert "DAPI 2/2 epochs" in widget.run_label.text()
+    assert widget.plot.series["DAPI"][0][-2:] == [3, 4], widget.plot.series
+
+
+def test_defaults_fit_the_cache_or_name_the_setting(make_napari_viewer, qtbot, cache):
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer()
+    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "3a Train")[1]
+    assert "test_vit" not in [widget.arch_combo.itemText(i) for i in range(widget.arch_combo.count())]
+    state_for(viewer).cache_path = cache.path  # 48 x 48 px fields
+    assert widget.preset_combo.currentData() == "test"
+    assert widget.arch_combo.currentText() == "wsdino_vit_pico_patch8"
+    assert widget.global_spin.value() <= 2 * 48
+    # the paper's settings do not fit: the message names the setting and its limit
+    widget.preset_combo.setCurrentIndex(widget.preset_combo.findData("gpu"))
+    assert widget.global_spin.value() == 224
+    before = len(notification_manager.records)
+    qtbot.mouseClick(widget.start_button, Qt.LeftButton)
+    assert widget.status == TaskStatus.IDLE
+    text = widget.status_label.text()
+    assert "Global crop px = 224" in text and "at most 96" in text
+    assert any("Global crop px" in str(r.message) for r in notification_manager.records[before:])
 
 
 def test_stop_midway_and_resume(make_napari_viewer, qtbot, cache, tmp_path):

@@ -492,9 +492,10 @@ class TrainWidget(WorkerDock):
             self.status_label.setText("Stopping after this step…")
 
     def _progress(self, event: Progress) -> None:
-        if self.status != TaskStatus.RUNNING:
-            return
         self.plot.add(event)
+        if self.status != TaskStatus.RUNNING:
+            self.plot.redraw()  # the last step can arrive after the end: keep the final text
+            return
         eta = event.info.get("eta_s")
         eta_text = f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) and eta == eta else ""
         self.status_label.setText(f"{event.message} (step {event.step}/{event.total}{eta_text})")
