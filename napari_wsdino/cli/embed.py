@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from napari_wsdino.cli._common import drive
 from napari_wsdino.core.cache import open_cache
-from napari_wsdino.core.embed import DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, embed_cache
+from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,
+                                      WINDOWS, embed_cache)
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import DEFAULT_ARCH, CheckpointError
 from napari_wsdino.core.modelset import ModelSet, describe, parse_model_specs
@@ -47,6 +49,19 @@ def add_parser(sub) -> None:
     p.add_argument("--crop", type=int, default=DEFAULT_CROP,
                    help=f"side of each of the four centre crops, px (default {DEFAULT_CROP}, "
                    "as the paper); clamped to half the field and to a multiple of the patch size")
+    from napari_wsdino.core.recipes import RECIPES
+
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="defaults of --windows/--median/--l2: default (centred quadrants, "
+                   "numpy median, L2) or paper-code (the official fixed windows, torch.median, "
+                   "raw CLS for per-channel TVN)")
+    p.add_argument("--windows", choices=WINDOWS,
+                   help="centre: four quadrants of the centre square of 2 x --crop; official: "
+                   "WS-DINO's fixed windows (x 64-320 / 320-544, y 32-256 / 256-480 on 512 x 640)")
+    p.add_argument("--median", choices=MEDIANS,
+                   help="median of the four crops: mean-middle (numpy) or lower (torch.median)")
+    p.add_argument("--l2", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise each profile (default recipe: yes; paper-code: no)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                    help=f"fields per forward pass (default {DEFAULT_BATCH}; four crops each)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
@@ -75,8 +90,18 @@ def build_models(args, cache_channels) -> ModelSet:
     return ModelSet.random(arch, channels, seed=args.seed)
 
 
+def embed_settings(args):
+    """The recipe's embedding settings with this command's options on top."""
+    from napari_wsdino.core.recipes import resolve
+
+    given = {k: getattr(args, k) for k in ("windows", "median", "l2")
+             if getattr(args, k, None) is not None}
+    return resolve(getattr(args, "recipe", "default"), embed={"crop": args.crop, **given}).embed
+
+
 def run(args) -> int:
     try:
+        settings = embed_settings(args)
         cache = open_cache(args.cache)
         models = build_models(args, cache.channels)
         if not args.quiet:
@@ -86,7 +111,8 @@ def run(args) -> int:
                 print(f"exported {path}", file=sys.stderr)
         profiles = drive(
             embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
-                        chunk_size=args.chunk_size, device=args.device, resume=not args.overwrite),
+                        chunk_size=args.chunk_size, device=args.device, resume=not args.overwrite,
+                        windows=settings.windows, median=settings.median, l2=settings.l2),
             quiet=args.quiet,
         )
     except CheckpointError as exc:

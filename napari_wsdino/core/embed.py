@@ -56,6 +56,17 @@ from napari_wsdino.core.profiles import ProfileTable
 from napari_wsdino.core.progress import Progress
 
 DEFAULT_CROP = 224
+#: Where the four crops come from: ``centre`` (four quadrants of the centre square) or
+#: ``official`` (the fixed windows of WS-DINO's published evaluation, ``Eval_BBBC021.py``).
+WINDOWS = ("centre", "official")
+#: Median of the four crop embeddings: ``mean-middle`` (numpy's, the mean of the two
+#: middle values) or ``lower`` (``torch.median``'s lower middle value, the published code's).
+MEDIANS = ("mean-middle", "lower")
+#: The official windows ``(top, left, height, width)`` on 512 x 640 fields: x 64-320 and
+#: 320-544, y 32-256 and 256-480 (the left two are 256 px wide, the right two 224).
+OFFICIAL_SHAPE = (512, 640)
+OFFICIAL_WINDOWS = ((32, 64, 224, 256), (32, 320, 224, 224),
+                    (256, 64, 224, 256), (256, 320, 224, 224))
 DEFAULT_BATCH = 16
 DEFAULT_CHUNK = 256
 PARTS_FORMAT = "napari-wsdino-embed-parts"
@@ -121,14 +132,47 @@ def centre_crops(images: np.ndarray, crop: int = DEFAULT_CROP, patch: int = 1) -
     return np.ascontiguousarray(quads.reshape(b, 4, side, side))
 
 
-def median_of_four(features: torch.Tensor) -> torch.Tensor:
-    """Per-dimension median over axis 1 (the crops), averaging the two middle values.
+def median_of_four(features: torch.Tensor, how: str = "mean-middle") -> torch.Tensor:
+    """Per-dimension median over axis 1 (the crops).
 
-    ``torch.median`` would return the lower middle value; the paper's median of four
-    is the usual one (:func:`numpy.median`).
+    ``how="mean-middle"`` (default) averages the two middle values, the usual median
+    (:func:`numpy.median`); ``how="lower"`` is ``torch.median``'s lower middle value, what
+    the published evaluation code computes.
     """
+    if how == "lower":
+        return features.float().median(dim=1).values
+    if how != "mean-middle":
+        raise ValueError(f"median must be one of {MEDIANS}, not {how!r}")
     # Linear interpolation at q=0.5 is numpy's median for any count.
     return torch.quantile(features.float(), 0.5, dim=1)
+
+
+def official_windows(shape: tuple[int, int], patch: int = 1) -> list[tuple[int, int, int, int]]:
+    """The published evaluation's four fixed windows ``(top, left, height, width)``.
+
+    Exact on 512 x 640 fields; on other sizes each edge is scaled by ``H / 512`` and
+    ``W / 640`` and the sides rounded down to a multiple of ``patch``.
+
+    Example
+    -------
+    >>> official_windows((512, 640), 8)[0]
+    (32, 64, 224, 256)
+    >>> official_windows((64, 80), 8)[1]
+    (4, 40, 24, 24)
+    """
+    h, w = int(shape[0]), int(shape[1])
+    sy, sx = h / OFFICIAL_SHAPE[0], w / OFFICIAL_SHAPE[1]
+    patch = max(int(patch), 1)
+    out = []
+    for top, left, wh, ww in OFFICIAL_WINDOWS:
+        t, lft = int(round(top * sy)), int(round(left * sx))
+        hh = int(round(wh * sy)) // patch * patch
+        wd = int(round(ww * sx)) // patch * patch
+        if hh <= 0 or wd <= 0:
+            raise DataError(f"Fields of {h}x{w} px are too small for the official windows "
+                            f"of a ViT with {patch}-px patches.")
+        out.append((t, lft, hh, wd))
+    return out
 
 
 # -- embedding arrays ------------------------------------------------------------------
@@ -140,9 +184,25 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
+def _official_features(model, images, patch, device, normalise) -> torch.Tensor:
+    """Embeddings of the four official windows, ``(B, 4, D)`` (two window shapes, so
+    one forward pass per window)."""
+    feats = []
+    for top, left, h, w in official_windows(images.shape[-2:], patch):
+        x = torch.from_numpy(np.ascontiguousarray(
+            np.asarray(images[:, top:top + h, left:left + w], dtype=np.float32)))
+        x = x[:, None].to(device, non_blocking=True)
+        if normalise is not None:
+            x = normalise(x)
+        with _autocast(device):
+            feats.append(model(x).float())
+    return torch.stack(feats, dim=1)
+
+
 @torch.no_grad()
 def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAULT_CROP,
-                  patch: int = 1, device: torch.device | str = "cpu", normalise=None) -> np.ndarray:
+                  patch: int = 1, device: torch.device | str = "cpu", normalise=None,
+                  windows: str = "centre", median: str = "mean-middle") -> np.ndarray:
     """One channel's field embeddings (median of the four centre crops), ``(B, D)``.
 
     Parameters
@@ -153,8 +213,15 @@ def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAUL
         ``(B, H, W)`` preprocessed fields of that channel.
     normalise
         Training-time input normalisation (``ChannelModel.normalise``), if any.
+    windows, median
+        See :data:`WINDOWS` and :data:`MEDIANS` (``crop`` is unused with ``official``).
     """
     device = torch.device(device)
+    if windows == "official":
+        feats = _official_features(model, images, patch, device, normalise)
+        return median_of_four(feats, median).cpu().numpy()
+    if windows != "centre":
+        raise ValueError(f"windows must be one of {WINDOWS}, not {windows!r}")
     crops = torch.from_numpy(centre_crops(images, crop, patch))
     b, n, side, _ = crops.shape
     x = crops.reshape(b * n, 1, side, side).to(device, non_blocking=True)
@@ -162,7 +229,7 @@ def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAUL
         x = normalise(x)
     with _autocast(device):
         feats = model(x)
-    return median_of_four(feats.float().reshape(b, n, -1)).cpu().numpy()
+    return median_of_four(feats.float().reshape(b, n, -1), median).cpu().numpy()
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -262,6 +329,9 @@ def embed_cache(
     device: str = "auto",
     indices: Sequence[int] | None = None,
     resume: bool = True,
+    windows: str = "centre",
+    median: str = "mean-middle",
+    l2: bool = True,
 ) -> Generator[Progress, None, object]:
     """Embed every field of a preprocessed cache; yields progress, returns the profiles.
 
@@ -285,6 +355,12 @@ def embed_cache(
         Rows of the cache to embed (default all).
     resume
         Reuse finished chunks of an earlier run with the same settings (else start over).
+    windows, median
+        ``"centre"`` / ``"mean-middle"`` (default) or the published code's
+        ``"official"`` windows / ``"lower"`` median (:data:`WINDOWS`, :data:`MEDIANS`).
+    l2
+        L2-normalise each field's concatenated profile (default; the paper's text). The
+        published code keeps raw CLS features for its per-channel TVN (``l2=False``).
 
     Returns
     -------
@@ -305,7 +381,13 @@ def embed_cache(
     rows = np.arange(len(cache)) if indices is None else np.asarray(list(indices), dtype=int)
     n = len(rows)
     shape = tuple(cache.shape)
-    crops = {c: crop_geometry(shape, crop, m.patch_size)[0] for c, m in models.models.items()}
+    if windows not in WINDOWS or median not in MEDIANS:
+        raise DataError(f"windows must be one of {', '.join(WINDOWS)} and median one of "
+                        f"{', '.join(MEDIANS)}; got {windows!r}, {median!r}.")
+    if windows == "official":
+        crops = {c: official_windows(shape, m.patch_size) for c, m in models.models.items()}
+    else:
+        crops = {c: crop_geometry(shape, crop, m.patch_size)[0] for c, m in models.models.items()}
     names = feature_names(models)
     chunk_size = max(int(chunk_size), 1)
     batch_size = max(int(batch_size), 1)
@@ -318,6 +400,9 @@ def embed_cache(
             "models": models.fingerprint(),
             "channels": list(models.channels),
             "crop": crops,
+            "windows": windows,
+            "median": median,
+            "l2": bool(l2),
             "chunk_size": chunk_size,
             "n_fields": n,
             "fields": _table_hash(table),
@@ -350,9 +435,10 @@ def embed_cache(
             contiguous = bool(np.all(np.diff(sel) == 1))
             batch = {c: (a[sel[0]:sel[-1] + 1] if contiguous else a[sel]) for c, a in arrays.items()}
             feats = np.concatenate(
-                [embed_channel(m.model, batch[c], crop, m.patch_size, dev, m.normalise)
+                [embed_channel(m.model, batch[c], crop, m.patch_size, dev, m.normalise,
+                               windows=windows, median=median)
                  for c, m in models.models.items()], axis=1)
-            out_chunk[b0 - lo:b1 - lo] = l2_normalise(feats)
+            out_chunk[b0 - lo:b1 - lo] = l2_normalise(feats) if l2 else feats
             done = b1
             computed += b1 - b0
             rate = computed / max(time.perf_counter() - start, 1e-9)
@@ -374,7 +460,8 @@ def embed_cache(
         yield Progress("embed", n, n, warning, {"warning": warning, "nan_rows": bad.tolist()})
     result = profile_table(table, features, names)
     if out is not None:
-        provenance = {"models": models.summary(), "crop": crops, "n_fields": n,
+        provenance = {"models": models.summary(), "crop": crops, "windows": windows,
+                      "median": median, "l2": bool(l2), "n_fields": n,
                       "cache": str(cache.path), "method": "median of four centre crops, "
                       "channels concatenated, L2-normalised"}
         write_profiles(result, out, provenance)
