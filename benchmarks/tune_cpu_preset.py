@@ -41,6 +41,18 @@ def _parse_value(text: str):
         return text
 
 
+def _attention(cache, models, n_fields: int = 24) -> dict:
+    """Attention-on-cells score per channel over evenly spaced fields."""
+    import numpy as np
+
+    from napari_wsdino.core.attention import mean_attention_on_cells
+
+    idx = np.linspace(0, len(cache.table) - 1, n_fields).astype(int)
+    return {ch: round(mean_attention_on_cells(
+        models.models[ch], [np.asarray(cache.images(ch)[i], np.float32) for i in idx]).score, 3)
+        for ch in models.channels}
+
+
 def _evaluate(profiles) -> dict:
     from napari_wsdino.core.evaluation import evaluate_profiles
 
@@ -54,7 +66,8 @@ def _clock() -> tuple[float, float]:
 
 def run_config(cache_dir: Path, out: Path, name: str, preset: str, overrides: dict,
                embed_crop: int | None, weak_label: str, seed: int,
-               channels: list[str] | None = None) -> dict:
+               channels: list[str] | None = None, pooling: str = "cls",
+               windows: str = "centre") -> dict:
     """Train, embed, evaluate one configuration; return the result row."""
     from napari_wsdino.core.cache import open_cache
     from napari_wsdino.core.embed import embed_cache
@@ -72,8 +85,9 @@ def run_config(cache_dir: Path, out: Path, name: str, preset: str, overrides: di
     run_to_end(train_channels(cache, config, run / "run", channels, resume=True))
     c1, w1 = _clock()
     models = ModelSet.from_run(run / "run")
-    profiles = run_to_end(embed_cache(cache, models, run / f"profiles_crop{crop}.parquet",
-                                      crop=crop, device="cpu"))
+    profiles = run_to_end(embed_cache(
+        cache, models, run / f"profiles_crop{crop}_{pooling}_{windows}.parquet", crop=crop,
+        device="cpu", pooling=pooling, windows=windows))
     c2, w2 = _clock()
     losses = {}
     for ch in models.channels:
@@ -86,12 +100,14 @@ def run_config(cache_dir: Path, out: Path, name: str, preset: str, overrides: di
            "ln_out_dim": round(math.log(config.out_dim), 4),
            "train_cpu_s": round(c1 - c0, 1), "train_wall_s": round(w1 - w0, 1),
            "embed_cpu_s": round(c2 - c1, 1), "embed_wall_s": round(w2 - w1, 1),
-           "torch_threads": torch.get_num_threads(), **_evaluate(profiles)}
+           "torch_threads": torch.get_num_threads(), "pooling": pooling, "windows": windows,
+           "attention_on_cells": _attention(cache, models), **_evaluate(profiles)}
     return row
 
 
 def run_baselines(cache_dir: Path, out: Path, arch: str, crop: int, data: Path | None,
-                  channels: list[str] | None = None, seed: int = 0) -> list[dict]:
+                  channels: list[str] | None = None, seed: int = 0,
+                  pooling: str = "cls", windows: str = "centre") -> list[dict]:
     """Random-init ViT (same arch and crop) and, with ``data``, the classical profile."""
     from napari_wsdino.core.cache import open_cache
     from napari_wsdino.core.embed import embed_cache
@@ -103,10 +119,12 @@ def run_baselines(cache_dir: Path, out: Path, arch: str, crop: int, data: Path |
     rows = []
     channels = channels or list(cache.channels)
     models = ModelSet.random(arch, channels, seed=seed)
-    path = out / f"random_{arch}_crop{crop}_{'-'.join(channels)}_seed{seed}.parquet"
-    profiles = run_to_end(embed_cache(cache, models, path, crop=crop, device="cpu"))
+    path = out / f"random_{arch}_crop{crop}_{pooling}_{windows}_{'-'.join(channels)}_seed{seed}.parquet"
+    profiles = run_to_end(embed_cache(cache, models, path, crop=crop, device="cpu",
+                                      pooling=pooling, windows=windows))
     rows.append({"name": f"random-init {arch}", "seed": seed, "channels": channels,
-                 "embed_crop": crop, **_evaluate(profiles)})
+                 "embed_crop": crop, "pooling": pooling, "windows": windows,
+                 "attention_on_cells": _attention(cache, models), **_evaluate(profiles)})
     if data is not None:
         from napari_wsdino.core.classical import dataset_features, feature_names
         from napari_wsdino.core.metadata import load_metadata
@@ -134,6 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data", type=Path, default=None,
                     help="raw replica, for the classical profile")
     ap.add_argument("--no-train", action="store_true", help="baselines only")
+    ap.add_argument("--pooling", default="cls", help="cls | cls+mean (embedding)")
+    ap.add_argument("--windows", default="centre", help="centre | official | cells (embedding)")
     args = ap.parse_args(argv)
 
     overrides = {}
@@ -154,11 +174,13 @@ def main(argv=None) -> None:
 
         p = resolve_preset(args.preset, **overrides)
         emit(run_baselines(args.cache, args.out, p.train.get("arch", "vit_small_patch8_224"),
-                           args.embed_crop or p.embed_crop, args.data, channels, args.seed))
+                           args.embed_crop or p.embed_crop, args.data, channels, args.seed,
+                           args.pooling, args.windows))
     if not args.no_train:
         name = args.name or ("_".join(f"{k}-{v}" for k, v in overrides.items()) or args.preset)
         emit([run_config(args.cache, args.out, name, args.preset, overrides,
-                         args.embed_crop, args.weak_label, args.seed, channels)])
+                         args.embed_crop, args.weak_label, args.seed, channels, args.pooling,
+                         args.windows)])
 
 
 if __name__ == "__main__":

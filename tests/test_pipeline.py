@@ -30,14 +30,25 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
     results = json.loads((demo_dir / "results.json").read_text())
     assert results["data"] == "synthetic replica"
     rows = {r["model"]: r for r in results["results"]}
-    assert set(rows) == {"WS-DINO (compound)", "random-init ViT"}
+    names = list(rows)
+    # WS-DINO, plain DINO at the same budget, the random-init ViT and the classical profile.
+    for part in ("WS-DINO", "DINO (none)", "random-init", "classical"):
+        assert sum(part in n for n in names) == 1, (part, names)
     for r in rows.values():
         assert 0.0 <= r["nsc"] <= 1.0 and 0.0 <= r["nscb"] <= 1.0
         # The mini replica keeps all 103 treatments, 92 of them NSCB-eligible.
         assert r["n_nsc"] == 103 and r["n_nscb"] == 92
+    for name, r in rows.items():  # attention on cells for every ViT, none for classical
+        has = all(f"attention_{ch}" in r for ch in ("DAPI", "Tubulin", "Actin"))
+        assert has == ("classical" not in name)
+        if has:
+            assert 0.0 < r["attention_DAPI"] < 20.0
+    assert set(results["metrics"]) >= {"nsc", "nscb", "map_nsc", "attention_on_cells"}
+    assert "NSCB (not-same-compound-or-batch)" in html
     assert (demo_dir / "report.csv").read_text().startswith("model,")
     for ch in ("DAPI", "Tubulin", "Actin"):
         assert (demo_dir / "run" / ch / "checkpoint.pth").exists()
+        assert (demo_dir / "run_dino" / ch / "checkpoint.pth").exists()
 
 
 def test_demo_rerun_skips_finished_stages(demo_dir, capsys):

@@ -29,22 +29,39 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the replica and training")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--workers", type=int, default=2, help="processes for replica and preprocessing")
+    from napari_wsdino.core.recipes import RECIPES
+
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="bundle of preprocessing, training, embedding and evaluation settings "
+                   "(paper-code: the official WS-DINO code; docs/fidelity.md)")
+    p.add_argument("--init", metavar="PATH|random",
+                   help="initial weights (the full ImageNet DINO ViT-S/8 checkpoint); required "
+                   "by --gpu and --recipe paper-code, where 'random' trains from random weights "
+                   "on purpose")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     overrides = {"epochs": args.epochs} if args.epochs else {}
+    if args.init:
+        overrides["init"] = args.init
     summary = drive(run_demo(args.out, args.preset, weak_label=args.weak_label, seed=args.seed,
-                             device=args.device, workers=args.workers, **overrides))
+                             device=args.device, workers=args.workers, recipe=args.recipe,
+                             **overrides))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print("\nResults on the synthetic replica (not BBBC021):")
-    print(f"  {'model':<26}{'NSC':>7}{'NSCB':>7}{'mAP':>7}")
+    channels = [k[len("attention_"):] for k in summary["results"][0] if k.startswith("attention_")]
+    print(f"  {'model':<34}{'NSC':>6}{'NSCB':>6}{'mAP':>6}   attention on cells "
+          + " / ".join(channels))
     for r in summary["results"]:
         nscb = "  n/a" if r["nscb"] is None else f"{r['nscb']:.2f}"
-        print(f"  {r['model']:<26}{r['nsc']:>7.2f}{nscb:>7}{r['map_nsc']:>7.2f}")
+        att = " / ".join(f"{r[f'attention_{c}']:.2f}" for c in channels if f"attention_{c}" in r)
+        print(f"  {r['model']:<34}{r['nsc']:>6.2f}{nscb:>6}{r['map_nsc']:>6.2f}   {att}")
+    print("  NSC / NSCB: share of treatments whose nearest other compound has the same MoA "
+          "(NSCB: from another batch too); attention on cells: 1 = uniform, > 1 = on the cells.")
     if summary["skipped"]:
         print(f"  (reused finished stages: {', '.join(summary['skipped'])})")
     print(f"Report: {summary['paths']['report']}")

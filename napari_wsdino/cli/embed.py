@@ -8,7 +8,7 @@ import sys
 from napari_wsdino.cli._common import drive
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,
-                                      WINDOWS, embed_cache)
+                                      POOLINGS, WINDOWS, embed_cache)
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import DEFAULT_ARCH, CheckpointError
 from napari_wsdino.core.modelset import ModelSet, describe, parse_model_specs
@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
                    help="median of the four crops: mean-middle (numpy) or lower (torch.median)")
     p.add_argument("--l2", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise each profile (default recipe: yes; paper-code: no)")
+    p.add_argument("--pooling", choices=POOLINGS, default="cls",
+                   help="each crop's embedding: cls (the CLS token, the paper; default) or "
+                   "cls+mean (CLS followed by the mean patch token; the cpu demo's choice)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                    help=f"fields per forward pass (default {DEFAULT_BATCH}; four crops each)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
@@ -112,7 +115,8 @@ def run(args) -> int:
         profiles = drive(
             embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
                         chunk_size=args.chunk_size, device=args.device, resume=not args.overwrite,
-                        windows=settings.windows, median=settings.median, l2=settings.l2),
+                        windows=settings.windows, median=settings.median, l2=settings.l2,
+                        pooling=args.pooling),
             quiet=args.quiet,
         )
     except CheckpointError as exc:

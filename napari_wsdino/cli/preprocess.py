@@ -39,7 +39,9 @@ def add_parser(sub) -> None:
                    "(default 320, the paper's; scaled to the image size)")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="zscore",
                    help="zscore: each image to mean 0 / std 1 (default); paper: "
-                   "divide by the clip value; none: keep counts")
+                   "divide by the clip value; plate: each plate's fields to mean 0 / std 1 "
+                   "together, per channel (keeps treatment differences within a plate); "
+                   "none: keep counts")
     p.add_argument("--illumination", choices=ILLUMINATION_METHODS, default="fast",
                    help="fast (within 1%% of CellProfiler's exact function, default), "
                    "exact (slow), or none")

@@ -142,6 +142,44 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(feats))
 
 
+CENTERINGS = ("centre", "sinkhorn")
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Teacher targets ``(N, K)`` whose rows sum to one and whose columns share the mass
+    evenly (DINOv2's Sinkhorn-Knopp centring); sums run over every process.
+
+    Example
+    -------
+    >>> q = sinkhorn_knopp(torch.randn(8, 4))
+    >>> torch.allclose(q.sum(1), torch.ones(8), atol=1e-5), q.shape
+    (True, torch.Size([8, 4]))
+    """
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    q = torch.exp(logits - logits.max()).t()            # (K, N)
+    n = torch.tensor(float(q.shape[1]), device=q.device)
+    if distributed:
+        dist.all_reduce(n)
+    k = q.shape[0]
+    total = q.sum()
+    if distributed:
+        dist.all_reduce(total)
+    q /= total
+    for _ in range(iterations):
+        rows = q.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(rows)
+        q /= rows
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n
+    q *= n
+    return q.t()
+
+
 class DINOLoss(nn.Module):
     """DINO / WS-DINO cross-entropy with teacher centring and sharpening.
 
@@ -157,6 +195,11 @@ class DINOLoss(nn.Module):
         0.07 in the WS-DINO code (DINO: 0.1).
     center_momentum
         0.8 in the WS-DINO code (DINO: 0.9).
+    centering
+        ``"centre"`` (DINO / WS-DINO: subtract an EMA of the teacher's mean output) or
+        ``"sinkhorn"`` (DINOv2, Oquab et al. 2023: three Sinkhorn-Knopp iterations spread
+        the batch's teacher targets evenly over the prototypes, which cannot collapse to
+        the uniform or a one-hot output; the centre is still tracked, unused).
 
     The teacher temperature is passed per call, so its schedule lives with the others.
     """
@@ -168,8 +211,12 @@ class DINOLoss(nn.Module):
         n_global: int = 2,
         student_temp: float = 0.07,
         center_momentum: float = 0.8,
+        centering: str = "centre",
     ):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"centering must be one of {', '.join(CENTERINGS)}, not {centering!r}")
+        self.centering = centering
         self.n_crops = n_crops
         self.n_global = n_global
         self.student_temp = student_temp
@@ -187,7 +234,10 @@ class DINOLoss(nn.Module):
         b = teacher_output.shape[0] // self.n_global
         logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
         logp = logp.view(self.n_crops, b, -1)
-        q = F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1)
+        if self.centering == "sinkhorn":
+            q = sinkhorn_knopp(teacher_output.float().detach() / teacher_temp)
+        else:
+            q = F.softmax((teacher_output.float() - self.center) / teacher_temp, dim=-1)
         q = q.detach().view(self.n_global, b, -1)
         # ce[i, v] = mean over the batch of -sum_k q_i log p_v
         ce = -torch.einsum("ibk,vbk->iv", q, logp) / b

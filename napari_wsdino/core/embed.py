@@ -58,7 +58,11 @@ from napari_wsdino.core.progress import Progress
 DEFAULT_CROP = 224
 #: Where the four crops come from: ``centre`` (four quadrants of the centre square) or
 #: ``official`` (the fixed windows of WS-DINO's published evaluation, ``Eval_BBBC021.py``).
-WINDOWS = ("centre", "official")
+#: ``cells``: one crop centred on every nucleus of the field (up to :data:`MAX_CELLS`, found
+#: on the DNA channel), their embeddings averaged: a population profile, as single-cell
+#: DINO works build theirs.
+WINDOWS = ("centre", "official", "cells")
+MAX_CELLS = 64
 #: Median of the four crop embeddings: ``mean-middle`` (numpy's, the mean of the two
 #: middle values) or ``lower`` (``torch.median``'s lower middle value, the published code's).
 MEDIANS = ("mean-middle", "lower")
@@ -69,6 +73,9 @@ OFFICIAL_WINDOWS = ((32, 64, 224, 256), (32, 320, 224, 224),
                     (256, 64, 224, 256), (256, 320, 224, 224))
 DEFAULT_BATCH = 16
 DEFAULT_CHUNK = 256
+#: What a crop's embedding is: the CLS token (the paper), or the CLS token followed by
+#: the mean of the patch tokens (richer for small models trained briefly).
+POOLINGS = ("cls", "cls+mean")
 PARTS_FORMAT = "napari-wsdino-embed-parts"
 
 # -- geometry --------------------------------------------------------------------------
@@ -184,7 +191,27 @@ def _autocast(device: torch.device):
     return nullcontext()
 
 
-def _official_features(model, images, patch, device, normalise) -> torch.Tensor:
+def pooled_features(model: torch.nn.Module, x: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+    """The embedding of each image of ``x``: ``model(x)`` (CLS) or CLS + mean patch token.
+
+    Example
+    -------
+    >>> from napari_wsdino.core.model import create_backbone
+    >>> vit = create_backbone("test_vit")
+    >>> tuple(pooled_features(vit, torch.zeros(2, 1, 32, 32), "cls+mean").shape)
+    (2, 128)
+    """
+    if pooling == "cls":
+        return model(x)
+    if pooling != "cls+mean":
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}.")
+    tokens = model.forward_features(x)
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1))
+    cls = model.forward_head(tokens, pre_logits=True)
+    return torch.cat([cls, tokens[:, n_prefix:].mean(dim=1)], dim=1)
+
+
+def _official_features(model, images, patch, device, normalise, pooling) -> torch.Tensor:
     """Embeddings of the four official windows, ``(B, 4, D)`` (two window shapes, so
     one forward pass per window)."""
     feats = []
@@ -195,14 +222,15 @@ def _official_features(model, images, patch, device, normalise) -> torch.Tensor:
         if normalise is not None:
             x = normalise(x)
         with _autocast(device):
-            feats.append(model(x).float())
+            feats.append(pooled_features(model, x, pooling).float())
     return torch.stack(feats, dim=1)
 
 
 @torch.no_grad()
 def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAULT_CROP,
                   patch: int = 1, device: torch.device | str = "cpu", normalise=None,
-                  windows: str = "centre", median: str = "mean-middle") -> np.ndarray:
+                  pooling: str = "cls", windows: str = "centre",
+                  median: str = "mean-middle", centres=None) -> np.ndarray:
     """One channel's field embeddings (median of the four centre crops), ``(B, D)``.
 
     Parameters
@@ -213,12 +241,19 @@ def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAUL
         ``(B, H, W)`` preprocessed fields of that channel.
     normalise
         Training-time input normalisation (``ChannelModel.normalise``), if any.
+    pooling
+        ``"cls"`` (the paper) or ``"cls+mean"`` (see :data:`POOLINGS`).
     windows, median
         See :data:`WINDOWS` and :data:`MEDIANS` (``crop`` is unused with ``official``).
+    centres
+        With ``windows="cells"``: ``(yx, count)`` of the fields' nuclei
+        (:func:`napari_wsdino.core.nuclei.nuclei_centres`); ``crop`` is the cell crop side.
     """
     device = torch.device(device)
+    if windows == "cells":
+        return _cell_features(model, images, crop, patch, device, normalise, pooling, centres)
     if windows == "official":
-        feats = _official_features(model, images, patch, device, normalise)
+        feats = _official_features(model, images, patch, device, normalise, pooling)
         return median_of_four(feats, median).cpu().numpy()
     if windows != "centre":
         raise ValueError(f"windows must be one of {WINDOWS}, not {windows!r}")
@@ -228,8 +263,56 @@ def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAUL
     if normalise is not None:
         x = normalise(x)
     with _autocast(device):
-        feats = model(x)
+        feats = pooled_features(model, x, pooling)
     return median_of_four(feats.float().reshape(b, n, -1), median).cpu().numpy()
+
+
+def cell_crops(images: np.ndarray, yx: np.ndarray, count: np.ndarray, side: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Square crops of ``side`` px centred on each field's nuclei (shifted inside the field).
+
+    Returns the crops ``(N, side, side)`` float32 and the field each belongs to ``(N,)``;
+    a field without nuclei gives one crop at its centre.
+
+    Example
+    -------
+    >>> imgs = np.zeros((2, 40, 40), np.float32)
+    >>> yx = np.array([[[5.0, 5.0], [30.0, 20.0]], [[0.0, 0.0], [0.0, 0.0]]], np.float32)
+    >>> crops, owner = cell_crops(imgs, yx, np.array([2, 0]), 16)
+    >>> crops.shape, owner.tolist()
+    ((3, 16, 16), [0, 0, 1])
+    """
+    h, w = images.shape[-2:]
+    side = int(min(side, h, w))
+    out, owner = [], []
+    for i in range(images.shape[0]):
+        n = int(count[i])
+        cs = yx[i, :n] if n else np.array([[h / 2, w / 2]], np.float32)
+        y0 = np.clip(np.round(cs[:, 0] - side / 2).astype(int), 0, h - side)
+        x0 = np.clip(np.round(cs[:, 1] - side / 2).astype(int), 0, w - side)
+        img = np.asarray(images[i], dtype=np.float32)
+        out.extend(img[a:a + side, b:b + side] for a, b in zip(y0, x0))
+        owner.extend([i] * len(cs))
+    return np.stack(out), np.asarray(owner, dtype=np.int64)
+
+
+def _cell_features(model, images, crop, patch, device, normalise, pooling, centres) -> np.ndarray:
+    """Mean embedding of each field's nucleus-centred crops, ``(B, D)``."""
+    if centres is None:
+        raise ValueError("windows='cells' needs the fields' nuclei centres")
+    side = min(int(crop), *images.shape[-2:])
+    side -= side % max(int(patch), 1)
+    if side <= 0:
+        raise DataError(f"Cell crops of {crop} px are smaller than one {patch}-px patch.")
+    crops, owner = cell_crops(images, centres[0], centres[1], side)
+    x = torch.from_numpy(crops)[:, None].to(device, non_blocking=True)
+    if normalise is not None:
+        x = normalise(x)
+    with _autocast(device):
+        feats = pooled_features(model, x, pooling).float().cpu()
+    sums = torch.zeros((images.shape[0], feats.shape[1])).index_add_(0, torch.from_numpy(owner), feats)
+    n = torch.bincount(torch.from_numpy(owner), minlength=images.shape[0]).clamp(min=1)
+    return (sums / n[:, None]).numpy()
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -238,7 +321,7 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def embed_fields(models: ModelSet, images: Mapping[str, np.ndarray], crop: int = DEFAULT_CROP,
-                 device: torch.device | str = "cpu") -> np.ndarray:
+                 device: torch.device | str = "cpu", pooling: str = "cls") -> np.ndarray:
     """Profiles of a batch of fields: channels concatenated, L2-normalised, ``(B, sum D)``.
 
     Parameters
@@ -257,14 +340,16 @@ def embed_fields(models: ModelSet, images: Mapping[str, np.ndarray], crop: int =
     ((3, 128), True)
     """
     models.check_channels(images)
-    parts = [embed_channel(m.model, images[c], crop, m.patch_size, device, m.normalise)
+    parts = [embed_channel(m.model, images[c], crop, m.patch_size, device, m.normalise, pooling)
              for c, m in models.models.items()]
     return l2_normalise(np.concatenate(parts, axis=1))
 
 
-def feature_names(models: ModelSet) -> list[str]:
-    """``DAPI_000 … Actin_383``: channel and dimension of each profile column."""
-    return [f"{c}_{i:03d}" for c, m in models.models.items() for i in range(m.embed_dim)]
+def feature_names(models: ModelSet, pooling: str = "cls") -> list[str]:
+    """``DAPI_000 … Actin_383``: channel and dimension of each profile column (with
+    ``cls+mean`` pooling the mean-token dimensions follow the CLS ones per channel)."""
+    width = 2 if pooling == "cls+mean" else 1
+    return [f"{c}_{i:03d}" for c, m in models.models.items() for i in range(width * m.embed_dim)]
 
 
 def profile_table(field_table: pd.DataFrame, features: np.ndarray, names: Sequence[str]) -> ProfileTable:
@@ -329,9 +414,11 @@ def embed_cache(
     device: str = "auto",
     indices: Sequence[int] | None = None,
     resume: bool = True,
+    pooling: str = "cls",
     windows: str = "centre",
     median: str = "mean-middle",
     l2: bool = True,
+    nuclei_channel: str = "DAPI",
 ) -> Generator[Progress, None, object]:
     """Embed every field of a preprocessed cache; yields progress, returns the profiles.
 
@@ -355,12 +442,17 @@ def embed_cache(
         Rows of the cache to embed (default all).
     resume
         Reuse finished chunks of an earlier run with the same settings (else start over).
+    pooling
+        ``"cls"`` (the paper) or ``"cls+mean"``: CLS and mean patch token per crop.
     windows, median
         ``"centre"`` / ``"mean-middle"`` (default) or the published code's
         ``"official"`` windows / ``"lower"`` median (:data:`WINDOWS`, :data:`MEDIANS`).
     l2
         L2-normalise each field's concatenated profile (default; the paper's text). The
         published code keeps raw CLS features for its per-channel TVN (``l2=False``).
+    nuclei_channel
+        With ``windows="cells"``: the DNA channel whose nuclei centre the cell crops
+        (``crop`` is then the cell crop's side).
 
     Returns
     -------
@@ -386,9 +478,19 @@ def embed_cache(
                         f"{', '.join(MEDIANS)}; got {windows!r}, {median!r}.")
     if windows == "official":
         crops = {c: official_windows(shape, m.patch_size) for c, m in models.models.items()}
+    elif windows == "cells":
+        if nuclei_channel not in cache.channels:
+            raise DataError(f"Cell crops need the nuclear stain {nuclei_channel!r}, which this "
+                            f"cache lacks (it has {', '.join(cache.channels)}); name your DNA "
+                            "channel, or use the centre windows.")
+        crops = {c: min(int(crop), *shape) // m.patch_size * m.patch_size
+                 for c, m in models.models.items()}
+        nuclei = cache.images(nuclei_channel)
     else:
         crops = {c: crop_geometry(shape, crop, m.patch_size)[0] for c, m in models.models.items()}
-    names = feature_names(models)
+    if pooling not in POOLINGS:
+        raise DataError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}.")
+    names = feature_names(models, pooling)
     chunk_size = max(int(chunk_size), 1)
     batch_size = max(int(batch_size), 1)
     n_chunks = (n + chunk_size - 1) // chunk_size
@@ -400,6 +502,7 @@ def embed_cache(
             "models": models.fingerprint(),
             "channels": list(models.channels),
             "crop": crops,
+            "pooling": pooling,
             "windows": windows,
             "median": median,
             "l2": bool(l2),
@@ -434,9 +537,14 @@ def embed_cache(
             sel = rows[b0:b1]
             contiguous = bool(np.all(np.diff(sel) == 1))
             batch = {c: (a[sel[0]:sel[-1] + 1] if contiguous else a[sel]) for c, a in arrays.items()}
+            centres = None
+            if windows == "cells":
+                from napari_wsdino.core.nuclei import nuclei_centres
+
+                centres = nuclei_centres(nuclei, sel, max_centres=MAX_CELLS)
             feats = np.concatenate(
-                [embed_channel(m.model, batch[c], crop, m.patch_size, dev, m.normalise,
-                               windows=windows, median=median)
+                [embed_channel(m.model, batch[c], crop, m.patch_size, dev, m.normalise, pooling,
+                               windows, median, centres)
                  for c, m in models.models.items()], axis=1)
             out_chunk[b0 - lo:b1 - lo] = l2_normalise(feats) if l2 else feats
             done = b1
@@ -460,8 +568,8 @@ def embed_cache(
         yield Progress("embed", n, n, warning, {"warning": warning, "nan_rows": bad.tolist()})
     result = profile_table(table, features, names)
     if out is not None:
-        provenance = {"models": models.summary(), "crop": crops, "windows": windows,
-                      "median": median, "l2": bool(l2), "n_fields": n,
+        provenance = {"models": models.summary(), "crop": crops, "pooling": pooling,
+                      "windows": windows, "median": median, "l2": bool(l2), "n_fields": n,
                       "cache": str(cache.path), "method": "median of four centre crops, "
                       "channels concatenated, L2-normalised"}
         write_profiles(result, out, provenance)

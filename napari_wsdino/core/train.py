@@ -45,7 +45,7 @@ import torch
 
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import Cache, open_cache
-from napari_wsdino.core.dino import DINOHead, DINOLoss, MultiCropWrapper, ema_update
+from napari_wsdino.core.dino import CENTERINGS, DINOHead, DINOLoss, MultiCropWrapper, ema_update
 from napari_wsdino.core.fsio import atomic_write
 from napari_wsdino.core.model import (
     CHECKPOINT_FORMAT,
@@ -63,7 +63,7 @@ from napari_wsdino.core.model import (
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS, PairSampler, weak_labels
 from napari_wsdino.core.schedules import Schedules
-from napari_wsdino.core.views import multi_crop
+from napari_wsdino.core.views import Centres, jitter_intensity, multi_crop
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pth"
@@ -71,6 +71,8 @@ CONFIG_FILE = "config.toml"
 LOG_FILE = "log.jsonl"
 N_GLOBAL = 2
 # Settings that may differ between a run and its resumption (they do not change the maths).
+#: Where crops are centred: anywhere (the paper) or on nuclei (cell-centred crops).
+CROP_CENTRES = ("uniform", "nuclei")
 INIT_PARTS = ("backbone", "full")
 EPOCH_SPLITS = ("shard", "replicate")
 RESUMABLE_CHANGES = {"device", "checkpoint_every", "snapshot_every", "preload", "compile"}
@@ -111,6 +113,13 @@ class TrainConfig:
     (0 = off: teacher-only copies ``teacher_epochNNNN.pth`` for best-epoch studies),
     ``device`` (auto | cpu | cuda), ``precision`` (auto = bf16 on CUDA, fp32 on CPU),
     ``preload`` (auto = cache on the GPU when it fits), ``compile`` (torch.compile).
+
+    Microscopy additions (off by default, on in the ``cpu`` demo preset; see
+    docs/training.md): ``crop_centres`` (uniform = the paper; nuclei = every crop centred
+    on a nucleus of ``nuclei_channel``, found by Otsu), ``rotate90`` (random quarter
+    turns), ``intensity_jitter`` (per-view gain ``exp(N(0, s))`` and offset),
+    ``teacher_centering`` (centre = DINO's EMA centre; sinkhorn = DINOv2's Sinkhorn-Knopp
+    targets, which cannot collapse).
     """
 
     channel: str = "DAPI"
@@ -153,6 +162,11 @@ class TrainConfig:
     precision: str = "auto"
     preload: str = "auto"
     compile: bool = False
+    crop_centres: str = "uniform"
+    nuclei_channel: str = "DAPI"
+    rotate90: bool = False
+    intensity_jitter: float = 0.0
+    teacher_centering: str = "centre"
     # What a full checkpoint given as init fills: "backbone" (its teacher backbone, and head
     # when it fits, into both nets) or "full" (DINO's restart_from_checkpoint: student,
     # teacher, heads, loss centre and optimiser state each where it was saved).
@@ -185,6 +199,12 @@ class TrainConfig:
         for name in ("center_momentum", "momentum_teacher", "flip_p"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must lie in [0, 1]")
+        if self.crop_centres not in CROP_CENTRES:
+            problems.append(f"crop_centres must be one of {', '.join(CROP_CENTRES)}")
+        if self.teacher_centering not in CENTERINGS:
+            problems.append(f"teacher_centering must be one of {', '.join(CENTERINGS)}")
+        if self.intensity_jitter < 0:
+            problems.append("intensity_jitter must be 0 or more")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append("precision must be auto, fp32 or bf16")
         if self.init_parts not in INIT_PARTS:
@@ -572,7 +592,8 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
     student.to(device)
     teacher.to(device)
     dino_loss = DINOLoss(config.out_dim, N_GLOBAL + config.local_crops, N_GLOBAL,
-                         config.student_temp, config.center_momentum).to(device)
+                         config.student_temp, config.center_momentum,
+                         config.teacher_centering).to(device)
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(_params_groups(student), lr=0.0,
                                   weight_decay=config.weight_decay, fused=cuda)
@@ -615,6 +636,7 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 \
         else contextlib.nullcontext
     source = FieldSource(images, labels.index.to_numpy(), device, config.preload)
+    centres = _crop_centres(cache, config, labels.index.to_numpy())
     last_layer = list(student.head.last_layer.parameters())
     data_meta = {"channel": config.channel, "weak_label": config.weak_label,
                  "dmso": config.dmso, "fingerprint": fingerprint, **sampler.summary()}
@@ -679,8 +701,11 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
                 xg, xl, n_global=N_GLOBAL, n_local=config.local_crops,
                 global_size=config.global_size, local_size=config.local_size,
                 global_scale=config.global_scale, local_scale=config.local_scale,
-                flip_p=config.flip_p, generator=gen,
+                flip_p=config.flip_p, generator=gen, rotate=config.rotate90,
+                global_centres=centres(plan.global_rows[it]),
+                local_centres=centres(plan.local_rows[it] if paired else plan.global_rows[it]),
             )
+            views = jitter_intensity(views, config.intensity_jitter, gen)
             if config.input_mean != 0.0 or config.input_std != 1.0:
                 views = [(v - config.input_mean) / config.input_std for v in views]
             with autocast():
@@ -756,6 +781,30 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
         write(finished=step >= total)
         raise
     return ckpt_path
+
+
+def _crop_centres(cache: Cache, config: TrainConfig, rows: np.ndarray):
+    """``rows -> Centres | None``: nuclei of the fields used, found once per run."""
+    if config.crop_centres == "uniform":
+        return lambda batch_rows: None
+    from napari_wsdino.core.nuclei import nuclei_centres
+
+    if config.nuclei_channel not in cache.channels:
+        raise TrainingError(
+            f"crop_centres = nuclei needs the nuclear stain {config.nuclei_channel!r}, which "
+            f"this cache lacks (it has {', '.join(cache.channels)}). Set nuclei_channel to "
+            "your DNA channel, or crop_centres = uniform.")
+    rows = np.unique(rows)
+    yx, count = nuclei_centres(cache.images(config.nuclei_channel), rows)
+    lookup = np.full(len(cache.table), -1, dtype=np.int64)
+    lookup[rows] = np.arange(len(rows))
+    yx_t, count_t = torch.from_numpy(yx), torch.from_numpy(count)
+
+    def centres(batch_rows) -> Centres:
+        idx = torch.from_numpy(lookup[np.asarray(batch_rows)])
+        return Centres(yx_t[idx], count_t[idx])
+
+    return centres
 
 
 def _hms(seconds: float) -> str:
