@@ -131,3 +131,17 @@ def test_two_processes_each_draw_the_whole_epoch(tmp_path):
     assert len(r0) == 2 * (fields // 4) * 4  # global and partner rows of a whole epoch each
     assert np.array_equal(r0, r1)
     assert torch.is_tensor(ckpt["dino_loss"]["center"])
+
+
+def test_gpu_preset_and_paper_code_refuse_random_weights_in_demo_and_study(tmp_path, capsys):
+    """Issue 14: the gpu preset starts from ImageNet weights; without --init it stops with
+    a message (exit 2, nothing written), in the demo and the study alike."""
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), "--gpu", "--device", "cpu"]) == 2
+    assert "--init" in capsys.readouterr().err and not out.exists()
+    assert main(["demo", str(out), "--preset", "test", "--recipe", "paper-code"]) == 2
+    assert "paper-code" in capsys.readouterr().err and not out.exists()
+    cache = make_cache(tmp_path / "cache", per_compound=4, size=32)
+    study = tmp_path / "study"
+    assert main(["study", str(cache.path), "--out", str(study), "--preset", "gpu"]) == 2
+    assert "--init random" in capsys.readouterr().err and not study.exists()
