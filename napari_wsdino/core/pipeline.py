@@ -50,6 +50,11 @@ class Preset:
         :class:`~napari_wsdino.core.train.TrainConfig` overrides.
     embed_crop
         Side of the four centre crops used for profiles.
+    embed_pooling
+        ``cls`` (the paper) or ``cls+mean`` (:data:`~napari_wsdino.core.embed.POOLINGS`).
+    normalize
+        The cache's intensity normalisation with the default recipe (``plate``, ``zscore``
+        ...; :data:`~napari_wsdino.core.preprocess.NORMALIZATIONS`); empty = the recipe's.
     """
 
     name: str
@@ -60,6 +65,8 @@ class Preset:
     train: dict = field(default_factory=dict)
     embed_crop: int = 224
     description: str = ""
+    embed_pooling: str = "cls"
+    normalize: str = ""
 
 
 _CPU_MODEL = dict(arch="wsdino_vit_pico_patch8", drop_path_rate=0.0, out_dim=1024,
@@ -70,25 +77,34 @@ PRESETS: dict[str, Preset] = {
         "test", "mini", 1, (64, 80), (48, 64),
         dict(_CPU_MODEL, out_dim=256, hidden_dim=64, bottleneck_dim=32, epochs=1,
              batch_size=16, global_size=32, local_size=16, local_crops=2, lr=5e-4,
-             min_lr=1e-5, warmup_epochs=0, checkpoint_every=1),
+             min_lr=1e-5, warmup_epochs=0, checkpoint_every=1, crop_centres="nuclei",
+             rotate90=True),
         embed_crop=16,
         description="seconds; for the test suite only",
+        embed_pooling="cls+mean",
+        normalize="plate",
     ),
     # Tuned with benchmarks/tune_cpu_preset.py (see benchmarks/RESULTS.md). From random
     # init, WS-DINO's cross-field local crops pull a tiny ViT to the uniform output (loss
     # ln(out_dim)); a sharp teacher (0.01, student 0.1), a gentler centre (0.9), one
     # local crop, large global crops and a constant lr keep it well below ln(out_dim).
     # The cache keeps the replica's resolution: nuclei stay several pixels wide.
+    # Issue 13 (docs/training.md, benchmarks/RESULTS.md): per-plate intensity normalisation
+    # (keeps a treatment's brighter / fewer / larger nuclei, removes the week's stain
+    # level), crops centred on nuclei, quarter turns, and CLS + mean-token embeddings.
     "cpu": Preset(
         "cpu", "mini", 2, (160, 200), (160, 200),
         dict(_CPU_MODEL, epochs=30, batch_size=16, global_size=64, local_size=32,
              global_scale=(0.5, 1.0), local_crops=1, local_scale=(0.2, 0.5),
              teacher_temp=0.01, warmup_teacher_temp=0.01, student_temp=0.1,
              center_momentum=0.9, lr=1e-4, min_lr=1e-4, warmup_epochs=3,
-             checkpoint_every=5),
+             checkpoint_every=5, crop_centres="nuclei", rotate90=True),
         embed_crop=80,
         description="minutes on a 2-core laptop: tiny patch-8 ViT from scratch, "
-                    "sharp teacher, one cross-field local crop",
+                    "sharp teacher, one cross-field local crop, nuclei-centred crops, "
+                    "per-plate normalisation",
+        embed_pooling="cls+mean",
+        normalize="plate",
     ),
     "gpu": Preset(
         "gpu", "full", None, (1024, 1280), (512, 640),
@@ -213,8 +229,11 @@ def run_demo(
     state["settings"] = settings
     skipped = []
     paths = {"data": out / "data", "cache": out / "cache", "run": out / "run",
+             "run_dino": out / "run_dino",
              "profiles": out / "profiles.parquet",
+             "dino_profiles": out / "profiles_dino.parquet",
              "baseline_profiles": out / "profiles_random_init.parquet",
+             "classical_profiles": out / "profiles_classical.parquet",
              "results": out / "results.json", "report": out / "report.html"}
 
     def done(stage: str) -> bool:
@@ -231,40 +250,54 @@ def run_demo(
 
     if not done("preprocess"):
         ps = replace(stages.preprocess, size=preset.cache_size, clip=10000.0)
+        if preset.normalize and recipe == "default":
+            ps = replace(ps, normalize=preset.normalize)
         yield from preprocess(meta, paths["cache"], ps, workers=workers)
         _mark(out, state, "preprocess")
     cache = open_cache(paths["cache"])
 
     config = TrainConfig(weak_label=weak_label, seed=seed, device=device,
                          **{k: v for k, v in preset.train.items()})
+    # The models compared: WS-DINO, plain DINO at the same budget (unless WS-DINO is plain
+    # DINO already), a random-init ViT of the same architecture, and the classical profile.
+    compared = _compared_models(weak_label)
     if not done("train"):
-        yield from train_channels(cache, config, paths["run"], resume=True)
+        for model in compared:
+            if model.run is not None:
+                yield from train_channels(cache, config.replace(weak_label=model.weak_label),
+                                          paths[model.run], resume=True)
         _mark(out, state, "train")
 
     if not done("embed"):
-        models = ModelSet.from_run(paths["run"])
-        emb = dict(windows=stages.embed.windows, median=stages.embed.median, l2=stages.embed.l2)
-        yield from embed_cache(cache, models, paths["profiles"], crop=preset.embed_crop,
-                               device=device, **emb)
-        baseline = ModelSet.random(config.arch, cache.channels, seed=seed)
-        yield from embed_cache(cache, baseline, paths["baseline_profiles"], crop=preset.embed_crop,
-                               device=device, **emb)
+        for model in compared:
+            if model.kind == "classical":
+                yield from _classical_profiles(meta, cache, paths[model.profiles])
+                continue
+            models = (ModelSet.random(config.arch, cache.channels, seed=seed)
+                      if model.run is None else ModelSet.from_run(paths[model.run]))
+            yield from embed_cache(cache, models, paths[model.profiles], crop=preset.embed_crop,
+                                   device=device, pooling=preset.embed_pooling,
+                                   windows=stages.embed.windows, median=stages.embed.median,
+                                   l2=stages.embed.l2)
         _mark(out, state, "embed")
 
     evaluated = {}
     if not done("evaluate"):
-        yield Progress("evaluate", 0, 2, "TVN, aggregation, NSC / NSCB / mAP")
+        n = len(compared)
+        yield Progress("evaluate", 0, n, "TVN, aggregation, NSC / NSCB / mAP, attention on cells")
         rows = []
-        for i, (name, label, key) in enumerate((
-            (f"WS-DINO ({weak_label})" if weak_label != "none" else "DINO", weak_label, "profiles"),
-            ("random-init ViT", "none", "baseline_profiles"),
-        )):
-            res = _evaluate(ProfileTable.read(paths[key]), stages)
-            evaluated[key] = res
-            rows.append({"model": name, "weak_label": label, **_headline(res)})
-            yield Progress("evaluate", i + 1, 2, f"{name}: NSC {rows[-1]['nsc']:.2f}")
+        for i, model in enumerate(compared):
+            res = _evaluate(ProfileTable.read(paths[model.profiles]), stages)
+            evaluated[model.profiles] = res
+            row = {"model": model.name, "weak_label": model.weak_label, **_headline(res)}
+            if model.kind != "classical":
+                models = (ModelSet.random(config.arch, cache.channels, seed=seed)
+                          if model.run is None else ModelSet.from_run(paths[model.run]))
+                row.update(_attention_scores(cache, models))
+            rows.append(row)
+            yield Progress("evaluate", i + 1, n, f"{model.name}: NSC {row['nsc']:.2f}")
         paths["results"].write_text(json.dumps(
-            {"data": "synthetic replica", "results": rows,
+            {"data": "synthetic replica", "results": rows, "metrics": METRIC_NOTES,
              "detail": {k: v.to_dict() for k, v in evaluated.items()}}, indent=2))
         _mark(out, state, "evaluate")
     results = json.loads(paths["results"].read_text())
@@ -278,6 +311,72 @@ def run_demo(
         yield Progress("report", 1, 1, str(paths["report"]))
     return {"results": results["results"], "paths": {k: str(v) for k, v in paths.items()},
             "skipped": skipped}
+
+
+#: One sentence per number of the demo's results (shown in the report and results.json).
+METRIC_NOTES = {
+    "nsc": "NSC (not-same-compound): share of treatments whose nearest other treatment "
+           "(cosine, after TVN on DMSO), excluding the same compound, has the same MoA.",
+    "nscb": "NSCB (not-same-compound-or-batch): as NSC, but the neighbour must also come from "
+            "another batch (week), so batch effects cannot help; the harder, fairer number.",
+    "map_nsc": "mAP: mean over treatments of the average precision of ranking the other "
+               "treatments of the same MoA first (same-compound neighbours excluded).",
+    "map_nscb": "mAP under the NSCB rule (same-compound and same-batch neighbours excluded).",
+    "attention_on_cells": "Attention on cells (per channel): the CLS attention's mass on the "
+                          "channel's foreground (Otsu) over the foreground's area share; 1 is "
+                          "uniform, above 1 the model looks at the cells.",
+}
+
+
+@dataclass(frozen=True)
+class ComparedModel:
+    """One row of the demo's comparison: its name, weak label, run key and profiles key."""
+
+    name: str
+    weak_label: str
+    kind: str                # "trained" | "random" | "classical"
+    run: str | None          # key in paths of the run folder (trained models)
+    profiles: str            # key in paths of the profile table
+
+
+def _compared_models(weak_label: str) -> list[ComparedModel]:
+    rows = []
+    if weak_label != "none":
+        rows.append(ComparedModel(f"WS-DINO ({weak_label})", weak_label, "trained", "run",
+                                  "profiles"))
+        rows.append(ComparedModel("DINO (none), same budget", "none", "trained", "run_dino",
+                                  "dino_profiles"))
+    else:
+        rows.append(ComparedModel("DINO (none)", "none", "trained", "run", "profiles"))
+    rows.append(ComparedModel("random-init ViT", "none", "random", None, "baseline_profiles"))
+    rows.append(ComparedModel("classical profile (52 features)", "none", "classical", None,
+                              "classical_profiles"))
+    return rows
+
+
+def _classical_profiles(meta, cache, path: Path):
+    """The hand-crafted profile of the cached fields, from the raw images (a generator)."""
+    from napari_wsdino.core.classical import feature_names, iter_dataset_features
+    from napari_wsdino.core.embed import write_profiles
+    from napari_wsdino.core.profiles import ProfileTable
+
+    keys = ["plate", "well", "site"]
+    table = cache.table[keys].merge(meta.table, on=keys, how="left")
+    features = yield from iter_dataset_features(table, list(cache.channels))
+    profiles = ProfileTable.from_fields(table, features, feature_names(list(cache.channels)))
+    write_profiles(profiles, path, {"method": "classical: 52 intensity and texture features "
+                                              "(napari_wsdino.core.classical)"})
+    return profiles
+
+
+def _attention_scores(cache, models, n_fields: int = 24) -> dict[str, float]:
+    """Attention-on-cells per channel, mean over evenly spaced fields of the cache."""
+    from napari_wsdino.core.attention import mean_attention_on_cells
+
+    idx = np.linspace(0, len(cache.table) - 1, min(n_fields, len(cache.table))).astype(int)
+    return {f"attention_{ch}": round(mean_attention_on_cells(
+        models.models[ch], [np.asarray(cache.images(ch)[i], np.float32) for i in idx]).score, 3)
+        for ch in models.channels}
 
 
 def _evaluate(profiles, stages=None):
@@ -321,7 +420,9 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
         figures=figures,
         settings={**settings, "cache": cache.settings},
         notes=[f"Preset '{preset.name}': {preset.description}. NSC/NSCB use cosine 1-NN on "
-               "treatment profiles after TVN on DMSO (Ando et al. 2017)."],
+               "treatment profiles after TVN on DMSO (Ando et al. 2017). All models are "
+               "evaluated on the same fields; the random-init ViT has the trained models' "
+               "architecture and embedding.", *METRIC_NOTES.values()],
     )
     write_report(report, out)
 
