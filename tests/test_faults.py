@@ -673,3 +673,29 @@ def test_case10_damaged_checkpoint_is_not_called_unsafe(tiny_cache, tmp_path, ca
         assert code == 2
         line = _one_line_error(err, str(path), "damaged or not a PyTorch checkpoint", "again")
         assert "weights_only=False" not in line and "pickled" not in line
+
+
+# ---------------------------------------------------------------- 4: weights of another width
+
+
+@pytest.mark.parametrize("command", ["embed --model", "embed --init-only", "train --init"])
+def test_case4_weights_of_another_width(tiny_cache, tmp_path, capsys, command):
+    import timm
+    import torch
+
+    wide = tmp_path / "wide.pth"
+    torch.save(timm.create_model("test_vit", embed_dim=96, num_classes=0).state_dict(), wide)
+    run = tmp_path / "run"
+    args = {
+        "embed --model": ["embed", tiny_cache.path, "--model", f"DAPI={wide}"],
+        "embed --init-only": ["embed", tiny_cache.path, "--init-only", wide],
+        "train --init": ["train", tiny_cache.path, "--init", wide, "--epochs", "1",
+                         "--batch-size", "4", "--out", run, "--device", "cpu", "--quiet"],
+    }[command]
+    if command.startswith("embed"):
+        args += ["--crop", "16", "--out", tmp_path / "p.parquet", "--quiet"]
+    code, _, err = _cli(args + ["--arch", "test_vit"], capsys)
+    assert code == 2
+    _one_line_error(err, "another architecture", "--arch")
+    assert not run.exists()  # no empty RUN/DAPI/ left behind
+    assert not (tmp_path / "p.parquet").exists()

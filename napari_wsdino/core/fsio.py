@@ -102,6 +102,34 @@ def ensure_dir(path: str | Path) -> Path:
     return path
 
 
+def first_missing_dir(path: str | Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (``None`` if it does):
+    what creating ``path`` would create, for :func:`remove_empty_dirs` to take back."""
+    path = Path(path).absolute()
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def remove_empty_dirs(path: str | Path, up_to: Path | None) -> None:
+    """Remove ``path`` and its parents up to ``up_to`` (included) while they are empty:
+    a command that failed before writing anything leaves no empty folders behind."""
+    if up_to is None:
+        return
+    folder, up_to = Path(path).absolute(), Path(up_to).absolute()
+    while True:
+        try:
+            folder.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
+        if folder == up_to or up_to not in folder.parents:
+            return
+        folder = folder.parent
+
+
 @contextmanager
 def remove_on_failure(*paths: str | Path) -> Iterator[None]:
     """Delete ``paths`` (files) if the block raises; the error goes on unchanged."""

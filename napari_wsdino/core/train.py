@@ -46,7 +46,7 @@ import torch
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.dino import CENTERINGS, DINOHead, DINOLoss, MultiCropWrapper, ema_update
-from napari_wsdino.core.fsio import atomic_write
+from napari_wsdino.core.fsio import atomic_write, first_missing_dir, remove_empty_dirs
 from napari_wsdino.core.model import (
     CHECKPOINT_FORMAT,
     RANDOM_INIT,
@@ -554,8 +554,12 @@ def train(
     except RuntimeError as exc:
         raise TrainingError(str(exc)) from None
     info = distributed.setup(device.type)
+    made = first_missing_dir(out)
     try:
         return (yield from _train(cache, config, out, ckpt_path, device, info, resume, stop))
+    except BaseException:
+        remove_empty_dirs(out, made)  # failed before writing (e.g. weights of another width)
+        raise
     finally:
         distributed.teardown(info)
 
