@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from napari_wsdino.cli._common import add_layout_option, drive, layout_from_args
+from napari_wsdino.cli._common import add_layout_option, drive, is_terminal, layout_from_args
 from napari_wsdino.core.metadata import DataError, load_metadata
 from napari_wsdino.core.preprocess import (
     ILLUMINATION_METHODS,
@@ -65,7 +65,8 @@ def _warn_unreadable(gen, stream):
         except StopIteration as stop:
             return stop.value
         if event.info.get("failed_path"):
-            stream.write(f"\nwarning: {event.message}\n")
+            lead = "\n" if is_terminal(stream) else ""  # end the bar's line first
+            stream.write(f"{lead}warning: {event.message}\n")
             stream.flush()
         yield event
 
