@@ -30,7 +30,7 @@ KEYS = ("nsc", "nscb", "map_nsc", "attention_DAPI", "attention_Tubulin", "attent
 
 def previous_cpu_preset():
     """The ``cpu`` preset before issue 13 (2026-11-25): per-image z-score, uniform crops,
-    no quarter turns, CLS-only embedding; for A/B runs on the same seeds."""
+    no quarter turns, CLS-only embedding of four 80-px centre crops; for A/B runs."""
     from dataclasses import replace
 
     from napari_wsdino.core.pipeline import PRESETS
@@ -38,7 +38,7 @@ def previous_cpu_preset():
     cpu = PRESETS["cpu"]
     train = {k: v for k, v in cpu.train.items() if k not in ("crop_centres", "rotate90")}
     return replace(cpu, name="cpu-previous", train=train, embed_pooling="cls",
-                   normalize="zscore")
+                   normalize="zscore", embed_windows="", embed_crop=80)
 
 
 def run_seed(out: Path, seed: int, preset: str) -> dict:

@@ -55,6 +55,10 @@ class Preset:
     normalize
         The cache's intensity normalisation with the default recipe (``plate``, ``zscore``
         ...; :data:`~napari_wsdino.core.preprocess.NORMALIZATIONS`); empty = the recipe's.
+    embed_windows
+        With the default recipe, where the embedding's crops come from (``cells``: one
+        ``embed_crop`` crop per nucleus, averaged; :data:`~napari_wsdino.core.embed.WINDOWS`);
+        empty = the recipe's.
     """
 
     name: str
@@ -67,6 +71,7 @@ class Preset:
     description: str = ""
     embed_pooling: str = "cls"
     normalize: str = ""
+    embed_windows: str = ""
 
 
 _CPU_MODEL = dict(arch="wsdino_vit_pico_patch8", drop_path_rate=0.0, out_dim=1024,
@@ -83,6 +88,7 @@ PRESETS: dict[str, Preset] = {
         description="seconds; for the test suite only",
         embed_pooling="cls+mean",
         normalize="plate",
+        embed_windows="cells",
     ),
     # Tuned with benchmarks/tune_cpu_preset.py (see benchmarks/RESULTS.md). From random
     # init, WS-DINO's cross-field local crops pull a tiny ViT to the uniform output (loss
@@ -99,12 +105,13 @@ PRESETS: dict[str, Preset] = {
              teacher_temp=0.01, warmup_teacher_temp=0.01, student_temp=0.1,
              center_momentum=0.9, lr=1e-4, min_lr=1e-4, warmup_epochs=3,
              checkpoint_every=5, crop_centres="nuclei", rotate90=True),
-        embed_crop=80,
+        embed_crop=32,
         description="minutes on a 2-core laptop: tiny patch-8 ViT from scratch, "
                     "sharp teacher, one cross-field local crop, nuclei-centred crops, "
-                    "per-plate normalisation",
+                    "per-plate normalisation, profiles averaged over cells",
         embed_pooling="cls+mean",
         normalize="plate",
+        embed_windows="cells",
     ),
     "gpu": Preset(
         "gpu", "full", None, (1024, 1280), (512, 640),
@@ -277,7 +284,9 @@ def run_demo(
                       if model.run is None else ModelSet.from_run(paths[model.run]))
             yield from embed_cache(cache, models, paths[model.profiles], crop=preset.embed_crop,
                                    device=device, pooling=preset.embed_pooling,
-                                   windows=stages.embed.windows, median=stages.embed.median,
+                                   windows=(preset.embed_windows if preset.embed_windows
+                                            and recipe == "default" else stages.embed.windows),
+                                   median=stages.embed.median,
                                    l2=stages.embed.l2)
         _mark(out, state, "embed")
 
