@@ -570,8 +570,10 @@ def embed_cache(
     if out is not None:
         provenance = {"models": models.summary(), "crop": crops, "pooling": pooling,
                       "windows": windows, "median": median, "l2": bool(l2), "n_fields": n,
-                      "cache": str(cache.path), "method": "median of four centre crops, "
-                      "channels concatenated, L2-normalised"}
+                      "cache": str(cache.path),
+                      "method": ("mean over nucleus-centred cell crops" if windows == "cells"
+                                 else "median of four crops")
+                      + ", channels concatenated" + (", L2-normalised" if l2 else "")}
         write_profiles(result, out, provenance)
         shutil.rmtree(parts, ignore_errors=True)
     return result

@@ -169,6 +169,9 @@ def run_study(
     out.mkdir(parents=True, exist_ok=True)
     p = resolve_preset(preset)
     crop = embed_crop or p.embed_crop
+    # The preset's embedding (e.g. the cpu preset's cell windows) with the default recipe.
+    emb = {"pooling": p.embed_pooling,
+           **({"windows": p.embed_windows} if p.embed_windows and recipe == "default" else {})}
     base = TrainConfig(device=device, init=init, **{**p.train, **r.train, **train_overrides})
     eval_every = eval_every or max(1, base.epochs // 5)
     epochs_eval = snapshot_epochs(base.epochs, eval_every, last_k)
@@ -184,7 +187,7 @@ def run_study(
     else:
         models = ModelSet.random(base.arch, channels, seed=0)
     res = yield from _embed_eval(cache, models, out / "baseline" / "profiles.parquet", crop, device,
-                                 stages=stages)
+                                 stages=stages, embed=emb)
     evals.append({"model": name, "label": "none", "seed": 0, "epoch": None, "last": True, **res})
 
     runs = [(label, seed, None) for label in labels for seed in range(seeds)]
@@ -204,7 +207,7 @@ def run_study(
             res = yield from _embed_eval(cache, models, run_dir / f"profiles_epoch{epoch:04d}.parquet",
                                          crop, device,
                                          restrict=None if fold is None else folds[fold],
-                                         stages=stages)
+                                         stages=stages, embed=emb)
             evals.append({"model": model, "label": label if fold is None else "moa (held out)",
                           "seed": seed, "fold": fold, "epoch": epoch,
                           "last": True, **res})
@@ -256,13 +259,16 @@ def _snapshot(channel_dir: Path, epoch: int, final: int) -> Path:
     raise DataError(f"No teacher snapshot for epoch {epoch} in {channel_dir}.")
 
 
-def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None, stages=None):
+def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None, stages=None,
+                embed=None):
     """Embed (reusing a finished profile file) and evaluate; returns headline numbers.
-    ``stages``: a recipe's :class:`~napari_wsdino.core.recipes.Settings` (default: ours)."""
+    ``stages``: a recipe's :class:`~napari_wsdino.core.recipes.Settings` (default: ours);
+    ``embed``: ``embed_cache`` settings that win over the recipe's (pooling, windows)."""
     from napari_wsdino.core.recipes import resolve
 
     stages = stages or resolve("default")
-    emb = {"windows": stages.embed.windows, "median": stages.embed.median, "l2": stages.embed.l2}
+    emb = {"windows": stages.embed.windows, "median": stages.embed.median, "l2": stages.embed.l2,
+           "pooling": "cls", **(embed or {})}
     from napari_wsdino.core.embed import embed_cache
     from napari_wsdino.core.evaluation import evaluate_profiles
     from napari_wsdino.core.profiles import ProfileTable
@@ -273,7 +279,8 @@ def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None
     old = json.loads(provenance.read_text()) if path.exists() and provenance.exists() else {}
     same = (old.get("models", {}).get("fingerprint") == models.fingerprint()
             and all(old.get(k, d) == emb[k] for k, d in
-                    (("windows", "centre"), ("median", "mean-middle"), ("l2", True))))
+                    (("windows", "centre"), ("median", "mean-middle"), ("l2", True),
+                     ("pooling", "cls"))))
     if same:
         profiles = ProfileTable.read(path)
     else:
