@@ -24,7 +24,7 @@ def _dock(viewer, name):
 def _wait_done(qtbot, dock, timeout=120_000):
     qtbot.waitUntil(lambda: dock.status != TaskStatus.RUNNING, timeout=timeout)
     assert dock.status == TaskStatus.DONE, dock.status_label.text()
-    assert dock.progress_bar.isHidden()
+    qtbot.waitUntil(dock.progress_bar.isHidden, timeout=10_000)  # hidden when the worker ends
 
 
 def test_walkthrough_sample_to_compare(make_napari_viewer, qtbot):
