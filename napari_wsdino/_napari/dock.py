@@ -58,6 +58,12 @@ class WorkerDock(QWidget):
         outer.addWidget(scroll, 1)
         outer.addWidget(self.progress_bar)
 
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt override
+        """Scroll vertically only: the dock is never narrower than its controls."""
+        bar = self.scroll.verticalScrollBar().sizeHint().width()
+        self.scroll.setMinimumWidth(self.body.minimumSizeHint().width() + bar)
+        super().showEvent(event)
+
     # -- helpers for panels ----------------------------------------------------------
     def input_error(self, label: QLabel, message: str) -> None:
         """A problem with the user's input: in the dock and as a napari notification."""
