@@ -699,3 +699,35 @@ def test_case4_weights_of_another_width(tiny_cache, tmp_path, capsys, command):
     _one_line_error(err, "another architecture", "--arch")
     assert not run.exists()  # no empty RUN/DAPI/ left behind
     assert not (tmp_path / "p.parquet").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.geteuid() != 0,
+                    reason="mounts a tmpfs (root on Linux)")
+def test_case1_fetch_onto_a_full_disk_names_the_partial_file(tmp_path, small_disk):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from napari_wsdino.core.fetch import FetchError, FetchOptions, download
+
+    served = tmp_path / "site"
+    served.mkdir()
+    (served / "a.zip").write_bytes(os.urandom(400_000))
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    disk = small_disk("200k")
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/a.zip"
+        with pytest.raises(FetchError) as info:  # at once: no retries against a full disk
+            run_to_end(download(url, disk / "a.zip", options=FetchOptions(retries=5, timeout=5,
+                                                                          retry_wait=30)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    message = str(info.value)
+    assert str(disk / "a.zip.part") in message and "No space left" in message
+    assert "free space" in message and "\n" not in message
+    assert (disk / "a.zip.part").exists()  # kept: a rerun resumes the download

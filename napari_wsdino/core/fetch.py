@@ -63,6 +63,7 @@ from typing import Callable, Generator, Mapping, Sequence
 import pandas as pd
 
 from napari_wsdino import __version__
+from napari_wsdino.core.fsio import describe_os_error
 from napari_wsdino.core.metadata import (
     IMAGE_CSV,
     MOA_CSV,
@@ -506,22 +507,27 @@ def _transfer(
             total = length
         got = have
         last = have
-        with open(part, mode) as fh:
-            while True:
-                try:
-                    chunk = resp.read1(options.chunk_size)
-                except (TimeoutError, socket.timeout) as exc:
-                    raise _Retry(f"connection silent for {options.timeout:g} s ({exc})") from None
-                except (OSError, http.client.HTTPException) as exc:
-                    raise _Retry(f"connection dropped ({type(exc).__name__}: {exc})") from None
-                if not chunk:
-                    break
-                fh.write(chunk)
-                got += len(chunk)
-                if got - last >= options.chunk_size:
-                    last = got
-                    fh.flush()
-                    yield event(got, total)
+        try:
+            with open(part, mode) as fh:
+                while True:
+                    try:
+                        chunk = resp.read1(options.chunk_size)
+                    except (TimeoutError, socket.timeout) as exc:
+                        raise _Retry(f"connection silent for {options.timeout:g} s ({exc})") from None
+                    except (OSError, http.client.HTTPException) as exc:
+                        raise _Retry(f"connection dropped ({type(exc).__name__}: {exc})") from None
+                    if not chunk:
+                        break
+                    fh.write(chunk)
+                    got += len(chunk)
+                    if got - last >= options.chunk_size:
+                        last = got
+                        fh.flush()
+                        yield event(got, total)
+        except OSError as exc:  # the disk, not the network: name the file (write() names none)
+            if exc.filename is None and exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror, str(part)) from None
+            raise
         yield event(got, total)
         if total is not None and got < total:
             raise _Retry(f"connection closed after {got} of {total} bytes")
@@ -594,6 +600,9 @@ def download(
             ) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
+            disk = describe_os_error(exc) if isinstance(exc, OSError) and exc.filename else None
+            if disk:  # our disk (full, read-only): retrying would not mend it
+                raise FetchError(f"{_who(plate)}{disk}", plate=plate, url=url) from None
             if isinstance(reason, FileNotFoundError):  # file:// mirror without the file
                 raise FetchError(f"{_who(plate)}{url} does not exist. Check --base-url.",
                                  plate=plate, url=url) from None
