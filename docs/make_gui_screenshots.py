@@ -2,9 +2,11 @@
 
     xvfb-run -a -s "-screen 0 1600x1000x24" python docs/make_gui_screenshots.py [WORKDIR]
 
-Writes a small synthetic replica, preprocesses it, trains a tiny Tubulin model for
-a few epochs on the CPU, and saves what the user sees: the plate browser, the
-attention overlay with the Evaluate map, and the preprocessing comparison.
+Runs the README's workflow through the panels' buttons (as the walkthrough test does):
+the synthetic sample, preprocessing, a tiny Tubulin model trained for a few epochs on the
+CPU, loading it, attention and evaluation; and saves what the user sees: the plate
+browser, the preprocessing comparison, the Train panel after training, and the attention
+overlay with the Evaluate map.
 """
 
 from __future__ import annotations
@@ -51,68 +53,75 @@ def grab(viewer, app, name, width=1400):
 
 
 def main():
+    """The walkthrough (tests/test_napari_walkthrough.py) with a larger replica, through
+    the panels' buttons, each panel opened when its step comes."""
     import os
 
     os.environ.setdefault("NAPARI_WSDINO_CONFIG_DIR", str(WORK / "config"))
+    os.environ.setdefault("WSDINO_CACHE", str(WORK / "samples"))
+    # torch's triton before the canvas, as tests/conftest.py does (Mesa's LLVM clash)
+    import timm  # noqa: F401
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_wsdino.core.metadata import load_metadata
-    from napari_wsdino.core.modelset import ModelSet
-    from napari_wsdino.core.preprocess import PreprocessSettings, preprocess
-    from napari_wsdino.core.progress import run_to_end
-    from napari_wsdino.core.synth import make_replica
-    from napari_wsdino.core.train import TrainConfig, train_channels
+    from napari_wsdino._napari.state import state_for
 
     WORK.mkdir(parents=True, exist_ok=True)
-    data = WORK / "replica"
-    if not (data / "BBBC021_v1_image.csv").exists():
-        make_replica(data, "mini", sites=1, size=(256, 320), seed=0, workers=2)
-    meta = load_metadata(data)
-    cache_dir = WORK / "cache"
-    cache = run_to_end(preprocess(meta, cache_dir, PreprocessSettings(size=(128, 160)), workers=2))
-    run = WORK / "run"
-    if not (run / "Tubulin" / "checkpoint.pth").exists():
-        cfg = TrainConfig(arch="wsdino_vit_pico_patch8", weak_label="compound", epochs=4,
-                          batch_size=16, global_size=64, local_size=32, local_crops=4,
-                          out_dim=1024, hidden_dim=256, bottleneck_dim=64, lr=5e-4,
-                          min_lr=1e-5, warmup_epochs=1, device="cpu", checkpoint_every=1)
-        run_to_end(train_channels(cache, cfg, run, ["Tubulin"]))
-    trained = ModelSet.from_run(run)
-    others = ModelSet.random("wsdino_vit_pico_patch8", ("DAPI", "Actin"), seed=0)
-    models = ModelSet({"DAPI": others["DAPI"], "Tubulin": trained["Tubulin"],
-                       "Actin": others["Actin"]}, kind="trained")
-
     viewer = napari.Viewer(show=True)
     app = QApplication.instance()
     viewer.window._qt_window.resize(1600, 980)
-    add = viewer.window.add_plugin_dock_widget
-    browser = add("napari-wsdino", "1 Data - plate browser")[1]
-    browser.open(data)
-    taxol = int(np.flatnonzero(meta.table.compound.values == "taxol")[-1])
-    from napari_wsdino._napari.state import state_for
-
     state = state_for(viewer)
-    state.field_index = taxol
+
+    def add(name, **kwargs):
+        return viewer.window.add_plugin_dock_widget("napari-wsdino", name, **kwargs)[1]
+
+    def close(dock):
+        viewer.window.remove_dock_widget(dock.parent() if dock.parent() else dock)
+
+    browser = add("1 Data - plate browser")
+    browser.open_sample()  # the 256 x 320 px synthetic sample (written once)
+    wait(app, lambda: state.metadata is not None)
+    meta = state.metadata
+    state.field_index = int(np.flatnonzero(meta.table.compound.values == "taxol")[-1])
     grab(viewer, app, "gui_plate_browser")
 
-    prep = add("napari-wsdino", "2 Preprocess")[1]
-    prep._adopt(cache)
+    prep = add("2 Preprocess")
+    prep.height_spin.setValue(128)
+    prep.width_spin.setValue(160)
+    prep.workers_spin.setValue(2)
+    prep.run()
+    wait(app, lambda: prep.status.value != "running")
     prep.channel_combo.setCurrentText("Tubulin")
     prep.compare()
     grab(viewer, app, "gui_preprocess")
     for layer in [l for l in viewer.layers if l.metadata.get("wsdino_role") == "preprocess-compare"]:
         viewer.layers.remove(layer)
-    viewer.window.remove_dock_widget(prep.parent() if prep.parent() else prep)
+    close(prep)
+    close(browser)
 
-    state.models = models
-    viewer.window.remove_dock_widget(browser.parent() if browser.parent() else browser)
-    attention = add("napari-wsdino", "4 Attention")[1]
+    train = add("3a Train")  # opened now: cache, run folder and a preset that fits
+    for channel, box in train.channel_boxes.items():
+        box.setChecked(channel == "Tubulin")
+    train.epochs_spin.setValue(4)
+    train.device_combo.setCurrentIndex(train.device_combo.findData("cpu"))
+    if not (Path(train.run_edit.text()) / "Tubulin" / "checkpoint.pth").exists():
+        train.start()
+        wait(app, lambda: train.status.value != "running")
+    print(train.status_label.text())
+    viewer.reset_view()
+    grab(viewer, app, "gui_train")
+    loader = add("3b Load models")  # opened now: it points at the run
+    loader.load()
+    wait(app, lambda: loader.status.value != "running")
+    close(train)
+    close(loader)
+
+    attention = add("4 Attention")
     attention.channel_combo.setCurrentText("Tubulin")
     attention.opacity_spin.setValue(0.45)
     attention.compute()
     wait(app, lambda: attention.status.value != "running")
-    evaluate = add("napari-wsdino", "5 Evaluate", tabify=False)[1]
+    evaluate = add("5 Evaluate", tabify=False)
     evaluate.crop_spin.setValue(64)
     evaluate.device_combo.setCurrentText("cpu")
     evaluate.method_combo.setCurrentText("umap")

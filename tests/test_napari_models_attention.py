@@ -86,6 +86,12 @@ def _same_pixel_edges(layer, raw):
     np.testing.assert_allclose(hi + half, rhi + 0.5)
 
 
+def _filled(outline):
+    from scipy.ndimage import binary_fill_holes
+
+    return binary_fill_holes(outline.astype(bool))
+
+
 def _attention_layers(viewer):
     return {layer.name: layer for layer in viewer.layers if layer.name.startswith("attention")}
 
@@ -108,11 +114,13 @@ def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, 
     mean = layers["attention mean [Tubulin]"]
     mask = layers["attention mask [Tubulin]"]
     assert heads.data.shape == (2, 48, 64) and mean.data.shape == (48, 64)
-    # the mask is a thin outline that cannot be painted or edited
-    assert mask._type_string == "shapes" and not mask.editable
-    assert len(mask.data) >= 1 and set(mask.shape_type) == {"path"}
-    ys, xs = np.concatenate(mask.data).T
-    assert ys.min() >= -0.5 and ys.max() <= 47.5 and xs.min() >= -0.5 and xs.max() <= 63.5
+    # the mask is a thin outline in an Image layer: nothing to paint on (not a Labels layer)
+    from skimage.segmentation import find_boundaries
+
+    assert mask._type_string == "image" and mask.data.shape == (48, 64)
+    assert set(np.unique(mask.data)) <= {0, 1} and mask.data.any()
+    assert not (mask.data.astype(bool) & ~find_boundaries(mask.data.astype(bool) | _filled(mask.data),
+                                                           mode="inner")).any()
     # scaled onto the 96x128 raw field: same world extent as the DAPI layer
     np.testing.assert_allclose(mean.scale, (2.0, 2.0))
     _same_pixel_edges(mean, viewer.layers["DAPI"])

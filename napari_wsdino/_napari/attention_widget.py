@@ -83,12 +83,11 @@ def field_image(metadata, index: int, channel: str, cache: Cache | None = None,
     return FieldImage(image, scale, translate, "raw field (no cache holds it)")
 
 
-def mask_outline(mask: np.ndarray) -> list[np.ndarray]:
-    """Outline of a binary mask as closed (y, x) paths through the pixel edges."""
-    from skimage.measure import find_contours
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel inner boundary of a binary mask (``uint8``, 1 on the outline)."""
+    from skimage.segmentation import find_boundaries
 
-    padded = np.pad(np.asarray(mask, dtype=np.float32), 1)
-    return [c - 1.0 for c in find_contours(padded, 0.5) if len(c) >= 3]
+    return find_boundaries(np.asarray(mask, dtype=bool), mode="inner").astype(np.uint8)
 
 
 def attention_job(model, metadata, index: int, channel: str, cache: Cache | None,
@@ -286,19 +285,11 @@ class AttentionWidget(WorkerDock):
         else:
             self.viewer.add_labels(data, name=name, **kwargs)
 
-    def _put_outline(self, name: str, outline: list, common: dict) -> None:
-        """The mask as a thin outline (Shapes paths), locked: it cannot be painted or edited."""
-        paths = outline or [np.zeros((2, 2))]  # an empty mask: one invisible point
-        visible = True
-        if name in self.viewer.layers:  # replaced, not updated: paths differ in number
-            visible = self.viewer.layers[name].visible
-            self.viewer.layers.remove(name)
-        layer = self.viewer.add_shapes(
-            paths, shape_type="path", name=name, edge_color="cyan", edge_width=0.5,
-            face_color="transparent", opacity=1.0 if outline else 0.0, **common)
-        layer.visible = visible
-        layer.editable = False
-        layer.mode = "pan_zoom"
+    def _put_outline(self, name: str, outline: np.ndarray, common: dict) -> None:
+        """The mask as a thin cyan outline in an Image layer: nothing there can be painted."""
+        self._put("image", name, outline,
+                  dict(colormap="cyan", blending="additive", opacity=1.0,
+                       contrast_limits=(0.0, 1.0), interpolation2d="nearest", **common))
 
     def _restyle(self, *_):
         """Colormap / opacity apply to the attention layers already shown."""
