@@ -70,7 +70,7 @@ from napari_wsdino.core.cache import (
     open_cache,
 )
 from napari_wsdino.core.imageio import ImageReadError, read_tiff
-from napari_wsdino.core.metadata import DataError, Metadata
+from napari_wsdino.core.metadata import CONTROL, DataError, Metadata
 from napari_wsdino.core.progress import Progress, Timer
 
 NORMALIZATIONS = ("zscore", "paper", "plate", "none")
@@ -229,20 +229,25 @@ def normalize(image: np.ndarray, method: str = "zscore", clip: float | None = No
     raise ValueError(f"normalize must be one of {NORMALIZATIONS}, not {method!r}")
 
 
-def normalise_plate_rows(array_files: Sequence[str], start: int, n: int) -> None:
+def normalise_plate_rows(array_files: Sequence[str], start: int, n: int,
+                         controls: np.ndarray | None = None) -> None:
     """``normalize="plate"``: standardise one plate's cached rows, per channel, by the
-    mean and standard deviation over all of the plate's fields.
+    mean and standard deviation of the plate's control (DMSO) fields — of all its fields
+    when it has none (``controls``: booleans over the ``n`` rows).
 
     Unlike a per-image z-score this keeps what differs between the fields of a plate
     (a treatment's brighter, larger or fewer nuclei) and removes what differs between
     plates (a week's stain level): the standard per-plate normalisation of profiling.
+    Controls, not the whole plate, set the scale, so a plate's mix of treatments does not.
     """
     if n <= 0:
         return
+    use = None if controls is None or not np.any(controls) else np.asarray(controls, bool)
     for path in array_files:
         arr = np.load(path, mmap_mode="r+")
         rows = np.asarray(arr[start:start + n], dtype=np.float64)
-        mean, std = rows.mean(), rows.std()
+        ref = rows if use is None else rows[use]
+        mean, std = ref.mean(), ref.std()
         arr[start:start + n] = ((rows - mean) / (std if std > 0 else 1.0)).astype(arr.dtype)
         arr.flush()
         del arr
@@ -860,7 +865,9 @@ def preprocess(
             if lost:  # unreadable only on the second read: close the gaps
                 kept = _compact(array_files, kept, row_of, lost, start)
             if record.get("normalize") == "plate":
-                normalise_plate_rows(array_files, start, len(kept))
+                controls = (table.loc[kept, "compound"] == CONTROL).to_numpy() \
+                    if "compound" in table else None
+                normalise_plate_rows(array_files, start, len(kept), controls)
             next_row = start + len(kept)
             _fsync(array_files)  # rows on disk before the plate is recorded as done
             state["plates"][plate] = {
