@@ -21,7 +21,7 @@ def _dock(viewer, name):
     return viewer.window.add_plugin_dock_widget("napari-wsdino", name)[1]
 
 
-def _wait_done(qtbot, dock, timeout=120_000):
+def _wait_done(qtbot, dock, timeout=600_000):
     qtbot.waitUntil(lambda: dock.status != TaskStatus.RUNNING, timeout=timeout)
     assert dock.status == TaskStatus.DONE, dock.status_label.text()
     qtbot.waitUntil(dock.progress_bar.isHidden, timeout=10_000)  # hidden when the worker ends
@@ -34,7 +34,7 @@ def test_walkthrough_sample_to_compare(make_napari_viewer, qtbot):
     # 1 Data: the synthetic sample
     browser = _dock(viewer, "1 Data - plate browser")
     qtbot.mouseClick(browser.sample_button, Qt.LeftButton)
-    qtbot.waitUntil(lambda: state.metadata is not None, timeout=60_000)
+    qtbot.waitUntil(lambda: state.metadata is not None, timeout=300_000)
     dataset = state.source
     assert len(state.metadata.table) == 146 and viewer.layers["DAPI"].data.shape == (64, 80)
 
