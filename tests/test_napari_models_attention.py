@@ -117,7 +117,8 @@ def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, 
     # the mask is a thin outline in an Image layer: nothing to paint on (not a Labels layer)
     from skimage.segmentation import find_boundaries
 
-    assert mask._type_string == "image" and mask.data.shape == (48, 64)
+    assert mask._type_string == "image" and mask.data.shape == (96, 128)  # raw pixels
+    _same_pixel_edges(mask, viewer.layers["DAPI"])
     assert set(np.unique(mask.data)) <= {0, 1} and mask.data.any()
     assert not (mask.data.astype(bool) & ~find_boundaries(mask.data.astype(bool) | _filled(mask.data),
                                                            mode="inner")).any()

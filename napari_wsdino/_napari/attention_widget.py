@@ -83,11 +83,19 @@ def field_image(metadata, index: int, channel: str, cache: Cache | None = None,
     return FieldImage(image, scale, translate, "raw field (no cache holds it)")
 
 
-def mask_outline(mask: np.ndarray) -> np.ndarray:
-    """The one-pixel inner boundary of a binary mask (``uint8``, 1 on the outline)."""
-    from skimage.segmentation import find_boundaries
+def mask_outline(mask: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The one-pixel inner boundary of a binary mask (``uint8``, 1 on the outline).
 
-    return find_boundaries(np.asarray(mask, dtype=bool), mode="inner").astype(np.uint8)
+    With ``shape`` (the raw field's), the mask is first brought onto that pixel grid, so
+    the line is one *raw* pixel wide however small the image the model saw.
+    """
+    from skimage.segmentation import find_boundaries
+    from skimage.transform import resize
+
+    mask = np.asarray(mask, dtype=bool)
+    if shape is not None and tuple(shape) != mask.shape:
+        mask = resize(mask, shape, order=0, preserve_range=True, anti_aliasing=False).astype(bool)
+    return find_boundaries(mask, mode="inner").astype(np.uint8)
 
 
 def attention_job(model, metadata, index: int, channel: str, cache: Cache | None,
@@ -100,7 +108,8 @@ def attention_job(model, metadata, index: int, channel: str, cache: Cache | None
     yield Progress("attention", 1, 3, f"{source.image.shape[0]}x{source.image.shape[1]} image")
     maps = attention_maps(model, source.image, mode=mode, keep=keep)
     yield Progress("attention", 2, 3, "outlining the mask")
-    outline = mask_outline(maps.mean_threshold)
+    raw_shape = tuple(int(round(n * f)) for n, f in zip(source.image.shape, source.scale))
+    outline = mask_outline(maps.mean_threshold, raw_shape)
     cells = attention_on_cells(maps, source.image)
     yield Progress("attention", 3, 3, "done")
     return maps, source, outline, cells
@@ -255,7 +264,8 @@ class AttentionWidget(WorkerDock):
                        contrast_limits=_limits(maps.mean), **common))
         if self.viewer.dims.ndim == 3:
             self.viewer.dims.axis_labels = ("head", "y", "x")
-        self._put_outline(f"attention mask [{channel}]", outline, common)
+        self._put_outline(f"attention mask [{channel}]", outline,
+                          dict(common, scale=(1.0, 1.0), translate=(0.0, 0.0)))  # raw grid
         self.status_label.setText(
             f"{channel} attention of {key}: {maps.n_heads} heads on a {maps.grid[0]}x{maps.grid[1]}"
             f" patch grid ({source.origin}{note}). Attention on cells: {cells.score:.2f} "
