@@ -406,9 +406,25 @@ class TrainWidget(WorkerDock):
     def _describe_run(self) -> None:
         run = self.run_edit.text().strip()
         summary = run_summary(run, self.channel_boxes) if run else ""
+        if summary and not self.plot.series and self.status != TaskStatus.RUNNING:
+            self._plot_log(run)
         self.run_label.setText(
             f"Run folder holds: {summary}. Continue resumes it, or extends it to the Epochs above."
             if summary else "")
+
+    def _plot_log(self, run: str) -> None:
+        """An existing run's curves, one point per epoch (its log.jsonl), until it runs again."""
+        for channel in self.channel_boxes:
+            log = Path(run) / channel / LOG_FILE
+            try:
+                records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            except (OSError, ValueError):
+                continue
+            if records:
+                self.plot.series[channel] = ([r["step"] for r in records],
+                                             [r["loss"] for r in records],
+                                             [r["lr"] for r in records])
+        self.plot.redraw()
 
     def _pick_dir(self, edit: QLineEdit, title: str) -> None:
         path = QFileDialog.getExistingDirectory(self, title, edit.text())
