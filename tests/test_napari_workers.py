@@ -58,6 +58,23 @@ def test_worker_error_becomes_a_notification(qtbot):
     assert any("Counting failed: step 2 went wrong" in m for m in messages), messages
 
 
+def test_a_full_disk_in_a_worker_reads_as_path_cause_and_fix(qtbot, tmp_path):
+    import errno
+
+    def writing():
+        yield Progress("write", 0, 1, "writing")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x.npy"))
+
+    errors = []
+    before = len(notification_manager.records)
+    start_worker(writing(), on_error=errors.append, desc="Preprocess")
+    qtbot.waitUntil(lambda: bool(errors), timeout=10_000)
+    text = str(errors[0])
+    assert "No space left on the disk holding" in text and "x.npy" in text and "free space" in text
+    messages = [str(r.message) for r in notification_manager.records[before:]]
+    assert any(m.startswith("Preprocess failed: No space left") for m in messages), messages
+
+
 def test_stopping_closes_the_core_generator_in_the_worker(qtbot):
     events, done, stopped, log = [], [], [], []
     worker = start_worker(counting(1000, log, delay=0.01), events.append, done.append,

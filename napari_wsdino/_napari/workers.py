@@ -19,6 +19,7 @@ from napari.qt.threading import GeneratorWorker, create_worker
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error
 
+from napari_wsdino.core.fsio import describe_os_error
 from napari_wsdino.core.progress import Progress
 
 
@@ -36,6 +37,10 @@ class ClosingGeneratorWorker(GeneratorWorker):
         finally:
             if self.abort_requested:
                 self._gen.close()
+
+
+class DiskError(OSError):
+    """A file-system failure of a background task, worded as path, cause and fix."""
 
 
 def _drive(gen: Generator[Progress, Any, Any]):
@@ -124,6 +129,11 @@ def start_worker(
                 on_progress(event)
 
     def _errored(exc):
+        # A full, read-only or missing disk reads as the one line the CLI prints too
+        # (path, cause, fix); the dock's own handler gets that line as the exception's text.
+        described = describe_os_error(exc)
+        if described is not None:
+            exc = DiskError(described)
         show_error(f"{desc} failed: {exc}")
         if on_error is not None and alive[0]:
             on_error(exc)
