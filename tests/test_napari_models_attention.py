@@ -197,3 +197,38 @@ def test_cache_of_another_dataset_is_refused(make_napari_viewer, qtbot, tmp_path
     qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE
                     and "from the cache" in attention.status_label.text(), timeout=20_000)
+
+
+def test_models_of_another_dataset_are_marked(make_napari_viewer, qtbot, tmp_path):
+    """Models trained on another replica seed's cache: allowed, and always said so."""
+    from napari_wsdino.core.preprocess import PreprocessSettings, preprocess
+    from napari_wsdino.core.progress import run_to_end
+    from napari_wsdino.core.synth import make_replica
+    from napari_wsdino.core.train import TrainConfig, train
+
+    data = {seed: make_replica(tmp_path / f"seed{seed}", subset="mini", sites=1, size=(32, 40),
+                               seed=seed, workers=1) for seed in (0, 1)}
+    other = run_to_end(preprocess(load_metadata(data[1]), tmp_path / "cache1",
+                                  PreprocessSettings(), workers=1))
+    config = TrainConfig(arch=ARCH, channel="DAPI", epochs=1, batch_size=8, global_size=16,
+                         local_size=16, local_crops=1, out_dim=64, hidden_dim=32,
+                         bottleneck_dim=16, device="cpu", global_scale=(0.5, 1.0),
+                         local_scale=(0.3, 0.5))
+    run_to_end(train(other, config, tmp_path / "run" / "DAPI"))
+    models = ModelSet.from_run(tmp_path / "run", ["DAPI"])
+    assert models.dataset_identity() == other.settings["dataset_id"]
+
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    browser = _dock(viewer, "1 Data - plate browser")
+    attention = _dock(viewer, "4 Attention")
+    browser.open(data[0])
+    state.models = models
+    assert state.check_models(models).same is False
+    assert state.check_models(ModelSet.random(ARCH, ("DAPI",), seed=0)).same is None
+    attention.max_side_spin.setValue(32)
+    qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE, timeout=20_000)
+    assert "models were trained on another dataset" in attention.status_label.text()
+    browser.open(data[1])                     # their own dataset: nothing to mark
+    assert state.check_models(models).same is True

@@ -228,6 +228,9 @@ class AttentionWidget(WorkerDock):
             if check.same is False:  # another dataset's pixels must never stand in for these
                 cache = None
                 note = f"; the cache {self._cache.path} is of another dataset ({check.reason}), not used"
+        trained = self.state.check_models(self.state.models)
+        if trained.same is False:
+            note += f"; the models were trained on another dataset ({trained.reason})"
         self.status = TaskStatus.RUNNING
         self.compute_button.setEnabled(False)
         index = self.state.field_index

@@ -388,9 +388,14 @@ class EvaluateWidget(WorkerDock):
                     f"The cache {cache.path} was made from another dataset than the one open "
                     f"in 1 Data ({check.reason}). Open the cache's dataset, or preprocess "
                     "this one (2 Preprocess).")
+            trained = self.state.check_models(models)
         except DataError as exc:
             self.input_error(self.status_label, str(exc))
             return
+        # Models of another dataset are allowed (transfer) but always marked as such.
+        self._model_note = (f" The models were trained on another dataset ({trained.reason}): "
+                            "these numbers measure how they transfer."
+                            if trained.same is False else "")
         settings.remember_many({PREFIX + k: v for k, v in (
             ("tvn", self.tvn_combo.currentText()), ("crop", self.crop_spin.value()),
             ("device", self.device_combo.currentText()), ("level", self.level_combo.currentText()),
@@ -448,7 +453,8 @@ class EvaluateWidget(WorkerDock):
         self._set_running(False)
         r = evaluation.result
         self.status_label.setText(f"NSC {_fmt(r.nsc)}, NSCB {_fmt(r.nscb)} on {r.n_treatments} "
-                                  f"treatments ({r.n_fields} fields). {' '.join(r.notes)}")
+                                  f"treatments ({r.n_fields} fields). {' '.join(r.notes)}"
+                                  + getattr(self, "_model_note", ""))
         rows = [("NSC", _fmt(r.nsc), MEANINGS["NSC"]), ("NSCB", _fmt(r.nscb), MEANINGS["NSCB"]),
                 ("mAP (NSC)", _fmt(r.map_nsc), MEANINGS["mAP"] + ", NSC candidates"),
                 ("mAP (NSCB)", _fmt(r.map_nscb), MEANINGS["mAP"] + ", NSCB candidates"),

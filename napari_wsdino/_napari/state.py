@@ -187,6 +187,21 @@ class WsdinoState:
                                               self._metadata.table, self._metadata.channels)
         return self._checks[key]
 
+    def check_models(self, models) -> DatasetCheck:
+        """Were ``models`` (a ``core.modelset.ModelSet``) trained on the open dataset?
+
+        Like :meth:`check_cache`, from the identity our training checkpoints record; None
+        when no dataset is open or the models record none (random, official weights).
+        """
+        ident = models.dataset_identity() if models is not None else None
+        if self._metadata is None or ident is None:
+            return DatasetCheck(None, "no dataset is open in 1 Data" if self._metadata is None
+                                else "the models record no dataset")
+        key = (id(self._metadata), "models", json.dumps(ident, sort_keys=True))
+        if key not in self._checks:
+            self._checks[key] = check_dataset(ident, self._metadata.table, self._metadata.channels)
+        return self._checks[key]
+
 
 _STATES: "weakref.WeakKeyDictionary[Any, WsdinoState]" = weakref.WeakKeyDictionary()
 

@@ -77,6 +77,9 @@ class ChannelModel:
     input_mean, input_std
         Input normalisation the model was trained with, ``(x - mean) / std``
         (our checkpoints record it in their config; 0 and 1 otherwise).
+    dataset_id
+        Identity of the dataset the model was trained on (:mod:`napari_wsdino.core.identity`,
+        recorded by our training checkpoints); None when unknown.
     """
 
     channel: str
@@ -85,6 +88,7 @@ class ChannelModel:
     source: str
     input_mean: float = 0.0
     input_std: float = 1.0
+    dataset_id: dict | None = None
 
     def normalise(self, x):
         """Apply the training-time input normalisation (no copy when it is the identity)."""
@@ -180,6 +184,10 @@ class ModelSet:
                 f"{list(available)} (no {missing}). A model only runs on the channel it "
                 "was trained for; check the channel names of --model and of the cache."
             )
+
+    def dataset_identity(self) -> dict | None:
+        """The identity of the dataset these models were trained on, when they record one."""
+        return next((m.dataset_id for m in self.models.values() if m.dataset_id), None)
 
     def summary(self) -> dict:
         """Plain description for logs and Parquet metadata."""
@@ -409,6 +417,9 @@ def load_channel_model(
         recorded_channel = ckpt.get("channel") if ours else None
         recorded_arch = (config.get("arch") or ckpt.get("arch")) if ours else None
         norm = {k: float(config[k]) for k in ("input_mean", "input_std") if ours and k in config}
+        data = ckpt.get("data") if ours and isinstance(ckpt.get("data"), Mapping) else {}
+        if isinstance(data.get("dataset_id"), Mapping):
+            norm["dataset_id"] = dict(data["dataset_id"])
         if ours and which not in ckpt:
             raise CheckpointError(f"{file} holds no {which!r} weights.")
         source = f"wsdino {file} ({which})" if ours else f"{file}"
@@ -426,7 +437,7 @@ def load_channel_model(
     use_arch = recorded_arch or arch or DEFAULT_ARCH
     model = create_backbone(use_arch, in_chans=1)
     load_backbone_weights(model, weights, which=which)
-    if norm.get("input_std", 1.0) == 0:
+    if float(norm.get("input_std", 1.0)) == 0:
         raise CheckpointError(f"{file} records input_std = 0; it cannot normalise inputs.")
     return ChannelModel(channel, model.eval(), use_arch, source, **norm)
 

@@ -644,6 +644,8 @@ def _train(cache, config, out, ckpt_path, device, info, resume, stop):
     last_layer = list(student.head.last_layer.parameters())
     data_meta = {"channel": config.channel, "weak_label": config.weak_label,
                  "dmso": config.dmso, "fingerprint": fingerprint, **sampler.summary()}
+    if isinstance(cache.settings.get("dataset_id"), dict):  # which dataset, for the panels
+        data_meta["dataset_id"] = cache.settings["dataset_id"]
     fields_per_step = config.batch_size * info.world_size
 
     def snapshot(finished: bool) -> dict:
