@@ -41,16 +41,11 @@ def _parse_value(text: str):
         return text
 
 
-def _attention(cache, models, n_fields: int = 24) -> dict:
+def _attention(cache, models) -> dict:
     """Attention-on-cells score per channel over evenly spaced fields."""
-    import numpy as np
+    from napari_wsdino.core.attention import cache_attention_on_cells
 
-    from napari_wsdino.core.attention import mean_attention_on_cells
-
-    idx = np.linspace(0, len(cache.table) - 1, n_fields).astype(int)
-    return {ch: round(mean_attention_on_cells(
-        models.models[ch], [np.asarray(cache.images(ch)[i], np.float32) for i in idx]).score, 3)
-        for ch in models.channels}
+    return {ch: round(v, 3) for ch, v in cache_attention_on_cells(cache, models).items()}
 
 
 def _evaluate(profiles) -> dict:

@@ -48,7 +48,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
     p.add_argument("--crop", type=int, default=DEFAULT_CROP,
                    help=f"side of each of the four centre crops, px (default {DEFAULT_CROP}, "
-                   "as the paper); clamped to half the field and to a multiple of the patch size")
+                   "as the paper), or of each cell crop with --windows cells; clamped to the "
+                   "field and to a multiple of the patch size")
     from napari_wsdino.core.recipes import RECIPES
 
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
@@ -57,7 +58,8 @@ def add_parser(sub) -> None:
                    "raw CLS for per-channel TVN)")
     p.add_argument("--windows", choices=WINDOWS,
                    help="centre: four quadrants of the centre square of 2 x --crop; official: "
-                   "WS-DINO's fixed windows (x 64-320 / 320-544, y 32-256 / 256-480 on 512 x 640)")
+                   "WS-DINO's fixed windows (x 64-320 / 320-544, y 32-256 / 256-480 on 512 x 640); "
+                   "cells: one --crop px crop per nucleus (DAPI), averaged (the cpu demo's choice)")
     p.add_argument("--median", choices=MEDIANS,
                    help="median of the four crops: mean-middle (numpy) or lower (torch.median)")
     p.add_argument("--l2", action=argparse.BooleanOptionalAction, default=None,

@@ -326,6 +326,15 @@ def mean_attention_on_cells(entry, images) -> CellAttention:
                          float(np.mean([s.share for s in scores])))
 
 
+def cache_attention_on_cells(cache, models, n_fields: int = 24) -> dict[str, float]:
+    """Attention-on-cells score per channel of a model set, mean over ``n_fields`` evenly
+    spaced fields of a preprocessed cache (what the demo reports)."""
+    idx = np.linspace(0, len(cache.table) - 1, min(n_fields, len(cache.table))).astype(int)
+    return {ch: mean_attention_on_cells(
+        models.models[ch], [np.asarray(cache.images(ch)[i], np.float32) for i in idx]).score
+        for ch in models.channels}
+
+
 # -- fields and files ------------------------------------------------------------------
 
 

@@ -28,18 +28,12 @@ MAX_CENTRES = 128
 
 def find_nuclei(image: np.ndarray, sigma: float = 1.0, min_area: int = 4) -> np.ndarray:
     """Centroids ``(N, 2)`` (row, col) of the bright objects of one DNA-stain field."""
-    from skimage.filters import threshold_otsu
-
-    img = np.asarray(image, dtype=np.float32)
-    if not np.isfinite(img).all() or float(img.max() - img.min()) == 0.0:
-        return np.zeros((0, 2), np.float32)
-    smooth = ndi.gaussian_filter(img, sigma) if sigma > 0 else img
-    mask = smooth > threshold_otsu(smooth)
+    mask = foreground_mask(image, sigma)
     labels, n = ndi.label(mask)
     if n == 0:
         return np.zeros((0, 2), np.float32)
     idx = np.arange(1, n + 1)
-    area = ndi.sum_labels(np.ones_like(img), labels, idx)
+    area = ndi.sum_labels(np.ones(mask.shape, np.float32), labels, idx)
     keep = idx[area >= min_area]
     if len(keep) == 0:
         return np.zeros((0, 2), np.float32)

@@ -268,6 +268,12 @@ def run_demo(
     # The models compared: WS-DINO, plain DINO at the same budget (unless WS-DINO is plain
     # DINO already), a random-init ViT of the same architecture, and the classical profile.
     compared = _compared_models(weak_label)
+
+    def model_set(model: ComparedModel):
+        """The trained run's models, or the random-init ViT of the same architecture."""
+        if model.run is None:
+            return ModelSet.random(config.arch, cache.channels, seed=seed)
+        return ModelSet.from_run(paths[model.run])
     if not done("train"):
         for model in compared:
             if model.run is not None:
@@ -280,8 +286,7 @@ def run_demo(
             if model.kind == "classical":
                 yield from _classical_profiles(meta, cache, paths[model.profiles])
                 continue
-            models = (ModelSet.random(config.arch, cache.channels, seed=seed)
-                      if model.run is None else ModelSet.from_run(paths[model.run]))
+            models = model_set(model)
             yield from embed_cache(cache, models, paths[model.profiles], crop=preset.embed_crop,
                                    device=device, pooling=preset.embed_pooling,
                                    windows=(preset.embed_windows if preset.embed_windows
@@ -300,9 +305,7 @@ def run_demo(
             evaluated[model.profiles] = res
             row = {"model": model.name, "weak_label": model.weak_label, **_headline(res)}
             if model.kind != "classical":
-                models = (ModelSet.random(config.arch, cache.channels, seed=seed)
-                          if model.run is None else ModelSet.from_run(paths[model.run]))
-                row.update(_attention_scores(cache, models))
+                row.update(_attention_scores(cache, model_set(model)))
             rows.append(row)
             yield Progress("evaluate", i + 1, n, f"{model.name}: NSC {row['nsc']:.2f}")
         paths["results"].write_text(json.dumps(
@@ -378,14 +381,12 @@ def _classical_profiles(meta, cache, path: Path):
     return profiles
 
 
-def _attention_scores(cache, models, n_fields: int = 24) -> dict[str, float]:
-    """Attention-on-cells per channel, mean over evenly spaced fields of the cache."""
-    from napari_wsdino.core.attention import mean_attention_on_cells
+def _attention_scores(cache, models) -> dict[str, float]:
+    """Attention-on-cells per channel, as result columns ``attention_<channel>``."""
+    from napari_wsdino.core.attention import cache_attention_on_cells
 
-    idx = np.linspace(0, len(cache.table) - 1, min(n_fields, len(cache.table))).astype(int)
-    return {f"attention_{ch}": round(mean_attention_on_cells(
-        models.models[ch], [np.asarray(cache.images(ch)[i], np.float32) for i in idx]).score, 3)
-        for ch in models.channels}
+    return {f"attention_{ch}": round(v, 3)
+            for ch, v in cache_attention_on_cells(cache, models).items()}
 
 
 def _evaluate(profiles, stages=None):
