@@ -33,7 +33,7 @@ def previous_cpu_preset():
     no quarter turns, CLS-only embedding of four 80-px centre crops; for A/B runs."""
     from dataclasses import replace
 
-    from napari_wsdino.core.pipeline import PRESETS
+    from napari_wsdino.core.presets import PRESETS
 
     cpu = PRESETS["cpu"]
     train = {k: v for k, v in cpu.train.items() if k not in ("crop_centres", "rotate90")}

@@ -67,7 +67,7 @@ def run_config(cache_dir: Path, out: Path, name: str, preset: str, overrides: di
     from napari_wsdino.core.cache import open_cache
     from napari_wsdino.core.embed import embed_cache
     from napari_wsdino.core.modelset import ModelSet
-    from napari_wsdino.core.pipeline import resolve_preset
+    from napari_wsdino.core.presets import resolve_preset
     from napari_wsdino.core.progress import run_to_end
     from napari_wsdino.core.train import TrainConfig, train_channels
 
@@ -165,7 +165,7 @@ def main(argv=None) -> None:
 
     channels = args.channels.split(",") if args.channels else None
     if args.baselines:
-        from napari_wsdino.core.pipeline import resolve_preset
+        from napari_wsdino.core.presets import resolve_preset
 
         p = resolve_preset(args.preset, **overrides)
         emit(run_baselines(args.cache, args.out, p.train.get("arch", "vit_small_patch8_224"),

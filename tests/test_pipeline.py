@@ -83,3 +83,20 @@ def test_study_two_labels_table(demo_dir, tmp_path, capsys):
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out) == rows
     assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_study_moa_holdout_folds_cover_every_treatment_once(demo_dir, tmp_path, capsys):
+    out = tmp_path / "holdout"
+    assert main(["study", str(demo_dir / "cache"), "--out", str(out), "--labels", "none",
+                 "--preset", "test", "--epochs", "1", "--holdout-folds", "2",
+                 "--channels", "DAPI", "--device", "cpu", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    held = [r for r in rows if r["weak_label"] == "moa (held out)"]
+    assert [r["model"] for r in held] == ["WS-DINO (MoA, held-out folds)"]
+    assert 0.0 <= held[0]["nsc_mean"] <= 1.0
+    evals = [e for e in json.loads((out / "evaluations.json").read_text())
+             if e["label"] == "moa (held out)"]
+    assert sorted(e["fold"] for e in evals) == [0, 1]
+    # Each fold scores only its own compounds; together the folds score all 103 treatments.
+    assert sum(e["n_nsc"] for e in evals) == 103
+    assert all(0 < e["n_nsc"] < 103 for e in evals)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from napari_wsdino.cli._common import drive
-from napari_wsdino.core.pipeline import PRESETS, run_demo
+from napari_wsdino.core.pipeline import run_demo
+from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
 
 
 def add_parser(sub) -> None:
@@ -19,7 +20,7 @@ def add_parser(sub) -> None:
         "Results are on synthetic data and labelled as such.",
     )
     p.add_argument("out", nargs="?", default="wsdino_demo", help="output folder (default: wsdino_demo)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help=f"run size ({presets})")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help=f"run size ({presets})")
     p.add_argument("--gpu", action="store_const", const="gpu", dest="preset",
                    help="shorthand for --preset gpu (ViT-S/8, the paper's settings)")
     p.add_argument("--weak-label", default="compound",

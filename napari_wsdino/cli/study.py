@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from napari_wsdino.cli._common import drive
-from napari_wsdino.core.pipeline import PRESETS
+from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
 from napari_wsdino.core.report import SYNTHETIC_LABEL
 from napari_wsdino.core.study import run_study, study_report
 
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
                    help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per label (default 1)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                    help="model and training size (default: cpu)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--eval-every", type=int, help="epochs between evaluated snapshots")

@@ -29,97 +29,14 @@ from typing import Any, Generator
 
 import numpy as np
 
+from napari_wsdino.core.layout import demo_paths, log_path
 from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
+    DEFAULT_PRESET, PRESETS, Preset, embed_settings, headline, resolve_preset)
 from napari_wsdino.core.progress import Progress
 
 STAGES = ("replica", "preprocess", "train", "embed", "evaluate", "report")
 STATE_FILE = "stages.json"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Sizes of a demo run.
-
-    Attributes
-    ----------
-    subset, sites, image_size
-        Replica to generate (:func:`~napari_wsdino.core.synth.write_replica`).
-    cache_size
-        Preprocessed image size ``(H, W)``.
-    train
-        :class:`~napari_wsdino.core.train.TrainConfig` overrides.
-    embed_crop
-        Side of the four centre crops used for profiles.
-    embed_pooling
-        ``cls`` (the paper) or ``cls+mean`` (:data:`~napari_wsdino.core.embed.POOLINGS`).
-    normalize
-        The cache's intensity normalisation with the default recipe (``plate``, ``zscore``
-        ...; :data:`~napari_wsdino.core.preprocess.NORMALIZATIONS`); empty = the recipe's.
-    embed_windows
-        With the default recipe, where the embedding's crops come from (``cells``: one
-        ``embed_crop`` crop per nucleus, averaged; :data:`~napari_wsdino.core.embed.WINDOWS`);
-        empty = the recipe's.
-    """
-
-    name: str
-    subset: str
-    sites: int | None
-    image_size: tuple[int, int]
-    cache_size: tuple[int, int]
-    train: dict = field(default_factory=dict)
-    embed_crop: int = 224
-    description: str = ""
-    embed_pooling: str = "cls"
-    normalize: str = ""
-    embed_windows: str = ""
-
-
-_CPU_MODEL = dict(arch="wsdino_vit_pico_patch8", drop_path_rate=0.0, out_dim=1024,
-                  hidden_dim=512, bottleneck_dim=128, warmup_teacher_temp=0.04)
-
-PRESETS: dict[str, Preset] = {
-    "test": Preset(
-        "test", "mini", 1, (64, 80), (48, 64),
-        dict(_CPU_MODEL, out_dim=256, hidden_dim=64, bottleneck_dim=32, epochs=1,
-             batch_size=16, global_size=32, local_size=16, local_crops=2, lr=5e-4,
-             min_lr=1e-5, warmup_epochs=0, checkpoint_every=1, crop_centres="nuclei",
-             rotate90=True),
-        embed_crop=16,
-        description="seconds; for the test suite only",
-        embed_pooling="cls+mean",
-        normalize="plate",
-        embed_windows="cells",
-    ),
-    # Tuned with benchmarks/tune_cpu_preset.py (see benchmarks/RESULTS.md). From random
-    # init, WS-DINO's cross-field local crops pull a tiny ViT to the uniform output (loss
-    # ln(out_dim)); a sharp teacher (0.01, student 0.1), a gentler centre (0.9), one
-    # local crop, large global crops and a constant lr keep it well below ln(out_dim).
-    # The cache keeps the replica's resolution: nuclei stay several pixels wide.
-    # Issue 13 (docs/training.md, benchmarks/RESULTS.md): per-plate intensity normalisation
-    # (keeps a treatment's brighter / fewer / larger nuclei, removes the week's stain
-    # level), crops centred on nuclei, quarter turns, and CLS + mean-token embeddings.
-    "cpu": Preset(
-        "cpu", "mini", 2, (160, 200), (160, 200),
-        dict(_CPU_MODEL, epochs=30, batch_size=16, global_size=64, local_size=32,
-             global_scale=(0.5, 1.0), local_crops=1, local_scale=(0.2, 0.5),
-             teacher_temp=0.01, warmup_teacher_temp=0.01, student_temp=0.1,
-             center_momentum=0.9, lr=1e-4, min_lr=1e-4, warmup_epochs=3,
-             checkpoint_every=5, crop_centres="nuclei", rotate90=True),
-        embed_crop=32,
-        description="minutes on a 2-core laptop: tiny patch-8 ViT from scratch, "
-                    "sharp teacher, one cross-field local crop, nuclei-centred crops, "
-                    "per-plate normalisation, profiles averaged over cells",
-        embed_pooling="cls+mean",
-        normalize="plate",
-        embed_windows="cells",
-    ),
-    "gpu": Preset(
-        "gpu", "full", None, (1024, 1280), (512, 640),
-        dict(),  # the paper's settings (TrainConfig defaults): ViT-S/8, 400 epochs
-        embed_crop=224,
-        description="the paper's settings on the full replica; needs a GPU and hours",
-    ),
-}
 
 
 def _load_state(out: Path) -> dict:
@@ -153,20 +70,9 @@ def _check_device(preset: Preset, device: str) -> None:
         )
 
 
-def resolve_preset(preset: str | Preset, **overrides) -> Preset:
-    """A preset by name, with ``train`` overrides merged in (e.g. ``epochs=5``)."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise DataError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}.")
-        preset = PRESETS[preset]
-    if overrides:
-        preset = Preset(**{**asdict(preset), "train": {**preset.train, **overrides}})
-    return preset
-
-
 def run_demo(
     out: str | Path,
-    preset: str | Preset = "cpu",
+    preset: str | Preset = DEFAULT_PRESET,
     *,
     weak_label: str = "compound",
     seed: int = 0,
@@ -205,19 +111,58 @@ def run_demo(
         ``results`` (one row per model: NSC, NSCB, mAP ...), ``paths`` and ``skipped``
         (stages that were already done).
     """
-    from napari_wsdino.core.cache import open_cache
-    from napari_wsdino.core.embed import embed_cache
-    from napari_wsdino.core.metadata import load_metadata
-    from napari_wsdino.core.modelset import ModelSet
-    from napari_wsdino.core.preprocess import preprocess
-    from napari_wsdino.core.profiles import ProfileTable
-    from napari_wsdino.core.synth import write_replica
-    from napari_wsdino.core.train import TrainConfig, train_channels
+    demo = _open_demo(out, preset, weak_label, seed, device, workers, recipe, train_overrides)
+    meta = yield from _replica_stage(demo)
+    cache = yield from _preprocess_stage(demo, meta)
+    from napari_wsdino.core.train import TrainConfig
 
+    config = TrainConfig(weak_label=weak_label, seed=seed, device=device, **demo.preset.train)
+    # The models compared: WS-DINO, plain DINO at the same budget (unless WS-DINO is plain
+    # DINO already), a random-init ViT of the same architecture, and the classical profile.
+    compared = _compared_models(weak_label)
+    yield from _train_stage(demo, cache, config, compared)
+    yield from _embed_stage(demo, meta, cache, config, compared)
+    evaluated = yield from _evaluate_stage(demo, cache, config, compared)
+    yield from _report_stage(demo, cache, evaluated)
+    return {"results": demo.results()["results"],
+            "paths": {k: str(v) for k, v in demo.paths.items()}, "skipped": demo.skipped}
+
+
+@dataclass
+class _Demo:
+    """A demo run in progress: its folder, resolved settings and finished stages."""
+
+    out: Path
+    preset: Preset
+    stages: Any              # the recipe's resolved Settings
+    recipe: str
+    seed: int
+    device: str
+    workers: int
+    state: dict
+    settings: dict
+    paths: dict[str, Path]
+    skipped: list[str] = field(default_factory=list)
+
+    def done(self, stage: str) -> bool:
+        """Whether ``stage`` finished in an earlier run (then it is skipped)."""
+        if self.state.get(stage, {}).get("done"):
+            self.skipped.append(stage)
+            return True
+        return False
+
+    def mark(self, stage: str) -> None:
+        _mark(self.out, self.state, stage)
+
+    def results(self) -> dict:
+        return json.loads(self.paths["results"].read_text())
+
+
+def _open_demo(out, preset, weak_label, seed, device, workers, recipe, train_overrides) -> _Demo:
+    """Resolve the preset and recipe, check the machine, and open (or resume) ``out``."""
     from napari_wsdino.core.recipes import check_init, get_recipe, resolve
 
     rec = get_recipe(recipe)
-    stages = resolve(recipe)
     preset = resolve_preset(preset, **{**rec.train, **train_overrides})
     check_init(preset.train.get("init", ""), preset.name == "gpu" or rec.requires_init,
                f"The {preset.name} preset" + (f" with recipe {recipe}" if rec.requires_init else ""))
@@ -234,95 +179,108 @@ def run_demo(
             "Use a new output folder, or delete this one to start over."
         )
     state["settings"] = settings
-    skipped = []
-    paths = {"data": out / "data", "cache": out / "cache", "run": out / "run",
-             "run_dino": out / "run_dino",
-             "profiles": out / "profiles.parquet",
-             "dino_profiles": out / "profiles_dino.parquet",
-             "baseline_profiles": out / "profiles_random_init.parquet",
-             "classical_profiles": out / "profiles_classical.parquet",
-             "results": out / "results.json", "report": out / "report.html"}
+    return _Demo(out, preset, resolve(recipe), recipe, seed, device, workers, state, settings,
+                 demo_paths(out))
 
-    def done(stage: str) -> bool:
-        if state.get(stage, {}).get("done"):
-            skipped.append(stage)
-            return True
-        return False
 
-    if not done("replica"):
-        yield from write_replica(paths["data"], preset.subset, preset.sites, preset.image_size,
-                                 seed=seed, workers=workers)
-        _mark(out, state, "replica")
-    meta = load_metadata(paths["data"])
+def _replica_stage(demo: _Demo):
+    from napari_wsdino.core.metadata import load_metadata
+    from napari_wsdino.core.synth import write_replica
 
-    if not done("preprocess"):
-        ps = replace(stages.preprocess, size=preset.cache_size, clip=10000.0)
-        if preset.normalize and recipe == "default":
-            ps = replace(ps, normalize=preset.normalize)
-        yield from preprocess(meta, paths["cache"], ps, workers=workers)
-        _mark(out, state, "preprocess")
-    cache = open_cache(paths["cache"])
+    p = demo.preset
+    if not demo.done("replica"):
+        yield from write_replica(demo.paths["data"], p.subset, p.sites, p.image_size,
+                                 seed=demo.seed, workers=demo.workers)
+        demo.mark("replica")
+    return load_metadata(demo.paths["data"])
 
-    config = TrainConfig(weak_label=weak_label, seed=seed, device=device,
-                         **{k: v for k, v in preset.train.items()})
-    # The models compared: WS-DINO, plain DINO at the same budget (unless WS-DINO is plain
-    # DINO already), a random-init ViT of the same architecture, and the classical profile.
-    compared = _compared_models(weak_label)
 
-    def model_set(model: ComparedModel):
-        """The trained run's models, or the random-init ViT of the same architecture."""
-        if model.run is None:
-            return ModelSet.random(config.arch, cache.channels, seed=seed)
-        return ModelSet.from_run(paths[model.run])
-    if not done("train"):
-        for model in compared:
-            if model.run is not None:
-                yield from train_channels(cache, config.replace(weak_label=model.weak_label),
-                                          paths[model.run], resume=True)
-        _mark(out, state, "train")
+def _preprocess_stage(demo: _Demo, meta):
+    from napari_wsdino.core.cache import open_cache
+    from napari_wsdino.core.preprocess import preprocess
 
-    if not done("embed"):
-        for model in compared:
-            if model.kind == "classical":
-                yield from _classical_profiles(meta, cache, paths[model.profiles])
-                continue
-            models = model_set(model)
-            yield from embed_cache(cache, models, paths[model.profiles], crop=preset.embed_crop,
-                                   device=device, pooling=preset.embed_pooling,
-                                   windows=(preset.embed_windows if preset.embed_windows
-                                            and recipe == "default" else stages.embed.windows),
-                                   median=stages.embed.median,
-                                   l2=stages.embed.l2)
-        _mark(out, state, "embed")
+    if not demo.done("preprocess"):
+        ps = replace(demo.stages.preprocess, size=demo.preset.cache_size, clip=10000.0)
+        if demo.preset.normalize and demo.recipe == "default":
+            ps = replace(ps, normalize=demo.preset.normalize)
+        yield from preprocess(meta, demo.paths["cache"], ps, workers=demo.workers)
+        demo.mark("preprocess")
+    return open_cache(demo.paths["cache"])
+
+
+def _model_set(demo: _Demo, cache, config, model: ComparedModel):
+    """A compared row's models: its trained run, or the random-init ViT of the same arch."""
+    from napari_wsdino.core.modelset import ModelSet
+
+    if model.run is None:
+        return ModelSet.random(config.arch, cache.channels, seed=demo.seed)
+    return ModelSet.from_run(demo.paths[model.run])
+
+
+def _train_stage(demo: _Demo, cache, config, compared):
+    from napari_wsdino.core.train import train_channels
+
+    if demo.done("train"):
+        return
+    for model in compared:
+        if model.run is not None:
+            yield from train_channels(cache, config.replace(weak_label=model.weak_label),
+                                      demo.paths[model.run], resume=True)
+    demo.mark("train")
+
+
+def _embed_stage(demo: _Demo, meta, cache, config, compared):
+    from napari_wsdino.core.embed import embed_cache
+
+    if demo.done("embed"):
+        return
+    settings = embed_settings(demo.preset, demo.stages, demo.recipe)
+    for model in compared:
+        if model.kind == "classical":
+            yield from _classical_profiles(meta, cache, demo.paths[model.profiles])
+            continue
+        yield from embed_cache(cache, _model_set(demo, cache, config, model),
+                               demo.paths[model.profiles], device=demo.device, **settings)
+    demo.mark("embed")
+
+
+def _evaluate_stage(demo: _Demo, cache, config, compared):
+    """Every compared row's headline numbers and attention; writes results.json."""
+    from napari_wsdino.core.profiles import ProfileTable
 
     evaluated = {}
-    if not done("evaluate"):
-        n = len(compared)
-        yield Progress("evaluate", 0, n, "TVN, aggregation, NSC / NSCB / mAP, attention on cells")
-        rows = []
-        for i, model in enumerate(compared):
-            res = _evaluate(ProfileTable.read(paths[model.profiles]), stages)
-            evaluated[model.profiles] = res
-            row = {"model": model.name, "weak_label": model.weak_label, **_headline(res)}
-            if model.kind != "classical":
-                row.update(_attention_scores(cache, model_set(model)))
-            rows.append(row)
-            yield Progress("evaluate", i + 1, n, f"{model.name}: NSC {row['nsc']:.2f}")
-        paths["results"].write_text(json.dumps(
-            {"data": "synthetic replica", "results": rows, "metrics": METRIC_NOTES,
-             "detail": {k: v.to_dict() for k, v in evaluated.items()}}, indent=2))
-        _mark(out, state, "evaluate")
-    results = json.loads(paths["results"].read_text())
+    if demo.done("evaluate"):
+        return evaluated
+    n = len(compared)
+    yield Progress("evaluate", 0, n, "TVN, aggregation, NSC / NSCB / mAP, attention on cells")
+    rows = []
+    for i, model in enumerate(compared):
+        res = _evaluate(ProfileTable.read(demo.paths[model.profiles]), demo.stages)
+        evaluated[model.profiles] = res
+        row = {"model": model.name, "weak_label": model.weak_label, **headline(res)}
+        if model.kind != "classical":
+            row.update(_attention_scores(cache, _model_set(demo, cache, config, model)))
+        rows.append(row)
+        yield Progress("evaluate", i + 1, n, f"{model.name}: NSC {row['nsc']:.2f}")
+    demo.paths["results"].write_text(json.dumps(
+        {"data": "synthetic replica", "results": rows, "metrics": METRIC_NOTES,
+         "detail": {k: v.to_dict() for k, v in evaluated.items()}}, indent=2))
+    demo.mark("evaluate")
+    return evaluated
 
-    if not done("report"):
-        yield Progress("report", 0, 1, "writing report.html")
-        if not evaluated:
-            evaluated = {"profiles": _evaluate(ProfileTable.read(paths["profiles"]), stages)}
-        _write_demo_report(out, paths, results, evaluated["profiles"], cache, preset, settings)
-        _mark(out, state, "report")
-        yield Progress("report", 1, 1, str(paths["report"]))
-    return {"results": results["results"], "paths": {k: str(v) for k, v in paths.items()},
-            "skipped": skipped}
+
+def _report_stage(demo: _Demo, cache, evaluated: dict):
+    from napari_wsdino.core.profiles import ProfileTable
+
+    if demo.done("report"):
+        return
+    yield Progress("report", 0, 1, "writing report.html")
+    result = (evaluated["profiles"] if evaluated
+              else _evaluate(ProfileTable.read(demo.paths["profiles"]), demo.stages))
+    _write_demo_report(demo.out, demo.paths, demo.results(), result, cache, demo.preset,
+                       demo.settings)
+    demo.mark("report")
+    yield Progress("report", 1, 1, str(demo.paths["report"]))
 
 
 #: One sentence per number of the demo's results (shown in the report and results.json).
@@ -397,15 +355,10 @@ def _evaluate(profiles, stages=None):
                              nscb_multibatch=ev.nscb_multibatch if ev else "exempt")
 
 
-def _headline(result) -> dict:
-    d = result.to_dict()
-    return {k: d[k] for k in ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")}
-
-
 def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, preset: Preset,
                        settings: dict) -> None:
     from napari_wsdino.core.figures import (attention_grid_figure, png_bytes, read_log,
-                                            training_curves_figure, umap_figure)
+                                            training_curves_figure)
     from napari_wsdino.core.plots import confusion_figure, per_moa_figure
     from napari_wsdino.core.report import SYNTHETIC_LABEL, Report, write_report
 
@@ -417,7 +370,7 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
         figures["MoA confusion matrix (NSCB)"] = png_bytes(
             confusion_figure(result.confusion_nscb, "NSCB"))
     figures.update(umap_figures(result.treatments))
-    logs = {ch: read_log(paths["run"] / ch / "log.jsonl") for ch in cache.channels}
+    logs = {ch: read_log(log_path(paths["run"], ch)) for ch in cache.channels}
     figures["Training curves"] = png_bytes(training_curves_figure(logs))
     figures["Self-attention, one field per MoA"] = png_bytes(
         attention_grid_figure(attention_examples(cache, paths["run"], per_moa=1, max_panels=6)))

@@ -32,7 +32,9 @@ import numpy as np
 import pandas as pd
 
 from napari_wsdino.core.cache import Cache, open_cache
+from napari_wsdino.core.layout import CHECKPOINT_FILE, LOG_FILE, channel_dir
 from napari_wsdino.core.metadata import CONTROL, DataError
+from napari_wsdino.core.presets import DEFAULT_PRESET
 from napari_wsdino.core.progress import Progress
 
 LABEL_NAMES = {"none": "DINO", "treatment": "WS-DINO", "compound": "WS-DINO", "moa": "WS-DINO",
@@ -106,7 +108,7 @@ def run_study(
     *,
     seeds: int = 1,
     init: str = "",
-    preset: str = "cpu",
+    preset: str = DEFAULT_PRESET,
     eval_every: int | None = None,
     last_k: int = 3,
     holdout_folds: int = 0,
@@ -132,7 +134,7 @@ def run_study(
         Initial weights for every model (e.g. the official ``dino_deitsmall8_pretrain.pth``);
         the init-only baseline embeds with these. Empty: random init, and a random-init baseline.
     preset
-        Model/training size from :data:`napari_wsdino.core.pipeline.PRESETS`.
+        Model/training size from :data:`napari_wsdino.core.presets.PRESETS`.
     eval_every
         Epochs between evaluated teacher snapshots (default: a fifth of the epochs).
     last_k
@@ -148,18 +150,47 @@ def run_study(
     train_overrides
         Any :class:`~napari_wsdino.core.train.TrainConfig` field (e.g. ``epochs=20``).
     """
+    plan = _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop,
+                       eval_every, last_k, train_overrides)
+    evals = [(yield from _baseline(plan))]
+    runs = [(label, seed, None) for label in labels for seed in range(seeds)]
+    folds = compound_folds(plan.cache.table, holdout_folds) if holdout_folds else []
+    runs += [("moa_or_compound", 0, f) for f in range(len(folds))]
+    for i, (label, seed, fold) in enumerate(runs):
+        yield Progress("study", i, len(runs), f"training {_run_tag(label, seed, fold)}")
+        evals += yield from _train_and_evaluate(plan, label, seed,
+                                                None if fold is None else (fold, folds[fold]))
+    yield Progress("study", len(runs), len(runs), "summarising")
+    return _summarise(plan, evals)
+
+
+@dataclass
+class _StudyPlan:
+    """What every run of a study shares: the cache, folder, base config and embedding."""
+
+    cache: Cache
+    out: Path
+    channels: tuple[str, ...]
+    base: object            # TrainConfig
+    stages: object          # the recipe's resolved Settings
+    embed: dict             # embed_cache keyword arguments (crop, pooling, windows ...)
+    device: str
+    epochs_eval: list[int]
+    notes: list[str]
+
+
+def _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop, eval_every,
+                last_k, train_overrides) -> _StudyPlan:
     from napari_wsdino.core.model import RANDOM_INIT
-    from napari_wsdino.core.modelset import ModelSet
-    from napari_wsdino.core.pipeline import resolve_preset
+    from napari_wsdino.core.presets import embed_settings, resolve_preset
     from napari_wsdino.core.recipes import check_init, get_recipe, resolve
-    from napari_wsdino.core.train import TrainConfig, train_channels
+    from napari_wsdino.core.train import TrainConfig
 
     r = get_recipe(recipe)
     check_init(init, r.requires_init or preset == "gpu",
                f"The study with preset {preset} and recipe {recipe}")
     stages = resolve(recipe)
     init = "" if init == RANDOM_INIT else init
-
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     channels = tuple(channels or cache.channels)
     missing = [c for c in channels if c not in cache.channels]
@@ -168,64 +199,69 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = resolve_preset(preset)
-    crop = embed_crop or p.embed_crop
-    # The preset's embedding (e.g. the cpu preset's cell windows) with the default recipe.
-    emb = {"pooling": p.embed_pooling,
-           **({"windows": p.embed_windows} if p.embed_windows and recipe == "default" else {})}
+    embed = embed_settings(p, stages, recipe)
+    embed["crop"] = embed_crop or p.embed_crop
     base = TrainConfig(device=device, init=init, **{**p.train, **r.train, **train_overrides})
     eval_every = eval_every or max(1, base.epochs // 5)
     epochs_eval = snapshot_epochs(base.epochs, eval_every, last_k)
     base = base.replace(snapshot_every=eval_every)
-    evals: list[dict] = []
     notes = [f"preset {p.name}: {base.arch}, {base.epochs} epochs, evaluated epochs {epochs_eval}, "
              f"channels {', '.join(channels)}"]
+    return _StudyPlan(cache, out, channels, base, stages, embed, device, epochs_eval, notes)
 
-    # Baseline: the initial weights, not fine-tuned.
-    name = "init-only (no fine-tuning)" if init else "random-init ViT"
-    if init:
-        models = ModelSet.init_only(base.arch, init, channels)
+
+def _baseline(plan: _StudyPlan):
+    """The initial weights, not fine-tuned: init-only, or a random-init ViT."""
+    from napari_wsdino.core.modelset import ModelSet
+
+    base = plan.base
+    if base.init:
+        name, models = "init-only (no fine-tuning)", ModelSet.init_only(base.arch, base.init,
+                                                                         plan.channels)
     else:
-        models = ModelSet.random(base.arch, channels, seed=0)
-    res = yield from _embed_eval(cache, models, out / "baseline" / "profiles.parquet", crop, device,
-                                 stages=stages, embed=emb)
-    evals.append({"model": name, "label": "none", "seed": 0, "epoch": None, "last": True, **res})
+        name, models = "random-init ViT", ModelSet.random(base.arch, plan.channels, seed=0)
+    res = yield from _embed_eval(plan, models, plan.out / "baseline" / "profiles.parquet")
+    return {"model": name, "label": "none", "seed": 0, "epoch": None, "last": True, **res}
 
-    runs = [(label, seed, None) for label in labels for seed in range(seeds)]
-    folds = compound_folds(cache.table, holdout_folds) if holdout_folds else []
-    runs += [("moa_or_compound", 0, f) for f in range(len(folds))]
-    for i, (label, seed, fold) in enumerate(runs):
-        tag = f"{label}_seed{seed}" if fold is None else f"moa_holdout_fold{fold}"
-        run_dir = out / tag
-        train_cache = cache if fold is None else _hide_moa(cache, folds[fold])
-        yield Progress("study", i, len(runs), f"training {tag}")
-        config = base.replace(weak_label=label, seed=seed)
-        yield from train_channels(train_cache, config, run_dir, channels, resume=True)
-        model = f"{LABEL_NAMES[label]} ({label})" if fold is None else "WS-DINO (MoA, held-out folds)"
-        for epoch in epochs_eval:
-            files = {ch: _snapshot(run_dir / ch, epoch, base.epochs) for ch in channels}
-            models = ModelSet.from_files(files)
-            res = yield from _embed_eval(cache, models, run_dir / f"profiles_epoch{epoch:04d}.parquet",
-                                         crop, device,
-                                         restrict=None if fold is None else folds[fold],
-                                         stages=stages, embed=emb)
-            evals.append({"model": model, "label": label if fold is None else "moa (held out)",
-                          "seed": seed, "fold": fold, "epoch": epoch,
-                          "last": True, **res})
-    yield Progress("study", len(runs), len(runs), "summarising")
-    rows = []
-    seen = []
-    for e in evals:
-        key = (e["model"], e["label"])
-        if key not in seen:
-            seen.append(key)
-    for model, label in seen:
-        if label == "moa (held out)":
-            rows.append(_holdout_summary(evals, model, label))
-        else:
-            rows.append(_summary(evals, model, label))
-    (out / "evaluations.json").write_text(json.dumps(evals, indent=2, default=str))
-    (out / "summary.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2, default=str))
-    return StudyResult(rows=rows, evaluations=evals, out=out, notes=notes)
+
+def _run_tag(label: str, seed: int, fold: int | None) -> str:
+    return f"{label}_seed{seed}" if fold is None else f"moa_holdout_fold{fold}"
+
+
+def _train_and_evaluate(plan: _StudyPlan, label: str, seed: int, fold):
+    """Train one run (resuming), then embed and evaluate its snapshots.
+    ``fold``: ``(index, held-out compounds)`` for the MoA holdout, else None."""
+    from napari_wsdino.core.modelset import ModelSet
+    from napari_wsdino.core.train import train_channels
+
+    run_dir = plan.out / _run_tag(label, seed, None if fold is None else fold[0])
+    train_cache = plan.cache if fold is None else _hide_moa(plan.cache, fold[1])
+    config = plan.base.replace(weak_label=label, seed=seed)
+    yield from train_channels(train_cache, config, run_dir, plan.channels, resume=True)
+    model = (f"{LABEL_NAMES[label]} ({label})" if fold is None
+             else "WS-DINO (MoA, held-out folds)")
+    evals = []
+    for epoch in plan.epochs_eval:
+        files = {ch: _snapshot(channel_dir(run_dir, ch), epoch, plan.base.epochs)
+                 for ch in plan.channels}
+        res = yield from _embed_eval(plan, ModelSet.from_files(files),
+                                     run_dir / f"profiles_epoch{epoch:04d}.parquet",
+                                     restrict=None if fold is None else fold[1])
+        evals.append({"model": model, "label": label if fold is None else "moa (held out)",
+                      "seed": seed, "fold": None if fold is None else fold[0], "epoch": epoch,
+                      "last": True, **res})
+    return evals
+
+
+def _summarise(plan: _StudyPlan, evals: list[dict]) -> StudyResult:
+    """One summary row per (model, label), in first-seen order; writes the JSON files."""
+    seen = list(dict.fromkeys((e["model"], e["label"]) for e in evals))
+    rows = [_holdout_summary(evals, model, label) if label == "moa (held out)"
+            else _summary(evals, model, label) for model, label in seen]
+    (plan.out / "evaluations.json").write_text(json.dumps(evals, indent=2, default=str))
+    (plan.out / "summary.json").write_text(
+        json.dumps({"rows": rows, "notes": plan.notes}, indent=2, default=str))
+    return StudyResult(rows=rows, evaluations=evals, out=plan.out, notes=plan.notes)
 
 
 def _holdout_summary(evals, model, label) -> dict:
@@ -250,32 +286,26 @@ def _holdout_summary(evals, model, label) -> dict:
     return row
 
 
-def _snapshot(channel_dir: Path, epoch: int, final: int) -> Path:
-    snap = channel_dir / f"teacher_epoch{epoch:04d}.pth"
+def _snapshot(channel_folder: Path, epoch: int, final: int) -> Path:
+    snap = channel_folder / f"teacher_epoch{epoch:04d}.pth"
     if snap.exists():
         return snap
     if epoch == final:
-        return channel_dir / "checkpoint.pth"
-    raise DataError(f"No teacher snapshot for epoch {epoch} in {channel_dir}.")
+        return channel_folder / CHECKPOINT_FILE
+    raise DataError(f"No teacher snapshot for epoch {epoch} in {channel_folder}.")
 
 
-def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None, stages=None,
-                embed=None):
-    """Embed (reusing a finished profile file) and evaluate; returns headline numbers.
-    ``stages``: a recipe's :class:`~napari_wsdino.core.recipes.Settings` (default: ours);
-    ``embed``: ``embed_cache`` settings that win over the recipe's (pooling, windows)."""
-    from napari_wsdino.core.recipes import resolve
-
-    stages = stages or resolve("default")
-    emb = {"windows": stages.embed.windows, "median": stages.embed.median, "l2": stages.embed.l2,
-           "pooling": "cls", **(embed or {})}
+def _embed_eval(plan: _StudyPlan, models, path: Path, restrict=None):
+    """Embed (reusing a finished profile file made by the same weights and settings) and
+    evaluate; returns the headline numbers (and hits on ``restrict``'s compounds)."""
     from napari_wsdino.core.embed import embed_cache
     from napari_wsdino.core.evaluation import evaluate_profiles
+    from napari_wsdino.core.presets import headline
     from napari_wsdino.core.profiles import ProfileTable
 
+    emb = plan.embed
     path.parent.mkdir(parents=True, exist_ok=True)
     provenance = path.with_suffix(".json")
-    # Reuse a finished profile file only if the same weights made it (else embed again).
     old = json.loads(provenance.read_text()) if path.exists() and provenance.exists() else {}
     same = (old.get("models", {}).get("fingerprint") == models.fingerprint()
             and all(old.get(k, d) == emb[k] for k, d in
@@ -285,22 +315,28 @@ def _embed_eval(cache, models, path: Path, crop: int, device: str, restrict=None
         profiles = ProfileTable.read(path)
     else:
         path.unlink(missing_ok=True)
-        profiles = yield from embed_cache(cache, models, path, crop=crop, device=device, **emb)
-    result = evaluate_profiles(profiles, tvn=stages.evaluate.tvn, drop_constant=True,
-                               nscb_multibatch=stages.evaluate.nscb_multibatch)
-    d = result.to_dict()
-    out = {k: d[k] for k in ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")}
+        profiles = yield from embed_cache(plan.cache, models, path, device=plan.device, **emb)
+    ev = plan.stages.evaluate
+    result = evaluate_profiles(profiles, tvn=ev.tvn, drop_constant=True,
+                               nscb_multibatch=ev.nscb_multibatch)
+    out = headline(result)
     if restrict is not None:
-        nb = result.neighbours
-        held = nb.compound.isin(restrict)
-        for m in ("nsc", "nscb"):
-            col = f"{m}_correct"
-            if col in nb:
-                vals = nb.loc[held, col].dropna().astype(bool)
-                out[f"{m}_hits"], out[f"n_{m}"] = int(vals.sum()), int(len(vals))
-                out[m] = float(vals.mean()) if len(vals) else None
-            else:
-                out[f"{m}_hits"], out[f"n_{m}"] = 0, 0
+        out.update(_restricted(result.neighbours, restrict))
+    return out
+
+
+def _restricted(nb, compounds) -> dict:
+    """NSC / NSCB hits and counts over the treatments of ``compounds`` only."""
+    out = {}
+    held = nb.compound.isin(compounds)
+    for m in ("nsc", "nscb"):
+        col = f"{m}_correct"
+        if col in nb:
+            vals = nb.loc[held, col].dropna().astype(bool)
+            out[f"{m}_hits"], out[f"n_{m}"] = int(vals.sum()), int(len(vals))
+            out[m] = float(vals.mean()) if len(vals) else None
+        else:
+            out[f"{m}_hits"], out[f"n_{m}"] = 0, 0
     return out
 
 
@@ -316,7 +352,7 @@ def study_report(result: StudyResult, data_label: str) -> dict[str, Path]:
     logs = {}
     for run in sorted(p for p in result.out.iterdir() if p.is_dir() and p.name != "baseline"):
         for ch_dir in sorted(d for d in run.iterdir() if d.is_dir()):
-            logs[f"{run.name}/{ch_dir.name}"] = read_log(ch_dir / "log.jsonl")
+            logs[f"{run.name}/{ch_dir.name}"] = read_log(ch_dir / LOG_FILE)
     if logs:
         figures["Training curves"] = png_bytes(training_curves_figure(logs))
     report = Report(title="napari-wsdino study: the WS-DINO protocol", data_label=data_label,

@@ -1,0 +1,131 @@
+"""Presets: the sizes of a demo or study run, and the embedding each preset implies.
+
+A :class:`Preset` is plain data (replica size, cache size, :class:`~napari_wsdino.core.train.TrainConfig`
+overrides, embedding crop / pooling / windows). :data:`PRESETS` is the only list of them; the CLI's
+``--preset`` choices, the Train panel's preset menu, ``wsdino demo`` and ``wsdino study`` all read it.
+
+>>> resolve_preset("test", epochs=2).train["epochs"]
+2
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from napari_wsdino.core.metadata import DataError
+
+#: The numbers a demo row and a study evaluation report, in this order.
+HEADLINE_METRICS = ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")
+DEFAULT_PRESET = "cpu"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of a demo run.
+
+    Attributes
+    ----------
+    subset, sites, image_size
+        Replica to generate (:func:`~napari_wsdino.core.synth.write_replica`).
+    cache_size
+        Preprocessed image size ``(H, W)``.
+    train
+        :class:`~napari_wsdino.core.train.TrainConfig` overrides.
+    embed_crop
+        Side of the four centre crops used for profiles.
+    embed_pooling
+        ``cls`` (the paper) or ``cls+mean`` (:data:`~napari_wsdino.core.embed.POOLINGS`).
+    normalize
+        The cache's intensity normalisation with the default recipe (``plate``, ``zscore``
+        ...; :data:`~napari_wsdino.core.preprocess.NORMALIZATIONS`); empty = the recipe's.
+    embed_windows
+        With the default recipe, where the embedding's crops come from (``cells``: one
+        ``embed_crop`` crop per nucleus, averaged; :data:`~napari_wsdino.core.embed.WINDOWS`);
+        empty = the recipe's.
+    """
+
+    name: str
+    subset: str
+    sites: int | None
+    image_size: tuple[int, int]
+    cache_size: tuple[int, int]
+    train: dict = field(default_factory=dict)
+    embed_crop: int = 224
+    description: str = ""
+    embed_pooling: str = "cls"
+    normalize: str = ""
+    embed_windows: str = ""
+
+
+_CPU_MODEL = dict(arch="wsdino_vit_pico_patch8", drop_path_rate=0.0, out_dim=1024,
+                  hidden_dim=512, bottleneck_dim=128, warmup_teacher_temp=0.04)
+
+PRESETS: dict[str, Preset] = {
+    "test": Preset(
+        "test", "mini", 1, (64, 80), (48, 64),
+        dict(_CPU_MODEL, out_dim=256, hidden_dim=64, bottleneck_dim=32, epochs=1,
+             batch_size=16, global_size=32, local_size=16, local_crops=2, lr=5e-4,
+             min_lr=1e-5, warmup_epochs=0, checkpoint_every=1, crop_centres="nuclei",
+             rotate90=True),
+        embed_crop=16,
+        description="seconds; for the test suite only",
+        embed_pooling="cls+mean",
+        normalize="plate",
+        embed_windows="cells",
+    ),
+    # Tuned with benchmarks/tune_cpu_preset.py (see benchmarks/RESULTS.md). From random
+    # init, WS-DINO's cross-field local crops pull a tiny ViT to the uniform output (loss
+    # ln(out_dim)); a sharp teacher (0.01, student 0.1), a gentler centre (0.9), one
+    # local crop, large global crops and a constant lr keep it well below ln(out_dim).
+    # The cache keeps the replica's resolution: nuclei stay several pixels wide.
+    # Issue 13 (docs/training.md, benchmarks/RESULTS.md): per-plate intensity normalisation
+    # (keeps a treatment's brighter / fewer / larger nuclei, removes the week's stain
+    # level), crops centred on nuclei, quarter turns, and CLS + mean-token embeddings.
+    "cpu": Preset(
+        "cpu", "mini", 2, (160, 200), (160, 200),
+        dict(_CPU_MODEL, epochs=30, batch_size=16, global_size=64, local_size=32,
+             global_scale=(0.5, 1.0), local_crops=1, local_scale=(0.2, 0.5),
+             teacher_temp=0.01, warmup_teacher_temp=0.01, student_temp=0.1,
+             center_momentum=0.9, lr=1e-4, min_lr=1e-4, warmup_epochs=3,
+             checkpoint_every=5, crop_centres="nuclei", rotate90=True),
+        embed_crop=32,
+        description="minutes on a 2-core laptop: tiny patch-8 ViT from scratch, "
+                    "sharp teacher, one cross-field local crop, nuclei-centred crops, "
+                    "per-plate normalisation, profiles averaged over cells",
+        embed_pooling="cls+mean",
+        normalize="plate",
+        embed_windows="cells",
+    ),
+    "gpu": Preset(
+        "gpu", "full", None, (1024, 1280), (512, 640),
+        dict(),  # the paper's settings (TrainConfig defaults): ViT-S/8, 400 epochs
+        embed_crop=224,
+        description="the paper's settings on the full replica; needs a GPU and hours",
+    ),
+}
+
+
+def resolve_preset(preset: str | Preset, **overrides) -> Preset:
+    """A preset by name, with ``train`` overrides merged in (e.g. ``epochs=5``)."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise DataError(f"Unknown preset {preset!r}; choose from {', '.join(PRESETS)}.")
+        preset = PRESETS[preset]
+    if overrides:
+        preset = Preset(**{**asdict(preset), "train": {**preset.train, **overrides}})
+    return preset
+
+
+def embed_settings(preset: Preset, stages, recipe: str = "default") -> dict:
+    """``embed_cache`` keyword arguments of a preset under a recipe: the recipe's windows,
+    median and L2, with the preset's pooling, and its windows when the recipe is ours."""
+    windows = (preset.embed_windows if preset.embed_windows and recipe == "default"
+               else stages.embed.windows)
+    return {"crop": preset.embed_crop, "pooling": preset.embed_pooling, "windows": windows,
+            "median": stages.embed.median, "l2": stages.embed.l2}
+
+
+def headline(result) -> dict:
+    """The :data:`HEADLINE_METRICS` of an :class:`~napari_wsdino.core.evaluation.EvaluationResult`."""
+    d = result.to_dict()
+    return {k: d[k] for k in HEADLINE_METRICS}
