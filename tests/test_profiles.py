@@ -155,7 +155,7 @@ def test_evaluation_core_imports_no_qt_or_napari(tmp_path):
 
     code = (
         "import sys, numpy as np\n"
-        "import napari_wsdino.core.evaluation, napari_wsdino.core.plots as plots\n"
+        "import napari_wsdino.core.evaluation, napari_wsdino.core.figures as plots\n"
         "import pandas as pd\n"
         "fig = plots.confusion_figure(pd.DataFrame(np.eye(2, dtype=int), index=['a','b'], columns=['a','b']))\n"
         f"fig.savefig({str(tmp_path / 'c.png')!r})\n"

@@ -357,9 +357,8 @@ def _evaluate(profiles, stages=None):
 
 def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, preset: Preset,
                        settings: dict) -> None:
-    from napari_wsdino.core.figures import (attention_grid_figure, png_bytes, read_log,
-                                            training_curves_figure)
-    from napari_wsdino.core.plots import confusion_figure, per_moa_figure
+    from napari_wsdino.core.figures import (attention_grid_figure, confusion_figure, per_moa_figure,
+                                            png_bytes, read_log, training_curves_figure)
     from napari_wsdino.core.report import SYNTHETIC_LABEL, Report, write_report
 
     figures = {
