@@ -29,6 +29,7 @@ import pandas as pd
 
 from napari_wsdino.core import metrics
 from napari_wsdino.core.aggregate import median_across_plates, plate_means, treatment_batches
+from napari_wsdino.core.blockmatch import Rule, match_blockwise
 from napari_wsdino.core.metadata import CONTROL, DataError, treatment_name
 from napari_wsdino.core.profiles import (
     BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, ProfileTable, evaluation_warnings,
@@ -157,16 +158,72 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
     return profiles
 
 
+def _nscb_rule(meta: pd.DataFrame, moas: np.ndarray, batch_code=None) -> Rule:
+    """The NSCB rule of a treatment table (eligible MoAs, batch codes), checked."""
+    batches = treatment_batches(meta[BATCH])
+    all_batches = sorted({b for bs in batches for b in bs})
+    if len(all_batches) < 2:
+        raise DataError(
+            f"All profiles are in one batch ({all_batches[0] if all_batches else 'none'}); "
+            "NSCB needs at least two. Evaluate NSC only (Python: nscb=False; CLI: --no-nscb)."
+        )
+    eligible = metrics.nscb_eligible(moas, batches)
+    if not eligible.any():
+        raise DataError(
+            "No MoA occurs in two or more batches, so no treatment can be NSCB-matched. "
+            "Evaluate NSC only (Python: nscb=False; CLI: --no-nscb)."
+        )
+    codes = metrics.batch_codes(batches) if batch_code is None else np.asarray(batch_code)
+    return Rule(codes, eligible)
+
+
+def _neighbour_table(meta: pd.DataFrame, eligible, matches) -> pd.DataFrame:
+    """One row per treatment: its neighbour, neighbour's MoA, similarity, correctness and
+    AP under each rule."""
+    names = meta[TREATMENT].astype(str).to_numpy()
+    moas = meta[MOA].astype(str).to_numpy()
+    rows = {"treatment": names, "compound": meta[COMPOUND].astype(str).to_numpy()}
+    if CONCENTRATION in meta:
+        rows["concentration"] = meta[CONCENTRATION].to_numpy()
+    rows["moa"] = moas
+    if BATCH in meta:
+        rows["batch"] = meta[BATCH].astype(str).to_numpy()
+    rows["nscb_eligible"] = eligible
+    for m in matches:
+        nb = m.neighbour
+        rows[f"{m.rule}_neighbour"] = np.where(nb >= 0, names[nb], "")
+        rows[f"{m.rule}_neighbour_moa"] = np.where(nb >= 0, moas[nb], "")
+        rows[f"{m.rule}_similarity"] = m.similarity
+        rows[f"{m.rule}_correct"] = np.where(m.query, m.correct, None)
+        rows[f"{m.rule}_ap"] = m.average_precision
+    return pd.DataFrame(rows)
+
+
+def _per_moa(moas, nsc_match, nscb_match) -> dict:
+    """``{moa: {nsc, n_nsc, nscb, n_nscb}}`` accuracy and query count per MoA."""
+    acc_nsc = metrics.per_label_accuracy(nsc_match, moas)
+    acc_nscb = metrics.per_label_accuracy(nscb_match, moas) if nscb_match else {}
+    per_moa = {}
+    for m in sorted(set(moas)):
+        a, n = acc_nsc.get(m, (float("nan"), 0))
+        b, nb_ = acc_nscb.get(m, (float("nan"), 0))
+        per_moa[m] = {"nsc": a, "n_nsc": n, "nscb": b if nb_ else None, "n_nscb": nb_}
+    return per_moa
+
+
 def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool = True,
-                        control: str = CONTROL, batch_code=None) -> dict:
+                        control: str = CONTROL, batch_code=None, block_rows=None) -> dict:
     """NSC / NSCB matching on treatment profiles (one row per treatment, canonical order).
 
     Needs ``Metadata_Treatment, Metadata_Compound, Metadata_MoA`` and, for NSCB,
     ``Metadata_Batch`` (batches joined by ``","``, as :func:`aggregate_treatments`
-    writes it). Control rows (MoA ``control``) are left out. Returns a dict with ``nsc_match``, ``nscb_match`` (or ``None``),
-    ``eligible``, ``neighbours``, ``per_moa``, ``confusion_nsc``, ``confusion_nscb``.
-    ``batch_code`` (one number per row) replaces the batch codes of the NSCB rule, e.g.
+    writes it). Control rows (MoA ``control``) are left out. Returns a dict with
+    ``nsc_match``, ``nscb_match`` (or ``None``), ``eligible``, ``neighbours``,
+    ``per_moa``, ``confusion_nsc``, ``confusion_nscb``. ``batch_code`` (one number per
+    row) replaces the batch codes of the NSCB rule, e.g.
     :func:`~napari_wsdino.core.metrics.median_batch_codes` (the ``official`` rule).
+    Matching runs in blocks of ``block_rows`` queries with bounded memory
+    (:func:`~napari_wsdino.core.blockmatch.match_blockwise`; default: its block size).
     """
     treatments.require([TREATMENT, COMPOUND, MOA])
     is_control = treatments.is_control(control)
@@ -184,63 +241,21 @@ def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool =
     ks = tuple(sorted(set([1, *map(int, ks)])))
     if ks[0] < 1:
         raise DataError(f"k-NN needs k >= 1; got {ks[0]}.")
-    sim = metrics.cosine_similarity(treatments.features)
-    nsc_match = metrics.match(sim, metrics.candidate_mask(compounds), moas, ks=ks, rule="nsc")
-    eligible = np.zeros(len(meta), dtype=bool)
-    nscb_match = None
+    rules = {"nsc": Rule()}
     if nscb:
         treatments.require([BATCH])
-        batches = treatment_batches(meta[BATCH])
-        all_batches = sorted({b for bs in batches for b in bs})
-        if len(all_batches) < 2:
-            raise DataError(
-                f"All profiles are in one batch ({all_batches[0] if all_batches else 'none'}); "
-                "NSCB needs at least two. Evaluate NSC only (Python: nscb=False; CLI: --no-nscb)."
-            )
-        eligible = metrics.nscb_eligible(moas, batches)
-        if not eligible.any():
-            raise DataError(
-                "No MoA occurs in two or more batches, so no treatment can be NSCB-matched. "
-                "Evaluate NSC only (Python: nscb=False; CLI: --no-nscb)."
-            )
-        codes = metrics.batch_codes(batches) if batch_code is None else np.asarray(batch_code)
-        cand = metrics.candidate_mask(compounds, codes, eligible)
-        nscb_match = metrics.match(sim, cand, moas, queries=eligible, ks=ks, rule="nscb")
-
-    names = meta[TREATMENT].astype(str).to_numpy()
-    rows = {"treatment": names, "compound": compounds}
-    if CONCENTRATION in meta:
-        rows["concentration"] = meta[CONCENTRATION].to_numpy()
-    rows["moa"] = moas
-    if BATCH in meta:
-        rows["batch"] = meta[BATCH].astype(str).to_numpy()
-    rows["nscb_eligible"] = eligible
-    for m in (nsc_match, nscb_match):
-        if m is None:
-            continue
-        nb = m.neighbour
-        rows[f"{m.rule}_neighbour"] = np.where(nb >= 0, names[nb], "")
-        rows[f"{m.rule}_neighbour_moa"] = np.where(nb >= 0, moas[nb], "")
-        rows[f"{m.rule}_similarity"] = m.similarity
-        rows[f"{m.rule}_correct"] = np.where(m.query, m.correct, None)
-        rows[f"{m.rule}_ap"] = m.average_precision
-    neighbours = pd.DataFrame(rows)
-
-    classes = sorted(set(moas))
-    per_moa = {}
-    acc_nsc = metrics.per_label_accuracy(nsc_match, moas)
-    acc_nscb = metrics.per_label_accuracy(nscb_match, moas) if nscb_match else {}
-    for m in classes:
-        a, n = acc_nsc.get(m, (float("nan"), 0))
-        b, nb_ = acc_nscb.get(m, (float("nan"), 0))
-        per_moa[m] = {"nsc": a, "n_nsc": n, "nscb": b if nb_ else None, "n_nscb": nb_}
+        rules["nscb"] = _nscb_rule(meta, moas, batch_code)
+    matches = match_blockwise(treatments.features, compounds, moas, rules, ks=ks,
+                              block_rows=block_rows)
+    nsc_match, nscb_match = matches["nsc"], matches.get("nscb")
+    eligible = rules["nscb"].eligible if nscb else np.zeros(len(meta), dtype=bool)
     return {
         "nsc_match": nsc_match,
         "nscb_match": nscb_match,
         "eligible": eligible,
-        "neighbours": neighbours,
-        "per_moa": per_moa,
-        "confusion_nsc": metrics.confusion(nsc_match, moas, classes),
+        "neighbours": _neighbour_table(meta, eligible, list(matches.values())),
+        "per_moa": _per_moa(moas, nsc_match, nscb_match),
+        "confusion_nsc": metrics.confusion(nsc_match, moas, sorted(set(moas))),
         "confusion_nscb": (metrics.confusion(nscb_match, moas, sorted(set(moas[eligible])))
                            if nscb_match else None),
     }

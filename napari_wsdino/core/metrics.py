@@ -57,14 +57,21 @@ MULTI_BATCH = -1
 NSCB_MULTIBATCH = ("exempt", "official")
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float64); a row of zeros stays zero."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
 def cosine_similarity(x: np.ndarray) -> np.ndarray:
     """Cosine similarity of every pair of rows, rounded to :data:`DECIMALS`.
 
-    A row of zeros has similarity 0 to everything.
+    A row of zeros has similarity 0 to everything. This is the dense ``(n, n)``
+    reference; the evaluation computes the same numbers block by block
+    (:func:`napari_wsdino.core.blockmatch.match_blockwise`).
     """
-    x = np.asarray(x, dtype=np.float64)
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+    unit = unit_rows(x)
     return np.round(unit @ unit.T, DECIMALS)
 
 
