@@ -32,8 +32,14 @@ OPTIONS = {
 
 
 def add_parser(sub) -> None:
+    from napari_wsdino.core.model import ARCHITECTURES, DEFAULT_ARCH
     from napari_wsdino.core.recipes import RECIPES
-    from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS
+    from napari_wsdino.core.sampler import (
+        DEFAULT_WEAK_LABEL,
+        DMSO_MODES,
+        WEAK_LABELS,
+        weak_label_help,
+    )
     from napari_wsdino.core.train import EPOCH_SPLITS, INIT_PARTS
 
     p = sub.add_parser(
@@ -55,11 +61,11 @@ def add_parser(sub) -> None:
     p.add_argument("--channel", default="DAPI",
                    help="channel to train, a comma list, or 'all' (default DAPI)")
     p.add_argument("--weak-label", choices=WEAK_LABELS, default=None,
-                   help="none = plain DINO; treatment, compound, moa, or moa_or_compound "
-                   "(MoA where known, else compound). Default none")
+                   help=f"{weak_label_help()}. Default {DEFAULT_WEAK_LABEL}")
     p.add_argument("--dmso", choices=DMSO_MODES, default=None,
                    help="DMSO controls: exclude (paper), plate (one group per plate), together")
-    p.add_argument("--arch", help="timm ViT name (default vit_small_patch8_224)")
+    p.add_argument("--arch", help=f"any timm ViT name, e.g. {', '.join(ARCHITECTURES)} "
+                   f"(default {DEFAULT_ARCH})")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="fields per step per process (default 16)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 4e-6)")
@@ -113,33 +119,20 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def _file_values(path: str) -> dict:
-    """The settings a config file names (all of them for YAML), validated."""
-    from napari_wsdino.core.train import TrainConfig
+def build_config(args, resume_from: Path | None = None, channel: str | None = None):
+    """Recipe < --config (or, resuming ``resume_from``, its saved config) < --set < options,
+    by :func:`napari_wsdino.core.train.resolve_config` (the panels' rule too)."""
+    from napari_wsdino.core.train import resolve_config
 
-    loaded = TrainConfig.load(path).to_dict()
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        return loaded
-    raw = tomllib.loads(Path(path).read_text())
-    return {k: loaded[k] for k in raw.get("train", raw)}
-
-
-def build_config(args, saved: Path | None = None):
-    """Recipe < --config (or the saved run config when resuming) < --set < options."""
-    from napari_wsdino.core.recipes import train_defaults
-    from napari_wsdino.core.train import TrainConfig
-
-    values = train_defaults(getattr(args, "recipe", "default"))
-    if args.config:
-        values.update(_file_values(args.config))
-    elif saved is not None and saved.exists():
-        values = TrainConfig.load(saved).to_dict()
-    values.update(parse_set(args.set))
+    overrides = parse_set(args.set)
     for dest, key in OPTIONS.items():
         value = getattr(args, dest, None)
         if value is not None:
-            values[key] = value
-    return TrainConfig.from_dict(values)
+            overrides[key] = value
+    if channel is not None:
+        overrides["channel"] = channel
+    return resolve_config(args.config, overrides, resume_from=resume_from,
+                          recipe=getattr(args, "recipe", "default"))
 
 
 def print_config(args) -> int:
@@ -159,9 +152,10 @@ def print_config(args) -> int:
 def run(args) -> int:
     from napari_wsdino.core import distributed
     from napari_wsdino.core.cache import open_cache
+    from napari_wsdino.core.layout import channel_dir, default_run_dir
     from napari_wsdino.core.model import CheckpointError
     from napari_wsdino.core.recipes import check_init, get_recipe
-    from napari_wsdino.core.train import CONFIG_FILE, TrainingError, describe_data, train
+    from napari_wsdino.core.train import TrainingError, describe_data, train
 
     if args.print_config:
         return print_config(args)
@@ -193,13 +187,12 @@ def run(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        run_dir = Path(args.out) if args.out else (
-            Path(args.cache).resolve().parent / "runs" / build_config(args).weak_label)
+        run_dir = Path(args.out) if args.out else default_run_dir(
+            args.cache, build_config(args).weak_label)
         for ch in channels:
-            out = run_dir / ch
+            out = channel_dir(run_dir, ch)
             try:
-                config = build_config(args, out / CONFIG_FILE if args.resume else None)
-                config = config.replace(channel=ch)
+                config = build_config(args, out if args.resume else None, channel=ch)
                 if main and not args.quiet:
                     d = describe_data(cache, config)
                     singles = d["singleton_groups"]

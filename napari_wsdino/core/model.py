@@ -28,6 +28,8 @@ torch.Size([1, 64])
 from __future__ import annotations
 
 import argparse
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -67,6 +69,39 @@ def _register_cpu_archs() -> None:
 
 
 _register_cpu_archs()
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A ViT offered by name in the CLI help and the panels (any timm ViT name also works)."""
+
+    name: str
+    title: str
+    patch_size: int
+    help: str
+
+
+#: Architectures offered, in menu order: the only list of them (the panels' menus read it).
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture(DEFAULT_ARCH, "ViT-S/8 (paper)", 8, "the paper's backbone; a GPU is needed"),
+    *(Architecture(name, f"tiny ViT {name.split('_')[2]}/{patch} (CPU)", patch,
+                   f"{depth} blocks of width {dim}, "
+                   f"{heads} heads: CPU demos and tests")
+      for name, (patch, dim, depth, heads) in CPU_ARCHS.items()),
+    Architecture("vit_base_patch8_224", "ViT-B/8", 8, "DINO's larger ViT; a large GPU"),
+)}
+
+
+def arch_patch_size(arch: str) -> int | None:
+    """Patch size of an architecture name (registered, or timm's ``..._patchN_...``).
+
+    >>> arch_patch_size("vit_small_patch8_224"), arch_patch_size("vit_tiny_patch16_224")
+    (8, 16)
+    """
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch].patch_size
+    match = re.search(r"patch(\d+)", arch)
+    return int(match.group(1)) if match else None
 
 
 #: ``--init random``: start from random weights on purpose (where weights are expected).

@@ -35,9 +35,40 @@ import pandas as pd
 
 from napari_wsdino.core.metadata import DataError
 
-WEAK_LABELS = ("none", "treatment", "compound", "moa", "moa_or_compound")
+
+@dataclass(frozen=True)
+class WeakLabel:
+    """One weak label a run can train with: the only place its name, title and help live.
+
+    ``method`` names the method it makes (``DINO`` without a label, else ``WS-DINO``).
+    """
+
+    name: str
+    title: str
+    help: str
+    method: str = "WS-DINO"
+
+
+#: Weak labels by name, in menu order; the CLI choices, the panels and the study read it.
+WEAK_LABEL_INFO: dict[str, WeakLabel] = {w.name: w for w in (
+    WeakLabel("none", "none (plain DINO)",
+              "each field is its own group: plain DINO, local crops from the same field", "DINO"),
+    WeakLabel("treatment", "treatment", "fields of the same compound at the same concentration"),
+    WeakLabel("compound", "compound", "fields of the same compound, any concentration"),
+    WeakLabel("moa", "MoA", "fields of the same mechanism of action (every field annotated)"),
+    WeakLabel("moa_or_compound", "MoA, else compound",
+              "the MoA where annotated, else the compound (partially annotated screens)"),
+)}
+#: Weak-label names (iterable, ``in``-testable), from :data:`WEAK_LABEL_INFO`.
+WEAK_LABELS = tuple(WEAK_LABEL_INFO)
+DEFAULT_WEAK_LABEL = "none"
 DMSO_MODES = ("exclude", "plate", "together")
 CONTROL = "DMSO"
+
+
+def weak_label_help() -> str:
+    """One line per weak label, ``name: help``, for --help texts and tooltips."""
+    return "; ".join(f"{w.name}: {w.help}" for w in WEAK_LABEL_INFO.values())
 
 
 def _is_control(table: pd.DataFrame) -> np.ndarray:

@@ -38,7 +38,7 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator, Iterable, get_type_hints
+from typing import Callable, Generator, Iterable, Mapping, get_type_hints
 
 import numpy as np
 import torch
@@ -47,8 +47,10 @@ from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.dino import CENTERINGS, DINOHead, DINOLoss, MultiCropWrapper, ema_update
 from napari_wsdino.core.fsio import atomic_write, first_missing_dir, remove_empty_dirs
+from napari_wsdino.core.layout import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE
 from napari_wsdino.core.model import (
     CHECKPOINT_FORMAT,
+    DEFAULT_ARCH,
     RANDOM_INIT,
     CheckpointError,
     create_backbone,
@@ -61,14 +63,17 @@ from napari_wsdino.core.model import (
     read_checkpoint,
 )
 from napari_wsdino.core.progress import Progress
-from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS, PairSampler, weak_labels
+from napari_wsdino.core.sampler import (
+    DEFAULT_WEAK_LABEL,
+    DMSO_MODES,
+    WEAK_LABELS,
+    PairSampler,
+    weak_labels,
+)
 from napari_wsdino.core.schedules import Schedules
 from napari_wsdino.core.views import Centres, jitter_intensity, multi_crop
 
 CHECKPOINT_VERSION = 1
-CHECKPOINT_FILE = "checkpoint.pth"
-CONFIG_FILE = "config.toml"
-LOG_FILE = "log.jsonl"
 N_GLOBAL = 2
 # Settings that may differ between a run and its resumption (they do not change the maths).
 #: Where crops are centred: anywhere (the paper) or on nuclei (cell-centred crops).
@@ -123,10 +128,10 @@ class TrainConfig:
     """
 
     channel: str = "DAPI"
-    weak_label: str = "none"
+    weak_label: str = DEFAULT_WEAK_LABEL
     dmso: str = "exclude"
     balance: bool = True
-    arch: str = "vit_small_patch8_224"
+    arch: str = DEFAULT_ARCH
     init: str = ""
     drop_path_rate: float = 0.1
     out_dim: int = 65536
@@ -282,6 +287,97 @@ class TrainConfig:
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"{path} is not valid TOML: {exc}") from None
         return cls.from_dict(values)
+
+
+def config_file_values(path: str | Path) -> dict:
+    """The settings a config file names, validated (every field for a YAML file)."""
+    loaded = TrainConfig.load(path).to_dict()
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        return loaded
+    raw = tomllib.loads(Path(path).read_text())
+    return {k: loaded[k] for k in raw.get("train", raw)}
+
+
+def resume_conflicts(saved: TrainConfig, config: TrainConfig) -> list[str]:
+    """Settings of ``config`` a resume of a run trained with ``saved`` may not change.
+
+    ``epochs`` may change (Continue training extends or shortens a run), and so may
+    :data:`RESUMABLE_CHANGES`, which do not change the maths.
+    """
+    old, new = saved.to_dict(), config.to_dict()
+    return [k for k, v in new.items() if k not in RESUMABLE_CHANGES | {"epochs"} and old[k] != v]
+
+
+def resolve_config(
+    base: TrainConfig | str | Path | None = None,
+    overrides: Mapping | None = None,
+    *,
+    resume_from: str | Path | None = None,
+    recipe: str = "default",
+) -> TrainConfig:
+    """The settings of one channel's run: the one merge rule of the CLI and the panels.
+
+    Layers, lowest first: the ``recipe``'s defaults; ``base`` — a :class:`TrainConfig`
+    (all of it) or a TOML / YAML file (the keys it names) — or, when there is no base and
+    ``resume_from`` holds a saved ``config.toml``, that saved config (all of it);
+    then ``overrides`` (the options given, ``--set`` pairs, widget values).
+
+    Resume rule: when ``resume_from`` (one channel's run folder) holds a checkpoint and a
+    ``config.toml``, the result may differ from the saved config only in ``epochs`` and
+    :data:`RESUMABLE_CHANGES`; anything else is refused here, before any work, with the
+    message :func:`train` would give.
+
+    Parameters
+    ----------
+    base
+        Settings under the overrides; ``None``: the saved config when resuming, else
+        the recipe's defaults.
+    overrides
+        TrainConfig fields to set, e.g. ``{"epochs": 20, "channel": "Actin"}``.
+    resume_from
+        The channel folder (``run/<channel>``, :func:`napari_wsdino.core.layout.channel_dir`)
+        to resume; ``None`` for a new run.
+    recipe
+        :mod:`napari_wsdino.core.recipes` name whose training defaults are the bottom layer.
+
+    Raises
+    ------
+    ValueError
+        An unknown or invalid setting (the message names it).
+    TrainingError
+        A resume that changes a setting the run was trained with.
+
+    Example
+    -------
+    >>> resolve_config(overrides={"epochs": 3}).epochs
+    3
+    >>> resolve_config(None, {"epochs": 800}, resume_from="run/DAPI")  # doctest: +SKIP
+    TrainConfig(... epochs=800 ...)                 # the run's saved settings, 800 epochs
+    """
+    from napari_wsdino.core.recipes import train_defaults  # recipes imports this module
+
+    saved = None
+    if resume_from is not None and (Path(resume_from) / CONFIG_FILE).exists():
+        saved = TrainConfig.load(Path(resume_from) / CONFIG_FILE)
+    values = train_defaults(recipe)
+    if isinstance(base, TrainConfig):
+        values = base.to_dict()
+    elif base is not None and str(base).strip():
+        values.update(config_file_values(base))
+    elif saved is not None:
+        values = saved.to_dict()
+    values.update(overrides or {})
+    config = TrainConfig.from_dict(values)
+    if saved is not None and (Path(resume_from) / CHECKPOINT_FILE).exists():
+        conflicts = resume_conflicts(saved, config)
+        if conflicts:
+            raise TrainingError(_differ_message(Path(resume_from) / CHECKPOINT_FILE, conflicts))
+    return config
+
+
+def _differ_message(path, diff) -> str:
+    return (f"Cannot resume {path}: settings differ from the run's ({', '.join(diff)}). "
+            "Resume with the saved config.toml, or start a new run folder.")
 
 
 def _as_bool(key, value) -> bool:
@@ -831,16 +927,11 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
 
 
 def _check_resume(ckpt, config, fingerprint, steps_per_epoch, path) -> None:
-    old = TrainConfig.from_dict(ckpt["config"])
     # ``epochs`` may change: Continue training extends (or shortens) the run; the schedules
     # are then those of the new total, read from the current step on (docs/training.md).
-    diff = [k for k, v in config.to_dict().items()
-            if k not in RESUMABLE_CHANGES | {"epochs"} and old.to_dict()[k] != v]
+    diff = resume_conflicts(TrainConfig.from_dict(ckpt["config"]), config)
     if diff:
-        raise TrainingError(
-            f"Cannot resume {path}: settings differ from the run's ({', '.join(diff)}). "
-            "Resume with the saved config.toml, or start a new run folder."
-        )
+        raise TrainingError(_differ_message(path, diff))
     if ckpt["data"]["fingerprint"] != fingerprint:
         raise TrainingError(
             f"Cannot resume {path}: the cache's fields, labels or pixels differ from the "
