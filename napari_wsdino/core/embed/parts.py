@@ -1,0 +1,124 @@
+"""On disk: the ``OUT.parts/`` folder of finished chunks (what makes an embedding
+resumable, and what the ranks of a ``torchrun`` job share), and the final profile file.
+
+``OUT.parts/manifest.json`` records the settings; ``chunk_KKKKK.npy`` holds the features of
+fields ``K * chunk_size`` to ``(K + 1) * chunk_size``, each written to a temporary file and
+renamed. A rerun with the same manifest skips the chunks that exist, whichever process
+wrote them. Re-exported by :mod:`napari_wsdino.core.embed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.profiles import ProfileTable
+
+PARTS_FORMAT = "napari-wsdino-embed-parts"
+
+
+def parts_folder(out: str | Path) -> Path:
+    """Where :func:`~napari_wsdino.core.embed.embed_cache` keeps finished chunks of ``out``
+    until it is written."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def _table_hash(table: pd.DataFrame) -> str:
+    cols = [c for c in ("plate", "well", "site") if c in table.columns]
+    keys = table[cols].astype(str).agg("/".join, axis=1) if cols else pd.Series(range(len(table)))
+    return hashlib.sha1("\n".join(keys).encode()).hexdigest()
+
+
+def parts_manifest(models, crops: dict, table: pd.DataFrame, rows: np.ndarray, *, pooling: str,
+                   windows: str, median: str, l2: bool, chunk_size: int) -> dict:
+    """What a chunk depends on; a resume is refused when any of it changed."""
+    return {
+        "format": PARTS_FORMAT,
+        "models": models.fingerprint(),
+        "channels": list(models.channels),
+        "crop": crops,
+        "pooling": pooling,
+        "windows": windows,
+        "median": median,
+        "l2": bool(l2),
+        "chunk_size": chunk_size,
+        "n_fields": len(rows),
+        "fields": _table_hash(table),
+        "rows": hashlib.sha1(rows.tobytes()).hexdigest(),
+    }
+
+
+def _prepare_parts(parts: Path, manifest: dict, resume: bool) -> None:
+    mfile = parts / "manifest.json"
+    if parts.exists():
+        old = json.loads(mfile.read_text()) if mfile.exists() else None
+        if resume and old == manifest:
+            return
+        if resume and old is not None:
+            changed = sorted(k for k in manifest if old.get(k) != manifest[k])
+            raise DataError(
+                f"{parts} holds an unfinished embedding with different settings "
+                f"({', '.join(changed)}). Delete it, or rerun without resuming "
+                "(--overwrite) to start again."
+            )
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True)
+    mfile.write_text(json.dumps(manifest, indent=2))
+
+
+def chunk_path(parts: Path, k: int) -> Path:
+    return parts / f"chunk_{k:05d}.npy"
+
+
+def load_chunk(parts: Path | None, k: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """Chunk ``k`` from an earlier run or another rank, or ``None`` when it is not there
+    (or is of another shape)."""
+    if parts is None:
+        return None
+    path = chunk_path(parts, k)
+    if not path.exists():
+        return None
+    feats = np.load(path)
+    return feats if feats.shape == tuple(shape) else None
+
+
+def save_chunk(parts: Path, k: int, feats: np.ndarray) -> None:
+    """Write chunk ``k`` atomically: a crash leaves it whole or absent."""
+    path = chunk_path(parts, k)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, feats)
+    os.replace(tmp, path)
+
+
+def shard_chunks(n_chunks: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The chunks rank ``rank`` of ``world_size`` embeds: every ``world_size``-th.
+
+    Dealt round robin, so the ranks' shares differ by at most one chunk, and a resumed
+    run may use another number of processes (the chunks, not the ranks, are on disk).
+
+    Example
+    -------
+    >>> shard_chunks(5, 0, 2), shard_chunks(5, 1, 2)
+    ([0, 2, 4], [1, 3])
+    """
+    return list(range(int(rank), int(n_chunks), max(int(world_size), 1)))
+
+
+def write_profiles(table: ProfileTable, path: str | Path, provenance: dict | None = None) -> Path:
+    """Write a profile table as Parquet (atomically), plus ``<stem>.json`` provenance."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    table.write(tmp)
+    os.replace(tmp, path)
+    if provenance is not None:
+        path.with_suffix(".json").write_text(json.dumps(provenance, indent=2))
+    return path
