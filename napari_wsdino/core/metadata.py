@@ -1,34 +1,53 @@
 """Plate metadata: one typed table for every field of view of a screen.
 
 The loader reads the official BBBC021 files (``BBBC021_v1_image.csv`` and
-``BBBC021_v1_moa.csv``; Ljosa et al. 2013) or any screen laid out the same way,
-given a :class:`ScreenLayout` that maps its CSV columns and channel names.
+``BBBC021_v1_moa.csv``; Ljosa et al. 2013), a JUMP-style Cell Painting
+``load_data.csv`` (five stains, MoA column in the same file), or any screen laid out
+like either, given a :class:`ScreenLayout` that maps its CSV columns and channel
+names. Named layouts live in a small registry (:data:`LAYOUTS`: ``"bbbc021"``,
+``"cellpainting"``); :func:`detect_layout` picks one from a folder or CSV header.
 
 The result is a :class:`pandas.DataFrame` with one row per field and the columns
 in :data:`FIELD_COLUMNS` plus ``path_<channel>`` for each channel. Every later
 stage (replica, preprocessing, training, embedding, evaluation) reads this table.
+Control rows have ``compound == moa == "DMSO"`` whatever the screen calls them.
 
 Example
 -------
 >>> from napari_wsdino.core.metadata import load_metadata, bundled_metadata_dir
 >>> meta = load_metadata(bundled_metadata_dir(), check_files=False)
->>> len(meta.table), meta.table.plate.nunique()
-(3848, 55)
+>>> len(meta.table), meta.table.plate.nunique(), meta.channels
+(3848, 55, ('DAPI', 'Tubulin', 'Actin'))
+>>> get_layout("cellpainting").channels
+('DNA', 'ER', 'RNA', 'AGP', 'Mito')
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-IMAGE_CSV = "BBBC021_v1_image.csv"
-MOA_CSV = "BBBC021_v1_moa.csv"
-CHANNELS: tuple[str, ...] = ("DAPI", "Tubulin", "Actin")
-CONTROL = "DMSO"
+from napari_wsdino.core.errors import DataError
+from napari_wsdino.core.screens import (  # noqa: F401  (re-exported: the public layout API)
+    CELLPAINTING_CHANNELS,
+    CHANNELS,
+    CONTROL,
+    IMAGE_CSV,
+    JUMP_DMSO,
+    LAYOUTS,
+    LOAD_DATA_CSV,
+    MOA_CSV,
+    LayoutPreset,
+    ScreenLayout,
+    detect_layout,
+    get_layout,
+    register_layout,
+    resolve_layout,
+)
+
 FIELD_COLUMNS: tuple[str, ...] = (
     "plate",
     "batch",
@@ -42,77 +61,9 @@ FIELD_COLUMNS: tuple[str, ...] = (
 )
 
 
-class DataError(ValueError):
-    """Input data is unusable; the message names the problem and the fix."""
-
-
 def treatment_name(compound: str, concentration: float) -> str:
     """Canonical treatment label: ``"taxol@0.3"`` (concentration in µM, ``%g``)."""
     return f"{compound}@{float(concentration):g}"
-
-
-@dataclass(frozen=True)
-class ScreenLayout:
-    """How a screen's CSV files name things. Defaults are BBBC021's official names.
-
-    Parameters
-    ----------
-    channels
-        Channel names, in the order images are stacked.
-    file_columns
-        For each channel, the (file name column, path column) of the image CSV.
-    batch_pattern
-        Regular expression with one group, applied to the plate name, giving the batch
-        (BBBC021: the ``WeekN`` prefix). If it does not match, ``batch_column`` is used.
-    site_pattern
-        Regular expression with one group, applied to the first channel's file name,
-        giving the site (BBBC021: ``_s3_``). If it does not match, ``site_column`` is used.
-    """
-
-    channels: tuple[str, ...] = CHANNELS
-    file_columns: dict[str, tuple[str, str]] = field(
-        default_factory=lambda: {
-            c: (f"Image_FileName_{c}", f"Image_PathName_{c}") for c in CHANNELS
-        }
-    )
-    plate_column: str = "Image_Metadata_Plate_DAPI"
-    well_column: str = "Image_Metadata_Well_DAPI"
-    compound_column: str = "Image_Metadata_Compound"
-    concentration_column: str = "Image_Metadata_Concentration"
-    replicate_column: str | None = "Replicate"
-    batch_column: str | None = None
-    site_column: str | None = None
-    batch_pattern: str = r"^(Week\d+)_"
-    site_pattern: str = r"_s(\d+)_"
-    moa_compound_column: str = "compound"
-    moa_concentration_column: str = "concentration"
-    moa_column: str = "moa"
-    control_compound: str = CONTROL
-    image_csv: str = IMAGE_CSV
-    moa_csv: str = MOA_CSV
-
-    @classmethod
-    def from_mapping(cls, mapping: dict) -> "ScreenLayout":
-        """Build a layout from a plain dict (e.g. parsed from JSON/TOML).
-
-        ``file_columns`` may be given as ``{"DNA": ["FileName_DNA", "PathName_DNA"], ...}``;
-        ``channels`` defaults to its keys.
-        """
-        mapping = dict(mapping)
-        if "file_columns" in mapping:
-            mapping["file_columns"] = {
-                k: tuple(v) for k, v in mapping["file_columns"].items()
-            }
-            mapping.setdefault("channels", tuple(mapping["file_columns"]))
-        if "channels" in mapping:
-            mapping["channels"] = tuple(mapping["channels"])
-        unknown = set(mapping) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise DataError(
-                f"Unknown screen-layout keys {sorted(unknown)}; "
-                f"valid keys are {sorted(cls.__dataclass_fields__)}."
-            )
-        return cls(**mapping)
 
 
 @dataclass
@@ -172,7 +123,7 @@ def _require_columns(df: pd.DataFrame, needed: list[str], what: Path) -> None:
         raise DataError(
             f"{what} lacks the column(s) {absent}. It has {list(df.columns)}. "
             "Point to the official BBBC021 file, or pass a ScreenLayout "
-            "(CLI: --layout layout.json) that maps your column names."
+            f"(CLI: --layout layout.json, or one of {list(LAYOUTS)}) that maps your column names."
         )
 
 
@@ -201,13 +152,15 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise DataError(f"Cannot parse {path} as CSV: {exc}") from None
 
 
-def locate(source: str | Path, layout: ScreenLayout = ScreenLayout()) -> tuple[Path, Path]:
-    """Find the image CSV and MoA CSV for a dataset folder or an image CSV path."""
+def locate(source: str | Path, layout: ScreenLayout | None = None) -> tuple[Path, Path | None]:
+    """Find the image CSV and MoA CSV (``None`` for a layout without one) of a dataset
+    folder or an image CSV path; ``layout=None`` detects it (:func:`detect_layout`)."""
     source = Path(source)
+    layout = detect_layout(source) if layout is None else layout
     if source.is_dir():
         image_csv = source / layout.image_csv
         if not image_csv.exists():
-            candidates = sorted(source.glob("*image*.csv"))
+            candidates = sorted(source.glob(layout.image_glob))
             if len(candidates) != 1:
                 raise DataError(
                     f"No {layout.image_csv} in {source}. Give the folder that holds the "
@@ -218,6 +171,8 @@ def locate(source: str | Path, layout: ScreenLayout = ScreenLayout()) -> tuple[P
         image_csv = source
     else:
         raise DataError(f"{source} does not exist.")
+    if layout.moa_csv is None:
+        return image_csv, None
     moa_csv = image_csv.parent / layout.moa_csv
     if not moa_csv.exists():
         candidates = sorted(image_csv.parent.glob("*moa*.csv"))
@@ -244,7 +199,7 @@ def resolve_image_path(root: Path, path_name: str, file_name: str, plate: str) -
 
 def load_metadata(
     source: str | Path,
-    layout: ScreenLayout = ScreenLayout(),
+    layout: ScreenLayout | str | None = None,
     *,
     image_root: str | Path | None = None,
     check_files: bool = True,
@@ -256,10 +211,12 @@ def load_metadata(
     Parameters
     ----------
     source
-        Dataset folder (holding ``BBBC021_v1_image.csv`` and ``BBBC021_v1_moa.csv``)
-        or the image CSV itself.
+        Dataset folder (holding ``BBBC021_v1_image.csv`` and ``BBBC021_v1_moa.csv``,
+        or a Cell Painting ``load_data.csv``) or the image CSV itself.
     layout
-        Column mapping for screens other than BBBC021.
+        A :class:`ScreenLayout`, a registered name (``"bbbc021"``, ``"cellpainting"``)
+        or a JSON file of layout fields; ``None`` detects it (:func:`detect_layout`).
+        The channels (three for BBBC021, five for Cell Painting) come from it.
     image_root
         Folder the CSV's path columns are relative to (default: the CSV's folder).
     check_files
@@ -267,7 +224,7 @@ def load_metadata(
     drop_missing
         With ``check_files``: drop fields with a missing image instead of raising.
     unannotated
-        Treatments (other than the control) without an MoA row: ``"error"``,
+        Treatments (other than the control) without an MoA: ``"error"``,
         ``"drop"`` them, or ``"keep"`` them with an empty MoA.
 
     Returns
@@ -278,38 +235,55 @@ def load_metadata(
     ------
     DataError
         Missing columns, missing files (count and first few paths), treatments with
-        no MoA row, duplicate fields.
+        no MoA, duplicate fields.
 
     Example
     -------
     >>> meta = load_metadata("BBBC021/", drop_missing=True)  # doctest: +SKIP
+    >>> load_metadata("jump_replica/", "cellpainting").channels  # doctest: +SKIP
+    ('DNA', 'ER', 'RNA', 'AGP', 'Mito')
     """
     if unannotated not in ("error", "drop", "keep"):
         raise ValueError("unannotated must be 'error', 'drop' or 'keep'")
+    layout = resolve_layout(layout) or detect_layout(source)
     image_csv, moa_csv = locate(source, layout)
     root = Path(image_root) if image_root is not None else image_csv.parent
     images = _read_csv(image_csv)
-    moas = _read_csv(moa_csv)
-
-    needed = [layout.plate_column, layout.well_column, layout.compound_column,
-              layout.concentration_column]
+    _require_columns(images, layout.required_columns(), image_csv)
+    table = _field_columns(images, layout, image_csv)
+    moa = _moa_of_rows(images, table, layout, moa_csv)
+    table, images, n_no_moa = _apply_moa(table, images, moa, unannotated, moa_csv or image_csv)
     for ch in layout.channels:
-        if ch not in layout.file_columns:
-            raise DataError(f"Layout names channel {ch!r} but gives no file columns for it.")
-        needed += list(layout.file_columns[ch])
-    needed += [c for c in (layout.batch_column, layout.site_column) if c is not None]
-    _require_columns(images, needed, image_csv)
-    _require_columns(
-        moas,
-        [layout.moa_compound_column, layout.moa_concentration_column, layout.moa_column],
-        moa_csv,
-    )
+        fcol, pcol = layout.file_columns[ch]
+        table[f"path_{ch}"] = [
+            str(resolve_image_path(root, p, f, pl)) if check_files
+            else str(root / str(p) / str(f))
+            for p, f, pl in zip(images[pcol], images[fcol], table.plate)
+        ]
+    _refuse_duplicates(table)
+    missing: list[Path] = []
+    dropped = 0
+    if check_files:
+        table, missing, dropped = _check_files(table, layout.channels, drop_missing, image_csv, root)
+    return Metadata(table=table.reset_index(drop=True), root=root, channels=tuple(layout.channels),
+                    missing=missing, dropped=dropped, no_moa=n_no_moa)
 
+
+def _from_pattern(values: pd.Series, pattern: str | None, images: pd.DataFrame,
+                  column: str | None) -> pd.Series:
+    """A regex group of ``values`` where it matches, else the CSV ``column``."""
+    out = (values.str.extract(pattern, expand=False) if pattern is not None
+           else pd.Series(np.nan, index=values.index, dtype=object))
+    if column is not None and column in images.columns:
+        out = out.fillna(images[column].astype(str))
+    return out
+
+
+def _field_columns(images: pd.DataFrame, layout: ScreenLayout, image_csv: Path) -> pd.DataFrame:
+    """plate, batch, well, site, replicate, compound, concentration and treatment."""
     plate = images[layout.plate_column].astype(str)
     table = pd.DataFrame({"plate": plate})
-    batch = plate.str.extract(layout.batch_pattern, expand=False)
-    if layout.batch_column is not None and layout.batch_column in images.columns:
-        batch = batch.fillna(images[layout.batch_column].astype(str))
+    batch = _from_pattern(plate, layout.batch_pattern, images, layout.batch_column)
     if batch.isna().any():
         bad = plate[batch.isna()].unique()[:3].tolist()
         raise DataError(
@@ -318,11 +292,9 @@ def load_metadata(
         )
     table["batch"] = batch
     table["well"] = images[layout.well_column].astype(str)
-    first = layout.channels[0]
-    fname_col, _ = layout.file_columns[first]
-    site = images[fname_col].astype(str).str.extract(layout.site_pattern, expand=False)
-    if layout.site_column is not None and layout.site_column in images.columns:
-        site = site.fillna(images[layout.site_column].astype(str))
+    fname_col, _ = layout.file_columns[layout.channels[0]]
+    site = _from_pattern(images[fname_col].astype(str), layout.site_pattern, images,
+                         layout.site_column)
     if site.isna().any():
         # No site in the name: number fields within each well in CSV order.
         site = table.groupby(["plate", "well"]).cumcount() + 1
@@ -331,53 +303,69 @@ def load_metadata(
         table["replicate"] = images[layout.replicate_column].fillna(0).astype(int)
     else:
         table["replicate"] = 0
-    table["compound"] = images[layout.compound_column].astype(str)
-    table["concentration"] = pd.to_numeric(
-        images[layout.concentration_column], errors="coerce"
-    ).astype(float)
+    compound = images[layout.compound_column].astype(str)
+    control = compound == layout.control_compound
+    if layout.control_column is not None and layout.control_column in images.columns:
+        control |= images[layout.control_column].astype(str) == layout.control_value
+    table["compound"] = compound.where(~control, CONTROL)
+    if layout.concentration_column is None:
+        conc = pd.Series(np.where(control, 0.0, layout.default_concentration), index=images.index)
+    else:
+        conc = pd.to_numeric(images[layout.concentration_column], errors="coerce")
+    table["concentration"] = conc.astype(float)
     if table["concentration"].isna().any():
         n = int(table["concentration"].isna().sum())
         raise DataError(f"{n} rows of {image_csv} have a non-numeric concentration.")
     table["treatment"] = [
         treatment_name(c, x) for c, x in zip(table.compound, table.concentration)
     ]
+    return table
 
-    moa_key = [
-        treatment_name(c, x)
-        for c, x in zip(
-            moas[layout.moa_compound_column].astype(str),
-            pd.to_numeric(moas[layout.moa_concentration_column], errors="coerce"),
-        )
-    ]
-    moa_map = dict(zip(moa_key, moas[layout.moa_column].astype(str)))
-    table["moa"] = table["treatment"].map(moa_map)
-    is_control = table.compound == layout.control_compound
-    table.loc[is_control, "moa"] = CONTROL
+
+def _moa_of_rows(images: pd.DataFrame, table: pd.DataFrame, layout: ScreenLayout,
+                 moa_csv: Path | None) -> pd.Series:
+    """Each row's MoA (NaN: none), from the MoA CSV or the image CSV's MoA column."""
+    if moa_csv is None:
+        moa = images[layout.moa_column].where(images[layout.moa_column].notna(), None)
+        moa = moa.astype(object).where(moa.astype(str).str.strip() != "", None)
+    else:
+        moas = _read_csv(moa_csv)
+        _require_columns(moas, [layout.moa_compound_column, layout.moa_concentration_column,
+                                layout.moa_column], moa_csv)
+        moa_key = [
+            treatment_name(c, x)
+            for c, x in zip(moas[layout.moa_compound_column].astype(str),
+                            pd.to_numeric(moas[layout.moa_concentration_column], errors="coerce"))
+        ]
+        moa = table["treatment"].map(dict(zip(moa_key, moas[layout.moa_column].astype(str))))
+    moa = moa.astype(object)
+    moa[table.compound == CONTROL] = CONTROL
+    return moa
+
+
+def _apply_moa(table: pd.DataFrame, images: pd.DataFrame, moa: pd.Series, unannotated: str,
+               moa_source: Path) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Set ``moa``; treatments without one raise, are dropped or kept with ``""``."""
+    table["moa"] = moa
     no_moa = table.moa.isna()
     n_no_moa = int(no_moa.sum())
     if no_moa.any():
         missing_t = sorted(table.loc[no_moa, "treatment"].unique())
         if unannotated == "error":
             raise DataError(
-                f"{len(missing_t)} treatment(s) ({int(no_moa.sum())} fields) have no row in "
-                f"{moa_csv}: {missing_t[:5]}{' ...' if len(missing_t) > 5 else ''}. "
+                f"{len(missing_t)} treatment(s) ({n_no_moa} fields) have no row in "
+                f"{moa_source}: {missing_t[:5]}{' ...' if len(missing_t) > 5 else ''}. "
                 "Add them to the MoA table, or drop them (CLI: --unannotated drop; "
                 "Python: unannotated='drop'), or keep them unlabelled (unannotated='keep')."
             )
         if unannotated == "drop":
-            table = table[~no_moa]
-            images = images[~no_moa]
+            table, images = table[~no_moa], images[~no_moa]
         else:
             table.loc[no_moa, "moa"] = ""
+    return table, images, n_no_moa
 
-    for ch in layout.channels:
-        fcol, pcol = layout.file_columns[ch]
-        table[f"path_{ch}"] = [
-            str(resolve_image_path(root, p, f, pl)) if check_files
-            else str(root / str(p) / str(f))
-            for p, f, pl in zip(images[pcol], images[fcol], table.plate)
-        ]
 
+def _refuse_duplicates(table: pd.DataFrame) -> None:
     dup = table.duplicated(["plate", "well", "site"], keep=False)
     if dup.any():
         keys = table.loc[dup, ["plate", "well", "site"]].head(3).values.tolist()
@@ -386,29 +374,25 @@ def load_metadata(
             "Each field of view must appear once in the image CSV."
         )
 
+
+def _check_files(table: pd.DataFrame, channels, drop_missing: bool, image_csv: Path,
+                 root: Path) -> tuple[pd.DataFrame, list[Path], int]:
+    """Missing image files: drop their fields (``drop_missing``) or raise."""
     missing: list[Path] = []
-    dropped = 0
-    if check_files:
-        path_cols = [f"path_{c}" for c in layout.channels]
-        exists = np.ones(len(table), dtype=bool)
-        for col in path_cols:
-            ok = np.array([Path(p).exists() for p in table[col]], dtype=bool)
-            missing += [Path(p) for p in table.loc[~ok, col]]
-            exists &= ok
-        if missing and drop_missing:
-            dropped = int((~exists).sum())
-            table = table[exists]
-        elif missing and not drop_missing:
-            shown = "\n  ".join(str(p) for p in missing[:5])
-            raise DataError(
-                f"{len(missing)} image file(s) referenced by {image_csv} are missing "
-                f"under {root}, e.g.\n  {shown}\n"
-                "Unpack the missing plates, or drop those fields and go on "
-                "(CLI: --drop-missing; Python: drop_missing=True)."
-            )
-    table = table.reset_index(drop=True)
-    return Metadata(table=table, root=root, channels=tuple(layout.channels),
-                    missing=missing, dropped=dropped, no_moa=n_no_moa)
+    exists = np.ones(len(table), dtype=bool)
+    for col in [f"path_{c}" for c in channels]:
+        ok = np.array([Path(p).exists() for p in table[col]], dtype=bool)
+        missing += [Path(p) for p in table.loc[~ok, col]]
+        exists &= ok
+    if missing and not drop_missing:
+        shown = "\n  ".join(str(p) for p in missing[:5])
+        raise DataError(
+            f"{len(missing)} image file(s) referenced by {image_csv} are missing "
+            f"under {root}, e.g.\n  {shown}\n"
+            "Unpack the missing plates, or drop those fields and go on "
+            "(CLI: --drop-missing; Python: drop_missing=True)."
+        )
+    return table[exists], missing, int((~exists).sum()) if missing else 0
 
 
 def nscb_treatments(table: pd.DataFrame) -> list[str]:
