@@ -58,14 +58,14 @@ def _splat(shape, ys, xs, amps, sigma):
 
 
 def illumination(shape: tuple[int, int], plate: dict) -> np.ndarray:
-    """Per-plate illumination field ``(3, H, W)``: vignetting times a linear gradient."""
+    """Per-plate illumination field ``(C, H, W)``: vignetting times a linear gradient."""
     h, w = shape
     yn = np.linspace(-1.0, 1.0, h, dtype=np.float32)[:, None]
     xn = np.linspace(-1.0, 1.0, w, dtype=np.float32)[None, :]
     cy, cx = plate["centre"]
     r2 = ((xn - cx) ** 2 + (yn - cy) ** 2) / 2.0
     fields = []
-    for c in range(3):
+    for c in range(len(plate["vignette"])):
         vig = 1.0 - plate["vignette"][c] * r2
         gy, gx = plate["gradient"][c]
         fields.append(np.clip(vig * (1.0 + gy * yn + gx * xn), 0.15, None))
@@ -111,58 +111,77 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     illum
         Precomputed :func:`illumination` field (computed when ``None``).
     """
+    c, p = _cells_and_pixels(rng, shape, vec, dose, batch, config)
+    dna = _dna(rng, c, p, batch)
+    tub = _tubulin(rng, c, p, batch)
+    actin = _actin(rng, c, p, batch)
+    channels = np.stack([p.grid(dna), p.grid(tub), p.grid(actin)])
+    _spots(rng, c, channels, dna=0, tub=1, actin=2)
+    return _camera(rng, channels, batch, plate, illum, config, AMPLITUDE, BACKGROUND)
+
+
+class _Cells(dict):
+    """Per-cell parameters of a field (attribute access to a dict of arrays)."""
+
+    __getattr__ = dict.__getitem__
+    __setattr__ = dict.__setitem__
+
+
+def _cells(rng, shape, vec, dose, batch, config) -> _Cells:
+    """How many cells, their states, sizes, positions and outlines (units -> pixels)."""
     h, w = shape
     s = pixel_scale(shape)
     hu, wu = h / s, w / s
     field = vec * dose
-
-    # --- cells and their parameters ---------------------------------------------------
     area = hu * wu / float(np.prod(FULL_SHAPE))
     log_density = field[_IX["density"]] + batch["density"] + rng.normal(0.0, config.density_jitter)
     n = max(1, int(rng.poisson(BASE_CELLS * config.density * area * np.exp(log_density))))
     responder = rng.random(n) < config.responder_fraction * dose
     effect = np.where(responder, rng.uniform(0.7, 1.0, n), 0.2 * dose)
     E = effect[:, None] * vec[None, :]
-    col = lambda a: E[:, _IX[a]]  # noqa: E731
-
-    mitotic = rng.random(n) < np.clip(0.03 + col("mitotic"), 0, 0.97)
-    rosette = mitotic & (rng.random(n) < np.clip(col("rosette"), 0, 1))
-    lobed = ~mitotic & (rng.random(n) < np.clip(col("lobes"), 0, 1))
-    binuc = ~mitotic & ~lobed & (rng.random(n) < np.clip(0.01 + col("binuc"), 0, 1))
+    c = _Cells(n=n, s=s, shape=shape, col=lambda a: E[:, _IX[a]])
+    col = c.col
+    c.mitotic = rng.random(n) < np.clip(0.03 + col("mitotic"), 0, 0.97)
+    c.rosette = c.mitotic & (rng.random(n) < np.clip(col("rosette"), 0, 1))
+    c.lobed = ~c.mitotic & (rng.random(n) < np.clip(col("lobes"), 0, 1))
+    c.binuc = ~c.mitotic & ~c.lobed & (rng.random(n) < np.clip(0.01 + col("binuc"), 0, 1))
     round_ = np.clip(col("round") - 0.5 * col("spread"), -1, 1)
-    round_ = np.where(mitotic, 1.0, round_)
-
+    round_ = np.where(c.mitotic, 1.0, round_)
     radius = CELL_RADIUS * np.exp(col("cell_size") + batch["cell_size"] + rng.normal(0, 0.15, n))
-    radius = np.where(mitotic, 0.62 * radius, radius)
+    radius = np.where(c.mitotic, 0.62 * radius, radius)
     pos = _place_cells(rng, n, hu, wu, np.clip(0.35 + field[_IX["colony"]], 0, 0.95), radius)
-    cy, cx = pos[:, 0] * s, pos[:, 1] * s
-    rad = radius * s
-    aspect = np.exp(np.clip(np.abs(rng.normal(0.0, 0.3, n)) * (1 - round_), 0, 1.2))
-    theta = rng.uniform(0, np.pi, n)
+    c.cy, c.cx = pos[:, 0] * s, pos[:, 1] * s
+    c.rad = radius * s
+    c.aspect = np.exp(np.clip(np.abs(rng.normal(0.0, 0.3, n)) * (1 - round_), 0, 1.2))
+    c.theta = rng.uniform(0, np.pi, n)
     harm_amp = np.clip(0.07 * (1 - round_) + 0.03, 0.01, 0.25)[:, None] * rng.uniform(0.3, 1.0, (n, 4))
     harm_ph = rng.uniform(0, 2 * np.pi, (n, 4))
-    harm_c = (harm_amp * np.exp(1j * harm_ph)).astype(np.complex64)
+    c.harm_c = (harm_amp * np.exp(1j * harm_ph)).astype(np.complex64)
+    return c
 
-    # --- territories (the one loop over cells) ----------------------------------------
-    label = np.zeros(shape, np.int32)
-    best = np.zeros(shape, np.float32)
-    major, minor = rad * np.sqrt(aspect), rad / np.sqrt(aspect)
-    for i in range(n):
+
+def _territories(c: _Cells) -> tuple[np.ndarray, np.ndarray]:
+    """Label image (0 = background) and each pixel's shape score (the one loop over cells)."""
+    h, w = c.shape
+    label = np.zeros(c.shape, np.int32)
+    best = np.zeros(c.shape, np.float32)
+    major, minor = c.rad * np.sqrt(c.aspect), c.rad / np.sqrt(c.aspect)
+    for i in range(c.n):
         ext = major[i] * 1.4 + 1
-        y0, y1 = max(int(cy[i] - ext), 0), min(int(cy[i] + ext) + 2, h)
-        x0, x1 = max(int(cx[i] - ext), 0), min(int(cx[i] + ext) + 2, w)
+        y0, y1 = max(int(c.cy[i] - ext), 0), min(int(c.cy[i] + ext) + 2, h)
+        x0, x1 = max(int(c.cx[i] - ext), 0), min(int(c.cx[i] + ext) + 2, w)
         if y0 >= y1 or x0 >= x1:
             continue
-        yy = np.arange(y0, y1, dtype=np.float32)[:, None] - cy[i]
-        xx = np.arange(x0, x1, dtype=np.float32)[None, :] - cx[i]
-        ct, st = np.cos(theta[i]), np.sin(theta[i])
+        yy = np.arange(y0, y1, dtype=np.float32)[:, None] - c.cy[i]
+        xx = np.arange(x0, x1, dtype=np.float32)[None, :] - c.cx[i]
+        ct, st = np.cos(c.theta[i]), np.sin(c.theta[i])
         u, v = xx * ct + yy * st, -xx * st + yy * ct
         # Outline harmonics cos(k*phi + p) = Re(c_k z^k) with z = e^{i phi}: no trig per pixel.
         z = (u + 1j * v) / (np.hypot(u, v) + 1e-6)
         z2 = z * z
         zk, wave = z2, np.zeros(u.shape, np.complex64)
         for k in range(4):
-            wave += harm_c[i, k] * zk
+            wave += c.harm_c[i, k] * zk
             zk = zk * z
         edge = 1.0 + wave.real
         score = 1.0 - np.sqrt((u / major[i]) ** 2 + (v / minor[i]) ** 2) / edge
@@ -170,25 +189,41 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
         win = score > sub_b
         sub_b[win] = score[win]
         sub_l[win] = i + 1
+    return label, best
 
-    # --- per-pixel fields over the foreground ----------------------------------------
+
+def _cells_and_pixels(rng, shape, vec, dose, batch, config) -> tuple[_Cells, _Cells]:
+    """Cells, territories, and the foreground pixels with their cell and textures."""
+    c = _cells(rng, shape, vec, dose, batch, config)
+    label, best = _territories(c)
+    h, w = shape
     fg = np.flatnonzero(label)
-    idx = label.ravel()[fg] - 1
-    py, px = (fg // w).astype(np.float32), (fg % w).astype(np.float32)
-    inner = best.ravel()[fg]
-    tex = _smooth_noise(rng, shape, max(0.6, 3.0 * s)).ravel()[fg]
-    tex2 = _smooth_noise(rng, shape, max(1.0, 8.0 * s)).ravel()[fg]
+    p = _Cells(label=label, fg=fg, idx=label.ravel()[fg] - 1, inner=best.ravel()[fg])
+    p.py, p.px = (fg // w).astype(np.float32), (fg % w).astype(np.float32)
+    p.tex = _smooth_noise(rng, shape, max(0.6, 3.0 * c.s)).ravel()[fg]
+    p.tex2 = _smooth_noise(rng, shape, max(1.0, 8.0 * c.s)).ravel()[fg]
 
-    # Nuclei: up to three elliptical lobes per cell (one normally; 2 binucleate; 3 lobed).
+    def grid(values):
+        """Put per-pixel values back on the image grid."""
+        img = np.zeros(h * w, np.float32)
+        img[fg] = values
+        return img.reshape(shape)
+
+    p.grid = grid
+    return c, p
+
+
+def _dna(rng, c: _Cells, p: _Cells, batch: dict) -> np.ndarray:
+    """Nuclei: up to three elliptical lobes per cell (one normally; 2 binucleate; 3 lobed)."""
+    n, s, col, idx, mitotic = c.n, c.s, c.col, p.idx, c.mitotic
     nuc_a = NUC_RADIUS * s * np.exp(col("nuc_size") + batch["nuc_size"] + rng.normal(0, 0.12, n))
-    nuc_a = np.where(mitotic, 0.62 * nuc_a, nuc_a)
+    c.nuc_a = nuc_a = np.where(mitotic, 0.62 * nuc_a, nuc_a)
     nuc_b = nuc_a * np.where(mitotic, rng.uniform(0.75, 1.0, n), rng.uniform(0.7, 0.92, n))
-    nuc_off = rng.normal(0, 0.12, (n, 2)) * rad[:, None] * (~mitotic)[:, None]
+    c.nuc_off = nuc_off = rng.normal(0, 0.12, (n, 2)) * c.rad[:, None] * (~mitotic)[:, None]
     lobe_dir = rng.uniform(0, 2 * np.pi, (n, 3))
-    lobe_r = np.zeros((n, 3))
-    lobe_scale = np.ones((n, 3))
-    lobe_on = np.zeros((n, 3), bool)
+    lobe_r, lobe_scale, lobe_on = np.zeros((n, 3)), np.ones((n, 3)), np.zeros((n, 3), bool)
     lobe_on[:, 0] = True
+    lobed, binuc = c.lobed, c.binuc
     lobe_on[lobed] = True
     lobe_r[lobed] = 0.55 * nuc_a[lobed, None]
     lobe_scale[lobed] = rng.uniform(0.6, 0.8, (lobed.sum(), 3))
@@ -196,36 +231,42 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     lobe_dir[binuc, 1] = lobe_dir[binuc, 0] + np.pi
     lobe_r[binuc, :2] = 0.85 * nuc_a[binuc, None]
     lobe_scale[binuc, :2] = 0.85
-    ncy = cy[:, None] + nuc_off[:, :1] + lobe_r * np.sin(lobe_dir)
-    ncx = cx[:, None] + nuc_off[:, 1:] + lobe_r * np.cos(lobe_dir)
-    rn = np.full(len(fg), np.inf, np.float32)
-    ct, st = np.cos(theta)[idx], np.sin(theta)[idx]
+    ncy = c.cy[:, None] + nuc_off[:, :1] + lobe_r * np.sin(lobe_dir)
+    ncx = c.cx[:, None] + nuc_off[:, 1:] + lobe_r * np.cos(lobe_dir)
+    rn = np.full(len(p.fg), np.inf, np.float32)
+    ct, st = np.cos(c.theta)[idx], np.sin(c.theta)[idx]
     for k in range(3):
         on = lobe_on[idx, k]
-        dy, dx = py - ncy[idx, k], px - ncx[idx, k]
+        dy, dx = p.py - ncy[idx, k], p.px - ncx[idx, k]
         u, v = dx * ct + dy * st, -dx * st + dy * ct
         a, b = nuc_a[idx] * lobe_scale[idx, k], nuc_b[idx] * lobe_scale[idx, k]
-        r = np.sqrt((u / a) ** 2 + (v / b) ** 2) * (1 + 0.06 * tex2)
+        r = np.sqrt((u / a) ** 2 + (v / b) ** 2) * (1 + 0.06 * p.tex2)
         rn = np.where(on, np.minimum(rn, r), rn)
-    nuc = 1.0 / (1.0 + np.exp(np.clip((rn - 1.0) / 0.07, -50, 50)))
+    p.rn = rn
+    p.nuc = nuc = 1.0 / (1.0 + np.exp(np.clip((rn - 1.0) / 0.07, -50, 50)))
     dna_int = np.exp(col("nuc_bright"))[idx] * np.where(mitotic, 1.9, 1.0)[idx]
-    chrom = np.exp(0.22 * batch["texture"] * tex * np.where(mitotic, 1.8, 1.0)[idx])
-    ros = rosette[idx]
-    ring = np.exp(-(((rn - 0.75) / 0.22) ** 2)) * (1 + 0.5 * np.cos(9 * np.arctan2(py - cy[idx], px - cx[idx])))
-    dna = dna_int * chrom * np.where(ros, ring * 1.2, nuc * (0.75 + 0.25 * np.clip(1 - rn**2, 0, 1)))
+    chrom = np.exp(0.22 * batch["texture"] * p.tex * np.where(mitotic, 1.8, 1.0)[idx])
+    ros = c.rosette[idx]
+    ring = np.exp(-(((rn - 0.75) / 0.22) ** 2)) * (
+        1 + 0.5 * np.cos(9 * np.arctan2(p.py - c.cy[idx], p.px - c.cx[idx])))
+    return dna_int * chrom * np.where(ros, ring * 1.2, nuc * (0.75 + 0.25 * np.clip(1 - rn**2, 0, 1)))
 
-    # Microtubules: radial, slightly curved filaments from the centrosome.
+
+def _tubulin(rng, c: _Cells, p: _Cells, batch: dict) -> np.ndarray:
+    """Microtubules: radial, slightly curved filaments from the centrosome."""
+    n, col, idx, mitotic, rosette, rad = c.n, c.col, p.idx, c.mitotic, c.rosette, c.rad
     cen_dir = rng.uniform(0, 2 * np.pi, n)
-    cen_r = np.where(mitotic | rosette, 0.0, 1.05 * nuc_a)
-    ccy, ccx = cy + nuc_off[:, 0] + cen_r * np.sin(cen_dir), cx + nuc_off[:, 1] + cen_r * np.cos(cen_dir)
-    dy, dx = py - ccy[idx], px - ccx[idx]
+    cen_r = np.where(mitotic | rosette, 0.0, 1.05 * c.nuc_a)
+    c.ccy = c.cy + c.nuc_off[:, 0] + cen_r * np.sin(cen_dir)
+    c.ccx = c.cx + c.nuc_off[:, 1] + cen_r * np.cos(cen_dir)
+    dy, dx = p.py - c.ccy[idx], p.px - c.ccx[idx]
     rc = np.sqrt(dx**2 + dy**2)
     phic = np.arctan2(dy, dx)
     bundle = np.clip(col("tub_bundle"), 0, 1.5)
     freq = rng.integers(16, 30, (n, 3)) - np.round(11 * np.clip(bundle, 0, 1))[:, None].astype(int)
     fph = rng.uniform(0, 2 * np.pi, (n, 3))
     curl = rng.normal(0, 0.25, n)
-    warp = phic + curl[idx] * rc / (rad[idx] + 1e-3) + 0.08 * tex2
+    warp = phic + curl[idx] * rc / (rad[idx] + 1e-3) + 0.08 * p.tex2
     g = sum(np.cos(freq[idx, k] * warp + fph[idx, k]) for k in range(3)) / 3.0
     # Sharper with distance so filaments keep their width away from the centrosome.
     sharp = (1.5 + 3.5 * rc / (rad[idx] + 1e-3)) * (1.0 - 0.5 * np.clip(bundle, 0, 1)[idx])
@@ -234,78 +275,85 @@ def render_field(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarr
     c_fib = np.clip(0.5 * np.exp(batch["tub_fibre"]) * (1 - np.clip(col("tub_diffuse"), 0, 1))
                     * (1 + 0.8 * bundle), 0, 0.95)
     c_fib = np.where(mitotic & ~rosette, 0.15 * c_fib, c_fib)[idx]
-    cyto = np.clip(inner * 4.0, 0, 1)
+    cyto = np.clip(p.inner * 4.0, 0, 1)
     peri = 0.55 + 0.45 * np.exp(-rc / (0.6 * rad[idx] + 1e-3))
     tub_int = np.exp(col("tub_int"))[idx] * np.where(mitotic, 1.4, 1.0)[idx]
-    circ = bundle[idx] * np.exp(-(((inner - 0.15) / 0.08) ** 2))
+    circ = bundle[idx] * np.exp(-(((p.inner - 0.15) / 0.08) ** 2))
     # Tubulin is excluded from the interphase nucleus; in mitosis the envelope is gone.
-    tub = tub_int * cyto * peri * ((1 - c_fib) + c_fib * fib + 1.5 * circ) * (1 - 0.45 * nuc * ~mitotic[idx])
+    tub = tub_int * cyto * peri * ((1 - c_fib) + c_fib * fib + 1.5 * circ) * (1 - 0.45 * p.nuc * ~mitotic[idx])
     monoaster = rosette[idx] * np.exp(-((rc / (0.3 * rad[idx] + 1e-3)) ** 2)) * (1 + fib)
-    tub = tub + 1.2 * monoaster
+    return tub + 1.2 * monoaster
 
-    # Actin: cortical ring, stress fibres across the cell, diffuse cytoplasm.
-    psi = theta + rng.normal(0, 0.25, n)
+
+def _actin(rng, c: _Cells, p: _Cells, batch: dict) -> np.ndarray:
+    """Actin: cortical ring, stress fibres across the cell, diffuse cytoplasm."""
+    n, s, col, idx, mitotic, label = c.n, c.s, c.col, p.idx, c.mitotic, p.label
+    psi = c.theta + rng.normal(0, 0.25, n)
     period = max(2.6, 9.0 * s)
-    wcoord = -(px - cx[idx]) * np.sin(psi)[idx] + (py - cy[idx]) * np.cos(psi)[idx]
+    wcoord = -(p.px - c.cx[idx]) * np.sin(psi)[idx] + (p.py - c.cy[idx]) * np.cos(psi)[idx]
     stripes = np.clip(np.cos(2 * np.pi * wcoord / period + rng.uniform(0, 6.3, n)[idx]), 0, None) ** 8
-    stripes = stripes * np.clip(tex2 + 0.3, 0, None) * np.clip(inner * 3 - 0.2, 0, 1)
+    stripes = stripes * np.clip(p.tex2 + 0.3, 0, None) * np.clip(p.inner * 3 - 0.2, 0, 1)
     fib_w = np.clip(0.35 * np.exp(col("act_fibres") + batch["act_fibre"]), 0, 1.5)
     fib_w = np.where(mitotic, 0.0, fib_w)[idx]
     cortex_w = np.clip(0.45 * np.exp(col("act_cortex")), 0.05, 3)
     cortex_w = np.where(mitotic, 1.6 * cortex_w, cortex_w)[idx]
     act_int = np.exp(col("act_int"))[idx]
-
-    # Put the per-pixel fields back on the image grid.
-    def grid(values):
-        img = np.zeros(h * w, np.float32)
-        img[fg] = values
-        return img.reshape(shape)
-
-    edges = np.zeros(shape, np.float32)
+    edges = np.zeros(c.shape, np.float32)
     edges[:-1] += label[:-1] != label[1:]
     edges[1:] += label[1:] != label[:-1]
     edges[:, :-1] += label[:, :-1] != label[:, 1:]
     edges[:, 1:] += label[:, 1:] != label[:, :-1]
     edges = ndi.gaussian_filter(np.clip(edges, 0, 1), max(0.5, 2.5 * s)) * 2.5
-    cortex = np.maximum(edges.ravel()[fg], np.exp(-((inner / 0.07) ** 2)))
-    actin = act_int * (0.25 * np.clip(inner * 8, 0, 1) + cortex_w * cortex * (label.ravel()[fg] > 0)
-                       + fib_w * stripes) * (1 - 0.3 * nuc)
-    channels = np.stack([grid(dna), grid(tub), grid(actin)])
+    cortex = np.maximum(edges.ravel()[p.fg], np.exp(-((p.inner / 0.07) ** 2)))
+    return act_int * (0.25 * np.clip(p.inner * 8, 0, 1) + cortex_w * cortex * (label.ravel()[p.fg] > 0)
+                      + fib_w * stripes) * (1 - 0.3 * p.nuc)
 
-    # --- spots: micronuclei, extra asters, aggresomes, actin puncta --------------------
-    def spots(counts, dist_lo, dist_hi, centre=None):
-        cell = np.repeat(np.arange(n), counts)
-        ang = rng.uniform(0, 2 * np.pi, len(cell))
-        dist = rng.uniform(dist_lo, dist_hi, len(cell)) * rad[cell]
-        oy = (cy if centre is None else centre[0])[cell]
-        ox = (cx if centre is None else centre[1])[cell]
-        return oy + dist * np.sin(ang), ox + dist * np.cos(ang), cell
 
+def _spot_positions(rng, c: _Cells, counts, dist_lo, dist_hi, centre=None):
+    cell = np.repeat(np.arange(c.n), counts)
+    ang = rng.uniform(0, 2 * np.pi, len(cell))
+    dist = rng.uniform(dist_lo, dist_hi, len(cell)) * c.rad[cell]
+    oy = (c.cy if centre is None else centre[0])[cell]
+    ox = (c.cx if centre is None else centre[1])[cell]
+    return oy + dist * np.sin(ang), ox + dist * np.cos(ang), cell
+
+
+def _spots(rng, c: _Cells, channels: np.ndarray, dna: int, tub: int, actin: int,
+           aggresome: int | None = None) -> None:
+    """Micronuclei, extra asters, aggresomes and actin puncta, added to ``channels``
+    (``aggresome``: the channel of the aggresome, default ``tub``)."""
+    s, col, shape, n = c.s, c.col, c.shape, c.n
     mn = rng.poisson(np.clip(1.6 * col("micronuclei"), 0, 5))
-    y, x, c = spots(mn, 0.45, 0.8)
-    channels[0] += _splat(shape, y, x, 0.9 * rng.uniform(0.6, 1.0, len(c)), 2.5 * s)
+    y, x, k = _spot_positions(rng, c, mn, 0.45, 0.8)
+    channels[dna] += _splat(shape, y, x, 0.9 * rng.uniform(0.6, 1.0, len(k)), 2.5 * s)
     na = rng.poisson(np.clip(2.5 * col("asters"), 0, 6))
-    y, x, c = spots(na, 0.2, 0.7)
-    channels[1] += _splat(shape, y, x, 1.6 * rng.uniform(0.6, 1.0, len(c)), 3.5 * s)
+    y, x, k = _spot_positions(rng, c, na, 0.2, 0.7)
+    channels[tub] += _splat(shape, y, x, 1.6 * rng.uniform(0.6, 1.0, len(k)), 3.5 * s)
     ag = (rng.random(n) < np.clip(col("tub_aggr"), 0, 1)).astype(int)
-    y, x, c = spots(ag, 0.0, 0.1, centre=(ccy, ccx))
-    channels[1] += _splat(shape, y, x, 3.0 * rng.uniform(0.7, 1.0, len(c)), 0.4 * NUC_RADIUS * s)
+    y, x, k = _spot_positions(rng, c, ag, 0.0, 0.1, centre=(c.ccy, c.ccx))
+    channels[tub if aggresome is None else aggresome] += _splat(
+        shape, y, x, 3.0 * rng.uniform(0.7, 1.0, len(k)), 0.4 * NUC_RADIUS * s)
     pc = rng.poisson(np.clip(10 * col("act_puncta"), 0, 25))
-    y, x, c = spots(pc, 0.1, 0.9)
-    channels[2] += _splat(shape, y, x, 2.2 * rng.uniform(0.4, 1.0, len(c)), 2.0 * s)
+    y, x, k = _spot_positions(rng, c, pc, 0.1, 0.9)
+    channels[actin] += _splat(shape, y, x, 2.2 * rng.uniform(0.4, 1.0, len(k)), 2.0 * s)
     big = rng.poisson(np.clip(1.2 * col("act_puncta"), 0, 4))
-    y, x, c = spots(big, 0.2, 0.7)
-    channels[2] += _splat(shape, y, x, 2.5 * rng.uniform(0.6, 1.0, len(c)), 5.0 * s)
+    y, x, k = _spot_positions(rng, c, big, 0.2, 0.7)
+    channels[actin] += _splat(shape, y, x, 2.5 * rng.uniform(0.6, 1.0, len(k)), 5.0 * s)
 
-    # --- optics and camera --------------------------------------------------------------
+
+def _camera(rng, channels: np.ndarray, batch: dict, plate: dict, illum, config: SynthConfig,
+            amplitude: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Optics and camera: blur, illumination, stain gain and background, shot and read noise."""
+    shape = channels.shape[1:]
+    s = pixel_scale(shape)
     blur = np.sqrt((1.0 * s) ** 2 + (batch["blur"] * s) ** 2 + 0.25)
-    for c in range(3):
+    for c in range(len(channels)):
         channels[c] = ndi.gaussian_filter(channels[c], blur, mode="nearest")
     if illum is None:
         illum = illumination(shape, plate)
     gain = (batch["gain"] * plate["gain"])[:, None, None]
-    expected = gain * illum * (AMPLITUDE[:, None, None] * channels
-                               + (BACKGROUND * batch["background"])[:, None, None])
+    expected = gain * illum * (amplitude[:, None, None] * channels
+                               + (background * batch["background"])[:, None, None])
     k = PHOTONS_PER_ADU / max(config.noise, 1e-3)
     counts = rng.poisson(np.clip(expected, 0, None) * k) / k
     counts += CAMERA_OFFSET + rng.normal(0.0, READ_NOISE * config.noise, counts.shape)
