@@ -15,16 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generator
 
 import numpy as np
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
-    QLabel,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-)
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout
 
 from napari_wsdino.core.attention import (AttentionMaps, CellAttention, attention_maps,
                                           attention_on_cells)
@@ -32,10 +23,8 @@ from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.progress import Progress
-from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import cache_row, on_raw_grid
-from napari_wsdino._napari.dock import WorkerDock, add_row
-from napari_wsdino._napari.state import TaskStatus
+from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, double_spin, spin, tip
 
 if TYPE_CHECKING:
     import napari
@@ -118,40 +107,28 @@ def attention_job(model, metadata, index: int, channel: str, cache: Cache | None
 class AttentionWidget(WorkerDock):
     """Compute and overlay the current field's attention maps for one channel."""
 
+    settings_prefix = PREFIX
+    failed_text = "Attention failed"
+
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(napari_viewer)
+        super().__init__(napari_viewer, "Load models (3b Load models) and open a dataset.")
         self._pending = False
         self._cache: Cache | None = None
-        saved = settings.load_settings()
+        get = self.saved
 
         self.channel_combo = QComboBox()
-        self.mode_combo = QComboBox()
-        self.mode_combo.addItems(("bilinear", "nearest"))
-        self.mode_combo.setCurrentText(saved.get(PREFIX + "mode", "bilinear"))
-        self.keep_spin = QDoubleSpinBox()
-        self.keep_spin.setRange(0.05, 1.0)
-        self.keep_spin.setSingleStep(0.05)
-        self.keep_spin.setValue(float(saved.get(PREFIX + "keep", 0.6)))
-        self.colormap_combo = QComboBox()
-        self.colormap_combo.addItems(COLORMAPS)
-        self.colormap_combo.setCurrentText(saved.get(PREFIX + "colormap", "inferno"))
-        self.opacity_spin = QDoubleSpinBox()
-        self.opacity_spin.setRange(0.0, 1.0)
-        self.opacity_spin.setSingleStep(0.1)
-        self.opacity_spin.setValue(float(saved.get(PREFIX + "opacity", 0.5)))
-        self.max_side_spin = QSpinBox()
-        self.max_side_spin.setRange(32, 4096)
-        self.max_side_spin.setValue(int(saved.get(PREFIX + "max_side", 640)))
-        self.auto_check = QCheckBox("Update when the field changes")
-        self.auto_check.setChecked(bool(saved.get(PREFIX + "auto", False)))
-        self.auto_check.setToolTip("Recompute the maps whenever the plate browser shows "
-                                   "another field")
-        self.compute_button = QPushButton("Show attention")
-        self.compute_button.setToolTip("Compute the loaded model's last-block attention for the "
-                                       "field in view (in the background) and lay it over the "
-                                       "image")
-        self.status_label = QLabel("Load models (3b Load models) and open a dataset.")
-        self.status_label.setWordWrap(True)
+        self.mode_combo = combo(("bilinear", "nearest"), get("mode", "bilinear"))
+        self.keep_spin = double_spin(0.05, 1.0, get("keep", 0.6), step=0.05)
+        self.colormap_combo = combo(COLORMAPS, get("colormap", "inferno"))
+        self.opacity_spin = double_spin(0.0, 1.0, get("opacity", 0.5), step=0.1)
+        self.max_side_spin = spin(32, 4096, get("max_side", 640))
+        self.auto_check = tip(QCheckBox("Update when the field changes"),
+                              "Recompute the maps whenever the plate browser shows another field")
+        self.auto_check.setChecked(bool(get("auto", False)))
+        self.compute_button = button("Show attention", "Compute the loaded model's last-block "
+                                     "attention for the field in view (in the background) and "
+                                     "lay it over the image", self.compute)
+        self.idle_controls = (self.compute_button,)
 
         form = QFormLayout()
         add_row(form, "Channel", self.channel_combo, "Channel model of the loaded set to look at")
@@ -166,14 +143,8 @@ class AttentionWidget(WorkerDock):
         add_row(form, "Raw field max side", self.max_side_spin,
                 "When no cache of this dataset holds the field, the raw field is shrunk to "
                 "this many pixels on its longer side before the model sees it")
-        layout = QVBoxLayout(self.body)
-        layout.addLayout(form)
-        layout.addWidget(self.auto_check)
-        layout.addWidget(self.compute_button)
-        layout.addWidget(self.status_label)
-        layout.addStretch(1)
+        self.stack(form, self.auto_check, self.compute_button, self.status_label, 1)
 
-        self.compute_button.clicked.connect(self.compute)
         self.opacity_spin.valueChanged.connect(self._restyle)
         self.colormap_combo.currentTextChanged.connect(self._restyle)
         self.state.models_changed.connect(self._on_models)
@@ -203,7 +174,7 @@ class AttentionWidget(WorkerDock):
     def _on_field(self, _index: int) -> None:
         """Automatic mode: recompute for the new field (after the running job)."""
         if self.auto_check.isChecked() and self.state.models is not None:
-            if self.status == TaskStatus.RUNNING:
+            if self.running:
                 self._pending = True
             else:
                 self.compute()
@@ -231,29 +202,19 @@ class AttentionWidget(WorkerDock):
         trained = self.state.check_models(self.state.models)
         if trained.same is False:
             note += f"; the models were trained on another dataset ({trained.reason})"
-        self.status = TaskStatus.RUNNING
-        self.compute_button.setEnabled(False)
         index = self.state.field_index
         key = metadata.field_key(index)
-        self.status_label.setText(f"Computing {channel} attention of {key}…")
-        self.run_task(
+        self.start_task(
             attention_job(entry.model, metadata, index, channel, cache,
                           self.max_side_spin.value(), self.mode_combo.currentText(),
                           self.keep_spin.value()),
-            on_done=lambda out: self._show(*out, channel, key, note),
-            on_error=self._failed, desc="Attention",
+            f"Computing {channel} attention of {key}…",
+            on_done=lambda out: self._show(*out, channel, key, note), desc="Attention",
         )
-
-    def _failed(self, exc: BaseException) -> None:
-        self.status = TaskStatus.CRASHED
-        self.compute_button.setEnabled(True)
-        self.status_label.setText(f"Attention failed: {exc}")
 
     def _show(self, maps: AttentionMaps, source: FieldImage, outline: list,
               cells: CellAttention, channel: str, key: str, note: str = "") -> None:
         """Add or update the three attention layers."""
-        self.status = TaskStatus.DONE
-        self.compute_button.setEnabled(True)
         cmap, opacity = self.colormap_combo.currentText(), self.opacity_spin.value()
         common = {"scale": source.scale, "translate": source.translate,
                   "metadata": {"wsdino_role": "attention", "channel": channel, "field": key}}
@@ -313,13 +274,10 @@ class AttentionWidget(WorkerDock):
                 layer.opacity = self.opacity_spin.value()
 
     def _remember(self) -> None:
-        settings.remember_many({
-            PREFIX + "mode": self.mode_combo.currentText(),
-            PREFIX + "keep": self.keep_spin.value(),
-            PREFIX + "colormap": self.colormap_combo.currentText(),
-            PREFIX + "opacity": self.opacity_spin.value(),
-            PREFIX + "max_side": self.max_side_spin.value(),
-            PREFIX + "auto": self.auto_check.isChecked(),
+        self.remember({
+            "mode": self.mode_combo.currentText(), "keep": self.keep_spin.value(),
+            "colormap": self.colormap_combo.currentText(), "opacity": self.opacity_spin.value(),
+            "max_side": self.max_side_spin.value(), "auto": self.auto_check.isChecked(),
         })
 
 

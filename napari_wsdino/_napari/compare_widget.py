@@ -14,18 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from qtpy.QtWidgets import (
-    QFileDialog,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
-)
+from qtpy.QtWidgets import QFileDialog, QLabel, QTableWidget, QTableWidgetItem
 
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.dock import WorkerDock
+from napari_wsdino._napari.dock import WorkerDock, button, hrow
 
 if TYPE_CHECKING:
     import napari
@@ -65,31 +57,18 @@ class CompareWidget(WorkerDock):
                               "other compound (NSCB: on another batch); mAP: mean average "
                               "precision of retrieving the same MoA")
         self.canvas.setToolTip("The table's numbers as bars (percent)")
-        self.add_button = QPushButton("Add results JSON…")
-        self.add_button.setToolTip("Add results exported by 5 Evaluate or written by "
-                                   "wsdino evaluate --json")
-        self.remove_button = QPushButton("Remove selected")
-        self.remove_button.setToolTip("Remove the selected rows")
-        self.clear_button = QPushButton("Clear")
-        self.clear_button.setToolTip("Remove every row")
-        self.export_button = QPushButton("Export CSV…")
-        self.export_button.setToolTip("Write the table as CSV")
+        self.add_button = button("Add results JSON…", "Add results exported by 5 Evaluate or "
+                                 "written by wsdino evaluate --json", self._ask_add)
+        self.remove_button = button("Remove selected", "Remove the selected rows",
+                                    self.remove_selected)
+        self.clear_button = button("Clear", "Remove every row", self.clear)
+        self.export_button = button("Export CSV…", "Write the table as CSV", self._ask_export)
         self.hint = QLabel("Each evaluation of 5 Evaluate is added here.")
         self.hint.setWordWrap(True)
+        self.stack(self.hint, self.table, (self.canvas, 1),
+                   hrow(self.add_button, self.remove_button, self.clear_button,
+                        self.export_button))
 
-        buttons = QHBoxLayout()
-        for b in (self.add_button, self.remove_button, self.clear_button, self.export_button):
-            buttons.addWidget(b)
-        layout = QVBoxLayout(self.body)
-        layout.addWidget(self.hint)
-        layout.addWidget(self.table)
-        layout.addWidget(self.canvas, 1)
-        layout.addLayout(buttons)
-
-        self.add_button.clicked.connect(self._ask_add)
-        self.remove_button.clicked.connect(self.remove_selected)
-        self.clear_button.clicked.connect(self.clear)
-        self.export_button.clicked.connect(self._ask_export)
         self.state.results_changed.connect(self._on_results)
         for evaluation in self.state.evaluations:  # computed before this dock opened
             self._on_results(evaluation, refresh=False)

@@ -13,21 +13,17 @@ Profiles, figures and results can be exported.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
@@ -35,28 +31,24 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_wsdino.core.aggregate import aggregate_wells
-from napari_wsdino.core.cache import Cache, open_cache
-from napari_wsdino.core.embed import DEFAULT_CROP, embed_cache
-from napari_wsdino.core.evaluation import EvaluationResult, iter_evaluate
+from napari_wsdino.core.cache import open_cache
+from napari_wsdino.core.embed import DEFAULT_CROP
+from napari_wsdino.core.evaluate_workflow import (  # noqa: F401 - importable from here too
+    LEVELS, Evaluation, evaluate_job, labelled_confusion, model_set_label, point_names,
+    profiles_path_for,
+)
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.plots import confusion_figure, per_moa_figure, save_figure
-from napari_wsdino.core.profiles import (
-    BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, WELL, ProfileTable,
-)
-from napari_wsdino.core.progress import Progress
-from napari_wsdino.core.projection import project_2d
+from napari_wsdino.core.profiles import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, WELL
 from napari_wsdino.core.tvn import METHODS as TVN_METHODS
-from napari_wsdino._napari import settings
-from napari_wsdino._napari.dock import WorkerDock, add_row
-from napari_wsdino._napari.state import TaskStatus
+from napari_wsdino._napari.canvases import ScatterMap  # noqa: F401 - importable from here too
+from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, hrow, spin
 
 if TYPE_CHECKING:
     import napari
 
 PREFIX = "evaluate."
 COLOUR_BY = {"MoA": MOA, "compound": COMPOUND, "batch": BATCH, "concentration": CONCENTRATION}
-LEVELS = ("treatments", "wells")
 #: One line per number: what it means (shown beside it and as its tooltip).
 MEANINGS = {
     "NSC": "share of treatments whose most similar treatment of another compound has the "
@@ -80,206 +72,42 @@ TVN_HELP = {
 DOC_LINK = "docs/evaluation.md"
 
 
-@dataclass
-class Evaluation:
-    """What one Evaluate click produced (everything the dock shows, computed in the worker)."""
-
-    label: str
-    profiles: ProfileTable
-    result: EvaluationResult
-    points: ProfileTable  # the profiles drawn in the map (treatments or wells)
-    xy: np.ndarray
-    level: str
-    profiles_path: Path | None
-    names: list[str] = field(default_factory=list)
-    confusion: dict[str, pd.DataFrame] = field(default_factory=dict)
-
-
-def profiles_path_for(cache: Cache, models) -> Path:
-    """Where a cache's profiles for a model set go (beside the cache; reruns resume)."""
-    return Path(cache.path).parent / "profiles" / f"{models.kind}-{models.fingerprint()[:10]}.parquet"
-
-
-def model_set_label(models) -> str:
-    """How a model set is named in results and in Compare (hashes its weights: a worker's job)."""
-    return f"{models.kind} ({', '.join(models.archs.values())}) {models.fingerprint()[:6]}"
-
-
-def labelled_confusion(matrix: pd.DataFrame) -> pd.DataFrame:
-    """The matrix with its axes named: true MoA (rows), predicted MoA (columns)."""
-    return matrix.rename_axis(index="true MoA",
-                              columns="predicted MoA (of the nearest neighbour)")
-
-
-def point_names(points: ProfileTable, level: str) -> list[str]:
-    """Hover names of the map's points."""
-    meta = points.meta
-    if level == "treatments":
-        return [f"{t} ({m})" for t, m in zip(meta[TREATMENT], meta[MOA])]
-    return [f"{p}/{w}: {t} ({m})" for p, w, t, m in
-            zip(meta[PLATE], meta[WELL], meta[TREATMENT], meta[MOA])]
-
-
-def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, crop: int,
-                 device: str, level: str, method: str, label: str | None = None
-                 ) -> Generator[Progress, None, Evaluation]:
-    """Embed, evaluate and project, as one progress generator (the worker body).
-
-    Everything slow happens here, off the GUI thread: hashing the weights (label and
-    profiles file), embedding, TVN and matching, the 2-D map and the names of its points.
-    """
-    yield Progress("evaluate", 0, 1, "checking the model set")
-    label = label or model_set_label(models)
-    out = out or profiles_path_for(cache, models)
-    profiles = yield from embed_cache(cache, models, out, crop=crop, device=device)
-    result = yield from iter_evaluate(profiles, tvn)
-    points = result.treatments if level == "treatments" else aggregate_wells(profiles)
-    yield Progress("evaluate", 0, 1, f"{method.upper()} of {len(points)} {level}")
-    xy = project_2d(points.features, method=method)
-    confusion = {"NSC": labelled_confusion(result.confusion_nsc)}
-    if result.confusion_nscb is not None:
-        confusion["NSCB"] = labelled_confusion(result.confusion_nscb)
-    return Evaluation(label, profiles, result, points, np.asarray(xy), level, out,
-                      point_names(points, level), confusion)
-
-
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "–"
     return f"{value:.1%}" if isinstance(value, float) else str(value)
 
 
-class ScatterMap:
-    """Profiles in 2-D on a matplotlib canvas: colours, hover names, click callback."""
-
-    def __init__(self, on_click):
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4.5, 4), layout="constrained")
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setToolTip("Hover a point to name it; click it to show one of its fields "
-                               "in the viewer")
-        self.ax = self.figure.add_subplot()
-        self.on_click = on_click
-        self.names: list[str] = []
-        self.collection = None
-        self.annotation = None
-        self.colorbar = None
-        self.canvas.mpl_connect("motion_notify_event", self._hover)
-        self.canvas.mpl_connect("pick_event", self._pick)
-
-    def draw(self, xy: np.ndarray, labels: pd.Series, names: list[str], title: str) -> None:
-        """Scatter ``xy`` coloured by ``labels`` (categorical or numeric)."""
-        import matplotlib
-
-        if self.colorbar is not None:
-            self.colorbar.remove()
-            self.colorbar = None
-        self.ax.clear()
-        self.names = list(names)
-        if pd.api.types.is_numeric_dtype(labels):
-            values = np.log10(labels.astype(float).clip(lower=1e-3))
-            self.collection = self.ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap="viridis",
-                                              s=30, picker=True, pickradius=5)
-            unit = " (µM)" if "concentration" in str(labels.name).lower() else ""
-            name = str(labels.name).replace("Metadata_", "").lower()
-            self.colorbar = self.figure.colorbar(self.collection, ax=self.ax,
-                                                 label=f"log10 {name}{unit}")
-        else:
-            cats = sorted(labels.astype(str).unique())
-            cmap = matplotlib.colormaps["tab20"]
-            colour = {c: cmap(i % 20) for i, c in enumerate(cats)}
-            self.collection = self.ax.scatter(xy[:, 0], xy[:, 1], s=30, picker=True, pickradius=5,
-                                              c=[colour[v] for v in labels.astype(str)])
-            for c in cats:  # legend entries without drawing points twice
-                self.ax.scatter([], [], color=colour[c], label=c, s=20)
-            # beside the map, every entry: the layout makes room for it
-            self.ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                           ncol=1 + (len(cats) - 1) // 20, markerscale=0.8, frameon=False,
-                           borderaxespad=0.0, handletextpad=0.2)
-        self.ax.set_title(title, fontsize=9)
-        self.ax.set_xticks([])
-        self.ax.set_yticks([])
-        self.annotation = self.ax.annotate("", xy=(0, 0), xytext=(8, 8), textcoords="offset points",
-                                           fontsize=8, bbox={"boxstyle": "round", "fc": "w"})
-        self.annotation.set_visible(False)
-        self.annotation.set_in_layout(False)  # a hover label never moves the map
-        self.canvas.draw()
-
-    def point_at(self, event) -> int | None:
-        """Index of the point under a matplotlib mouse event, if any."""
-        if self.collection is None or event.inaxes is not self.ax:
-            return None
-        hit, info = self.collection.contains(event)
-        return self._nearest(info["ind"], event) if hit and len(info["ind"]) else None
-
-    def _nearest(self, indices, mouse) -> int:
-        """Of overlapping points under the mouse, the one closest to it."""
-        indices = np.asarray(indices)
-        xy = self.ax.transData.transform(self.collection.get_offsets()[indices])
-        d = np.hypot(xy[:, 0] - mouse.x, xy[:, 1] - mouse.y)
-        return int(indices[int(np.argmin(d))])
-
-    def _hover(self, event) -> None:
-        """Name the point under the mouse."""
-        if self.annotation is None:
-            return
-        i = self.point_at(event)
-        if i is None:
-            if self.annotation.get_visible():
-                self.annotation.set_visible(False)
-                self.canvas.draw_idle()
-            return
-        self.annotation.xy = self.collection.get_offsets()[i]
-        self.annotation.set_text(self.names[i])
-        self.annotation.set_visible(True)
-        self.canvas.draw_idle()
-
-    def _pick(self, event) -> None:
-        if event.artist is self.collection and len(event.ind):
-            self.on_click(self._nearest(event.ind, event.mouseevent))
-
-
 class EvaluateWidget(WorkerDock):
     """Embed, evaluate, and explore the result: numbers, confusion matrix, map."""
+
+    settings_prefix = PREFIX
+    failed_text = "Evaluation failed"
+    stopping_text = "Cancelling…"
+    stopped_text = "Cancelled. Evaluate again to continue the embedding."
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer)
         self.evaluation: Evaluation | None = None
-        saved = settings.load_settings()
-        get = lambda key, default: saved.get(PREFIX + key, default)  # noqa: E731
+        self._model_note = ""
+        get = self.saved
 
         self.inputs_label = QLabel()
         self.inputs_label.setWordWrap(True)
-        self.tvn_combo = QComboBox()
-        self.tvn_combo.addItems(TVN_METHODS)
+        self.tvn_combo = combo(TVN_METHODS)
         for i, method in enumerate(TVN_METHODS):
             self.tvn_combo.setItemData(i, TVN_HELP.get(method, ""), Qt.ToolTipRole)
         self.tvn_combo.setCurrentText(get("tvn", "paper"))
-        self.crop_spin = QSpinBox()
-        self.crop_spin.setRange(8, 2048)
-        self.crop_spin.setValue(int(get("crop", DEFAULT_CROP)))
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(("auto", "cpu", "cuda"))
-        self.device_combo.setCurrentText(get("device", "auto"))
-        self.level_combo = QComboBox()
-        self.level_combo.addItems(LEVELS)
-        self.level_combo.setCurrentText(get("level", "treatments"))
-        self.method_combo = QComboBox()
-        self.method_combo.addItems(("umap", "pca"))
-        self.method_combo.setCurrentText(get("method", "umap"))
-        self.colour_combo = QComboBox()
-        self.colour_combo.addItems(list(COLOUR_BY))
-        self.colour_combo.setCurrentText(get("colour", "MoA"))
-        self.run_button = QPushButton("Evaluate")
-        self.run_button.setToolTip("Embed every field of the cache with the loaded model set, "
-                                   "then TVN, NSC / NSCB / mAP and the map (in the background)")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop at the next step; embedded chunks are kept and the "
-                                      "next Evaluate continues")
-        self.status_label = QLabel("Idle.")
-        self.status_label.setWordWrap(True)
+        self.crop_spin = spin(8, 2048, get("crop", DEFAULT_CROP))
+        self.device_combo = combo(("auto", "cpu", "cuda"), get("device", "auto"))
+        self.level_combo = combo(LEVELS, get("level", "treatments"))
+        self.method_combo = combo(("umap", "pca"), get("method", "umap"))
+        self.colour_combo = combo(COLOUR_BY, get("colour", "MoA"))
+        self.run_button = button("Evaluate", "Embed every field of the cache with the loaded "
+                                 "model set, then TVN, NSC / NSCB / mAP and the map (in the "
+                                 "background)", self.run)
+        self.cancel_button = button("Cancel", "Stop at the next step; embedded chunks are kept "
+                                    "and the next Evaluate continues", self.cancel)
 
         self.numbers = QTableWidget(0, 3)
         self.numbers.setHorizontalHeaderLabels(["", "value", "what this means"])
@@ -290,8 +118,7 @@ class EvaluateWidget(WorkerDock):
         self.per_moa.setHorizontalHeaderLabels(["MoA", "NSC", "NSCB"])
         self.per_moa.verticalHeader().setVisible(False)
         self.per_moa.setToolTip("NSC and NSCB of the treatments of each MoA")
-        self.confusion_combo = QComboBox()
-        self.confusion_combo.addItems(("NSC", "NSCB"))
+        self.confusion_combo = combo(("NSC", "NSCB"))
         self.confusion_combo.setToolTip("Confusion matrix of NSC or NSCB matching: rows the "
                                         "true MoA, columns the MoA predicted by the neighbour")
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -302,14 +129,14 @@ class EvaluateWidget(WorkerDock):
         self.confusion_canvas.setMinimumHeight(380)
         self.map = ScatterMap(self.open_point)
         self.map.canvas.setMinimumHeight(340)
-        self.export_profiles_button = QPushButton("Profiles…")
-        self.export_profiles_button.setToolTip("Write the field profiles (Parquet or CSV)")
-        self.export_figures_button = QPushButton("Figures…")
-        self.export_figures_button.setToolTip("Write the confusion matrices, per-MoA accuracy and "
-                                              "the map (PNG or SVG)")
-        self.export_results_button = QPushButton("Results…")
-        self.export_results_button.setToolTip("Write the numbers as JSON (the keys of "
-                                              "wsdino evaluate --json); 6 Compare reads it")
+        self.export_profiles_button = button("Profiles…", "Write the field profiles (Parquet "
+                                             "or CSV)", self._ask_profiles)
+        self.export_figures_button = button("Figures…", "Write the confusion matrices, per-MoA "
+                                            "accuracy and the map (PNG or SVG)", self._ask_figures)
+        self.export_results_button = button("Results…", "Write the numbers as JSON (the keys of "
+                                            "wsdino evaluate --json); 6 Compare reads it",
+                                            self._ask_results)
+        self.idle_controls, self.busy_controls = (self.run_button,), (self.cancel_button,)
 
         form = QFormLayout()
         add_row(form, "TVN", self.tvn_combo, f"TVN: {MEANINGS['TVN']}. paper: {TVN_HELP['paper']}")
@@ -320,9 +147,6 @@ class EvaluateWidget(WorkerDock):
         add_row(form, "Map method", self.method_combo,
                 "UMAP (neighbourhoods; slower the first time) or PCA (linear, instant)")
         add_row(form, "Colour by", self.colour_combo, "What the map's colours show")
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
         confusion_tab = self.confusion_tab = QWidget()
         cl = QVBoxLayout(confusion_tab)
         cl.addWidget(self.confusion_combo)
@@ -337,27 +161,17 @@ class EvaluateWidget(WorkerDock):
         exports.addWidget(QLabel("Export:"))
         for b in (self.export_profiles_button, self.export_figures_button, self.export_results_button):
             exports.addWidget(b)
-        layout = QVBoxLayout(self.body)
-        layout.addWidget(self.inputs_label)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.status_label)
-        layout.addWidget(self.tabs, 1)
-        layout.addLayout(exports)
+        self.stack(self.inputs_label, form, hrow(self.run_button, self.cancel_button),
+                   self.status_label, (self.tabs, 1), exports)
 
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
         self.colour_combo.currentTextChanged.connect(lambda _t: self._draw_map())
         self.confusion_combo.currentTextChanged.connect(lambda _t: self._draw_confusion())
-        self.export_profiles_button.clicked.connect(self._ask_profiles)
-        self.export_figures_button.clicked.connect(self._ask_figures)
-        self.export_results_button.clicked.connect(self._ask_results)
         self.state.cache_changed.connect(lambda _p: self._describe_inputs())
         self.state.models_changed.connect(lambda _m: self._describe_inputs())
         self.state.metadata_changed.connect(lambda _m: self._describe_inputs())
         self.tabs.currentChanged.connect(lambda _i: self._draw_confusion())
         self._describe_inputs()
-        self._set_running(False)
+        self.set_running(False)
         _preload()
         if isinstance(self.state.results, Evaluation):  # evaluated before this dock opened
             self._show(self.state.results)
@@ -372,7 +186,7 @@ class EvaluateWidget(WorkerDock):
 
     def run(self) -> None:
         """Embed + evaluate + map in a worker."""
-        if self.status == TaskStatus.RUNNING:
+        if self.running:
             return
         try:
             if self.state.models is None:
@@ -396,65 +210,38 @@ class EvaluateWidget(WorkerDock):
         self._model_note = (f" The models were trained on another dataset ({trained.reason}): "
                             "these numbers measure how they transfer."
                             if trained.same is False else "")
-        settings.remember_many({PREFIX + k: v for k, v in (
-            ("tvn", self.tvn_combo.currentText()), ("crop", self.crop_spin.value()),
-            ("device", self.device_combo.currentText()), ("level", self.level_combo.currentText()),
-            ("method", self.method_combo.currentText()), ("colour", self.colour_combo.currentText()),
-        )})
-        self.status = TaskStatus.RUNNING
-        self._set_running(True)
-        self.status_label.setText(f"Embedding {len(cache)} fields…")
-        self.run_task(
-            evaluate_job(cache, models, tvn=self.tvn_combo.currentText(),
-                         crop=self.crop_spin.value(), device=self.device_combo.currentText(),
-                         level=self.level_combo.currentText(),
-                         method=self.method_combo.currentText()),
-            on_progress=self._progress, on_done=self._done, on_error=self._failed,
-            on_stopped=self._stopped, desc="Evaluate",
-        )
-
-    def _progress(self, event: Progress) -> None:
-        if self.status == TaskStatus.RUNNING:
-            self.status_label.setText(event.message)
+        values = {"tvn": self.tvn_combo.currentText(), "crop": self.crop_spin.value(),
+                  "device": self.device_combo.currentText(),
+                  "level": self.level_combo.currentText(),
+                  "method": self.method_combo.currentText()}
+        self.remember({**values, "colour": self.colour_combo.currentText()})
+        self.start_task(evaluate_job(cache, models, **values),
+                        f"Embedding {len(cache)} fields…", describe=lambda e: e.message,
+                        on_done=self._done, desc="Evaluate")
 
     def cancel(self) -> None:
         """Stop at the next step (embedded chunks are kept: Evaluate again resumes)."""
-        if self.worker is not None and self.status == TaskStatus.RUNNING:
-            self.worker.quit()
-            self.cancel_button.setEnabled(False)
-            self.status_label.setText("Cancelling…")
+        self.stop_task()
 
-    def _stopped(self) -> None:
-        self.status = TaskStatus.STOPPED
-        self._set_running(False)
-        self.status_label.setText("Cancelled. Evaluate again to continue the embedding.")
-
-    def _failed(self, exc: BaseException) -> None:
-        self.status = TaskStatus.CRASHED
-        self._set_running(False)
-        self.status_label.setText(f"Evaluation failed: {exc}")
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
+    def set_running(self, running: bool) -> None:
+        super().set_running(running)
         done = self.evaluation is not None and not running
         for b in (self.export_profiles_button, self.export_figures_button, self.export_results_button):
             b.setEnabled(done)
 
     # -- results -------------------------------------------------------------------------
     def _done(self, evaluation: Evaluation) -> None:
-        self.status = TaskStatus.DONE
         self._show(evaluation)
         self.state.results = evaluation
 
     def _show(self, evaluation: Evaluation) -> None:
         """Fill the tabs with an evaluation's numbers, confusion matrix and map."""
         self.evaluation = evaluation
-        self._set_running(False)
+        self.set_running(False)
         r = evaluation.result
         self.status_label.setText(f"NSC {_fmt(r.nsc)}, NSCB {_fmt(r.nscb)} on {r.n_treatments} "
                                   f"treatments ({r.n_fields} fields). {' '.join(r.notes)}"
-                                  + getattr(self, "_model_note", ""))
+                                  + self._model_note)
         rows = [("NSC", _fmt(r.nsc), MEANINGS["NSC"]), ("NSCB", _fmt(r.nscb), MEANINGS["NSCB"]),
                 ("mAP (NSC)", _fmt(r.map_nsc), MEANINGS["mAP"] + ", NSC candidates"),
                 ("mAP (NSCB)", _fmt(r.map_nscb), MEANINGS["mAP"] + ", NSCB candidates"),

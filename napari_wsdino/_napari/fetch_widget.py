@@ -16,18 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generator
 from urllib.parse import urlparse
 
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QProgressBar,
-    QPushButton,
-    QVBoxLayout,
-)
+from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QLabel, QLineEdit, QProgressBar
 
 from napari_wsdino.core.fetch import (
     DEFAULT_BASE_URL,
@@ -40,8 +29,7 @@ from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.plate_browser import LAST_FOLDER
-from napari_wsdino._napari.dock import WorkerDock, add_row
-from napari_wsdino._napari.state import TaskStatus
+from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, edit_row, hrow, tip
 from napari_wsdino._napari.workers import start_worker
 
 if TYPE_CHECKING:
@@ -144,84 +132,64 @@ def _read_job(dest: Path) -> Generator[Progress, None, Metadata | str]:
 class FetchWidget(WorkerDock):
     """Download BBBC021 (metadata, MoA subset, all plates or a list) and open it."""
 
+    settings_prefix = PREFIX
+    stopping_text = "Stopping after the current chunk…"
+    stopped_text = ("Stopped. Finished plates and the partial download are kept; press Fetch "
+                    "to resume.")
+
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(napari_viewer)
+        super().__init__(napari_viewer, "The MoA plates are about 40 GB zipped and 105 GB "
+                         "unpacked; a rerun resumes and skips finished plates.")
         self._read_worker = None
         self.request: FetchRequest | None = None
         self.result: FetchResult | None = None
-        saved = settings.load_settings()
-        get = lambda key, default: saved.get(PREFIX + key, default)  # noqa: E731
+        get = self.saved
 
         self.dest_edit = QLineEdit(str(get("dest", "")))
         self.dest_edit.setPlaceholderText("folder to fetch into, e.g. ~/data/BBBC021")
-        self.dest_browse = QPushButton("Browse…")
-        self.choice_combo = QComboBox()
-        self.choice_combo.addItems(list(CHOICES))
+        self.dest_browse = button("Browse…", "Choose the destination folder", self._browse)
         saved_choice = get("choice", "moa")
-        for label, key in CHOICES.items():
-            if key == saved_choice:
-                self.choice_combo.setCurrentText(label)
-        self.plates_edit = QLineEdit(str(get("plates", "")))
+        self.choice_combo = combo(CHOICES, next(
+            (label for label, key in CHOICES.items() if key == saved_choice), None))
+        self.plates_edit = tip(QLineEdit(str(get("plates", ""))), "Plate names, separated by "
+                               "commas (the Image_Metadata_Plate_DAPI column of the image CSV)")
         self.plates_edit.setPlaceholderText("Week1_22123, Week1_22141, …")
-        self.plates_edit.setToolTip("Plate names, separated by commas (the "
-                                    "Image_Metadata_Plate_DAPI column of the image CSV)")
-        self.metadata_check = QCheckBox("Metadata only (the three CSVs)")
-        self.url_edit = QLineEdit(str(get("base_url", DEFAULT_BASE_URL)))
+        self.metadata_check = tip(QCheckBox("Metadata only (the three CSVs)"),
+                                  "Download only the image, MoA and compound CSVs")
+        self.url_edit = tip(QLineEdit(str(get("base_url", DEFAULT_BASE_URL))),
+                            "Folder URL with the official file names: the Broad's, a mirror, a "
+                            "local web server or a file:// folder")
         self.url_edit.setPlaceholderText(DEFAULT_BASE_URL)
-        self.url_edit.setToolTip("Folder URL with the official file names: the Broad's, a "
-                                 "mirror, a local web server or a file:// folder")
-        self.url_reset = QPushButton("Official")
-        self.url_reset.setToolTip(DEFAULT_BASE_URL)
-        self.metadata_check.setToolTip("Download only the image, MoA and compound CSVs")
-        self.dest_browse.setToolTip("Choose the destination folder")
-        self.fetch_button = QPushButton("Fetch")
-        self.fetch_button.setToolTip("Download (or resume) in the background; finished plates "
-                                     "are skipped")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop after the current chunk; Fetch again resumes")
+        self.url_reset = button("Official", DEFAULT_BASE_URL,
+                                lambda: self.url_edit.setText(DEFAULT_BASE_URL))
+        self.fetch_button = button("Fetch", "Download (or resume) in the background; finished "
+                                   "plates are skipped", self.fetch)
+        self.stop_button = button("Stop", "Stop after the current chunk; Fetch again resumes",
+                                  self.stop)
+        self.idle_controls = (self.fetch_button, self.dest_edit, self.dest_browse,
+                              self.metadata_check, self.url_edit, self.url_reset)
+        self.busy_controls = (self.stop_button,)
         self.file_bar_tip = "Progress of the current file (download, verify, unpack)"
-        self.file_bar = QProgressBar()
+        self.file_bar = tip(QProgressBar(), self.file_bar_tip)
         self.file_bar.setRange(0, BAR_STEPS)
         self.file_bar.setValue(0)
         self.file_bar.setFormat("%p%")
-        self.file_bar.setToolTip(self.file_bar_tip)
-        self.status_label = QLabel(
-            "The MoA plates are about 40 GB zipped and 105 GB unpacked; "
-            "a rerun resumes and skips finished plates.")
-        self.status_label.setWordWrap(True)
 
-        dest_row = QHBoxLayout()
-        dest_row.addWidget(self.dest_edit, 1)
-        dest_row.addWidget(self.dest_browse)
-        url_row = QHBoxLayout()
-        url_row.addWidget(self.url_edit, 1)
-        url_row.addWidget(self.url_reset)
         form = QFormLayout()
-        add_row(form, "Destination", dest_row, "Folder the screen is downloaded and unpacked into")
+        add_row(form, "Destination", edit_row(self.dest_edit, self.dest_browse),
+                "Folder the screen is downloaded and unpacked into")
         add_row(form, "Plates", self.choice_combo,
                 "Which plates: the MoA subset, all plates, or the list below")
         add_row(form, "Plate list", self.plates_edit, self.plates_edit.toolTip())
         form.addRow("", self.metadata_check)
-        add_row(form, "Base URL", url_row, self.url_edit.toolTip())
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.fetch_button)
-        buttons.addWidget(self.stop_button)
-        layout = QVBoxLayout(self.body)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(QLabel("Current file"))
-        layout.addWidget(self.file_bar)
-        layout.addWidget(self.status_label)
-        layout.addStretch(1)
+        add_row(form, "Base URL", edit_row(self.url_edit, self.url_reset), self.url_edit.toolTip())
+        self.stack(form, hrow(self.fetch_button, self.stop_button), QLabel("Current file"),
+                   self.file_bar, self.status_label, 1)
 
-        self.dest_browse.clicked.connect(self._browse)
-        self.url_reset.clicked.connect(lambda: self.url_edit.setText(DEFAULT_BASE_URL))
         self.choice_combo.currentTextChanged.connect(self._choice_changed)
         self.metadata_check.toggled.connect(lambda _on: self._choice_changed())
-        self.fetch_button.clicked.connect(self.fetch)
-        self.stop_button.clicked.connect(self.stop)
         self._choice_changed()
-        self._set_running(False)
+        self.set_running(False)
 
     # -- fields ----------------------------------------------------------------------
     def _browse(self) -> None:
@@ -234,9 +202,8 @@ class FetchWidget(WorkerDock):
     def _choice_changed(self, *_) -> None:
         """The plate list is only used for "These plates"."""
         self.plates_edit.setEnabled(self.choice() == "list" and not self.metadata_check.isChecked()
-                                    and self.status != TaskStatus.RUNNING)
-        self.choice_combo.setEnabled(not self.metadata_check.isChecked()
-                                     and self.status != TaskStatus.RUNNING)
+                                    and not self.running)
+        self.choice_combo.setEnabled(not self.metadata_check.isChecked() and not self.running)
 
     def choice(self) -> str:
         return CHOICES.get(self.choice_combo.currentText(), "moa")
@@ -248,38 +215,26 @@ class FetchWidget(WorkerDock):
     # -- run -------------------------------------------------------------------------
     def fetch(self) -> None:
         """Start (or resume) the download in a worker."""
-        if self.status == TaskStatus.RUNNING:
+        if self.running:
             return
         try:
             request = self.make_request()
         except FetchError as exc:
             self.input_error(self.status_label, str(exc))
             return
-        settings.remember_many({
-            PREFIX + "dest": str(request.dest), PREFIX + "base_url": request.base_url,
-            PREFIX + "choice": request.choice, PREFIX + "plates": self.plates_edit.text(),
-        })
+        self.remember({"dest": str(request.dest), "base_url": request.base_url,
+                       "choice": request.choice, "plates": self.plates_edit.text()})
         self.request, self.result = request, None
-        self.status = TaskStatus.RUNNING
-        self._set_running(True)
+        self.start_task(fetch_and_read(request), f"{request.describe()}…",
+                        describe=self._progress, on_done=self._done, desc="Fetch BBBC021")
         self._file_progress(0, 0, "connecting")
-        self.status_label.setText(f"{request.describe()}…")
-        self.run_task(
-            fetch_and_read(request), on_progress=self._progress, on_done=self._done,
-            on_error=self._failed, on_stopped=self._stopped, desc="Fetch BBBC021",
-        )
 
     def stop(self) -> None:
         """Stop at the next event; the partial file is kept and Fetch resumes it."""
-        if self.worker is not None and self.status == TaskStatus.RUNNING:
-            self.worker.quit()
-            self.stop_button.setEnabled(False)
-            self.status_label.setText("Stopping after the current chunk…")
+        self.stop_task()
 
-    def _progress(self, event: Progress) -> None:
-        """Per-file bar and status line from one core event."""
-        if self.status != TaskStatus.RUNNING or not self.stop_button.isEnabled():
-            return  # stopping: keep the "Stopping" line
+    def _progress(self, event: Progress) -> str:
+        """The per-file bar from one core event; returns the status line."""
         info = event.info
         if event.stage == "download":  # a metadata table
             self._file_progress(event.step, event.total, str(info.get("file", "")))
@@ -288,7 +243,7 @@ class FetchWidget(WorkerDock):
         elif "file_total" in info:
             label = f"{info.get('plate', '')} {info.get('phase', '')}".strip()
             self._file_progress(info.get("file_done", 0), info["file_total"], label)
-        self.status_label.setText(event.message)
+        return event.message
 
     def _file_progress(self, done: int, total: int, label: str) -> None:
         if total:
@@ -301,8 +256,6 @@ class FetchWidget(WorkerDock):
     def _done(self, value: tuple[FetchResult, Any]) -> None:
         result, dataset = value
         self.result = result
-        self.status = TaskStatus.DONE
-        self._set_running(False)
         self._file_progress(1, 1, "done")
         parts = []
         if result.completed:
@@ -324,10 +277,9 @@ class FetchWidget(WorkerDock):
         s = dataset.summary()
         return f"Opened in the plate browser: {s['fields']} fields on {s['plates']} plate(s)."
 
-    def _failed(self, exc: BaseException) -> None:
+    def task_failed(self, exc: BaseException) -> None:
         """Status line naming the plate and URL (the notification came from start_worker)."""
-        self.status = TaskStatus.CRASHED
-        self._set_running(False)
+        super().task_failed(exc)
         plate, url = getattr(exc, "plate", None), getattr(exc, "url", None)
         if not plate and url:  # e.g. a missing archive, found while planning
             m = _ARCHIVE.search(str(url))
@@ -349,18 +301,6 @@ class FetchWidget(WorkerDock):
         if not isinstance(dataset, str):
             self.status_label.setText(f"{self.status_label.text()}\n{self._adopt(dataset)}")
 
-    def _stopped(self) -> None:
-        self.status = TaskStatus.STOPPED
-        self._set_running(False)
-        self.status_label.setText("Stopped. Finished plates and the partial download are "
-                                  "kept; press Fetch to resume.")
-
-    def _set_running(self, running: bool) -> None:
-        self.fetch_button.setEnabled(not running)
-        self.stop_button.setEnabled(running)
-        for w in (self.dest_edit, self.dest_browse, self.metadata_check, self.url_edit,
-                  self.url_reset):
-            w.setEnabled(not running)
+    def set_running(self, running: bool) -> None:
+        super().set_running(running)
         self._choice_changed()
-
-

@@ -13,25 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generator
 
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QVBoxLayout,
-)
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QLineEdit
 
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
 from napari_wsdino.core.progress import Progress
-from napari_wsdino.core.train import CONFIG_FILE, TrainConfig
-from napari_wsdino._napari import settings
-from napari_wsdino._napari.dock import WorkerDock, add_row
-from napari_wsdino._napari.state import TaskStatus
+from napari_wsdino.core import layout
+from napari_wsdino.core.train import TrainConfig
+from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, data_combo, edit_row
 
 if TYPE_CHECKING:
     import napari
@@ -86,7 +76,7 @@ def make_config(source: str, channels, path: str = "", files: dict | None = None
 def load_model_set(config: LoadConfig) -> ModelSet:
     """The model set a :class:`LoadConfig` describes (one core call per source)."""
     if config.source == "run":
-        found = [c for c in config.channels if (Path(config.path) / c).is_dir()]
+        found = [c for c in config.channels if layout.channel_dir(config.path, c).is_dir()]
         return ModelSet.from_run(config.path, found or None, which=config.which)
     if config.source == "files":
         return ModelSet.from_files(config.files, arch=config.arch, which=config.which)
@@ -107,7 +97,7 @@ def run_arch(run: str | Path) -> str | None:
     """The architecture a training run folder's channels were trained with (config.toml)."""
     if not str(run).strip() or not Path(run).is_dir():
         return None
-    for saved in sorted(Path(run).glob(f"*/{CONFIG_FILE}")):
+    for saved in sorted(Path(run).glob(f"*/{layout.CONFIG_FILE}")):  # any channel's
         try:
             return TrainConfig.load(saved).arch
         except (OSError, ValueError):
@@ -118,58 +108,41 @@ def run_arch(run: str | Path) -> str | None:
 class ModelLoader(WorkerDock):
     """Choose where the per-channel models come from, and load them."""
 
-    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(napari_viewer)
-        saved = settings.load_settings()
+    settings_prefix = PREFIX
+    failed_text = "Could not load"
 
-        self.source_combo = QComboBox()
-        for key, title in SOURCES.items():
-            self.source_combo.addItem(title, key)
-        self.path_edit = QLineEdit(saved.get(PREFIX + "path", ""))
+    def __init__(self, napari_viewer: "napari.viewer.Viewer"):
+        super().__init__(napari_viewer, "No models loaded.")
+        self.source_combo = data_combo(((t, k) for k, t in SOURCES.items()),
+                                       self.saved("source", "run"))
+        self.path_edit = QLineEdit(self.saved("path", ""))
         self.path_edit.setPlaceholderText("run folder, or weights file for init-only")
-        self.browse_button = QPushButton("Browse…")
-        self.arch_combo = QComboBox()
-        self.arch_combo.setEditable(True)
-        self.arch_combo.addItems(ARCHS)
-        self.arch_combo.setCurrentText(saved.get(PREFIX + "arch", DEFAULT_ARCH))
-        self.which_combo = QComboBox()
-        self.which_combo.addItems(WHICH)
+        self.browse_button = button("Browse…", "Choose the run folder, or the weights file",
+                                    self._browse)
+        self.arch_combo = combo(ARCHS, self.saved("arch", DEFAULT_ARCH), editable=True)
+        self.which_combo = combo(WHICH)
         self.file_edits: dict[str, QLineEdit] = {}
         self.files_form = QFormLayout()
-        self.load_button = QPushButton("Load models")
-        self.load_button.setToolTip("Load the model set in the background; Attention and "
-                                    "Evaluate use it")
-        self.browse_button.setToolTip("Choose the run folder, or the weights file")
-        self.status_label = QLabel("No models loaded.")
-        self.status_label.setWordWrap(True)
+        self.load_button = button("Load models", "Load the model set in the background; "
+                                  "Attention and Evaluate use it", self.load)
+        self.idle_controls = (self.load_button,)
 
-        path_row = QHBoxLayout()
-        path_row.addWidget(self.path_edit, 1)
-        path_row.addWidget(self.browse_button)
         form = QFormLayout()
         add_row(form, "Source", self.source_combo,
                 "Where the per-channel models come from: a training run, one file per channel, "
                 "the same initial weights for every channel (ImageNet-DINO baseline), or random")
-        add_row(form, "Path", path_row, "The training run folder, or the initial weights file")
+        add_row(form, "Path", edit_row(self.path_edit, self.browse_button),
+                "The training run folder, or the initial weights file")
         add_row(form, "Architecture", self.arch_combo,
                 "timm ViT name for weights files and random models; a run's checkpoints name "
                 "their own architecture")
         add_row(form, "Weights", self.which_combo,
                 "teacher (DINO's evaluation default) or student weights of a checkpoint")
-        layout = QVBoxLayout(self.body)
-        layout.addLayout(form)
-        layout.addLayout(self.files_form)
-        layout.addWidget(self.load_button)
-        layout.addWidget(self.status_label)
-        layout.addStretch(1)
+        self.stack(form, self.files_form, self.load_button, self.status_label, 1)
 
         self._set_channels(self._channels())
-        index = self.source_combo.findData(saved.get(PREFIX + "source", "run"))
-        self.source_combo.setCurrentIndex(max(index, 0))
         self._source_changed()
         self.source_combo.currentIndexChanged.connect(self._source_changed)
-        self.browse_button.clicked.connect(self._browse)
-        self.load_button.clicked.connect(self.load)
         self.state.model_changed.connect(self._point_at_run)
         self.state.metadata_changed.connect(lambda _m: self._set_channels(self._channels()))
         self.state.models_changed.connect(self._show_models)
@@ -246,22 +219,11 @@ class ModelLoader(WorkerDock):
         except DataError as exc:
             self.input_error(self.status_label, str(exc))
             return
-        settings.remember_many({PREFIX + k: getattr(config, k) for k in ("source", "path", "arch")})
-        self.status = TaskStatus.RUNNING
-        self.load_button.setEnabled(False)
-        self.status_label.setText("Loading…")
-        self.run_task(load_job(config), on_done=self._loaded, on_error=self._failed,
-                      desc="Load models")
+        self.remember({k: getattr(config, k) for k in ("source", "path", "arch")})
+        self.start_task(load_job(config), "Loading…", on_done=self._loaded, desc="Load models")
 
     def _loaded(self, models: ModelSet) -> None:
-        self.status = TaskStatus.DONE
-        self.load_button.setEnabled(True)
         self.state.models = models
-
-    def _failed(self, exc: BaseException) -> None:
-        self.status = TaskStatus.CRASHED
-        self.load_button.setEnabled(True)
-        self.status_label.setText(f"Could not load: {exc}")
 
     def _show_models(self, models) -> None:
         if models is not None:

@@ -11,16 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QVBoxLayout,
-)
+from qtpy.QtWidgets import QComboBox, QFileDialog, QFormLayout, QLabel, QLineEdit
 
 from napari.utils.notifications import show_error
 
@@ -29,7 +20,7 @@ from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import FIELD_ROLE, ROLE, show_field
-from napari_wsdino._napari.dock import WorkerDock, add_row
+from napari_wsdino._napari.dock import WorkerDock, add_row, button, edit_row, hrow, tip
 
 if TYPE_CHECKING:
     import napari
@@ -63,63 +54,42 @@ class PlateBrowser(WorkerDock):
     """Open a BBBC021-layout folder (or image CSV) and browse its fields."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
-        super().__init__(napari_viewer)
+        super().__init__(napari_viewer, "No dataset loaded.")
         self._index: FieldIndex | None = None
 
-        self.path_edit = QLineEdit(str(settings.recall(LAST_FOLDER, "")))
+        self.path_edit = tip(QLineEdit(str(settings.recall(LAST_FOLDER, ""))),
+                             "A BBBC021-layout folder (holding BBBC021_v1_image.csv and "
+                             "BBBC021_v1_moa.csv) or its image CSV")
         self.path_edit.setPlaceholderText("dataset folder or BBBC021_v1_image.csv")
-        self.path_edit.setToolTip("A BBBC021-layout folder (holding BBBC021_v1_image.csv and "
-                                  "BBBC021_v1_moa.csv) or its image CSV")
-        self.browse_button = QPushButton("Browse…")
-        self.browse_button.setToolTip("Choose a dataset folder and open it")
-        self.open_button = QPushButton("Open")
-        self.open_button.setToolTip("Open the dataset named on the left")
-        self.sample_button = QPushButton("Synthetic sample")
-        self.sample_button.setToolTip(
-            "Open a small synthetic BBBC021 replica (written once into ~/.cache/napari-wsdino)")
+        self.browse_button = button("Browse…", "Choose a dataset folder and open it", self._browse)
+        self.open_button = button("Open", "Open the dataset named on the left",
+                                  lambda: self.open(self.path_edit.text()))
+        self.sample_button = button("Synthetic sample", "Open a small synthetic BBBC021 replica "
+                                    "(written once into ~/.cache/napari-wsdino)", self.open_sample)
         self._sample_worker = None
         self.plate_combo = QComboBox()
         self.well_combo = QComboBox()
         self.site_combo = QComboBox()
-        self.prev_button = QPushButton("◀ Previous")
-        self.prev_button.setToolTip("The previous field in table order")
-        self.next_button = QPushButton("Next ▶")
-        self.next_button.setToolTip("The next field in table order")
-        self.status_label = QLabel("No dataset loaded.")
-        self.status_label.setWordWrap(True)
+        self.prev_button = button("◀ Previous", "The previous field in table order",
+                                  lambda: self._step(-1))
+        self.next_button = button("Next ▶", "The next field in table order", lambda: self._step(+1))
         self.info = {k: QLabel("–") for k in ("compound", "concentration", "moa", "batch", "treatment")}
 
-        path_row = QHBoxLayout()
-        path_row.addWidget(self.path_edit, 1)
-        path_row.addWidget(self.browse_button)
-        path_row.addWidget(self.open_button)
         form = QFormLayout()
         add_row(form, "Plate", self.plate_combo, "Plate of the field shown")
         add_row(form, "Well", self.well_combo, "Well of the plate (its first site is shown)")
         add_row(form, "Site", self.site_combo, "Site (field of view) of the well")
-        nav = QHBoxLayout()
-        nav.addWidget(self.prev_button)
-        nav.addWidget(self.next_button)
-        form.addRow(nav)
+        form.addRow(hrow(self.prev_button, self.next_button))
         for key, title in (("compound", "Compound"), ("concentration", "Concentration (µM)"),
                            ("moa", "MoA"), ("batch", "Batch"), ("treatment", "Treatment")):
             form.addRow(title, self.info[key])
-        layout = QVBoxLayout(self.body)
-        layout.addLayout(path_row)
-        layout.addWidget(self.sample_button)
-        layout.addWidget(self.status_label)
-        layout.addLayout(form)
-        layout.addStretch(1)
+        self.stack(edit_row(self.path_edit, self.browse_button, self.open_button),
+                   self.sample_button, self.status_label, form, 1)
 
-        self.browse_button.clicked.connect(self._browse)
-        self.sample_button.clicked.connect(self.open_sample)
-        self.open_button.clicked.connect(lambda: self.open(self.path_edit.text()))
         self.path_edit.returnPressed.connect(lambda: self.open(self.path_edit.text()))
         self.plate_combo.currentTextChanged.connect(self._plate_picked)
         self.well_combo.currentTextChanged.connect(self._well_picked)
         self.site_combo.currentTextChanged.connect(self._site_picked)
-        self.prev_button.clicked.connect(lambda: self._step(-1))
-        self.next_button.clicked.connect(lambda: self._step(+1))
         self.state.metadata_changed.connect(self._on_metadata)
         self.state.field_changed.connect(self._on_field)
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)

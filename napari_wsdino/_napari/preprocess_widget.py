@@ -14,19 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-)
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QLabel, QLineEdit
 
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.metadata import DataError
@@ -36,11 +24,10 @@ from napari_wsdino.core.preprocess import (
     PreprocessSettings,
     preprocess,
 )
-from napari_wsdino.core.progress import Progress
-from napari_wsdino._napari import settings
 from napari_wsdino._napari.layers import cache_row, contrast_for, on_raw_grid, read_channel
-from napari_wsdino._napari.dock import WorkerDock, add_row
-from napari_wsdino._napari.state import TaskStatus
+from napari_wsdino._napari.dock import (
+    WorkerDock, add_row, button, combo, double_spin, edit_row, hrow, spin, tip,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -78,64 +65,50 @@ def comparison_images(metadata, index: int, channel: str, cache: Cache) -> dict[
 class PreprocessWidget(WorkerDock):
     """Preprocess the loaded dataset into a cache, and compare raw / function / corrected."""
 
+    settings_prefix = PREFIX
+    failed_text = "Preprocessing failed"
+    stopping_text = "Cancelling…"
+    stopped_text = "Cancelled. Run again to resume from the next unfinished plate."
+
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer)
         self.cache: Cache | None = None
-        saved = settings.load_settings()
-        get = lambda key, default: saved.get(PREFIX + key, default)  # noqa: E731
+        get = self.saved
 
         self.dataset_label = QLabel("Open a dataset in 1 Data first.")
         self.dataset_label.setWordWrap(True)
         self.out_edit = QLineEdit(get("out", ""))
         self.out_edit.setPlaceholderText("cache folder (new, or one to resume / reuse)")
-        self.out_browse = QPushButton("…")
-        self.height_spin = _spin(0, 8192, get("height", 0))
-        self.width_spin = _spin(0, 8192, get("width", 0))
-        self.clip_spin = QDoubleSpinBox()
-        self.clip_spin.setRange(0, 1e6)
-        self.clip_spin.setDecimals(0)
-        self.clip_spin.setValue(float(get("clip", 10000)))
-        self.filter_spin = QDoubleSpinBox()
-        self.filter_spin.setRange(1, 4096)
-        self.filter_spin.setDecimals(0)
-        self.filter_spin.setValue(float(get("filter_size", 320)))
-        self.norm_combo = QComboBox()
-        self.norm_combo.addItems(NORMALIZATIONS)
-        self.norm_combo.setCurrentText(get("normalize", "zscore"))
-        self.illum_combo = QComboBox()
-        self.illum_combo.addItems(ILLUMINATION_METHODS)
-        self.illum_combo.setCurrentText(get("illumination", "fast"))
-        self.workers_spin = _spin(1, 64, get("workers", 2))
-        self.out_browse.setToolTip("Choose the cache folder")
-        self.run_button = QPushButton("Run")
-        self.run_button.setToolTip("Preprocess the dataset into the cache folder (resumes an "
-                                   "interrupted run)")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setToolTip("Stop at the next step; finished plates are kept")
-        self.use_button = QPushButton("Use existing cache")
-        self.use_button.setToolTip("Adopt the complete cache in the cache folder without running")
-        self.status_label = QLabel("Idle.")
-        self.status_label.setWordWrap(True)
+        self.out_browse = button("…", "Choose the cache folder", self._browse)
+        self.height_spin = spin(0, 8192, get("height", 0))
+        self.width_spin = spin(0, 8192, get("width", 0))
+        self.clip_spin = double_spin(0, 1e6, get("clip", 10000), decimals=0)
+        self.filter_spin = double_spin(1, 4096, get("filter_size", 320), decimals=0)
+        self.norm_combo = combo(NORMALIZATIONS, get("normalize", "zscore"))
+        self.illum_combo = combo(ILLUMINATION_METHODS, get("illumination", "fast"))
+        self.workers_spin = spin(1, 64, get("workers", 2))
+        self.run_button = button("Run", "Preprocess the dataset into the cache folder (resumes "
+                                 "an interrupted run)", self.run)
+        self.cancel_button = button("Cancel", "Stop at the next step; finished plates are kept",
+                                    self.cancel)
+        self.use_button = button("Use existing cache", "Adopt the complete cache in the cache "
+                                 "folder without running", self.use_existing)
+        self.idle_controls = (self.run_button, self.use_button)
+        self.busy_controls = (self.cancel_button,)
         self.channel_combo = QComboBox()
-        self.compare_button = QPushButton("Compare raw / illumination / corrected")
-        self.follow_check = QCheckBox("Follow the current field")
+        self.compare_button = button("Compare raw / illumination / corrected",
+                                     "Lay the raw image, its plate's illumination function and "
+                                     "the corrected image beside the field", self.compare)
+        self.follow_check = tip(QCheckBox("Follow the current field"),
+                                "Keep the comparison on the field the plate browser shows")
         self.follow_check.setChecked(True)
-        self.follow_check.setToolTip("Keep the comparison on the field the plate browser shows")
-        self.compare_button.setToolTip("Lay the raw image, its plate's illumination function and "
-                                       "the corrected image beside the field")
 
-        size_row = QHBoxLayout()
-        size_row.addWidget(self.height_spin)
-        size_row.addWidget(QLabel("x"))
-        size_row.addWidget(self.width_spin)
-        out_row = QHBoxLayout()
-        out_row.addWidget(self.out_edit, 1)
-        out_row.addWidget(self.out_browse)
         form = QFormLayout()
-        add_row(form, "Cache folder", out_row,
+        add_row(form, "Cache folder", edit_row(self.out_edit, self.out_browse),
                 "Where the preprocessed images go (new, or a cache of this dataset to resume "
                 "or reuse)")
-        add_row(form, "Size H x W (0: half)", size_row,
+        add_row(form, "Size H x W (0: half)",
+                hrow(self.height_spin, QLabel("x"), self.width_spin),
                 "Output size in pixels; 0 x 0 = half the input size, as in the paper")
         add_row(form, "Clip (0: none)", self.clip_spin,
                 "Raw 16-bit counts above this are clipped (10,000 in the paper's code)")
@@ -146,32 +119,18 @@ class PreprocessWidget(WorkerDock):
         add_row(form, "Illumination", self.illum_combo,
                 "How the per-plate illumination function is estimated (none = no correction)")
         add_row(form, "Processes", self.workers_spin, "Worker processes (CPU cores) to use")
-        buttons = QHBoxLayout()
-        for b in (self.run_button, self.cancel_button, self.use_button):
-            buttons.addWidget(b)
         compare = QFormLayout()
         add_row(compare, "Channel", self.channel_combo, "Channel shown in the comparison")
-        layout = QVBoxLayout(self.body)
-        layout.addWidget(self.dataset_label)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.status_label)
-        layout.addLayout(compare)
-        layout.addWidget(self.compare_button)
-        layout.addWidget(self.follow_check)
-        layout.addStretch(1)
+        self.stack(self.dataset_label, form,
+                   hrow(self.run_button, self.cancel_button, self.use_button),
+                   self.status_label, compare, self.compare_button, self.follow_check, 1)
 
-        self.out_browse.clicked.connect(self._browse)
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.use_button.clicked.connect(self.use_existing)
-        self.compare_button.clicked.connect(self.compare)
         self.state.metadata_changed.connect(self._on_metadata)
         self.state.field_changed.connect(self._on_field)
         self.state.cache_changed.connect(self._on_cache)
         self._on_metadata(self.state.metadata)
         self._on_cache(self.state.cache_path)
-        self._set_running(False)
+        self.set_running(False)
 
     # -- state -------------------------------------------------------------------------
     def _on_metadata(self, metadata) -> None:
@@ -213,7 +172,7 @@ class PreprocessWidget(WorkerDock):
     # -- run -----------------------------------------------------------------------------
     def run(self) -> None:
         """Preprocess (or resume) in a worker."""
-        if self.status == TaskStatus.RUNNING:
+        if self.running:
             return
         metadata, out = self.state.metadata, self.out_edit.text().strip()
         try:
@@ -225,29 +184,21 @@ class PreprocessWidget(WorkerDock):
         except (DataError, ValueError) as exc:
             self.input_error(self.status_label, str(exc))
             return
-        settings.remember_many({
-            PREFIX + "out": out, PREFIX + "height": self.height_spin.value(),
-            PREFIX + "width": self.width_spin.value(), PREFIX + "clip": self.clip_spin.value(),
-            PREFIX + "filter_size": self.filter_spin.value(),
-            PREFIX + "normalize": self.norm_combo.currentText(),
-            PREFIX + "illumination": self.illum_combo.currentText(),
-            PREFIX + "workers": self.workers_spin.value(),
+        self.remember({
+            "out": out, "height": self.height_spin.value(), "width": self.width_spin.value(),
+            "clip": self.clip_spin.value(), "filter_size": self.filter_spin.value(),
+            "normalize": self.norm_combo.currentText(),
+            "illumination": self.illum_combo.currentText(),
+            "workers": self.workers_spin.value(),
         })
-        self.status = TaskStatus.RUNNING
-        self._set_running(True)
-        self.status_label.setText(f"Preprocessing {len(metadata.table)} fields into {out}…")
-        self.run_task(
-            preprocess(metadata, out, prep, workers=self.workers_spin.value()),
-            on_progress=self._progress, on_done=self._done, on_error=self._failed,
-            on_stopped=self._stopped, desc="Preprocess",
-        )
+        self.start_task(preprocess(metadata, out, prep, workers=self.workers_spin.value()),
+                        f"Preprocessing {len(metadata.table)} fields into {out}…",
+                        describe=lambda e: f"{e.message} ({e.step}/{e.total} fields)",
+                        on_done=self._adopt, desc="Preprocess")
 
     def cancel(self) -> None:
         """Stop at the next step; finished plates are kept for a later Run."""
-        if self.worker is not None and self.status == TaskStatus.RUNNING:
-            self.worker.quit()
-            self.cancel_button.setEnabled(False)
-            self.status_label.setText("Cancelling…")
+        self.stop_task()
 
     def use_existing(self) -> None:
         """Adopt a complete cache without running."""
@@ -262,16 +213,6 @@ class PreprocessWidget(WorkerDock):
             return
         self._adopt(cache)
 
-    def _progress(self, event: Progress) -> None:
-        if self.status != TaskStatus.RUNNING:
-            return  # a late event must not hide the final message
-        self.status_label.setText(f"{event.message} ({event.step}/{event.total} fields)")
-
-    def _done(self, cache: Cache) -> None:
-        self.status = TaskStatus.DONE
-        self._set_running(False)
-        self._adopt(cache)
-
     def _adopt(self, cache: Cache) -> None:
         self.cache = cache
         self.out_edit.setText(str(cache.path))
@@ -280,21 +221,6 @@ class PreprocessWidget(WorkerDock):
         self.status_label.setText(f"Cache ready: {len(cache)} fields, {cache.shape[0]}x"
                                   f"{cache.shape[1]} px, at {cache.path}{note}.")
         self.state.cache_path = cache.path
-
-    def _stopped(self) -> None:
-        self.status = TaskStatus.STOPPED
-        self._set_running(False)
-        self.status_label.setText("Cancelled. Run again to resume from the next unfinished plate.")
-
-    def _failed(self, exc: BaseException) -> None:
-        self.status = TaskStatus.CRASHED
-        self._set_running(False)
-        self.status_label.setText(f"Preprocessing failed: {exc}")
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.use_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
 
     # -- compare ------------------------------------------------------------------------
     def _compare_layers(self) -> dict:
@@ -348,9 +274,3 @@ class PreprocessWidget(WorkerDock):
             layer.contrast_limits = limits
         self.viewer.reset_view()
 
-
-def _spin(lo: int, hi: int, value) -> QSpinBox:
-    spin = QSpinBox()
-    spin.setRange(lo, hi)
-    spin.setValue(int(value))
-    return spin

@@ -13,35 +13,26 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
+    QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
 )
 
+from napari_wsdino.core import layout
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
 from napari_wsdino.core.pipeline import PRESETS
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABELS
-from napari_wsdino.core.train import CONFIG_FILE, LOG_FILE, TrainConfig, train_channels
-from napari_wsdino._napari import settings
-from napari_wsdino._napari.dock import WorkerDock, add_row
+from napari_wsdino.core.train import TrainConfig, train_channels
+from napari_wsdino._napari.canvases import LossPlot  # noqa: F401 - importable from here too
 from napari_wsdino._napari.state import TaskStatus
+from napari_wsdino._napari.dock import (
+    WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, spin,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -124,12 +115,12 @@ def run_summary(run: str | Path, channels) -> str:
     """How far a run folder's channels are (from config.toml and log.jsonl; no weights read)."""
     parts = []
     for channel in channels:
-        folder = Path(run) / channel
-        if not (folder / CONFIG_FILE).exists():
+        config, log = layout.config_path(run, channel), layout.log_path(run, channel)
+        if not config.exists():
             continue
         try:
-            epochs = TrainConfig.load(folder / CONFIG_FILE).epochs
-            lines = (folder / LOG_FILE).read_text().splitlines() if (folder / LOG_FILE).exists() else []
+            epochs = TrainConfig.load(config).epochs
+            lines = log.read_text().splitlines() if log.exists() else []
             done = json.loads(lines[-1])["epoch"] if lines else 0
         except (OSError, ValueError, KeyError):
             continue
@@ -140,152 +131,75 @@ def run_summary(run: str | Path, channels) -> str:
 def continue_config(run: str | Path, channels, epochs: int, device: str) -> TrainConfig:
     """The run's saved settings with a new number of epochs (Continue training)."""
     for channel in channels:
-        saved = Path(run) / channel / CONFIG_FILE
+        saved = layout.config_path(run, channel)
         if saved.exists():
             return TrainConfig.load(saved).replace(epochs=int(epochs), device=device)
     raise ValueError(f"{run} holds no run of {', '.join(channels)} to continue: press Start.")
 
 
-class LossPlot:
-    """Loss and learning-rate curves on a matplotlib canvas (redrawn at most 4x a second).
-
-    Lines are updated in place and the layout is fixed, so a redraw costs a few ms of the
-    GUI thread (no re-layout, no new artists).
-    """
-
-    def __init__(self):
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        self.figure = Figure(figsize=(4, 3))
-        self.figure.subplots_adjust(left=0.2, right=0.97, top=0.96, bottom=0.14, hspace=0.15)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setToolTip("Training loss and learning rate per step, one line per channel")
-        self.ax_loss = self.figure.add_subplot(2, 1, 1)
-        self.ax_lr = self.figure.add_subplot(2, 1, 2, sharex=self.ax_loss)
-        self.ax_loss.set_ylabel("loss")
-        self.ax_lr.set_ylabel("learning rate")
-        self.ax_lr.set_xlabel("step")
-        self.ax_loss.tick_params(labelbottom=False)
-        self.series: dict[str, tuple[list, list, list]] = {}
-        self._lines: dict[str, tuple] = {}
-        self._last = 0.0
-        self.clear()
-
-    def clear(self) -> None:
-        self.series.clear()
-        for loss_line, lr_line in self._lines.values():
-            loss_line.remove()
-            lr_line.remove()
-        self._lines.clear()
-        legend = self.ax_loss.get_legend()
-        if legend is not None:
-            legend.remove()
-        self.redraw()
-
-    def add(self, event: Progress) -> None:
-        """Plot a training step (events without a loss, e.g. start-up notes, are skipped)."""
-        if "loss" not in event.info:
-            return
-        channel = str(event.info.get("channel", ""))
-        steps, loss, lr = self.series.setdefault(channel, ([], [], []))
-        steps.append(event.step)
-        loss.append(float(event.info.get("loss", float("nan"))))
-        lr.append(float(event.info.get("lr", float("nan"))))
-        if time.perf_counter() - self._last > 0.25:
-            self.redraw()
-
-    def redraw(self) -> None:
-        self._last = time.perf_counter()
-        for channel, (steps, loss, lr) in self.series.items():
-            if channel not in self._lines:
-                (a,) = self.ax_loss.plot([], [], label=channel, lw=1)
-                (b,) = self.ax_lr.plot([], [], label=channel, lw=1)
-                self._lines[channel] = (a, b)
-                self.ax_loss.legend(fontsize="small")
-            loss_line, lr_line = self._lines[channel]
-            loss_line.set_data(steps, loss)
-            lr_line.set_data(steps, lr)
-        for ax in (self.ax_loss, self.ax_lr):
-            ax.relim()
-            ax.autoscale_view()
-        self.canvas.draw_idle()
-
-
 class TrainWidget(WorkerDock):
     """Train (Start / Stop / Continue) one WS-DINO model per channel on the cache."""
+
+    settings_prefix = PREFIX
+    failed_text = "Training failed"
+    stopping_text = "Stopping after this step…"
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer)
         self.result: dict[str, Path] | None = None
         self._stop = threading.Event()
         self._shape: tuple[int, int] | None = None
-        saved = settings.load_settings()
-        get = lambda key, default: saved.get(PREFIX + key, default)  # noqa: E731
+        get = self.saved
 
         self.cache_edit = QLineEdit(str(self.state.cache_path or get("cache", "")))
         self.cache_edit.setPlaceholderText("preprocessed cache folder (2 Preprocess)")
-        self.cache_browse = QPushButton("…")
-        self.cache_browse.setToolTip("Choose a preprocessed cache folder")
+        self.cache_browse = button("…", "Choose a preprocessed cache folder",
+                                   lambda: self._pick_dir(self.cache_edit, "Cache folder"))
         self.run_edit = QLineEdit(str(self.state.model_path or get("run", "")))
-        self.run_edit.setPlaceholderText("run folder: RUN/<channel>/checkpoint.pth")
-        self.run_browse = QPushButton("…")
-        self.run_browse.setToolTip("Choose the run folder")
+        self.run_edit.setPlaceholderText(f"run folder: RUN/<channel>/{layout.CHECKPOINT_FILE}")
+        self.run_browse = button("…", "Choose the run folder",
+                                 lambda: self._pick_dir(self.run_edit, "Run folder"))
         self.channel_boxes: dict[str, QCheckBox] = {}
         self.channels_row = QHBoxLayout()
-        self.preset_combo = QComboBox()
-        for name, title in PRESET_TITLES.items():
-            self.preset_combo.addItem(title, name)
-        self.preset_combo.setCurrentIndex(max(self.preset_combo.findData(get("preset", "gpu")), 0))
-        self.weak_combo = QComboBox()
-        self.weak_combo.addItems(WEAK_LABELS)
-        self.weak_combo.setCurrentText(get("weak_label", "compound"))
-        self.arch_combo = QComboBox()
-        self.arch_combo.setEditable(True)
-        self.arch_combo.addItems(ARCHS)
-        self.arch_combo.setCurrentText(get("arch", DEFAULT_ARCH))
-        self.epochs_spin = _spin(1, 100000, get("epochs", 400))
-        self.batch_spin = _spin(1, 4096, get("batch_size", 16))
+        self.preset_combo = data_combo(((t, n) for n, t in PRESET_TITLES.items()),
+                                       get("preset", "gpu"))
+        self.weak_combo = combo(WEAK_LABELS, get("weak_label", "compound"))
+        self.arch_combo = combo(ARCHS, get("arch", DEFAULT_ARCH), editable=True)
+        self.epochs_spin = spin(1, 100000, get("epochs", 400))
+        self.batch_spin = spin(1, 4096, get("batch_size", 16))
         self.init_edit = QLineEdit(get("init", ""))
         self.init_edit.setPlaceholderText("empty: random; ours / timm / DINO .pth")
-        self.init_browse = QPushButton("…")
-        self.init_browse.setToolTip("Choose an initial weights file")
-        self.device_combo = QComboBox()
-        for label, value in device_choices():
-            self.device_combo.addItem(label, value)
-        self.device_combo.setCurrentIndex(max(self.device_combo.findData(get("device", "auto")), 0))
-        self.lr_spin = QDoubleSpinBox()
-        self.lr_spin.setDecimals(8)
-        self.lr_spin.setRange(1e-8, 1.0)
-        self.lr_spin.setSingleStep(1e-6)
-        self.lr_spin.setValue(float(get("lr", 4e-6)))
-        self.global_spin = _spin(8, 1024, get("global_size", 224))
-        self.local_spin = _spin(8, 1024, get("local_size", 96))
-        self.crops_spin = _spin(0, 32, get("local_crops", 8))
-        self.outdim_spin = _spin(16, 262144, get("out_dim", 65536))
+        self.init_browse = button("…", "Choose an initial weights file", self._pick_init)
+        self.device_combo = data_combo(device_choices(), get("device", "auto"))
+        self.lr_spin = double_spin(1e-8, 1.0, get("lr", 4e-6), step=1e-6, decimals=8)
+        self.global_spin = spin(8, 1024, get("global_size", 224))
+        self.local_spin = spin(8, 1024, get("local_size", 96))
+        self.crops_spin = spin(0, 32, get("local_crops", 8))
+        self.outdim_spin = spin(16, 262144, get("out_dim", 65536))
         self.base_edit = QLineEdit(get("base", ""))
         self.base_edit.setPlaceholderText("optional TOML with every other setting")
-        self.start_button = QPushButton("Start")
-        self.start_button.setToolTip("Train a new run in the run folder (refused if it holds one)")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setToolTip("Stop before the next step; a checkpoint is written")
-        self.resume_button = QPushButton("Continue")
-        self.resume_button.setToolTip(
-            "Continue the run in the run folder with its saved settings: an interrupted run "
-            "resumes exactly; with more Epochs a finished run is extended (the schedules are "
-            "recomputed for the new total, see docs/training.md)")
+        self.start_button = button("Start", "Train a new run in the run folder (refused if it "
+                                   "holds one)", lambda: self.start(resume=False))
+        self.stop_button = button("Stop", "Stop before the next step; a checkpoint is written",
+                                  self.stop)
+        self.resume_button = button(
+            "Continue", "Continue the run in the run folder with its saved settings: an "
+            "interrupted run resumes exactly; with more Epochs a finished run is extended (the "
+            "schedules are recomputed for the new total, see docs/training.md)",
+            lambda: self.start(resume=True))
+        self.idle_controls = (self.start_button, self.resume_button)
+        self.busy_controls = (self.stop_button,)
         self.run_label = QLabel("")
         self.run_label.setWordWrap(True)
-        self.status_label = QLabel("Idle.")
-        self.status_label.setWordWrap(True)
         self.plot = LossPlot()
         self.plot.canvas.setMinimumHeight(220)
 
         form = QFormLayout()
-        add_row(form, "Cache", _row(self.cache_edit, self.cache_browse),
+        add_row(form, "Cache", edit_row(self.cache_edit, self.cache_browse),
                 "Preprocessed cache to train on (filled in by 2 Preprocess)")
-        add_row(form, "Run folder", _row(self.run_edit, self.run_browse),
-                "Where RUN/<channel>/checkpoint.pth, config.toml and log.jsonl go")
+        add_row(form, "Run folder", edit_row(self.run_edit, self.run_browse),
+                f"Where RUN/<channel>/{layout.CHECKPOINT_FILE}, {layout.CONFIG_FILE} and "
+                f"{layout.LOG_FILE} go")
         add_row(form, "Channels", self.channels_row, "One model is trained per ticked channel")
         add_row(form, "Preset", self.preset_combo,
                 "Settings that fit the cache: chosen by the cache's size when it is selected "
@@ -298,7 +212,7 @@ class TrainWidget(WorkerDock):
         add_row(form, "Epochs", self.epochs_spin,
                 "Passes over the fields; Continue with more epochs extends a finished run")
         add_row(form, "Batch size", self.batch_spin, "Fields per optimisation step")
-        add_row(form, "Initial weights", _row(self.init_edit, self.init_browse),
+        add_row(form, "Initial weights", edit_row(self.init_edit, self.init_browse),
                 "Start from these weights (ours, timm or the official DINO file); empty = random")
         add_row(form, "Device", self.device_combo, "auto uses the GPU when there is one")
         advanced = QGroupBox("Advanced")
@@ -315,30 +229,16 @@ class TrainWidget(WorkerDock):
         add_row(adv, "Base config", self.base_edit,
                 "Optional TOML (as wsdino train writes) with every other setting; "
                 "replaces the preset")
-        buttons = QHBoxLayout()
-        for b in (self.start_button, self.stop_button, self.resume_button):
-            buttons.addWidget(b)
-        layout = QVBoxLayout(self.body)
-        layout.addLayout(form)
-        layout.addWidget(advanced)
-        layout.addLayout(buttons)
-        layout.addWidget(self.run_label)
-        layout.addWidget(self.status_label)
-        layout.addWidget(self.plot.canvas, 1)
+        self.stack(form, advanced, hrow(self.start_button, self.stop_button, self.resume_button),
+                   self.run_label, self.status_label, (self.plot.canvas, 1))
 
         self._set_channels(self._channels(), get("channels", None))
-        self.cache_browse.clicked.connect(lambda: self._pick_dir(self.cache_edit, "Cache folder"))
-        self.run_browse.clicked.connect(lambda: self._pick_dir(self.run_edit, "Run folder"))
-        self.init_browse.clicked.connect(self._pick_init)
         self.cache_edit.editingFinished.connect(lambda: self._cache_picked(self.cache_edit.text()))
         self.run_edit.editingFinished.connect(self._describe_run)
         self.preset_combo.currentIndexChanged.connect(lambda _i: self.apply_preset())
-        self.start_button.clicked.connect(lambda: self.start(resume=False))
-        self.resume_button.clicked.connect(lambda: self.start(resume=True))
-        self.stop_button.clicked.connect(self.stop)
         self.state.cache_changed.connect(self._on_cache)
         self.state.model_changed.connect(self._on_run)
-        self._set_running(False)
+        self.set_running(False)
         if self.state.cache_path is not None:  # a cache made before this dock opened
             self._on_cache(self.state.cache_path)
         self._describe_run()
@@ -375,7 +275,7 @@ class TrainWidget(WorkerDock):
             return
         self.cache_edit.setText(str(path))
         if not self.run_edit.text().strip():
-            self.run_edit.setText(str(Path(path).parent / "runs" / self.weak_combo.currentText()))
+            self.run_edit.setText(str(layout.default_run_dir(path, self.weak_combo.currentText())))
         self._cache_picked(path)
 
     def _cache_picked(self, _path) -> None:
@@ -389,7 +289,7 @@ class TrainWidget(WorkerDock):
 
     def _on_run(self, path) -> None:
         """A run folder chosen elsewhere (or this panel's run finished)."""
-        if path is not None and self.status != TaskStatus.RUNNING:
+        if path is not None and not self.running:
             self.run_edit.setText(str(path))
             self._describe_run()
 
@@ -397,16 +297,16 @@ class TrainWidget(WorkerDock):
         """Fill the form with the chosen preset's settings."""
         cfg = preset_config(self.preset_combo.currentData())
         self.arch_combo.setCurrentText(cfg.arch)
-        for spin, value in ((self.epochs_spin, cfg.epochs), (self.batch_spin, cfg.batch_size),
-                            (self.lr_spin, cfg.lr), (self.global_spin, cfg.global_size),
-                            (self.local_spin, cfg.local_size), (self.crops_spin, cfg.local_crops),
-                            (self.outdim_spin, cfg.out_dim)):
-            spin.setValue(value)
+        for box, value in ((self.epochs_spin, cfg.epochs), (self.batch_spin, cfg.batch_size),
+                           (self.lr_spin, cfg.lr), (self.global_spin, cfg.global_size),
+                           (self.local_spin, cfg.local_size), (self.crops_spin, cfg.local_crops),
+                           (self.outdim_spin, cfg.out_dim)):
+            box.setValue(value)
 
     def _describe_run(self) -> None:
         run = self.run_edit.text().strip()
         summary = run_summary(run, self.channel_boxes) if run else ""
-        if summary and not self.plot.series and self.status != TaskStatus.RUNNING:
+        if summary and not self.plot.series and not self.running:
             self._plot_log(run)
         self.run_label.setText(
             f"Run folder holds: {summary}. Continue resumes it, or extends it to the Epochs above."
@@ -415,7 +315,7 @@ class TrainWidget(WorkerDock):
     def _plot_log(self, run: str) -> None:
         """An existing run's curves, one point per epoch (its log.jsonl), until it runs again."""
         for channel in self.channel_boxes:
-            log = Path(run) / channel / LOG_FILE
+            log = layout.log_path(run, channel)
             try:
                 records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             except (OSError, ValueError):
@@ -456,7 +356,7 @@ class TrainWidget(WorkerDock):
     # -- run ---------------------------------------------------------------------------
     def start(self, resume: bool = False) -> None:
         """Validate and start a run, or continue the one in the run folder, in a worker."""
-        if self.status == TaskStatus.RUNNING:
+        if self.running:
             return
         channels = [c for c, box in self.channel_boxes.items() if box.isChecked()]
         run = self.run_edit.text().strip()
@@ -473,54 +373,42 @@ class TrainWidget(WorkerDock):
                 config = make_train_config(self.values(), self.base_edit.text(),
                                            self.preset_combo.currentData())
             check_fit(config, cache.shape)
-            existing = [c for c in channels if (Path(run) / c / "checkpoint.pth").exists()]
+            existing = layout.trained_channels(run, channels)
             if existing and not resume:
                 raise ValueError(f"{run} already holds checkpoints for {existing}: press "
                                  "Continue to resume or extend them, or choose another run folder.")
         except (ValueError, FileNotFoundError, DataError) as exc:
             self.input_error(self.status_label, str(exc))
             return
-        settings.remember_many({
-            PREFIX + "cache": str(cache.path), PREFIX + "run": run,
-            PREFIX + "channels": channels, PREFIX + "base": self.base_edit.text().strip(),
-            PREFIX + "preset": self.preset_combo.currentData(),
-            **{PREFIX + k: v for k, v in self.values().items()},
-        })
+        self.remember({"cache": str(cache.path), "run": run, "channels": channels,
+                       "base": self.base_edit.text().strip(),
+                       "preset": self.preset_combo.currentData(), **self.values()})
         self._stop.clear()
         self.result = None
         if not resume:
             self.plot.clear()
-        self.status = TaskStatus.RUNNING
-        self._set_running(True)
-        self.status_label.setText(f"{'Continuing' if resume else 'Starting'} {', '.join(channels)}…")
         self._run = Path(run)
-        self.run_task(
+        self.start_task(
             train_channels(cache, config, run, channels, resume=resume, stop=self._stop.is_set),
-            on_progress=self._progress, on_done=self._finished, on_error=self._failed,
-            desc="Training",
+            f"{'Continuing' if resume else 'Starting'} {', '.join(channels)}…",
+            on_progress=self._plot_step, describe=_describe_step, on_done=self._finished,
+            stop=self._stop.set, desc="Training",
         )
 
     def stop(self) -> None:
         """Ask the run to stop before its next step (it writes a checkpoint)."""
-        if self.status == TaskStatus.RUNNING:
-            self._stop.set()
-            self.stop_button.setEnabled(False)
-            self.status_label.setText("Stopping after this step…")
+        self.stop_task()
 
-    def _progress(self, event: Progress) -> None:
+    def _plot_step(self, event: Progress) -> None:
         self.plot.add(event)
-        if self.status != TaskStatus.RUNNING:
-            self.plot.redraw()  # the last step can arrive after the end: keep the final text
-            return
-        eta = event.info.get("eta_s")
-        eta_text = f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) and eta == eta else ""
-        self.status_label.setText(f"{event.message} (step {event.step}/{event.total}{eta_text})")
+        if not self.running:
+            self.plot.redraw()  # the last step can arrive after the end: draw it too
 
     def _finished(self, paths: dict[str, Path]) -> None:
         self.result = paths
-        self.status = TaskStatus.STOPPED if self._stop.is_set() else TaskStatus.DONE
-        self._set_running(False)
-        self.plot.redraw()
+        if self._stop.is_set():
+            self.status = TaskStatus.STOPPED
+        self.plot.redraw()  # the last steps may not be drawn yet
         word = "Stopped" if self.status == TaskStatus.STOPPED else "Finished"
         self.status_label.setText(
             f"{word}: checkpoints of {', '.join(paths) or 'no channel'} in {self._run}. "
@@ -530,26 +418,9 @@ class TrainWidget(WorkerDock):
         self.state.model_path = self._run
         self._describe_run()
 
-    def _failed(self, exc: BaseException) -> None:
-        self.status = TaskStatus.CRASHED
-        self._set_running(False)
-        self.status_label.setText(f"Training failed: {exc}")
 
-    def _set_running(self, running: bool) -> None:
-        self.start_button.setEnabled(not running)
-        self.resume_button.setEnabled(not running)
-        self.stop_button.setEnabled(running)
-
-
-def _spin(lo: int, hi: int, value) -> QSpinBox:
-    spin = QSpinBox()
-    spin.setRange(lo, hi)
-    spin.setValue(int(value))
-    return spin
-
-
-def _row(*widgets) -> QHBoxLayout:
-    row = QHBoxLayout()
-    for i, w in enumerate(widgets):
-        row.addWidget(w, 1 if i == 0 else 0)
-    return row
+def _describe_step(event: Progress) -> str:
+    """The status line of a training event: message, step and ETA."""
+    eta = event.info.get("eta_s")
+    eta_text = f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) and eta == eta else ""
+    return f"{event.message} (step {event.step}/{event.total}{eta_text})"

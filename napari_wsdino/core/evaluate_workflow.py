@@ -1,0 +1,120 @@
+"""The evaluate workflow: a cache and a model set to NSC / NSCB / mAP and a 2-D map.
+
+One progress generator (:func:`evaluate_job`) embeds every field of a cache with a
+model set (``core.embed.embed_cache``; finished chunks are kept, so a rerun resumes),
+runs TVN, aggregation and matching (``core.evaluation.iter_evaluate``) and projects
+the treatment (or well) profiles to 2-D (``core.projection.project_2d``). The
+Evaluate panel runs it in a worker; a script or the CLI can drive it with
+``core.progress.run_to_end``. No Qt here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generator
+
+import numpy as np
+import pandas as pd
+
+from napari_wsdino.core.aggregate import aggregate_wells
+from napari_wsdino.core.cache import Cache
+from napari_wsdino.core.embed import embed_cache
+from napari_wsdino.core.evaluation import EvaluationResult, iter_evaluate
+from napari_wsdino.core.layout import profiles_path
+from napari_wsdino.core.profiles import MOA, PLATE, TREATMENT, WELL, ProfileTable
+from napari_wsdino.core.progress import Progress
+from napari_wsdino.core.projection import project_2d
+
+#: What a map point stands for.
+LEVELS = ("treatments", "wells")
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation produced: profiles, numbers, and the map's points."""
+
+    label: str
+    profiles: ProfileTable
+    result: EvaluationResult
+    points: ProfileTable  # the profiles drawn in the map (treatments or wells)
+    xy: np.ndarray
+    level: str
+    profiles_path: Path | None
+    names: list[str] = field(default_factory=list)
+    confusion: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def profiles_path_for(cache: Cache, models) -> Path:
+    """Where a cache's profiles for a model set go (``core.layout.profiles_path``)."""
+    return profiles_path(cache.path, models.kind, models.fingerprint())
+
+
+def model_set_label(models) -> str:
+    """How a model set is named in results and in Compare (hashes its weights: slow)."""
+    return f"{models.kind} ({', '.join(models.archs.values())}) {models.fingerprint()[:6]}"
+
+
+def labelled_confusion(matrix: pd.DataFrame) -> pd.DataFrame:
+    """The matrix with its axes named: true MoA (rows), predicted MoA (columns)."""
+    return matrix.rename_axis(index="true MoA",
+                              columns="predicted MoA (of the nearest neighbour)")
+
+
+def point_names(points: ProfileTable, level: str) -> list[str]:
+    """Hover names of the map's points ("treatment (MoA)", wells prefixed by plate/well)."""
+    meta = points.meta
+    if level == "treatments":
+        return [f"{t} ({m})" for t, m in zip(meta[TREATMENT], meta[MOA])]
+    return [f"{p}/{w}: {t} ({m})" for p, w, t, m in
+            zip(meta[PLATE], meta[WELL], meta[TREATMENT], meta[MOA])]
+
+
+def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, crop: int,
+                 device: str, level: str, method: str, label: str | None = None
+                 ) -> Generator[Progress, None, Evaluation]:
+    """Embed, evaluate and project, as one progress generator.
+
+    Everything slow happens here: hashing the weights (label and profiles file),
+    embedding, TVN and matching, the 2-D map and the names of its points.
+
+    Parameters
+    ----------
+    cache
+        The preprocessed cache (``core.cache.open_cache``).
+    models
+        A ``core.modelset.ModelSet`` with a model for each of the cache's channels.
+    out
+        Profiles file (Parquet); default beside the cache (:func:`profiles_path_for`).
+    tvn, crop, device
+        TVN method (``core.tvn.METHODS``), crop side in px, torch device or ``"auto"``.
+    level, method
+        Map points (:data:`LEVELS`) and projection (``"umap"`` or ``"pca"``).
+    label
+        Name of the model set in the results; default :func:`model_set_label`.
+
+    Returns
+    -------
+    Evaluation
+
+    Examples
+    --------
+    >>> from napari_wsdino.core.progress import run_to_end
+    >>> ev = run_to_end(evaluate_job(cache, models, tvn="paper", crop=224,
+    ...                              device="cpu", level="treatments", method="pca"))  # doctest: +SKIP
+    >>> ev.result.nsc, ev.xy.shape                                                    # doctest: +SKIP
+    (0.92, (103, 2))
+    """
+    yield Progress("evaluate", 0, 1, "checking the model set")
+    label = label or model_set_label(models)
+    out = out or profiles_path_for(cache, models)
+    profiles = yield from embed_cache(cache, models, out, crop=crop, device=device)
+    result = yield from iter_evaluate(profiles, tvn)
+    points = result.treatments if level == "treatments" else aggregate_wells(profiles)
+    yield Progress("evaluate", 0, 1, f"{method.upper()} of {len(points)} {level}")
+    xy = project_2d(points.features, method=method)
+    confusion = {"NSC": labelled_confusion(result.confusion_nsc)}
+    if result.confusion_nscb is not None:
+        confusion["NSCB"] = labelled_confusion(result.confusion_nscb)
+    return Evaluation(label, profiles, result, points, np.asarray(xy), level, out,
+                      point_names(points, level), confusion)
