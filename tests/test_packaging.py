@@ -32,6 +32,53 @@ def test_cli_help_lists_commands():
     assert "info" in res.stdout
 
 
+def test_every_subcommand_module_registers_a_command():
+    import importlib
+
+    from napari_wsdino import cli
+
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    for name in cli.SUBCOMMANDS:
+        module = importlib.import_module(f"napari_wsdino.cli.{name}")
+        registered = {n for n, p in sub.choices.items()
+                      if p.get_default("func") is getattr(module, "run", None)}
+        assert registered, f"napari_wsdino.cli.{name} registers no command with func=run"
+
+
+def test_missing_subcommand_module_is_an_error(monkeypatch):
+    """A name in SUBCOMMANDS without its module is a packaging bug: an error that
+    names the module and the fix, not a command silently missing from --help."""
+    from napari_wsdino import cli
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, "no_such_command"))
+    with pytest.raises(ImportError, match=r"'no_such_command'.*is missing.*Reinstall") as info:
+        cli.build_parser()
+    assert info.value.name == "napari_wsdino.cli.no_such_command"
+    assert not isinstance(info.value, ModuleNotFoundError)
+
+
+def test_subcommand_with_a_missing_dependency_reraises_that_error(monkeypatch):
+    """A module the subcommand imports being missing is reported as itself (its name
+    tells the user what to install), not as a missing subcommand."""
+    import importlib
+
+    from napari_wsdino import cli
+
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "napari_wsdino.cli.needs_dep":
+            raise ModuleNotFoundError("No module named 'some_extra'", name="some_extra")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(cli.importlib, "import_module", fake)
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ("info", "needs_dep"))
+    with pytest.raises(ModuleNotFoundError) as info:
+        cli.build_parser()
+    assert info.value.name == "some_extra"
+
+
 def test_installed_manifest_validates():
     """`npe2 validate` on the installed (editable) distribution."""
     res = subprocess.run([sys.executable, "-m", "npe2", "validate", "napari-wsdino"],

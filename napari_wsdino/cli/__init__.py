@@ -1,7 +1,9 @@
 """The ``wsdino`` command: parses arguments, calls the core, prints progress.
 
 Each subcommand lives in its own module of this package and exposes
-``add_parser(subparsers)``, which registers itself with ``func=run``.
+``add_parser(subparsers)``, which registers itself with ``func=run``. Every name in
+:data:`SUBCOMMANDS` must have its module: a missing one raises :class:`ImportError`
+(a packaging bug) instead of dropping the command from ``wsdino --help``.
 """
 
 from __future__ import annotations
@@ -40,14 +42,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wsdino {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"napari_wsdino.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"napari_wsdino.cli.{name}":
-                continue  # command not built yet
-            raise
-        module.add_parser(sub)
+        _subcommand_module(name).add_parser(sub)
     return parser
+
+
+def _subcommand_module(name: str):
+    """The module of one entry of :data:`SUBCOMMANDS`; a missing one is an error (a
+    broken installation), never a command silently left out of ``wsdino --help``."""
+    qualified = f"napari_wsdino.cli.{name}"
+    try:
+        return importlib.import_module(qualified)
+    except ModuleNotFoundError as exc:
+        if exc.name != qualified:
+            raise  # a module the command imports is missing: the original error names it
+        raise ImportError(
+            f"wsdino: the module of subcommand {name!r} ({qualified}) is missing, so this "
+            "installation of napari-wsdino is incomplete. Reinstall it "
+            "(pip install --force-reinstall napari-wsdino, or pip install -e . in a checkout); "
+            f"if the command was retired, remove {name!r} from "
+            "napari_wsdino.cli.SUBCOMMANDS.",
+            name=qualified,
+        ) from exc
 
 
 def main(argv: list[str] | None = None) -> int:
