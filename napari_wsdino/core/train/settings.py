@@ -1,0 +1,373 @@
+"""Training settings: :class:`TrainConfig`, its TOML I/O, the choice lists, and the merge rule.
+
+Every default, choice list and range of a training run is written here once; the CLI's
+options and the Train panel read them. :func:`resolve_config` layers a recipe's defaults,
+a base config (or a run's saved one when resuming) and explicit overrides, and applies
+the resume rule: a resumed run may change only its length and settings that do not
+change the maths (:data:`RESUMABLE_CHANGES`).
+
+Example
+-------
+>>> from napari_wsdino.core.train.settings import TrainConfig
+>>> TrainConfig(epochs=3).replace(lr=1e-3).to_toml().splitlines()[1]
+'[train]'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, get_type_hints
+
+from napari_wsdino.core.dino import CENTERINGS
+from napari_wsdino.core.layout import CHECKPOINT_FILE, CONFIG_FILE
+from napari_wsdino.core.model import DEFAULT_ARCH
+from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, DMSO_MODES, WEAK_LABELS
+
+#: Global crops per view set (DINO's two).
+N_GLOBAL = 2
+#: Where crops are centred: anywhere (the paper) or on nuclei (cell-centred crops).
+CROP_CENTRES = ("uniform", "nuclei")
+INIT_PARTS = ("backbone", "full")
+EPOCH_SPLITS = ("shard", "replicate")
+#: Devices offered (any torch device name, e.g. ``cuda:1``, is accepted).
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+PRELOADS = ("auto", "device", "memmap")
+# Settings that may differ between a run and its resumption (they do not change the maths).
+RESUMABLE_CHANGES = {"device", "checkpoint_every", "snapshot_every", "preload", "compile"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; defaults are WS-DINO's.
+
+    Data: ``channel`` (one model per channel), ``weak_label`` (none = plain DINO,
+    treatment, compound, moa, moa_or_compound), ``dmso`` (exclude = paper, plate,
+    together), ``balance`` (weight fields by 1 / group size, the paper's sampler).
+
+    Model: ``arch`` (any timm ViT; ViT-S/8), ``init`` (local weights file: ours, timm,
+    or official DINO, e.g. ``dino_deitsmall8_pretrain.pth``; empty = random),
+    ``drop_path_rate`` 0.1 on the student; head ``out_dim`` 65,536, ``hidden_dim`` 2048,
+    ``bottleneck_dim`` 256, ``norm_last_layer`` False, no batch norm, last layer frozen
+    for ``freeze_last_layer`` epochs.
+
+    Loss: ``student_temp`` 0.07, ``teacher_temp`` 0.04 after a linear warm-up from
+    ``warmup_teacher_temp`` over ``warmup_teacher_temp_epochs``, ``center_momentum`` 0.8
+    (DINO: 0.1 / 0.9). Teacher EMA ``momentum_teacher`` 0.99 → 1 (cosine).
+
+    Optimiser: AdamW, ``lr`` 4e-6 after ``warmup_epochs`` 10, cosine to ``min_lr``,
+    ``weight_decay`` 0, ``clip_grad`` 0 (off), ``batch_size`` 16 (per process),
+    ``epochs`` 400.
+
+    Views: 2 global crops of ``global_size`` 224 px from ``global_scale`` (0.1, 0.2) of
+    the area, ``local_crops`` 8 of ``local_size`` 96 px from ``local_scale``
+    (0.04, 0.08), square, bicubic, flips with ``flip_p`` 0.5; inputs normalised as
+    ``(x - input_mean) / input_std``.
+
+    Run: ``seed``, ``checkpoint_every`` N epochs (and at the end), ``snapshot_every``
+    (0 = off: teacher-only copies ``teacher_epochNNNN.pth`` for best-epoch studies),
+    ``device`` (auto | cpu | cuda), ``precision`` (auto = bf16 on CUDA, fp32 on CPU),
+    ``preload`` (auto = cache on the GPU when it fits), ``compile`` (torch.compile).
+
+    Microscopy additions (off by default, on in the ``cpu`` demo preset; see
+    docs/training.md): ``crop_centres`` (uniform = the paper; nuclei = every crop centred
+    on a nucleus of ``nuclei_channel``, found by Otsu), ``rotate90`` (random quarter
+    turns), ``intensity_jitter`` (per-view gain ``exp(N(0, s))`` and offset),
+    ``teacher_centering`` (centre = DINO's EMA centre; sinkhorn = DINOv2's Sinkhorn-Knopp
+    targets, which cannot collapse).
+    """
+
+    channel: str = "DAPI"
+    weak_label: str = DEFAULT_WEAK_LABEL
+    dmso: str = "exclude"
+    balance: bool = True
+    arch: str = DEFAULT_ARCH
+    init: str = ""
+    drop_path_rate: float = 0.1
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = False
+    freeze_last_layer: int = 1
+    student_temp: float = 0.07
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    center_momentum: float = 0.8
+    momentum_teacher: float = 0.99
+    lr: float = 4e-6
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.0
+    clip_grad: float = 0.0
+    batch_size: int = 16
+    epochs: int = 400
+    local_crops: int = 8
+    global_size: int = 224
+    local_size: int = 96
+    global_scale: tuple[float, float] = (0.1, 0.2)
+    local_scale: tuple[float, float] = (0.04, 0.08)
+    flip_p: float = 0.5
+    input_mean: float = 0.0
+    input_std: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 10
+    snapshot_every: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    preload: str = "auto"
+    compile: bool = False
+    crop_centres: str = "uniform"
+    nuclei_channel: str = "DAPI"
+    rotate90: bool = False
+    intensity_jitter: float = 0.0
+    teacher_centering: str = "centre"
+    # What a full checkpoint given as init fills: "backbone" (its teacher backbone, and head
+    # when it fits, into both nets) or "full" (DINO's restart_from_checkpoint: student,
+    # teacher, heads, loss centre and optimiser state each where it was saved).
+    init_parts: str = "backbone"
+    # Multi-GPU epochs: "shard" (each process a share of the fields) or "replicate" (each
+    # process draws the whole dataset, as WS-DINO's sampler without DistributedSampler).
+    epoch_split: str = "shard"
+
+    def __post_init__(self):
+        problems = []
+        if self.weak_label not in WEAK_LABELS:
+            problems.append(f"weak_label must be one of {', '.join(WEAK_LABELS)}")
+        if self.dmso not in DMSO_MODES:
+            problems.append(f"dmso must be one of {', '.join(DMSO_MODES)}")
+        for name in ("epochs", "batch_size", "global_size", "local_size", "out_dim",
+                     "hidden_dim", "bottleneck_dim", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in ("local_crops", "warmup_epochs", "warmup_teacher_temp_epochs",
+                     "freeze_last_layer", "snapshot_every"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be 0 or more")
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                problems.append(f"{name} must satisfy 0 < low <= high <= 1")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "input_std"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive")
+        for name in ("center_momentum", "momentum_teacher", "flip_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name} must lie in [0, 1]")
+        if self.crop_centres not in CROP_CENTRES:
+            problems.append(f"crop_centres must be one of {', '.join(CROP_CENTRES)}")
+        if self.teacher_centering not in CENTERINGS:
+            problems.append(f"teacher_centering must be one of {', '.join(CENTERINGS)}")
+        if self.intensity_jitter < 0:
+            problems.append("intensity_jitter must be 0 or more")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.init_parts not in INIT_PARTS:
+            problems.append(f"init_parts must be one of {', '.join(INIT_PARTS)}")
+        if self.epoch_split not in EPOCH_SPLITS:
+            problems.append(f"epoch_split must be one of {', '.join(EPOCH_SPLITS)}")
+        if self.preload not in PRELOADS:
+            problems.append(f"preload must be one of {', '.join(PRELOADS)}")
+        if problems:
+            raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+
+    # -- (de)serialisation ---------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Build from a mapping (e.g. a parsed TOML file); unknown keys are refused."""
+        values = dict(values.get("train", values))
+        hints = get_type_hints(cls)
+        unknown = sorted(set(values) - set(hints))
+        if unknown:
+            raise ValueError(
+                f"Unknown training settings {unknown}; known are: {', '.join(sorted(hints))}."
+            )
+        out = {}
+        for key, value in values.items():
+            kind = hints[key]
+            if kind is float:
+                value = float(value)
+            elif kind is int and not isinstance(value, bool):
+                value = int(value)
+            elif kind is bool:
+                value = _as_bool(key, value)
+            elif kind is str:
+                value = "" if value is None else str(value)
+            else:  # tuple[float, float]
+                value = tuple(float(v) for v in value)
+                if len(value) != 2:
+                    raise ValueError(f"{key} needs two numbers (low, high).")
+            out[key] = value
+        return cls(**out)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_toml(self) -> str:
+        """The config as a TOML document (a ``[train]`` table)."""
+        lines = ["# napari-wsdino training config", "[train]"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        _atomic_write_text(path, self.to_toml())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """Read a TOML (or, when PyYAML is installed, YAML) config file."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("Reading YAML configs needs PyYAML; use a .toml file.") from None
+            values = yaml.safe_load(text) or {}
+        else:
+            try:
+                values = tomllib.loads(text)
+            except tomllib.TOMLDecodeError as exc:
+                raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        return cls.from_dict(values)
+
+
+def config_file_values(path: str | Path) -> dict:
+    """The settings a config file names, validated (every field for a YAML file)."""
+    loaded = TrainConfig.load(path).to_dict()
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        return loaded
+    raw = tomllib.loads(Path(path).read_text())
+    return {k: loaded[k] for k in raw.get("train", raw)}
+
+
+def resume_conflicts(saved: TrainConfig, config: TrainConfig) -> list[str]:
+    """Settings of ``config`` a resume of a run trained with ``saved`` may not change.
+
+    ``epochs`` may change (Continue training extends or shortens a run), and so may
+    :data:`RESUMABLE_CHANGES`, which do not change the maths.
+    """
+    old, new = saved.to_dict(), config.to_dict()
+    return [k for k, v in new.items() if k not in RESUMABLE_CHANGES | {"epochs"} and old[k] != v]
+
+
+def resolve_config(
+    base: TrainConfig | str | Path | None = None,
+    overrides: Mapping | None = None,
+    *,
+    resume_from: str | Path | None = None,
+    recipe: str = "default",
+) -> TrainConfig:
+    """The settings of one channel's run: the one merge rule of the CLI and the panels.
+
+    Layers, lowest first: the ``recipe``'s defaults; ``base`` — a :class:`TrainConfig`
+    (all of it) or a TOML / YAML file (the keys it names) — or, when there is no base and
+    ``resume_from`` holds a saved ``config.toml``, that saved config (all of it);
+    then ``overrides`` (the options given, ``--set`` pairs, widget values).
+
+    Resume rule: when ``resume_from`` (one channel's run folder) holds a checkpoint and a
+    ``config.toml``, the result may differ from the saved config only in ``epochs`` and
+    :data:`RESUMABLE_CHANGES`; anything else is refused here, before any work, with the
+    message :func:`train` would give.
+
+    Parameters
+    ----------
+    base
+        Settings under the overrides; ``None``: the saved config when resuming, else
+        the recipe's defaults.
+    overrides
+        TrainConfig fields to set, e.g. ``{"epochs": 20, "channel": "Actin"}``.
+    resume_from
+        The channel folder (``run/<channel>``, :func:`napari_wsdino.core.layout.channel_dir`)
+        to resume; ``None`` for a new run.
+    recipe
+        :mod:`napari_wsdino.core.recipes` name whose training defaults are the bottom layer.
+
+    Raises
+    ------
+    ValueError
+        An unknown or invalid setting (the message names it).
+    TrainingError
+        A resume that changes a setting the run was trained with.
+
+    Example
+    -------
+    >>> resolve_config(overrides={"epochs": 3}).epochs
+    3
+    >>> resolve_config(None, {"epochs": 800}, resume_from="run/DAPI")  # doctest: +SKIP
+    TrainConfig(... epochs=800 ...)                 # the run's saved settings, 800 epochs
+    """
+    from napari_wsdino.core.recipes import train_defaults  # recipes imports this module
+
+    saved = None
+    if resume_from is not None and (Path(resume_from) / CONFIG_FILE).exists():
+        saved = TrainConfig.load(Path(resume_from) / CONFIG_FILE)
+    values = train_defaults(recipe)
+    if isinstance(base, TrainConfig):
+        values = base.to_dict()
+    elif base is not None and str(base).strip():
+        values.update(config_file_values(base))
+    elif saved is not None:
+        values = saved.to_dict()
+    values.update(overrides or {})
+    config = TrainConfig.from_dict(values)
+    if saved is not None and (Path(resume_from) / CHECKPOINT_FILE).exists():
+        conflicts = resume_conflicts(saved, config)
+        if conflicts:
+            raise TrainingError(_differ_message(Path(resume_from) / CHECKPOINT_FILE, conflicts))
+    return config
+
+
+def _differ_message(path, diff) -> str:
+    return (f"Cannot resume {path}: settings differ from the run's ({', '.join(diff)}). "
+            "Resume with the saved config.toml, or start a new run folder.")
+
+
+def _as_bool(key, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ValueError(f"{key} must be true or false, not {value!r}.")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # JSON string escapes are valid TOML basic strings
+
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
