@@ -87,10 +87,19 @@ def test_installed_manifest_validates():
     assert "valid" in (res.stdout + res.stderr).lower()
 
 
+def test_one_manifest_file():
+    """The package's napari.yaml is the only real manifest; the top-level napari.yaml (the
+    project layout asks for one) is a relative link to it, so the two cannot drift."""
+    real, link = ROOT / "napari_wsdino" / "napari.yaml", ROOT / "napari.yaml"
+    assert real.is_file() and not real.is_symlink()
+    assert link.is_symlink() and os.readlink(link) == "napari_wsdino/napari.yaml"
+    assert link.resolve() == real.resolve()
+
+
 @pytest.mark.slow
 def test_wheel_ships_manifest(tmp_path):
-    """The wheel holds napari.yaml (a real file, same text as the top-level one) and the
-    entry point napari uses to find it."""
+    """The wheel holds napari.yaml (a real file, the package's) and the entry point napari
+    uses to find it."""
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
          "-q", "-w", str(tmp_path)],
@@ -100,7 +109,9 @@ def test_wheel_ships_manifest(tmp_path):
     (wheel,) = tmp_path.glob("napari_wsdino-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-        assert zf.read("napari_wsdino/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
+        info = zf.getinfo("napari_wsdino/napari.yaml")
+        assert (info.external_attr >> 16) & 0o170000 != 0o120000  # not stored as a link
+        assert zf.read(info) == (ROOT / "napari_wsdino" / "napari.yaml").read_bytes()
         eps = next(n for n in names if n.endswith("entry_points.txt"))
         text = zf.read(eps).decode()
         assert "napari.manifest" in text and "napari_wsdino:napari.yaml" in text
