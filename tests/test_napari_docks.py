@@ -1,8 +1,12 @@
-"""Every panel: scrolls, explains each control (tooltip), shows a progress bar when busy."""
+"""Every panel: scrolls, explains each control (tooltip), shows a progress bar when busy;
+the dock base class: one place for the task's status, stop and failure, and form helpers."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QAbstractButton,
     QAbstractSpinBox,
@@ -14,7 +18,11 @@ from qtpy.QtWidgets import (
 
 from napari_helpers import write_tiny_cache
 
-from napari_wsdino._napari.state import state_for
+from napari_wsdino.core.progress import Progress
+from napari_wsdino._napari.dock import (
+    WorkerDock, button, combo, data_combo, double_spin, hrow, spin,
+)
+from napari_wsdino._napari.state import TaskStatus, state_for
 
 PANELS = ("1 Data - plate browser", "1b Data - fetch BBBC021", "2 Preprocess", "3a Train",
           "3b Load models", "4 Attention", "5 Evaluate", "6 Compare model sets")
@@ -45,3 +53,79 @@ def test_every_control_has_a_tooltip_and_docks_scroll(make_napari_viewer, tmp_pa
                 missing.append(f"{name}: {type(control).__name__} "
                                f"{getattr(control, 'text', lambda: '')()!r}")
     assert not missing, missing
+
+
+class _Dock(WorkerDock):
+    """The smallest panel: one Start and one Stop button over the base's task handling."""
+
+    failed_text = "Counting failed"
+    stopping_text = "Stopping soon…"
+    stopped_text = "Stopped; start again to count anew."
+
+    def __init__(self, viewer):
+        super().__init__(viewer)
+        self.start_button = button("Start", "start", lambda: None)
+        self.stop_button = button("Stop", "stop", self.stop_task)
+        self.idle_controls, self.busy_controls = (self.start_button,), (self.stop_button,)
+        self.stack(hrow(self.start_button, self.stop_button), self.status_label, 1)
+        self.set_running(False)
+        self.results = []
+
+
+def _count(n, fail_at=None, pause=0.0):
+    for i in range(n):
+        if i == fail_at:
+            raise ValueError(f"no {i}")
+        yield Progress("count", i + 1, n, f"counted {i + 1}")
+        time.sleep(pause)
+    return n
+
+
+def test_dock_base_handles_done_stop_and_failure(make_napari_viewer, qtbot):
+    dock = _Dock(make_napari_viewer())
+    assert dock.start_button.isEnabled() and not dock.stop_button.isEnabled()
+    lines, seen = [], []
+    dock.start_task(_count(10, pause=0.05), "Counting…", on_done=dock.results.append,
+                    on_progress=lambda e: seen.append(e.step),
+                    describe=lambda e: lines.append((e.message, dock.running)) or e.message)
+    assert dock.running and dock.status_label.text() == "Counting…"
+    assert not dock.start_button.isEnabled() and dock.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: not dock.running, timeout=10_000)
+    assert dock.status == TaskStatus.DONE and dock.results == [10]
+    qtbot.waitUntil(lambda: len(seen) == 10, timeout=10_000)  # events may trail the result
+    # the status line follows the events only while the task runs
+    assert lines and all(running for _, running in lines)
+    assert {m for m, _ in lines} <= {f"counted {i}" for i in range(1, 11)}
+    assert dock.start_button.isEnabled() and not dock.stop_button.isEnabled()
+
+    dock.start_task(_count(10_000, pause=0.01), "Counting…", on_done=dock.results.append,
+                    describe=lambda e: e.message)
+    qtbot.waitUntil(lambda: dock.status_label.text().startswith("counted"), timeout=10_000)
+    qtbot.mouseClick(dock.stop_button, Qt.LeftButton)
+    assert dock.stopping and dock.status_label.text() == "Stopping soon…"
+    assert not dock.stop_button.isEnabled()
+    qtbot.waitUntil(lambda: not dock.running, timeout=10_000)
+    assert dock.status == TaskStatus.STOPPED and dock.results == [10]
+    assert dock.status_label.text() == "Stopped; start again to count anew."
+    assert dock.start_button.isEnabled() and not dock.stop_button.isEnabled()
+
+    dock.start_task(_count(5, fail_at=2), "Counting…", on_done=dock.results.append)
+    qtbot.waitUntil(lambda: not dock.running, timeout=10_000)
+    assert dock.status == TaskStatus.CRASHED and dock.results == [10]
+    assert dock.status_label.text() == "Counting failed: no 2"
+    assert dock.start_button.isEnabled() and not dock.stop_button.isEnabled()
+
+
+def test_form_helpers_build_what_they_say(qtbot):
+    assert (spin(1, 10, 99).value(), spin(1, 10, "4").value()) == (10, 4)
+    lr = double_spin(1e-8, 1.0, 4e-6, step=1e-6, decimals=8)
+    assert (lr.value(), lr.decimals(), lr.singleStep()) == (4e-6, 8, 1e-6)
+    assert combo(("a", "b"), "b").currentText() == "b"
+    assert combo(("a", "b"), "zz").currentText() == "a"  # an unknown saved value: the first
+    assert data_combo((("A", 1), ("B", 2)), 2).currentData() == 2
+    assert data_combo((("A", 1), ("B", 2)), 7).currentData() == 1
+    clicks = []
+    b = button("Go", "go now", lambda: clicks.append(1))
+    qtbot.addWidget(b)
+    qtbot.mouseClick(b, Qt.LeftButton)
+    assert clicks == [1] and b.toolTip() == "go now"
