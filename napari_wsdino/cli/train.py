@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
         WEAK_LABELS,
         weak_label_help,
     )
-    from napari_wsdino.core.train import EPOCH_SPLITS, INIT_PARTS
+    from napari_wsdino.core.train import DEVICES, EPOCH_SPLITS, INIT_PARTS, PRECISIONS
 
     p = sub.add_parser(
         "train",
@@ -87,7 +87,7 @@ def add_parser(sub) -> None:
                    help="continue RUN/<channel>/checkpoint.pth with its saved config; with "
                    "--epochs N, extend a finished or interrupted run to N epochs (continue "
                    "training; see docs/training.md for the schedule)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--device", choices=DEVICES, default=None)
     p.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, e.g. --set local_scale=[0.05,0.1] (repeatable)")
@@ -97,7 +97,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out-dim", type=int, help="DINO head outputs (default 65536)")
     p.add_argument("--checkpoint-every", type=int, metavar="N")
     p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--center-momentum", type=float, help="0.8 (paper code) or 0.9 (DINO)")
     p.add_argument("--student-temp", type=float, help="0.07 (paper code) or 0.1 (DINO)")
     p.add_argument("--teacher-temp", type=float)

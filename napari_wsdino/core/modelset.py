@@ -42,6 +42,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from napari_wsdino.core.layout import CHECKPOINT_FILE, channel_dir, checkpoint_path
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import (
     CHECKPOINT_FORMAT,
@@ -52,7 +53,7 @@ from napari_wsdino.core.model import (
     read_checkpoint,
 )
 
-CHECKPOINT_NAME = "checkpoint.pth"
+CHECKPOINT_NAME = CHECKPOINT_FILE  # the old name, kept for importers
 WHICH = ("teacher", "student")
 
 
@@ -247,21 +248,21 @@ class ModelSet:
         if not run.is_dir():
             raise CheckpointError(f"Run folder {run} does not exist.")
         if channels is None:
-            found = [p.parent.name for p in run.glob(f"*/{CHECKPOINT_NAME}")]
+            found = [p.parent.name for p in run.glob(f"*/{CHECKPOINT_FILE}")]
             channels = [c for c in CHANNELS if c in found] + sorted(c for c in found if c not in CHANNELS)
             if not channels:
                 raise CheckpointError(
-                    f"{run} holds no <channel>/{CHECKPOINT_NAME}; train with "
+                    f"{run} holds no <channel>/{CHECKPOINT_FILE}; train with "
                     "'wsdino train --out RUN' or pass one file per channel with --model."
                 )
-        missing = [c for c in channels if not (run / c / CHECKPOINT_NAME).is_file()]
+        missing = [c for c in channels if not checkpoint_path(run, c).is_file()]
         if missing:
-            have = sorted(p.parent.name for p in run.glob(f"*/{CHECKPOINT_NAME}"))
+            have = sorted(p.parent.name for p in run.glob(f"*/{CHECKPOINT_FILE}"))
             raise CheckpointError(
                 f"Run {run} has no model for {missing} (it holds {have}). Train those "
                 "channels, or embed only the channels it has (--channels)."
             )
-        models = {c: load_channel_model(c, run / c, which=which) for c in channels}
+        models = {c: load_channel_model(c, channel_dir(run, c), which=which) for c in channels}
         return cls(models, kind="trained")
 
     @classmethod
@@ -362,11 +363,11 @@ def resolve_checkpoint(path: str | Path, channel: str) -> Path:
     """The weights file of ``channel`` for a file, a channel run folder or a run folder."""
     path = Path(path)
     if path.is_dir():
-        for candidate in (path / channel / CHECKPOINT_NAME, path / CHECKPOINT_NAME):
+        for candidate in (checkpoint_path(path, channel), path / CHECKPOINT_FILE):
             if candidate.is_file():
                 return candidate
         raise CheckpointError(
-            f"{path} is a folder without {channel}/{CHECKPOINT_NAME} or {CHECKPOINT_NAME}; "
+            f"{path} is a folder without {channel}/{CHECKPOINT_FILE} or {CHECKPOINT_FILE}; "
             "pass a training run folder or a weights file."
         )
     if not path.exists():
