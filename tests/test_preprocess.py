@@ -162,7 +162,7 @@ def test_file_failing_on_second_read_keeps_the_other_rows(tmp_path, monkeypatch)
                                 workers=1))
     flaky = meta.table.loc[1, "path_DAPI"]
     reads = {"n": 0}
-    original = pp._read_field
+    original = pp.workers._read_field  # what the worker tasks read fields with
 
     def read(paths, shape):
         if flaky in paths:
@@ -171,7 +171,7 @@ def test_file_failing_on_second_read_keeps_the_other_rows(tmp_path, monkeypatch)
                 raise ImageReadError(flaky, "vanished")
         return original(paths, shape)
 
-    monkeypatch.setattr(pp, "_read_field", read)
+    monkeypatch.setattr(pp.workers, "_read_field", read)
     cache = run_to_end(preprocess(meta, tmp_path / "cache",
                                   PreprocessSettings(illumination="none"), workers=1))
     assert len(cache) == 4 and cache.settings["failed"][0]["path"] == flaky

@@ -1,7 +1,12 @@
-"""``wsdino preprocess DATA --out CACHE``: illumination-correct, resize, clip, normalise."""
+"""``wsdino preprocess DATA --out CACHE``: illumination-correct, resize, clip, normalise.
+
+``--shard I/N`` does one shard of the plates (into ``CACHE/shards/I-of-N/``) and
+``--merge`` merges the finished shards into ``CACHE``; see docs/cluster.md.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from napari_wsdino.cli._common import add_layout_option, drive, is_terminal, layout_from_args
@@ -10,6 +15,8 @@ from napari_wsdino.core.preprocess import (
     ILLUMINATION_METHODS,
     NORMALIZATIONS,
     PreprocessSettings,
+    Shard,
+    merge_shards,
     preprocess,
 )
 
@@ -25,7 +32,8 @@ def add_parser(sub) -> None:
         "index.parquet, cache.json, illumination/) that 'wsdino train' and "
         "'wsdino embed' read. Interrupted runs resume with the same --out; a cache "
         "made with other settings is refused. Unreadable images are reported and "
-        "their fields left out.",
+        "their fields left out. On a cluster, run '--shard I/N' for I = 1 ... N side "
+        "by side (whole plates each), then '--merge' (docs/cluster.md).",
     )
     p.add_argument("data", help="dataset folder (holding BBBC021_v1_image.csv) or image CSV")
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder to write")
@@ -51,9 +59,27 @@ def add_parser(sub) -> None:
                    help="leave out fields whose image files are missing instead of failing")
     p.add_argument("--unannotated", choices=["error", "drop", "keep"], default="error",
                    help="treatments with no MoA row (default: error)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--shard", type=_shard_arg, metavar="I/N",
+                       help="only shard I of N (numbered 1 ... N; whole plates, with their "
+                       "illumination functions), into CACHE/shards/I-of-N/; run all N, side "
+                       "by side if you like (a SLURM array, Dask), then --merge; a shard "
+                       "resumes like a run")
+    split.add_argument("--merge", nargs="*", metavar="SHARDS",
+                       help="merge the N finished shards into CACHE, the cache one run makes "
+                       "(give the options the shards had); shards are taken from "
+                       "CACHE/shards/ (removed once merged) or from the SHARDS folders given "
+                       "(kept)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_layout_option(p)
     p.set_defaults(func=run)
+
+
+def _shard_arg(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _warn_unreadable(gen, stream):
@@ -86,7 +112,10 @@ def run(args) -> int:
                          unannotated=args.unannotated)
     if meta.dropped:
         print(f"left out {meta.dropped} field(s) with missing files", file=sys.stderr)
-    gen = preprocess(meta, args.out, settings, workers=args.workers)
+    if args.merge is not None:
+        gen = merge_shards(meta, args.out, settings, sources=args.merge)
+    else:
+        gen = preprocess(meta, args.out, settings, workers=args.workers, shard=args.shard)
     cache = drive(_warn_unreadable(gen, sys.stderr), quiet=args.quiet)
     failed = cache.settings.get("failed", [])
     h, w = cache.shape
@@ -98,4 +127,8 @@ def run(args) -> int:
             print(f"  {f['plate']}/{f['well']}/s{f['site']}: {f['path']} ({f['reason']})")
         if len(failed) > 20:
             print(f"  ... and {len(failed) - 20} more (cache.json, key 'failed')")
+    if "shard" in cache.settings:
+        n = cache.settings["shard"]["count"]
+        print(f"Shard {args.shard} done. Once all {n} are: wsdino preprocess "
+              f"{args.data} --out {args.out} --merge (with the same options)")
     return 0
