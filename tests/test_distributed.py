@@ -53,7 +53,10 @@ def test_two_gloo_processes_train_one_model(tmp_path):
     script = tmp_path / "worker.py"
     tests = os.path.dirname(__file__)
     script.write_text(WORKER.format(tests=tests, cache=str(cache.path), out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The workers import this tree, not whatever an (editable) install points at.
+    repo = os.path.dirname(tests)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
          "--nproc_per_node", "2", str(script)],

@@ -1,11 +1,16 @@
-"""``wsdino embed CACHE --model DAPI=RUN_OR_FILE ... --out PROFILES.parquet``: field profiles."""
+"""``wsdino embed CACHE --model DAPI=RUN_OR_FILE ... --out PROFILES.parquet``: field profiles.
+
+Under ``torchrun --nproc_per_node N --no-python wsdino embed ...`` every rank embeds its
+share of the chunks; rank 0 alone prints (progress, the fields per rank, the result)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from napari_wsdino.cli._common import drive
+from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,
                                       POOLINGS, WINDOWS, embed_cache)
@@ -27,7 +32,11 @@ def add_parser(sub) -> None:
         "folder, a channel folder, our checkpoint, a timm or official DINO file, or a "
         ".safetensors export), or --run RUN (RUN/<channel>/checkpoint.pth for every "
         "channel), or the paper's baselines --init-only FILE (the same ImageNet weights "
-        "for every channel, no fine-tuning) and --random.",
+        "for every channel, no fine-tuning) and --random. "
+        "Several processes: 'torchrun --nproc_per_node N --no-python wsdino embed ...' "
+        "deals the chunks out to the N processes (one GPU each, or gloo on CPUs); rank 0 "
+        "merges them into --out (which all must see) and prints how many fields each "
+        "embedded; a stopped job resumes from OUT.parts/ with any N.",
     )
     p.add_argument("cache", help="preprocessed cache folder ('wsdino preprocess --out CACHE')")
     src = p.add_mutually_exclusive_group(required=True)
@@ -104,26 +113,52 @@ def embed_settings(args):
     return resolve(getattr(args, "recipe", "default"), embed={"crop": args.crop, **given}).embed
 
 
+def _noting_ranks(gen, seen: dict):
+    """Pass ``gen``'s events on, keeping the per-rank counts of its ``merge`` event."""
+    try:
+        while True:
+            event = next(gen)
+            if "ranks" in event.info:
+                seen["ranks"] = event.info["ranks"]
+            yield event
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        gen.close()
+
+
+def print_ranks(ranks) -> None:
+    """One line per rank: how many fields it embedded, how many it took from OUT.parts/."""
+    for r in ranks:
+        resumed = f", {r['resumed']} of them from an earlier run" if r["resumed"] else ""
+        print(f"rank {r['rank']} embedded {r['fields']} fields{resumed}")
+
+
 def run(args) -> int:
+    main = distributed.env_world_size() <= 1 or int(os.environ.get("RANK", "0")) == 0
+    seen: dict = {}
     try:
         settings = embed_settings(args)
         cache = open_cache(args.cache)
         models = build_models(args, cache.channels)
-        if not args.quiet:
+        if main and not args.quiet:
             print(f"Models ({models.kind}):\n{describe(models)}", file=sys.stderr)
-        if args.export_safetensors:
+        if args.export_safetensors and main:
             for path in models.export_safetensors(args.export_safetensors):
                 print(f"exported {path}", file=sys.stderr)
-        profiles = drive(
+        profiles = drive(_noting_ranks(
             embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
                         chunk_size=args.chunk_size, device=args.device, resume=not args.overwrite,
                         windows=settings.windows, median=settings.median, l2=settings.l2,
-                        pooling=args.pooling),
-            quiet=args.quiet,
+                        pooling=args.pooling), seen),
+            quiet=args.quiet or not main,
         )
     except CheckpointError as exc:
         print(f"wsdino embed: error: {exc}", file=sys.stderr)
         return 2
+    if profiles is None:  # another rank of a torchrun job: rank 0 reports
+        return 0
+    print_ranks(seen.get("ranks", ()))
     print(f"wrote {len(profiles)} profiles x {profiles.n_features} features to {args.out}")
     print(f"next: wsdino evaluate {args.out}")
     return 0

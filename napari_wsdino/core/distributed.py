@@ -1,11 +1,14 @@
-"""Multi-process training with ``torchrun``: process group, rank and world size.
+"""Multi-process training and embedding with ``torchrun``: process group, rank and world size.
 
 ``torchrun --nproc_per_node N --no-python wsdino train CACHE ...`` (or any launcher that
 sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``)
 starts N copies; :func:`setup` joins them into one process group — NCCL on GPUs, gloo
 on CPUs — and gives each its GPU. Training then wraps the student in
 ``DistributedDataParallel``, shards the field sampler by rank, all-reduces the DINO centre
-and writes checkpoints from rank 0 only.
+and writes checkpoints from rank 0 only. Embedding (``wsdino embed`` under torchrun)
+deals the chunks of fields out to the ranks and merges them on rank 0; it passes small
+Python objects (an error, the per-rank counts) with :func:`broadcast_object` and
+:func:`gather_objects`.
 
 Example
 -------
@@ -89,3 +92,34 @@ def any_rank(info: DistInfo, flag: bool, device: torch.device | str = "cpu") -> 
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast_object(info: DistInfo, obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (a small picklable object; ``obj`` itself
+    in a single process).
+
+    Example
+    -------
+    >>> broadcast_object(DistInfo(), {"error": None})
+    {'error': None}
+    """
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(info: DistInfo, obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in a single process).
+
+    Example
+    -------
+    >>> gather_objects(DistInfo(), 3)
+    [3]
+    """
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,6 +1,11 @@
 """A whole cache: :func:`embed_cache`, a generator of progress events that returns the
 profile table; setup (:class:`_Plan`) apart from the chunk loop and the final merge.
 
+Under ``torchrun`` the chunks are dealt out to the ranks
+(:func:`~napari_wsdino.core.embed.parts.shard_chunks`), each rank writes its chunks to
+``OUT.parts/``, and after a barrier rank 0 alone merges them and writes ``OUT`` (a
+temporary file renamed), so a stopped job resumes like a single process.
+
 Re-exported by :mod:`napari_wsdino.core.embed`.
 """
 
@@ -16,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import Cache
 from napari_wsdino.core.embed.crops import DEFAULT_CROP, MAX_CELLS, MEDIANS, WINDOWS, crop_sides
 from napari_wsdino.core.embed.features import (POOLINGS, embed_channel, feature_names,
@@ -63,6 +69,10 @@ class _Plan:
 
     def bounds(self, k: int) -> tuple[int, int]:
         return k * self.chunk_size, min((k + 1) * self.chunk_size, self.n)
+
+    def size(self, k: int) -> int:
+        lo, hi = self.bounds(k)
+        return hi - lo
 
     def manifest(self) -> dict:
         return parts_manifest(self.models, self.crops, self.table, self.rows, pooling=self.pooling,
@@ -141,7 +151,7 @@ def _embed_chunks(plan: _Plan, mine: Sequence[int]):
     """Embed (or take from ``OUT.parts/``) the chunks ``mine``; returns them by index and
     the counts ``{"fields", "computed", "resumed"}``."""
     arrays = {c: plan.cache.images(c) for c in plan.models.channels}
-    sizes = {k: plan.bounds(k)[1] - plan.bounds(k)[0] for k in mine}
+    sizes = {k: plan.size(k) for k in mine}
     total = sum(sizes.values())
     counts = {"fields": total, "computed": 0, "resumed": 0}
     chunks, done, meter = {}, 0, _Meter()
@@ -245,7 +255,10 @@ def embed_cache(
     ProfileTable
         ``Metadata_*`` columns + one float column per feature (``DAPI_000`` ...).
         With ``out``, also written there (Parquet) with ``OUT.json`` beside it
-        (models, crops, cache).
+        (models, crops, cache). Under ``torchrun`` (``WORLD_SIZE`` > 1; ``out`` needed,
+        on a file system all ranks share) each rank embeds every ``WORLD_SIZE``-th chunk;
+        rank 0 merges them and returns the table, the other ranks return ``None``, and
+        a ``"merge"`` event's ``info["ranks"]`` says how many fields each rank embedded.
 
     Example
     -------
@@ -255,9 +268,77 @@ def embed_cache(
     plan = _make_plan(cache, models, out, indices, crop=crop, batch_size=batch_size,
                       chunk_size=chunk_size, device=device, pooling=pooling, windows=windows,
                       median=median, l2=l2, nuclei_channel=nuclei_channel)
+    info = distributed.setup(plan.device.type)
+    try:
+        return (yield from _run(plan, info, out, resume))
+    finally:
+        distributed.teardown(info)
+
+
+def _run(plan: _Plan, info: distributed.DistInfo, out, resume: bool):
+    """Prepare ``OUT.parts/`` (rank 0), embed this rank's chunks, merge them on rank 0."""
+    if info.distributed:
+        if out is None:
+            raise DataError("Embedding under torchrun merges the ranks' parts beside the output "
+                            "file: give one (--out PROFILES.parquet).")
+        if plan.device.type == "cuda":
+            plan.device = torch.device("cuda", info.local_rank)
+            plan.models.to(plan.device)
     if plan.parts is not None:
-        _prepare_parts(plan.parts, plan.manifest(), resume)
-    yield Progress("embed", 0, plan.n, f"embedding {plan.n} fields with crops {plan.crops} "
-                   f"on {plan.device}", {"crop": plan.crops, "device": str(plan.device)})
-    chunks, _ = yield from _embed_chunks(plan, shard_chunks(plan.n_chunks))
-    return (yield from _finish(plan, chunks, out))
+        _share_parts(plan, info, resume)
+    mine = shard_chunks(plan.n_chunks, info.rank, info.world_size)
+    yield _start_event(plan, info, mine)
+    chunks, counts = yield from _embed_chunks(plan, mine)
+    distributed.barrier(info)  # every rank's chunks are on disk
+    ranks = distributed.gather_objects(info, {"rank": info.rank, **counts})
+    if info.distributed:
+        yield Progress("merge", plan.n, plan.n, "; ".join(
+            f"rank {r['rank']}: {r['fields']} fields ({r['resumed']} resumed)" for r in ranks),
+            {"ranks": ranks})
+    result = None
+    if info.is_main:
+        if info.distributed:
+            _load_other_chunks(plan, chunks, out)
+        result = yield from _finish(plan, chunks, out, {"ranks": ranks} if info.distributed else None)
+    distributed.barrier(info)  # no rank returns before the profile file is there
+    return result
+
+
+def _share_parts(plan: _Plan, info: distributed.DistInfo, resume: bool) -> None:
+    """Rank 0 checks or (re)creates ``OUT.parts/``; its refusal stops every rank."""
+    failure = None
+    if info.is_main:
+        try:
+            _prepare_parts(plan.parts, plan.manifest(), resume)
+        except Exception as exc:  # noqa: BLE001 - passed on to the other ranks, then raised
+            failure = exc
+    message = distributed.broadcast_object(info, None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise DataError(f"rank 0 could not prepare {plan.parts}: {message}")
+
+
+def _start_event(plan: _Plan, info: distributed.DistInfo, mine: Sequence[int]) -> Progress:
+    how = f"with crops {plan.crops} on {plan.device}"
+    info_ = {"crop": plan.crops, "device": str(plan.device)}
+    if not info.distributed:
+        return Progress("embed", 0, plan.n, f"embedding {plan.n} fields {how}", info_)
+    total = sum(plan.size(k) for k in mine)
+    return Progress("embed", 0, total, f"rank {info.rank}/{info.world_size}: embedding {total} "
+                    f"of {plan.n} fields {how}",
+                    {**info_, "rank": info.rank, "world_size": info.world_size})
+
+
+def _load_other_chunks(plan: _Plan, chunks: dict, out) -> None:
+    """Rank 0 reads the chunks the other ranks wrote to ``OUT.parts/``."""
+    for k in range(plan.n_chunks):
+        if k in chunks:
+            continue
+        feats = load_chunk(plan.parts, k, (plan.size(k), len(plan.names)))
+        if feats is None:
+            raise DataError(
+                f"Chunk {k} is missing from {plan.parts} after every rank finished: the ranks "
+                f"must share the file system of {out}. Write the output to a shared folder, "
+                "or run on one node.")
+        chunks[k] = feats
