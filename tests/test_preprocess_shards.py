@@ -95,10 +95,17 @@ def test_two_shards_in_one_folder_then_merge_equal_one_run(screen, reference, tm
     with pytest.raises(DataError, match="holds preprocessing shards.*--merge"):
         run_to_end(preprocess(meta, out, SETTINGS, workers=1))  # not unsharded on top
 
+    gen = merge_shards(meta, out, SETTINGS)
+    first = next(e for e in gen if e.info.get("phase") == "merge")
+    gen.close()  # an interrupted merge: no complete cache, shards kept, resumes
+    with pytest.raises(DataError, match="incomplete"):
+        open_cache(out)
+    assert (out / "shards" / "2-of-2" / "cache.json").exists()
     events = []
     cache = run_to_end(merge_shards(meta, out, SETTINGS), events.append)
+    assert first.info["plate"] not in {e.info.get("plate") for e in events}
     assert [e.info["plate"] for e in events if e.info.get("phase") == "merge"] == \
-        list(dict.fromkeys(meta.table.plate))
+        list(dict.fromkeys(meta.table.plate))[1:]
     assert len(cache) == len(meta.table) - 1 and len(cache.settings["failed"]) == 1
     _assert_same_cache(out, reference)
     assert _files(out) == _files(reference)  # file for file; the shards are gone

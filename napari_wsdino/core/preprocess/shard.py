@@ -231,10 +231,10 @@ def _find_shards(out: Path, sources: Iterable[str | Path]) -> dict[Path, dict | 
     begun, nothing recorded yet)."""
     found: dict[Path, dict | None] = {}
     for root in [Path(s) for s in sources] or [out]:
-        if (root / SETTINGS_FILE).exists():
-            folders = [root]
-        elif (root / SHARDS_DIR).is_dir():
+        if (root / SHARDS_DIR).is_dir():  # (a merge begun there has a cache.json too)
             folders = sorted(p for p in (root / SHARDS_DIR).iterdir() if p.is_dir())
+        elif (root / SETTINGS_FILE).exists():
+            folders = [root]
         else:
             folders = []
         if not folders:
