@@ -430,6 +430,34 @@ def test_cli_fetch_all(tmp_path, serve, official, capsys):
     assert f"{bad}{IMAGE_CSV}" in capsys.readouterr().err
 
 
+def test_cli_defaults_are_fetch_options():
+    """The CLI's defaults and choices come from core.fetch, written once there."""
+    from napari_wsdino.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["fetch-bbbc021", "dest", "--all"])
+    defaults = F.FetchOptions()
+    assert (args.retries, args.timeout, args.base_url, args.keep_zips) == (
+        defaults.retries, defaults.timeout, defaults.base_url, defaults.keep_zips)
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    (subset,) = [a for a in sub.choices["fetch-bbbc021"]._actions if a.dest == "subset"]
+    assert list(subset.choices) == list(F.SUBSETS)
+
+
+def test_package_reexports_every_job_module():
+    """core.fetch is split by job; each module's public names stay importable from it."""
+    import importlib
+    import pkgutil
+
+    modules = [m.name for m in pkgutil.iter_modules(F.__path__)]
+    assert set(modules) >= {"selection", "manifest", "http", "archive", "plan"}
+    for name in modules:
+        module = importlib.import_module(f"{F.__name__}.{name}")
+        for attr in module.__all__:
+            assert getattr(F, attr) is getattr(module, attr), f"{name}.{attr}"
+            assert attr in F.__all__, f"{name}.{attr} missing from core.fetch.__all__"
+
+
 def test_core_does_not_import_napari():
     import subprocess
     import sys

@@ -8,6 +8,7 @@ import time
 from napari_wsdino.cli._common import LOG_INTERVAL, is_terminal
 from napari_wsdino.core.fetch import (
     DEFAULT_BASE_URL,
+    SUBSETS,
     FetchError,
     FetchOptions,
     check_space,
@@ -38,7 +39,7 @@ def add_parser(sub) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--plates", nargs="+", metavar="PLATE",
                        help="plates to fetch, e.g. Week1_22123 Week10_40111")
-    which.add_argument("--subset", choices=["moa"],
+    which.add_argument("--subset", choices=list(SUBSETS),
                        help="moa: the plates of the bundled MoA-annotated field table "
                        "(the 55 plates WS-DINO uses)")
     which.add_argument("--all", dest="all_plates", action="store_true",
@@ -51,10 +52,12 @@ def add_parser(sub) -> None:
                    help="known SHA-256 hashes: JSON {file: hex} or `sha256sum` output")
     p.add_argument("--keep-zips", action="store_true",
                    help="keep the archives in DEST/.downloads after unpacking")
-    p.add_argument("--retries", type=int, default=5,
-                   help="extra attempts per file, each resuming the partial file (default 5)")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="seconds a silent connection is waited on (default 60)")
+    p.add_argument("--retries", type=int, default=FetchOptions.retries,
+                   help="extra attempts per file, each resuming the partial file "
+                   f"(default {FetchOptions.retries})")
+    p.add_argument("--timeout", type=float, default=FetchOptions.timeout,
+                   help="seconds a silent connection is waited on "
+                   f"(default {FetchOptions.timeout:g})")
     p.add_argument("-y", "--yes", action="store_true",
                    help="do not ask before downloading (needed when not run interactively)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
