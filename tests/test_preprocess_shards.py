@@ -147,6 +147,23 @@ def test_separate_folders_interrupted_shard_resumes_then_merge(screen, reference
     assert open_cache(folder).settings["complete"]  # shards given as sources are kept
 
 
+def test_shards_at_the_same_time_into_one_folder(screen, reference, tmp_path):
+    """As a Dask client.map or a SLURM array runs them: side by side, same --out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "cache"
+
+    def run_shard(index: int) -> int:
+        cache = run_to_end(preprocess(load_metadata(screen), out, SETTINGS, workers=1,
+                                      shard=Shard(index, 3)))
+        return len(cache)
+
+    with ThreadPoolExecutor(3) as pool:
+        assert sum(pool.map(run_shard, [1, 2, 3])) == len(load_metadata(screen).table) - 1
+    run_to_end(merge_shards(load_metadata(screen), out, SETTINGS))
+    assert _files(out) == _files(reference)
+
+
 def test_merge_refuses_missing_unmatched_or_mixed_shards(screen, tmp_path):
     meta = load_metadata(screen)
     out = tmp_path / "cache"

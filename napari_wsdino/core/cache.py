@@ -6,6 +6,8 @@ Layout of a cache folder::
     CACHE/index.parquet         the field table (metadata columns), row i = array row i
     CACHE/images_<channel>.npy  float16 array (N, H, W), memory-mappable
     CACHE/illumination/         per (plate, channel) illumination functions (preprocessing)
+    CACHE/shards/I-of-N/        shard I of N while preprocessing in shards: a cache of its
+                                plates, until merged (``core.preprocess.shard``)
 
 Arrays are written once, with ``numpy.lib.format.open_memmap``, so a cache of any
 size is read without loading it into memory.
