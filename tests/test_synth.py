@@ -253,3 +253,21 @@ def test_core_imports_no_gui():
             "('napari', 'qtpy', 'PyQt5', 'magicgui', 'superqt')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+#: sha256 over (relative path, pixel bytes) of every TIFF of the ``mini_replica`` fixture
+#: (mini, 64 x 80, seed 0), from the renderer before it was split into stages and given
+#: the Cell Painting stains: refactors must not move a pixel of the BBBC021 replica.
+MINI_PIXELS_SHA256 = "4af241e2de9dbfe2ffc585726b80667cc2c9959074826424ed743e9e38b649d1"
+
+
+def test_bbbc021_replica_pixels_pinned(mini_replica):
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = sorted(mini_replica.rglob("*.tif"))
+    for f in files:
+        digest.update(str(f.relative_to(mini_replica)).encode())
+        digest.update(np.ascontiguousarray(read_tiff(f)).tobytes())
+    assert len(files) == 3 * 292
+    assert digest.hexdigest() == MINI_PIXELS_SHA256

@@ -1,26 +1,36 @@
-"""``wsdino synth OUT``: write a synthetic BBBC021 replica (napari sample data, tests, demos)."""
+"""``wsdino synth OUT``: write a synthetic replica (napari sample data, tests, demos): BBBC021's
+design, or with ``--layout cellpainting`` a small five-channel JUMP-style Cell Painting screen."""
 
 from __future__ import annotations
 
 from napari_wsdino.cli._common import drive
-from napari_wsdino.core.synth import DEFAULT_SIZE, SUBSETS, SynthConfig, write_replica
+from napari_wsdino.core.metadata import LAYOUTS as SCREEN_LAYOUTS
+from napari_wsdino.core.synth import DEFAULT_SIZE, LAYOUTS, SUBSETS, SynthConfig, write_replica
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "synth",
-        help="write a synthetic BBBC021 replica (no download needed)",
+        help="write a synthetic BBBC021 or Cell Painting replica (no download needed)",
         description="Write a synthetic replica of BBBC021: the real plates, weeks, wells, "
         "sites, treatments and file names, with generated MCF-7 images (DAPI, Tubulin, "
-        "Actin), MoA phenotypes with dose-response, and week/plate nuisance. Results on it "
-        "are 'synthetic replica' results, never BBBC021 ones.",
-        epilog="Example: wsdino synth demo_data --subset mini && napari demo_data",
+        "Actin), MoA phenotypes with dose-response, and week/plate nuisance. With --layout "
+        "cellpainting: a small JUMP-style Cell Painting screen instead (load_data.csv, five "
+        "stains DNA/ER/RNA/AGP/Mito, 3 sources as batches with their own stain and "
+        "illumination shifts, 2 plates each, 24 compounds of 12 MoAs plus DMSO, 192 fields "
+        "at 2 sites). Results on it are 'synthetic replica' results, never BBBC021 or JUMP ones.",
+        epilog="Examples: wsdino synth demo_data --subset mini && napari demo_data; "
+        "wsdino synth cp_data --layout cellpainting --size 128 160",
     )
     p.add_argument("out", help="output folder (created)")
+    p.add_argument("--layout", choices=LAYOUTS, default="bbbc021",
+                   help="; ".join(f"{name}: {SCREEN_LAYOUTS[name].display_name}" for name in LAYOUTS)
+                   + " (default bbbc021)")
     p.add_argument("--subset", choices=SUBSETS, default="mini",
-                   help="full: 3,848 fields; replicate1: 1,368; mini: 292 (default)")
+                   help="full: 3,848 fields; replicate1: 1,368; mini: 292 (default); "
+                   "bbbc021 layout only")
     p.add_argument("--sites", type=int, default=None, metavar="N",
-                   help="sites per well, 1-4 (default 4; mini: 2)")
+                   help="sites per well, 1-4 (default 4; mini: 2); cellpainting 1-9 (default 2)")
     p.add_argument("--size", type=int, nargs=2, default=DEFAULT_SIZE, metavar=("H", "W"),
                    help=f"image size in pixels (default {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}; "
                    "real camera 1024 1280)")
@@ -28,7 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes (default: all cores for large subsets)")
     p.add_argument("--batch-strength", type=float, default=SynthConfig.batch_strength,
-                   help="scale of week (batch) effects; 0 turns them off")
+                   help="scale of batch effects (BBBC021 weeks, Cell Painting sources); "
+                   "0 turns them off")
     p.add_argument("--phenotype-strength", type=float, default=SynthConfig.phenotype_strength,
                    help="scale of every MoA phenotype; lower is harder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -39,7 +50,8 @@ def run(args) -> int:
     config = SynthConfig(batch_strength=args.batch_strength,
                          phenotype_strength=args.phenotype_strength)
     out = drive(write_replica(args.out, args.subset, args.sites, tuple(args.size), args.seed,
-                              args.workers, config), quiet=args.quiet)
-    print(f"Synthetic replica ({args.subset}, seed {args.seed}) written to {out}. "
+                              args.workers, config, args.layout), quiet=args.quiet)
+    what = args.subset if args.layout == "bbbc021" else args.layout
+    print(f"Synthetic replica ({what}, seed {args.seed}) written to {out}. "
           f"Open it with: napari {out}")
     return 0

@@ -1,10 +1,12 @@
-"""Synthetic BBBC021 replica: the real screen design with generated MCF-7 images.
+"""Synthetic replicas: BBBC021's real screen design with generated MCF-7 images, or a
+small five-channel Cell Painting screen in the JUMP ``load_data.csv`` layout.
 
 The replica follows the bundled BBBC021 design (plates, weeks, wells, sites,
 treatments, DMSO and taxol controls, official file names) and draws every field of
 view from a biology-grounded phenotype model (:mod:`.phenotypes`) with a camera and
 nuisance model (:mod:`.render`). Everything computed on it is a *synthetic replica*
-result, never a BBBC021 one.
+result, never a BBBC021 one. ``layout="cellpainting"`` writes the Cell Painting
+replica instead (:mod:`.cellpainting`: sources as batches, five stains).
 
 Example
 -------
@@ -46,10 +48,12 @@ from napari_wsdino.core.synth.phenotypes import (
     treatment_vector,
 )
 from napari_wsdino.core.synth.render import illumination, pixel_scale, render_field
+from napari_wsdino.core.synth import cellpainting
 
 __all__ = [
     "AXES",
     "DEFAULT_SITES",
+    "LAYOUTS",
     "MOA_PHENOTYPES",
     "SUBSETS",
     "SynthConfig",
@@ -61,6 +65,8 @@ __all__ = [
 ]
 
 DEFAULT_SIZE = (256, 320)
+#: Replica layouts (the screen layouts of :mod:`napari_wsdino.core.metadata`).
+LAYOUTS = ("bbbc021", "cellpainting")
 #: Fields per task sent to a worker process.
 CHUNK = 12
 
@@ -105,8 +111,11 @@ def field_specs(subset: str = "mini", sites: int | None = None, seed: int = 0,
 
 def render_spec(spec: dict, size: tuple[int, int], seed: int,
                 config: SynthConfig = SynthConfig(), _illum_cache: dict | None = None) -> np.ndarray:
-    """Render the ``(3, H, W)`` uint16 image of one field spec (deterministic)."""
+    """Render the ``(C, H, W)`` uint16 image of one field spec (deterministic): three
+    BBBC021 channels, or five stains for a ``layout="cellpainting"`` spec."""
     size = (int(size[0]), int(size[1]))
+    if spec.get("layout") == "cellpainting":
+        return cellpainting.render_cellpainting_spec(spec, size, seed, config, _illum_cache)
     plate = plate_nuisance(spec["plate"], seed, config)
     illum = None
     if _illum_cache is not None:
@@ -137,15 +146,39 @@ def _default_workers(n_fields: int, size: tuple[int, int]) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+def _write_design(out: Path, layout: str, subset: str, sites: int | None, seed: int,
+                  config: SynthConfig) -> list[dict]:
+    """Write the replica's CSV files; returns the field specs to render."""
+    if layout == "cellpainting":
+        if subset != "mini":
+            raise DataError(f"The cellpainting replica has one design; --subset {subset} "
+                            "applies to the bbbc021 layout only. Leave --subset out.")
+        specs, rows = cellpainting.cellpainting_specs(sites, seed, config)
+        cellpainting.write_load_data(out, rows)
+        return specs
+    if layout != "bbbc021":
+        raise DataError(f"Unknown replica layout {layout!r}; choose one of {list(LAYOUTS)}.")
+    raw, moa, table = bundled_design()
+    keep = select_subset(table, subset, sites)
+    specs = field_specs(subset, sites, seed, config)
+    write_design(out, raw, moa, keep)
+    return specs
+
+
 def write_replica(out: str | Path, subset: str = "mini", sites: int | None = None,
                   size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, workers: int | None = None,
-                  config: SynthConfig = SynthConfig()) -> Generator[Progress, None, Path]:
-    """Write a synthetic BBBC021 replica; a generator of progress events.
+                  config: SynthConfig = SynthConfig(), layout: str = "bbbc021",
+                  ) -> Generator[Progress, None, Path]:
+    """Write a synthetic replica; a generator of progress events.
 
-    Writes ``OUT/BBBC021_v1_image.csv``, ``OUT/BBBC021_v1_moa.csv`` and
-    ``OUT/<Week>/<plate>/<official file name>.tif`` (uint16, one file per channel).
-    The files depend only on ``(subset, sites, size, seed, config)``: byte-identical
-    across runs and worker counts.
+    BBBC021 (``layout="bbbc021"``): writes ``OUT/BBBC021_v1_image.csv``,
+    ``OUT/BBBC021_v1_moa.csv`` and ``OUT/<Week>/<plate>/<official file name>.tif``
+    (uint16, one file per channel). Cell Painting (``layout="cellpainting"``):
+    ``OUT/load_data.csv``, ``OUT/layout.json`` and
+    ``OUT/images/<source>/<plate>/<Phenix name>.tiff``, one file per stain (DNA, ER,
+    RNA, AGP, Mito); 3 sources x 2 plates x 16 wells x ``sites`` (default 2).
+    The files depend only on ``(layout, subset, sites, size, seed, config)``:
+    byte-identical across runs and worker counts.
 
     Parameters
     ----------
@@ -153,9 +186,10 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
         Output folder (created; existing replica files are overwritten).
     subset
         ``"full"`` (3,848 fields), ``"replicate1"`` (1,368) or ``"mini"`` (292 at
-        2 sites); see :func:`select_subset`.
+        2 sites); see :func:`select_subset`. The cellpainting replica has one
+        design (``"mini"``).
     sites
-        Sites per well, 1–4 (default 4; ``mini``: 2).
+        Sites per well, 1–4 (default 4; ``mini``: 2); cellpainting 1–9 (default 2).
     size
         ``(H, W)`` of each image; 1024 x 1280 is the real camera.
     seed
@@ -165,6 +199,8 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
         core up to 8).
     config
         Difficulty knobs (:class:`SynthConfig`).
+    layout
+        ``"bbbc021"`` or ``"cellpainting"`` (:data:`LAYOUTS`).
 
     Yields
     ------
@@ -185,13 +221,11 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     size = (int(size[0]), int(size[1]))
     if min(size) < 32:
         raise DataError(f"Image size {size} is too small; use at least 32 x 32 pixels.")
-    raw, moa, table = bundled_design()
-    keep = select_subset(table, subset, sites)
-    specs = field_specs(subset, sites, seed, config)
-    write_design(out, raw, moa, keep)
+    specs = _write_design(out, layout, subset, sites, seed, config)
     total = len(specs)
     workers = _default_workers(total, size) if workers is None else max(1, int(workers))
-    yield Progress("synth", 0, total, f"{subset}: {total} fields at {size[0]}x{size[1]}")
+    name = subset if layout == "bbbc021" else layout
+    yield Progress("synth", 0, total, f"{name}: {total} fields at {size[0]}x{size[1]}")
     done = 0
     chunks = [specs[i:i + CHUNK] for i in range(0, total, CHUNK)]
     if workers == 1:
@@ -214,7 +248,8 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
 
 def make_replica(out: str | Path, subset: str = "mini", sites: int | None = None,
                  size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, workers: int | None = None,
-                 config: SynthConfig = SynthConfig(), callback=None) -> Path:
+                 config: SynthConfig = SynthConfig(), callback=None,
+                 layout: str = "bbbc021") -> Path:
     """Run :func:`write_replica` to its end and return the output folder.
 
     Example
@@ -222,4 +257,5 @@ def make_replica(out: str | Path, subset: str = "mini", sites: int | None = None
     >>> make_replica("demo_data", "mini", size=(64, 80))  # doctest: +SKIP
     PosixPath('demo_data')
     """
-    return run_to_end(write_replica(out, subset, sites, size, seed, workers, config), callback)
+    return run_to_end(write_replica(out, subset, sites, size, seed, workers, config, layout),
+                      callback)

@@ -178,13 +178,16 @@ def treatment_vector(moa: str, compound: str, concentration: float,
     return vec, hill(concentration, concentrations, compound, seed, config)
 
 
-def batch_nuisance(batch: str, seed: int, config: SynthConfig) -> dict:
-    """Per-week shifts: stain gains, background, focus, and small biology drifts."""
+def batch_nuisance(batch: str, seed: int, config: SynthConfig, channels: int = 3) -> dict:
+    """Per-week (per-source) shifts: stain gains, background, focus, small biology drifts.
+
+    ``channels`` stains get their own gain and background (3: BBBC021, 5: Cell Painting).
+    """
     rng = np.random.default_rng(stable_seed(seed, "batch", batch))
     b = config.batch_strength
     return {
-        "gain": np.exp(rng.normal(0.0, 0.3 * b, 3)),
-        "background": np.exp(rng.normal(0.0, 0.35 * b, 3)),
+        "gain": np.exp(rng.normal(0.0, 0.3 * b, channels)),
+        "background": np.exp(rng.normal(0.0, 0.35 * b, channels)),
         "blur": max(0.0, 0.9 + rng.normal(0.0, 0.6 * b)),  # in full-resolution px
         "cell_size": rng.normal(0.0, 0.1 * b),
         "nuc_size": rng.normal(0.0, 0.07 * b),
@@ -215,13 +218,13 @@ def batch_response(vec: np.ndarray, batch: str, moa: str, seed: int, config: Syn
     return vec * gain + shift * _CONTINUOUS * np.abs(vec).max()
 
 
-def plate_nuisance(plate: str, seed: int, config: SynthConfig) -> dict:
-    """Per-plate illumination field parameters and a small gain jitter."""
+def plate_nuisance(plate: str, seed: int, config: SynthConfig, channels: int = 3) -> dict:
+    """Per-plate illumination field parameters and a small gain jitter (per stain)."""
     rng = np.random.default_rng(stable_seed(seed, "plate", plate))
     s = config.illumination_strength
     return {
-        "vignette": s * rng.uniform(0.25, 0.5, 3),           # relative fall-off at the corners
+        "vignette": s * rng.uniform(0.25, 0.5, channels),    # relative fall-off at the corners
         "centre": rng.normal(0.0, 0.12, 2),                  # optical centre offset (fraction)
-        "gradient": s * rng.normal(0.0, 0.15, (3, 2)),       # linear slope per channel
-        "gain": np.exp(rng.normal(0.0, 0.06 * config.batch_strength, 3)),
+        "gradient": s * rng.normal(0.0, 0.15, (channels, 2)),  # linear slope per channel
+        "gain": np.exp(rng.normal(0.0, 0.06 * config.batch_strength, channels)),
     }

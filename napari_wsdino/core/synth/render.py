@@ -1,4 +1,5 @@
-"""Render one field of view of MCF-7 cells as three 16-bit channels (DAPI, Tubulin, Actin).
+"""Render one field of view of MCF-7 cells as three 16-bit channels (DAPI, Tubulin, Actin),
+or as the five Cell Painting stains (DNA, ER, RNA, AGP, Mito; :func:`render_cellpainting`).
 
 Geometry is in *units* of the real BBBC021 camera (1024 x 1280 px per field); a
 smaller image shows the same field at lower resolution, down to ``MIN_SCALE`` px per
@@ -10,7 +11,7 @@ well); (2) every foreground pixel gathers its cell's parameters by label and the
 nucleus, microtubule network and actin are evaluated as closed-form fields; (3) spots
 (micronuclei, asters, aggresomes, actin puncta) are splatted and blurred; then optics
 and camera: per-plate illumination, per-week stain gain, background and focus, blur,
-Poisson and read noise.
+Poisson and read noise. Each step is a function of its own; both renderers share them.
 """
 
 from __future__ import annotations
@@ -358,3 +359,91 @@ def _camera(rng, channels: np.ndarray, batch: dict, plate: dict, illum, config: 
     counts = rng.poisson(np.clip(expected, 0, None) * k) / k
     counts += CAMERA_OFFSET + rng.normal(0.0, READ_NOISE * config.noise, counts.shape)
     return np.clip(np.round(counts), 0, 65535).astype(np.uint16)
+
+
+#: Cell Painting stains (DNA, ER, RNA, AGP, Mito): peak counts and background, in ADU.
+CP_AMPLITUDE = np.array([2600.0, 1300.0, 1000.0, 1100.0, 1200.0])
+CP_BACKGROUND = np.array([160.0, 210.0, 230.0, 200.0, 190.0])
+
+
+def render_cellpainting(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarray,
+                        dose: float, batch: dict, plate: dict, illum: np.ndarray | None = None,
+                        config: SynthConfig = SynthConfig()) -> np.ndarray:
+    """Render one Cell Painting field; ``(5, H, W)`` uint16 (DNA, ER, RNA, AGP, Mito).
+
+    The same cells, nuclei and MoA phenotypes as :func:`render_field`: DNA is the
+    DAPI model, AGP the actin model plus a perinuclear Golgi; ER is a reticular
+    network densest at the nuclear envelope, RNA nucleoli plus dim cytoplasm, Mito a
+    perinuclear-enriched tubular texture. Asters and aggresomes show in ER.
+    ``batch`` and ``plate`` hold five stains (``channels=5`` nuisance).
+    """
+    c, p = _cells_and_pixels(rng, shape, vec, dose, batch, config)
+    dna = _dna(rng, c, p, batch)
+    _golgi_side(rng, c)
+    agp = _actin(rng, c, p, batch)
+    channels = np.stack([p.grid(dna), p.grid(_er(c, p)), p.grid(_rna_cytoplasm(c, p)),
+                         p.grid(agp), p.grid(_mito(c, p))])
+    _spots(rng, c, channels, dna=0, tub=1, actin=3, aggresome=1)
+    _nucleoli_and_golgi(rng, c, channels, rna=2, agp=3)
+    return _camera(rng, channels, batch, plate, illum, config, CP_AMPLITUDE, CP_BACKGROUND)
+
+
+def _golgi_side(rng, c: _Cells) -> None:
+    """The centrosome / Golgi beside the nucleus (what the tubulin model's centre is)."""
+    cen_dir = rng.uniform(0, 2 * np.pi, c.n)
+    cen_r = np.where(c.mitotic | c.rosette, 0.0, 1.05 * c.nuc_a)
+    c.ccy = c.cy + c.nuc_off[:, 0] + cen_r * np.sin(cen_dir)
+    c.ccx = c.cx + c.nuc_off[:, 1] + cen_r * np.cos(cen_dir)
+
+
+def _cytoplasm(c: _Cells, p: _Cells) -> np.ndarray:
+    """1 in the interphase cytoplasm, fading at the border; lower over the nucleus."""
+    return np.clip(p.inner * 4.0, 0, 1) * (1 - 0.7 * p.nuc * ~c.mitotic[p.idx])
+
+
+def _er(c: _Cells, p: _Cells) -> np.ndarray:
+    """ER: a reticular network, densest around the nucleus, with the nuclear envelope rim."""
+    col, idx = c.col, p.idx
+    net = np.clip(1.0 - np.abs(p.tex), 0, 1) ** 2
+    peri = 0.35 + 0.65 * np.exp(-np.clip(p.rn - 1.0, 0, None) / 1.2)
+    rim = np.exp(-(((p.rn - 1.0) / 0.12) ** 2)) * ~c.mitotic[idx]
+    er_int = np.exp(0.5 * col("tub_int") + 0.3 * col("cell_size") - 0.4 * col("tub_diffuse"))[idx]
+    return er_int * (_cytoplasm(c, p) * peri * (0.5 + 0.8 * net) + 0.6 * rim)
+
+
+def _rna_level(c: _Cells) -> np.ndarray:
+    """Per-cell RNA stain level: follows DNA brightness and overall protein content."""
+    return np.exp(c.col("nuc_bright") + c.col("act_int") + 0.5 * c.col("tub_int"))
+
+
+def _rna_cytoplasm(c: _Cells, p: _Cells) -> np.ndarray:
+    """RNA outside the nucleoli: dim cytoplasm and nucleoplasm (ribosomes, mRNA)."""
+    return _rna_level(c)[p.idx] * (0.35 * _cytoplasm(c, p) + 0.2 * p.nuc)
+
+
+def _mito(c: _Cells, p: _Cells) -> np.ndarray:
+    """Mitochondria: a tubular texture, enriched around the nucleus (more when rounded)."""
+    col, idx = c.col, p.idx
+    tubes = np.clip(p.tex2 + 0.4 * p.tex + 0.3, 0, None) ** 2
+    reach = np.where(c.mitotic, 0.3, 0.7 - 0.3 * np.clip(col("round"), 0, 1))[idx]
+    dist = np.hypot(p.py - c.cy[idx], p.px - c.cx[idx]) / (c.rad[idx] + 1e-3)
+    peri = np.exp(-dist / reach)
+    mito_int = np.exp(0.4 * col("tub_int") + 0.4 * col("act_int") + 0.3 * col("cell_size"))[idx]
+    return mito_int * _cytoplasm(c, p) * (0.3 + peri) * tubes
+
+
+def _nucleoli_and_golgi(rng, c: _Cells, channels: np.ndarray, rna: int, agp: int) -> None:
+    """RNA nucleoli (gone in mitosis; more in big nuclei) and a compact Golgi in AGP."""
+    s, shape = c.s, c.shape
+    count = np.where(c.mitotic, 0, rng.integers(1, 4, c.n) + (c.col("nuc_size") > 0.3))
+    cell = np.repeat(np.arange(c.n), count)
+    ang = rng.uniform(0, 2 * np.pi, len(cell))
+    dist = rng.uniform(0.0, 0.5, len(cell)) * c.nuc_a[cell]
+    y = c.cy[cell] + c.nuc_off[cell, 0] + dist * np.sin(ang)
+    x = c.cx[cell] + c.nuc_off[cell, 1] + dist * np.cos(ang)
+    bright = _rna_level(c)[cell]
+    channels[rna] += _splat(shape, y, x, 1.6 * bright * rng.uniform(0.6, 1.0, len(cell)),
+                            0.18 * NUC_RADIUS * s)
+    golgi = ~c.mitotic
+    channels[agp] += _splat(shape, c.ccy[golgi], c.ccx[golgi],
+                            0.9 * rng.uniform(0.6, 1.0, int(golgi.sum())), 0.25 * NUC_RADIUS * s)
