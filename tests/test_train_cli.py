@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 from train_helpers import make_cache
 
-from napari_wsdino.cli import main
-from napari_wsdino.core.train import TrainConfig, load_checkpoint
+from napari_wsdino.cli import build_parser, main
+from napari_wsdino.cli.train import OPTIONS
+from napari_wsdino.core.model import ARCHITECTURES
+from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABEL_INFO
+from napari_wsdino.core.train import (
+    DEVICES,
+    EPOCH_SPLITS,
+    INIT_PARTS,
+    PRECISIONS,
+    TrainConfig,
+    load_checkpoint,
+)
 
 TINY = ["--arch", "test_vit", "--epochs", "1", "--batch-size", "8", "--global-size", "32",
         "--local-size", "16", "--local-crops", "2", "--out-dim", "128", "--device", "cpu",
@@ -45,3 +55,23 @@ def test_bad_settings_exit_2(cache, tmp_path, capsys):
                  *TINY]) == 2
     assert "Unknown training settings" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+
+
+def test_every_option_is_checked_against_train_config():
+    """Types, choices and the defaults shown come from TrainConfig and the registries."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    actions = {a.dest: a for a in sub.choices["train"]._actions}
+    defaults, fields = TrainConfig(), TrainConfig().to_dict()
+    choices = {"weak_label": tuple(WEAK_LABEL_INFO), "dmso": DMSO_MODES, "device": DEVICES,
+               "init_parts": INIT_PARTS, "epoch_split": EPOCH_SPLITS, "precision": PRECISIONS}
+    for name in OPTIONS:
+        action = actions[name]
+        assert name in fields and action.option_strings == ["--" + name.replace("_", "-")]
+        assert action.default is None  # not given = the recipe / config / saved run decides
+        assert action.type is type(fields[name]), name
+        assert tuple(action.choices or ()) == choices.get(name, ()), name
+        value = getattr(defaults, name)
+        assert action.help.endswith(f"(default {'none' if value == '' else value})"), name
+    assert actions["channel"].default == defaults.channel
+    assert all(name in actions["arch"].help for name in ARCHITECTURES)
+    assert set(choices) <= set(OPTIONS)

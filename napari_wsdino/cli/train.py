@@ -2,8 +2,11 @@
 
 Settings come from the recipe's defaults (``--recipe``: ``default`` or ``paper-code``), then
 ``--config FILE`` (or, with ``--resume``, the run's saved ``config.toml``), then
-``--set KEY=VALUE`` and the named options. ``--print-config`` prints the resolved settings
-of every stage as TOML and exits. Ctrl-C stops between steps and writes a checkpoint
+``--set KEY=VALUE`` and the named options, merged by
+:func:`napari_wsdino.core.train.resolve_config` (the Train panel's rule too: a resume may
+change only ``epochs`` and settings that leave the maths alone). Every named option's type,
+choices and default come from :class:`~napari_wsdino.core.train.TrainConfig` and the core
+registries. ``--print-config`` prints the resolved settings of every stage as TOML and exits. Ctrl-C stops between steps and writes a checkpoint
 that ``--resume`` continues.
 Multi-GPU: ``torchrun --nproc_per_node N --no-python wsdino train CACHE ...``.
 """
@@ -18,37 +21,85 @@ from pathlib import Path
 
 from napari_wsdino.cli._common import drive
 
-# option dest -> TrainConfig field, for the named options (None = not given).
-OPTIONS = {
-    "weak_label": "weak_label", "dmso": "dmso", "arch": "arch", "epochs": "epochs",
-    "batch_size": "batch_size", "lr": "lr", "min_lr": "min_lr",
-    "warmup_epochs": "warmup_epochs", "init": "init", "device": "device",
-    "local_crops": "local_crops", "global_size": "global_size", "local_size": "local_size",
-    "out_dim": "out_dim", "checkpoint_every": "checkpoint_every", "seed": "seed",
-    "precision": "precision", "center_momentum": "center_momentum",
-    "student_temp": "student_temp", "teacher_temp": "teacher_temp",
-    "init_parts": "init_parts", "epoch_split": "epoch_split",
-}
+#: TrainConfig fields offered as named options (``--weak-label`` ...); any other via --set.
+OPTIONS = (
+    "weak_label", "dmso", "arch", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
+    "init", "init_parts", "epoch_split", "device", "local_crops", "global_size", "local_size",
+    "out_dim", "checkpoint_every", "seed", "precision", "center_momentum", "student_temp",
+    "teacher_temp",
+)
+
+
+def _option_specs() -> dict[str, dict]:
+    """Choices and help of each named option; types and defaults come from TrainConfig."""
+    from napari_wsdino.core.model import ARCHITECTURES
+    from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS, weak_label_help
+    from napari_wsdino.core.train import DEVICES, EPOCH_SPLITS, INIT_PARTS, PRECISIONS
+
+    return {
+        "weak_label": dict(choices=WEAK_LABELS, help=weak_label_help()),
+        "dmso": dict(choices=DMSO_MODES,
+                     help="DMSO controls: exclude (paper), plate (one group per plate), together"),
+        "arch": dict(help=f"any timm ViT name, e.g. {', '.join(ARCHITECTURES)}"),
+        "epochs": dict(help="epochs to train (with --resume: extend the run to this many)"),
+        "batch_size": dict(help="fields per step per process"),
+        "lr": dict(help="peak learning rate"),
+        "min_lr": dict(help="learning rate at the end of the cosine"),
+        "warmup_epochs": dict(help="epochs of linear learning-rate warm-up"),
+        "init": dict(metavar="PATH|random",
+                     help="initial weights: ours, timm, or official DINO (the full checkpoint "
+                     "dino_deitsmall8_pretrain_full_checkpoint.pth or the backbone-only "
+                     "dino_deitsmall8_pretrain.pth); 'random' for random weights. Required "
+                     "(or 'random') with --recipe paper-code"),
+        "init_parts": dict(choices=INIT_PARTS,
+                           help="what a full checkpoint fills: backbone (its teacher backbone "
+                           "into both nets) or full (student, teacher, heads, centre, "
+                           "optimiser; paper-code)"),
+        "epoch_split": dict(choices=EPOCH_SPLITS,
+                            help="multi-GPU epochs: shard the fields over processes, or "
+                            "replicate (every process draws the whole dataset; paper-code)"),
+        "device": dict(choices=DEVICES, help="auto: CUDA when there is a GPU, else CPU"),
+        "local_crops": dict(help="local crops per view set"),
+        "global_size": dict(help="side of the global crops, px"),
+        "local_size": dict(help="side of the local crops, px"),
+        "out_dim": dict(help="DINO head outputs"),
+        "checkpoint_every": dict(metavar="N", help="write a checkpoint every N epochs"),
+        "precision": dict(choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU"),
+        "center_momentum": dict(help="0.8 (paper code) or 0.9 (DINO)"),
+        "student_temp": dict(help="0.07 (paper code) or 0.1 (DINO)"),
+        "teacher_temp": dict(help="teacher temperature after its warm-up"),
+        "seed": dict(help="seed of the initial weights, crops and field draws"),
+    }
+
+
+def _add_config_options(p) -> None:
+    """One ``--field-name`` per :data:`OPTIONS` entry, default None (= not given), its
+    help ending in the default recipe's value."""
+    from typing import get_type_hints
+
+    from napari_wsdino.core.train import TrainConfig
+
+    defaults, kinds, specs = TrainConfig(), get_type_hints(TrainConfig), _option_specs()
+    for name in OPTIONS:
+        spec = dict(specs.get(name, {}))
+        default = getattr(defaults, name)
+        shown = default if default != "" else "none"
+        spec["help"] = f"{spec['help']} (default {shown})"
+        p.add_argument("--" + name.replace("_", "-"), type=kinds[name], default=None, **spec)
 
 
 def add_parser(sub) -> None:
-    from napari_wsdino.core.model import ARCHITECTURES, DEFAULT_ARCH
     from napari_wsdino.core.recipes import RECIPES
-    from napari_wsdino.core.sampler import (
-        DEFAULT_WEAK_LABEL,
-        DMSO_MODES,
-        WEAK_LABELS,
-        weak_label_help,
-    )
-    from napari_wsdino.core.train import DEVICES, EPOCH_SPLITS, INIT_PARTS, PRECISIONS
+    from napari_wsdino.core.train import TrainConfig
 
+    d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train DINO / WS-DINO on a preprocessed cache",
         description="Train one ViT per channel with DINO (--weak-label none) or WS-DINO "
         "(local crops from another field of the same treatment / compound / MoA). "
-        "Defaults are the paper's: ViT-S/8, 400 epochs, batch 16, lr 4e-6. Writes "
-        "RUN/<channel>/checkpoint.pth, config.toml and log.jsonl.",
+        f"Defaults are the paper's: {d.arch}, {d.epochs} epochs, batch {d.batch_size}, "
+        f"lr {d.lr}. Writes RUN/<channel>/checkpoint.pth, config.toml and log.jsonl.",
         epilog="Multi-GPU: torchrun --nproc_per_node 4 --no-python wsdino train CACHE ...",
     )
     p.add_argument("cache", nargs="?", help="preprocessed cache folder (wsdino preprocess)")
@@ -58,49 +109,17 @@ def add_parser(sub) -> None:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved settings (train, preprocess, embed, evaluate) as "
                    "TOML and exit")
-    p.add_argument("--channel", default="DAPI",
-                   help="channel to train, a comma list, or 'all' (default DAPI)")
-    p.add_argument("--weak-label", choices=WEAK_LABELS, default=None,
-                   help=f"{weak_label_help()}. Default {DEFAULT_WEAK_LABEL}")
-    p.add_argument("--dmso", choices=DMSO_MODES, default=None,
-                   help="DMSO controls: exclude (paper), plate (one group per plate), together")
-    p.add_argument("--arch", help=f"any timm ViT name, e.g. {', '.join(ARCHITECTURES)} "
-                   f"(default {DEFAULT_ARCH})")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="fields per step per process (default 16)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 4e-6)")
-    p.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine")
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--init", metavar="PATH|random",
-                   help="initial weights: ours, timm, or official DINO (the full checkpoint "
-                   "dino_deitsmall8_pretrain_full_checkpoint.pth or the backbone-only "
-                   "dino_deitsmall8_pretrain.pth); 'random' for random weights. Required "
-                   "(or 'random') with --recipe paper-code")
-    p.add_argument("--init-parts", choices=INIT_PARTS,
-                   help="what a full checkpoint fills: backbone (its teacher backbone into "
-                   "both nets) or full (student, teacher, heads, centre, optimiser; paper-code)")
-    p.add_argument("--epoch-split", choices=EPOCH_SPLITS,
-                   help="multi-GPU epochs: shard the fields over processes, or replicate "
-                   "(every process draws the whole dataset; paper-code)")
+    p.add_argument("--channel", default=d.channel,
+                   help=f"channel to train, a comma list, or 'all' (default {d.channel})")
     p.add_argument("--out", metavar="RUN", help="run folder (default: CACHE/../runs/<weak label>)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN/<channel>/checkpoint.pth with its saved config; with "
                    "--epochs N, extend a finished or interrupted run to N epochs (continue "
                    "training; see docs/training.md for the schedule)")
-    p.add_argument("--device", choices=DEVICES, default=None)
     p.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of settings")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, e.g. --set local_scale=[0.05,0.1] (repeatable)")
-    p.add_argument("--local-crops", type=int)
-    p.add_argument("--global-size", type=int)
-    p.add_argument("--local-size", type=int)
-    p.add_argument("--out-dim", type=int, help="DINO head outputs (default 65536)")
-    p.add_argument("--checkpoint-every", type=int, metavar="N")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=PRECISIONS)
-    p.add_argument("--center-momentum", type=float, help="0.8 (paper code) or 0.9 (DINO)")
-    p.add_argument("--student-temp", type=float, help="0.07 (paper code) or 0.1 (DINO)")
-    p.add_argument("--teacher-temp", type=float)
+    _add_config_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -125,10 +144,10 @@ def build_config(args, resume_from: Path | None = None, channel: str | None = No
     from napari_wsdino.core.train import resolve_config
 
     overrides = parse_set(args.set)
-    for dest, key in OPTIONS.items():
-        value = getattr(args, dest, None)
+    for name in OPTIONS:
+        value = getattr(args, name, None)
         if value is not None:
-            overrides[key] = value
+            overrides[name] = value
     if channel is not None:
         overrides["channel"] = channel
     return resolve_config(args.config, overrides, resume_from=resume_from,
