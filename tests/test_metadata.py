@@ -194,3 +194,70 @@ def test_cli_reports_errors_cleanly(tmp_path, capsys):
     (tmp_path / MOA_CSV).write_text("compound,concentration,moa\n")
     assert main(["info", str(tmp_path)]) == 2
     assert "lacks the column(s)" in capsys.readouterr().err
+
+
+def test_layout_registry_and_round_trip(tmp_path):
+    from napari_wsdino.core.metadata import LAYOUTS, get_layout, resolve_layout
+
+    assert list(LAYOUTS) == ["bbbc021", "cellpainting"]
+    assert all(p.display_name for p in LAYOUTS.values())
+    assert get_layout("bbbc021") == ScreenLayout()
+    cp = get_layout("cellpainting")
+    assert cp.channels == ("DNA", "ER", "RNA", "AGP", "Mito")
+    assert cp.file_columns["Mito"] == ("FileName_OrigMito", "PathName_OrigMito")
+    for layout in (ScreenLayout(), cp):
+        (tmp_path / "l.json").write_text(json.dumps(layout.to_mapping()))
+        assert resolve_layout(str(tmp_path / "l.json")) == layout
+    assert resolve_layout("cellpainting") is cp and resolve_layout(None) is None
+    with pytest.raises(DataError, match="choose one of"):
+        get_layout("jump")
+    with pytest.raises(DataError, match="Cannot read layout file"):
+        resolve_layout(tmp_path / "nowhere.json")
+
+
+def _load_data(root, rows):
+    """A JUMP-style load_data.csv (five stains) with tiny TIFFs for each row."""
+    rng = np.random.default_rng(2)
+    out = []
+    for src, plate, well, site, jcp, pert, moa in rows:
+        row = {"Metadata_Source": src, "Metadata_Plate": plate, "Metadata_Well": well,
+               "Metadata_Site": site, "Metadata_JCP2022": jcp, "Metadata_pert_type": pert,
+               "Metadata_MoA": moa}
+        for stain in ("DNA", "ER", "RNA", "AGP", "Mito"):
+            name = f"{well}_f{site}_{stain}.tiff"
+            write_tiff(root / "img" / plate / name, rng.integers(0, 99, (8, 8), dtype=np.uint16))
+            row[f"FileName_Orig{stain}"], row[f"PathName_Orig{stain}"] = name, f"img/{plate}"
+        out.append(row)
+    pd.DataFrame(out).to_csv(root / "load_data.csv", index=False)
+
+
+def test_cellpainting_load_data(tmp_path):
+    from napari_wsdino.core.metadata import JUMP_DMSO, detect_layout, get_layout
+
+    _load_data(tmp_path, [
+        ("src_a", "P1", "A01", 1, JUMP_DMSO, "negcon", ""),
+        ("src_a", "P1", "A01", 2, JUMP_DMSO, "negcon", ""),
+        ("src_a", "P1", "B02", 1, "JCP2022_000042", "trt", "tubulin"),
+        ("src_b", "P2", "A01", 1, "JCP2022_099999", "negcon", None),  # control by pert_type
+        ("src_b", "P2", "B02", 1, "JCP2022_000042", "trt", "tubulin"),
+        ("src_b", "P2", "C03", 1, "JCP2022_000007", "trt", None),  # not annotated
+    ])
+    assert detect_layout(tmp_path) == detect_layout(tmp_path / "load_data.csv") \
+        == get_layout("cellpainting")
+    with pytest.raises(DataError, match=r"1 treatment\(s\) \(1 fields\) have no row"):
+        load_metadata(tmp_path)
+    meta = load_metadata(tmp_path, "cellpainting", unannotated="drop")
+    t = meta.table
+    assert meta.channels == ("DNA", "ER", "RNA", "AGP", "Mito") and meta.no_moa == 1
+    assert list(t.batch) == ["src_a"] * 3 + ["src_b"] * 2
+    assert list(t.site) == [1, 2, 1, 1, 1]
+    assert list(t.moa) == ["DMSO", "DMSO", "tubulin", "DMSO", "tubulin"]
+    assert list(t.compound) == ["DMSO", "DMSO", "JCP2022_000042", "DMSO", "JCP2022_000042"]
+    assert list(t.treatment) == ["DMSO@0", "DMSO@0", "JCP2022_000042@10", "DMSO@0",
+                                 "JCP2022_000042@10"]
+    assert read_tiff(meta.paths("Mito").iloc[2]).shape == (8, 8)
+    assert summarise(t)["nscb_treatments"] == 1
+    pd.read_csv(tmp_path / "load_data.csv").drop(columns=["Metadata_MoA"]).to_csv(
+        tmp_path / "load_data.csv", index=False)
+    with pytest.raises(DataError, match=r"lacks the column\(s\) \['Metadata_MoA'\]"):
+        load_metadata(tmp_path, "cellpainting")
