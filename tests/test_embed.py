@@ -216,3 +216,14 @@ def test_cli_embed_random_and_checkpoint_channel_mismatch(cache, tmp_path, capsy
     assert rc == 2
     err = capsys.readouterr().err
     assert "'DAPI', not 'Actin'" in err
+
+
+def test_every_name_of_the_old_module_is_still_importable_from_core_embed():
+    import napari_wsdino.core.embed as embed
+
+    old = ("DEFAULT_CROP WINDOWS MAX_CELLS MEDIANS OFFICIAL_SHAPE OFFICIAL_WINDOWS DEFAULT_BATCH "
+           "DEFAULT_CHUNK POOLINGS PARTS_FORMAT crop_geometry centre_crops median_of_four "
+           "official_windows pooled_features embed_channel cell_crops l2_normalise embed_fields "
+           "feature_names profile_table write_profiles parts_folder embed_cache").split()
+    assert [name for name in old if not hasattr(embed, name)] == []
+    assert sorted(embed.__all__) == sorted(old)

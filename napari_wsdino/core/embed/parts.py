@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from napari_wsdino.core.fsio import atomic_write, remove_on_failure
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.profiles import ProfileTable
 
@@ -113,12 +114,15 @@ def shard_chunks(n_chunks: int, rank: int = 0, world_size: int = 1) -> list[int]
 
 
 def write_profiles(table: ProfileTable, path: str | Path, provenance: dict | None = None) -> Path:
-    """Write a profile table as Parquet (atomically), plus ``<stem>.json`` provenance."""
+    """Write a profile table as Parquet, plus ``<stem>.json`` provenance, each to a
+    temporary file renamed over the target (removed if writing fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(".tmp-" + path.name)
-    table.write(tmp)
-    os.replace(tmp, path)
+    with remove_on_failure(tmp):
+        table.write(tmp)
+        os.replace(tmp, path)
     if provenance is not None:
-        path.with_suffix(".json").write_text(json.dumps(provenance, indent=2))
+        with atomic_write(path.with_suffix(".json"), "w") as fh:
+            fh.write(json.dumps(provenance, indent=2))
     return path
