@@ -13,7 +13,14 @@ from train_helpers import make_cache, tiny_config
 from napari_wsdino.cli import main
 from napari_wsdino.core.progress import run_to_end
 from napari_wsdino.core.schedules import Schedules
-from napari_wsdino.core.train import TrainConfig, TrainingError, load_checkpoint, train
+from napari_wsdino.core.train import (
+    TrainConfig,
+    TrainingError,
+    load_checkpoint,
+    resolve_config,
+    train,
+    train_channels,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +89,22 @@ def test_cli_resume_with_more_epochs(cache, tmp_path, capsys):
                  "--quiet"]) == 0
     ckpt = load_checkpoint(run / "DAPI" / "checkpoint.pth")
     assert ckpt["epoch"] == 2 and ckpt["finished"]
+
+
+def test_continue_channels_trained_with_different_settings(cache, tmp_path):
+    """Each channel resumes with its own saved settings (resolve_config per channel folder),
+    as the CLI's --resume does; one config for all would be refused for the second."""
+    run = tmp_path / "run"
+    for ch, lr in (("DAPI", 1e-3), ("Actin", 2e-3)):
+        run_to_end(train_channels(cache, tiny_config(epochs=1, lr=lr), run, [ch]))
+    configs = {ch: resolve_config(None, {"epochs": 2, "channel": ch}, resume_from=run / ch)
+               for ch in ("DAPI", "Actin")}
+    paths = run_to_end(train_channels(cache, configs, run, resume=True))
+    assert list(paths) == ["DAPI", "Actin"]
+    for ch, lr in (("DAPI", 1e-3), ("Actin", 2e-3)):
+        ckpt = load_checkpoint(paths[ch])
+        assert ckpt["epoch"] == 2 and ckpt["finished"] and ckpt["config"]["lr"] == lr
+    with pytest.raises(TrainingError, match="settings differ .*lr"):  # one config for both
+        run_to_end(train_channels(cache, configs["DAPI"].replace(epochs=3), run, resume=True))
+    with pytest.raises(ValueError, match="config given for channel Actin trains DAPI"):
+        run_to_end(train_channels(cache, {"Actin": configs["DAPI"]}, run, resume=True))

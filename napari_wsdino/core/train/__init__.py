@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable, Generator, Iterable
+from typing import Callable, Generator, Iterable, Mapping
 
 import torch
 
@@ -331,7 +331,7 @@ def _hms(seconds: float) -> str:
 
 def train_channels(
     cache: Cache | str | Path,
-    config: TrainConfig,
+    config: TrainConfig | Mapping[str, TrainConfig],
     run_dir: str | Path,
     channels: Iterable[str] | None = None,
     resume: bool = False,
@@ -339,15 +339,28 @@ def train_channels(
 ) -> Generator[Progress, None, dict[str, Path]]:
     """One model per channel, in turn, each from the same initial weights.
 
+    ``config`` is one config for every channel (its ``channel`` replaced), or one per
+    channel, e.g. each resumed channel's own saved settings from :func:`resolve_config`.
     Writes ``run_dir/<channel>/{checkpoint.pth, config.toml, log.jsonl}`` and returns
     ``{channel: checkpoint path}``. Channels default to all the cache holds.
+
+    Example
+    -------
+    >>> configs = {ch: resolve_config(None, {"epochs": 800, "channel": ch},
+    ...                               resume_from=channel_dir("run", ch))
+    ...            for ch in ("DAPI", "Actin")}                       # doctest: +SKIP
+    >>> run_to_end(train_channels("cache/", configs, "run", resume=True))  # doctest: +SKIP
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    channels = list(channels or cache.channels)
+    channels = list(channels or (config if isinstance(config, Mapping) else cache.channels))
     paths = {}
     for ch in channels:
         if stop is not None and stop():
             break
-        paths[ch] = yield from train(cache, config.replace(channel=ch), channel_dir(run_dir, ch),
-                                     resume=resume, stop=stop)
+        one = config[ch] if isinstance(config, Mapping) else config.replace(channel=ch)
+        if one.channel != ch:
+            raise ValueError(f"The config given for channel {ch} trains {one.channel}; "
+                             "give each channel its own config (channel = its name).")
+        paths[ch] = yield from train(cache, one, channel_dir(run_dir, ch), resume=resume,
+                                     stop=stop)
     return paths
