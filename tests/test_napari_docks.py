@@ -129,3 +129,33 @@ def test_form_helpers_build_what_they_say(qtbot):
     qtbot.addWidget(b)
     qtbot.mouseClick(b, Qt.LeftButton)
     assert clicks == [1] and b.toolTip() == "go now"
+
+
+def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
+    """Each default and list a panel offers is read from core (one place to change it)."""
+    from napari_wsdino.core.model import ARCHITECTURES
+    from napari_wsdino.core.preprocess import ILLUMINATION_METHODS, NORMALIZATIONS, PreprocessSettings
+    from napari_wsdino.core.sampler import WEAK_LABEL_INFO
+    from napari_wsdino.core.train import TrainConfig
+    from napari_wsdino.core.tvn import METHODS
+
+    viewer = make_napari_viewer()
+    dock = lambda name: viewer.window.add_plugin_dock_widget("napari-wsdino", name)[1]  # noqa: E731
+    items = lambda box: [box.itemText(i) for i in range(box.count())]  # noqa: E731
+    data = lambda box: [box.itemData(i) for i in range(box.count())]  # noqa: E731
+
+    train, cfg = dock("3a Train"), TrainConfig()
+    assert data(train.weak_combo) == list(WEAK_LABEL_INFO)
+    assert items(train.weak_combo) == [w.title for w in WEAK_LABEL_INFO.values()]
+    assert train.weak_combo.itemData(0, Qt.ToolTipRole) == WEAK_LABEL_INFO["none"].help
+    assert items(train.arch_combo) == list(ARCHITECTURES)
+    assert train.values() == {**{k: getattr(cfg, k) for k in train.values()},
+                              "weak_label": "compound"}  # WS-DINO's label, on purpose
+    assert items(dock("3b Load models").arch_combo) == list(ARCHITECTURES)
+
+    prep, settings = dock("2 Preprocess"), PreprocessSettings()
+    assert items(prep.norm_combo) == list(NORMALIZATIONS)
+    assert items(prep.illum_combo) == list(ILLUMINATION_METHODS)
+    assert prep.prep_settings() == settings
+
+    assert items(dock("5 Evaluate").tvn_combo) == list(METHODS)

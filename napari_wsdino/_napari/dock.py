@@ -269,6 +269,12 @@ def combo(items: Iterable[str], current: str | None = None, *,
     return box
 
 
+def item_tips(box: QComboBox, tips: Iterable[str]) -> None:
+    """A tooltip per item of a combo box, in item order."""
+    for i, text in enumerate(tips):
+        box.setItemData(i, text, Qt.ToolTipRole)
+
+
 def data_combo(items: Iterable[tuple[str, Any]], current: Any = None) -> QComboBox:
     """A combo box of ``(title, value)`` pairs showing the item whose value is ``current``."""
     box = QComboBox()

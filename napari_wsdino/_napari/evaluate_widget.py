@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QFileDialog,
     QFormLayout,
@@ -42,7 +41,7 @@ from napari_wsdino.core.plots import confusion_figure, per_moa_figure, save_figu
 from napari_wsdino.core.profiles import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, WELL
 from napari_wsdino.core.tvn import METHODS as TVN_METHODS
 from napari_wsdino._napari.canvases import ScatterMap  # noqa: F401 - importable from here too
-from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, hrow, spin
+from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, hrow, item_tips, spin
 
 if TYPE_CHECKING:
     import napari
@@ -94,10 +93,8 @@ class EvaluateWidget(WorkerDock):
 
         self.inputs_label = QLabel()
         self.inputs_label.setWordWrap(True)
-        self.tvn_combo = combo(TVN_METHODS)
-        for i, method in enumerate(TVN_METHODS):
-            self.tvn_combo.setItemData(i, TVN_HELP.get(method, ""), Qt.ToolTipRole)
-        self.tvn_combo.setCurrentText(get("tvn", "paper"))
+        self.tvn_combo = combo(TVN_METHODS, get("tvn", "paper"))
+        item_tips(self.tvn_combo, (TVN_HELP.get(method, "") for method in TVN_METHODS))
         self.crop_spin = spin(8, 2048, get("crop", DEFAULT_CROP))
         self.device_combo = combo(("auto", "cpu", "cuda"), get("device", "auto"))
         self.level_combo = combo(LEVELS, get("level", "treatments"))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Generator
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QLineEdit
 
 from napari_wsdino.core.metadata import CHANNELS, DataError
-from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
+from napari_wsdino.core.model import ARCHITECTURES, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core import layout
@@ -33,7 +33,7 @@ SOURCES = {
     "random": "Random initialisation (baseline)",
 }
 WHICH = ("teacher", "student")
-ARCHS = (DEFAULT_ARCH, *CPU_ARCHS, "vit_base_patch8_224")
+ARCHS = tuple(ARCHITECTURES)  # core.model's registry; the box is editable
 PREFIX = "models."
 
 

@@ -73,7 +73,7 @@ class PreprocessWidget(WorkerDock):
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer)
         self.cache: Cache | None = None
-        get = self.saved
+        get, d = self.saved, PreprocessSettings()  # remembered values, else core's defaults
 
         self.dataset_label = QLabel("Open a dataset in 1 Data first.")
         self.dataset_label.setWordWrap(True)
@@ -82,10 +82,10 @@ class PreprocessWidget(WorkerDock):
         self.out_browse = button("…", "Choose the cache folder", self._browse)
         self.height_spin = spin(0, 8192, get("height", 0))
         self.width_spin = spin(0, 8192, get("width", 0))
-        self.clip_spin = double_spin(0, 1e6, get("clip", 10000), decimals=0)
-        self.filter_spin = double_spin(1, 4096, get("filter_size", 320), decimals=0)
-        self.norm_combo = combo(NORMALIZATIONS, get("normalize", "zscore"))
-        self.illum_combo = combo(ILLUMINATION_METHODS, get("illumination", "fast"))
+        self.clip_spin = double_spin(0, 1e6, get("clip", d.clip), decimals=0)
+        self.filter_spin = double_spin(1, 4096, get("filter_size", d.filter_size), decimals=0)
+        self.norm_combo = combo(NORMALIZATIONS, get("normalize", d.normalize))
+        self.illum_combo = combo(ILLUMINATION_METHODS, get("illumination", d.illumination))
         self.workers_spin = spin(1, 64, get("workers", 2))
         self.run_button = button("Run", "Preprocess the dataset into the cache folder (resumes "
                                  "an interrupted run)", self.run)

@@ -11,7 +11,6 @@ Load models panel is ready to load it.
 from __future__ import annotations
 
 import json
-import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,23 +22,25 @@ from qtpy.QtWidgets import (
 from napari_wsdino.core import layout
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
-from napari_wsdino.core.model import CPU_ARCHS, DEFAULT_ARCH
-from napari_wsdino.core.pipeline import PRESETS
+from napari_wsdino.core.model import ARCHITECTURES, arch_patch_size
+from napari_wsdino.core.presets import PRESETS
 from napari_wsdino.core.progress import Progress
-from napari_wsdino.core.sampler import WEAK_LABELS
-from napari_wsdino.core.train import TrainConfig, train_channels
+from napari_wsdino.core.sampler import WEAK_LABEL_INFO
+from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config, train_channels
 from napari_wsdino._napari.canvases import LossPlot  # noqa: F401 - importable from here too
 from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.dock import (
-    WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, spin,
+    WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, item_tips, spin,
 )
 
 if TYPE_CHECKING:
     import napari
 
 PREFIX = "train."
-#: Architectures offered (the box is editable: any timm ViT name works).
-ARCHS = (DEFAULT_ARCH, *CPU_ARCHS, "vit_base_patch8_224")
+#: Architectures offered, from core.model's registry (the box is editable: any timm ViT name).
+ARCHS = tuple(ARCHITECTURES)
+#: The weak label the panel starts with: WS-DINO's (core's default, none, is plain DINO).
+WEAK_LABEL = "compound"
 #: Widget fields that go straight into TrainConfig.
 CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "device",
                  "global_size", "local_size", "local_crops", "out_dim")
@@ -69,30 +70,24 @@ def preset_for(shape) -> str:
 
 def preset_config(name: str) -> TrainConfig:
     """WS-DINO's defaults with a demo preset's training settings."""
-    return TrainConfig().replace(**PRESETS[name].train) if name in PRESETS else TrainConfig()
+    return resolve_config(overrides=PRESETS[name].train if name in PRESETS else None)
 
 
 def make_train_config(values: dict[str, Any], base_file: str = "", preset: str = "") -> TrainConfig:
     """Widget values over a base config (a TOML file, else a preset, else WS-DINO's defaults).
 
-    Raises ``ValueError`` / ``FileNotFoundError`` with a message naming the bad setting.
+    The merge is ``core.train.resolve_config``'s, the CLI's too. Raises ``ValueError`` /
+    ``FileNotFoundError`` with a message naming the bad setting.
     """
-    if str(base_file).strip():
-        base = TrainConfig.load(base_file)
-    else:
-        base = preset_config(preset)
     changes = {k: values[k] for k in CONFIG_FIELDS if k in values}
     if changes.get("init") and not Path(changes["init"]).exists():
         raise FileNotFoundError(f"Initial weights file {changes['init']} does not exist.")
-    return base.replace(**changes)  # dataclasses.replace re-runs the validation
+    base = base_file if str(base_file).strip() else preset_config(preset)
+    return resolve_config(base, changes)
 
 
-def patch_size(arch: str) -> int | None:
-    """Patch size of an architecture name (ours, or timm's ``..._patchN_...``)."""
-    if arch in CPU_ARCHS:
-        return CPU_ARCHS[arch][0]
-    match = re.search(r"patch(\d+)", arch)
-    return int(match.group(1)) if match else None
+#: Patch size of an architecture name (registered, or timm's ``..._patchN_...``).
+patch_size = arch_patch_size
 
 
 def check_fit(config: TrainConfig, shape) -> None:
@@ -129,12 +124,18 @@ def run_summary(run: str | Path, channels) -> str:
 
 
 def continue_config(run: str | Path, channels, epochs: int, device: str) -> TrainConfig:
-    """The run's saved settings with a new number of epochs (Continue training)."""
-    for channel in channels:
-        saved = layout.config_path(run, channel)
-        if saved.exists():
-            return TrainConfig.load(saved).replace(epochs=int(epochs), device=device)
-    raise ValueError(f"{run} holds no run of {', '.join(channels)} to continue: press Start.")
+    """The run's saved settings with a new number of epochs (Continue training).
+
+    The CLI's resume rule (``core.train.resolve_config`` with ``resume_from``): the saved
+    ``config.toml`` of each ticked channel, checked before any work; the first one is run.
+    Raises ``TrainingError`` when a channel's saved settings cannot be resumed so.
+    """
+    configs = [resolve_config(None, {"epochs": int(epochs), "device": device},
+                              resume_from=layout.channel_dir(run, channel))
+               for channel in channels if layout.config_path(run, channel).exists()]
+    if not configs:
+        raise ValueError(f"{run} holds no run of {', '.join(channels)} to continue: press Start.")
+    return configs[0]
 
 
 class TrainWidget(WorkerDock):
@@ -149,7 +150,7 @@ class TrainWidget(WorkerDock):
         self.result: dict[str, Path] | None = None
         self._stop = threading.Event()
         self._shape: tuple[int, int] | None = None
-        get = self.saved
+        get, d = self.saved, TrainConfig()  # remembered values, else core's defaults
 
         self.cache_edit = QLineEdit(str(self.state.cache_path or get("cache", "")))
         self.cache_edit.setPlaceholderText("preprocessed cache folder (2 Preprocess)")
@@ -163,19 +164,22 @@ class TrainWidget(WorkerDock):
         self.channels_row = QHBoxLayout()
         self.preset_combo = data_combo(((t, n) for n, t in PRESET_TITLES.items()),
                                        get("preset", "gpu"))
-        self.weak_combo = combo(WEAK_LABELS, get("weak_label", "compound"))
-        self.arch_combo = combo(ARCHS, get("arch", DEFAULT_ARCH), editable=True)
-        self.epochs_spin = spin(1, 100000, get("epochs", 400))
-        self.batch_spin = spin(1, 4096, get("batch_size", 16))
-        self.init_edit = QLineEdit(get("init", ""))
+        self.weak_combo = data_combo(((w.title, w.name) for w in WEAK_LABEL_INFO.values()),
+                                     get("weak_label", WEAK_LABEL))
+        self.arch_combo = combo(ARCHS, get("arch", d.arch), editable=True)
+        item_tips(self.weak_combo, [w.help for w in WEAK_LABEL_INFO.values()])
+        item_tips(self.arch_combo, [f"{a.title}: {a.help}" for a in ARCHITECTURES.values()])
+        self.epochs_spin = spin(1, 100000, get("epochs", d.epochs))
+        self.batch_spin = spin(1, 4096, get("batch_size", d.batch_size))
+        self.init_edit = QLineEdit(get("init", d.init))
         self.init_edit.setPlaceholderText("empty: random; ours / timm / DINO .pth")
         self.init_browse = button("…", "Choose an initial weights file", self._pick_init)
-        self.device_combo = data_combo(device_choices(), get("device", "auto"))
-        self.lr_spin = double_spin(1e-8, 1.0, get("lr", 4e-6), step=1e-6, decimals=8)
-        self.global_spin = spin(8, 1024, get("global_size", 224))
-        self.local_spin = spin(8, 1024, get("local_size", 96))
-        self.crops_spin = spin(0, 32, get("local_crops", 8))
-        self.outdim_spin = spin(16, 262144, get("out_dim", 65536))
+        self.device_combo = data_combo(device_choices(), get("device", d.device))
+        self.lr_spin = double_spin(1e-8, 1.0, get("lr", d.lr), step=1e-6, decimals=8)
+        self.global_spin = spin(8, 1024, get("global_size", d.global_size))
+        self.local_spin = spin(8, 1024, get("local_size", d.local_size))
+        self.crops_spin = spin(0, 32, get("local_crops", d.local_crops))
+        self.outdim_spin = spin(16, 262144, get("out_dim", d.out_dim))
         self.base_edit = QLineEdit(get("base", ""))
         self.base_edit.setPlaceholderText("optional TOML with every other setting")
         self.start_button = button("Start", "Train a new run in the run folder (refused if it "
@@ -275,7 +279,7 @@ class TrainWidget(WorkerDock):
             return
         self.cache_edit.setText(str(path))
         if not self.run_edit.text().strip():
-            self.run_edit.setText(str(layout.default_run_dir(path, self.weak_combo.currentText())))
+            self.run_edit.setText(str(layout.default_run_dir(path, self.weak_combo.currentData())))
         self._cache_picked(path)
 
     def _cache_picked(self, _path) -> None:
@@ -340,7 +344,7 @@ class TrainWidget(WorkerDock):
 
     def values(self) -> dict[str, Any]:
         return {
-            "weak_label": self.weak_combo.currentText(),
+            "weak_label": self.weak_combo.currentData(),
             "arch": self.arch_combo.currentText().strip(),
             "epochs": self.epochs_spin.value(),
             "batch_size": self.batch_spin.value(),
@@ -377,7 +381,7 @@ class TrainWidget(WorkerDock):
             if existing and not resume:
                 raise ValueError(f"{run} already holds checkpoints for {existing}: press "
                                  "Continue to resume or extend them, or choose another run folder.")
-        except (ValueError, FileNotFoundError, DataError) as exc:
+        except (ValueError, FileNotFoundError, DataError, TrainingError) as exc:
             self.input_error(self.status_label, str(exc))
             return
         self.remember({"cache": str(cache.path), "run": run, "channels": channels,
