@@ -29,6 +29,7 @@ Example
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,28 +37,73 @@ import pandas as pd
 from napari_wsdino.core.metadata import DataError
 
 
+_BLANK = ["", "nan", "none", "unknown"]
+
+
+def _each_field(table: pd.DataFrame) -> pd.Series:
+    return pd.Series(np.arange(len(table)).astype(str), dtype=object)
+
+
+def _column(name: str) -> Callable[[pd.DataFrame], pd.Series]:
+    def labels(table: pd.DataFrame) -> pd.Series:
+        if name not in table:
+            raise DataError(f"The field table has no {name!r} column to use as weak label.")
+        col = table[name]
+        # A blank label is no label: grouping all blanks together would pair unrelated fields.
+        blank = col.isna() | col.astype(str).str.strip().str.lower().isin(_BLANK)
+        if blank.any():
+            raise DataError(
+                f"{int(blank.sum())} fields have no {name}; use --weak-label "
+                "moa_or_compound for partially annotated screens."
+            )
+        return pd.Series(col.astype(str).to_numpy(), dtype=object)
+
+    return labels
+
+
+def _moa_or_compound(table: pd.DataFrame) -> pd.Series:
+    moa = table["moa"].astype(object)
+    known = moa.notna() & ~moa.astype(str).str.strip().str.lower().isin(_BLANK)
+    return pd.Series(
+        np.where(known, "moa:" + moa.astype(str), "compound:" + table["compound"].astype(str)),
+        dtype=object,
+    )
+
+
 @dataclass(frozen=True)
 class WeakLabel:
     """One weak label a run can train with: the only place its name, title and help live.
 
-    ``method`` names the method it makes (``DINO`` without a label, else ``WS-DINO``).
+    ``method`` names the method it makes (``DINO`` without a label, else ``WS-DINO``);
+    ``group(table)`` gives every field's group, one str per table row.
     """
 
     name: str
     title: str
     help: str
+    group: Callable[[pd.DataFrame], pd.Series]
     method: str = "WS-DINO"
+
+    @property
+    def paired(self) -> bool:
+        """Local crops from another field of the group (WS-DINO); else the same field."""
+        return self.method != "DINO"
 
 
 #: Weak labels by name, in menu order; the CLI choices, the panels and the study read it.
 WEAK_LABEL_INFO: dict[str, WeakLabel] = {w.name: w for w in (
     WeakLabel("none", "none (plain DINO)",
-              "each field is its own group: plain DINO, local crops from the same field", "DINO"),
-    WeakLabel("treatment", "treatment", "fields of the same compound at the same concentration"),
-    WeakLabel("compound", "compound", "fields of the same compound, any concentration"),
-    WeakLabel("moa", "MoA", "fields of the same mechanism of action (every field annotated)"),
+              "each field is its own group: plain DINO, local crops from the same field",
+              _each_field, "DINO"),
+    WeakLabel("treatment", "treatment", "fields of the same compound at the same concentration",
+              _column("treatment")),
+    WeakLabel("compound", "compound", "fields of the same compound, any concentration",
+              _column("compound")),
+    WeakLabel("moa", "MoA", "fields of the same mechanism of action (every field annotated)",
+              _column("moa")),
     WeakLabel("moa_or_compound", "MoA, else compound",
-              "the MoA where annotated, else the compound (partially annotated screens)"),
+              "the MoA where annotated, else the compound (partially annotated screens)",
+              _moa_or_compound),
 )}
 #: Weak-label names (iterable, ``in``-testable), from :data:`WEAK_LABEL_INFO`.
 WEAK_LABELS = tuple(WEAK_LABEL_INFO)
@@ -79,7 +125,8 @@ def _is_control(table: pd.DataFrame) -> np.ndarray:
     return ctrl
 
 
-def weak_labels(table: pd.DataFrame, weak_label: str = "none", dmso: str = "exclude") -> pd.Series:
+def weak_labels(table: pd.DataFrame, weak_label: str = DEFAULT_WEAK_LABEL,
+                dmso: str = "exclude") -> pd.Series:
     """The weak label of every training field, indexed by its row in ``table``.
 
     Parameters
@@ -87,8 +134,9 @@ def weak_labels(table: pd.DataFrame, weak_label: str = "none", dmso: str = "excl
     table
         Field table (cache index): ``compound``, ``treatment``, ``moa``, ``plate``.
     weak_label
-        ``none`` (each field alone: plain DINO), ``treatment``, ``compound``, ``moa``,
-        or ``moa_or_compound`` (MoA where annotated, else the compound).
+        A name of :data:`WEAK_LABEL_INFO`: ``none`` (each field alone: plain DINO),
+        ``treatment``, ``compound``, ``moa``, or ``moa_or_compound`` (MoA where
+        annotated, else the compound).
     dmso
         DMSO controls: ``exclude`` (the paper), ``plate`` (one group per plate), or
         ``together`` (one group).
@@ -104,30 +152,10 @@ def weak_labels(table: pd.DataFrame, weak_label: str = "none", dmso: str = "excl
     if dmso not in DMSO_MODES:
         raise DataError(f"Unknown DMSO mode {dmso!r}; choose one of {', '.join(DMSO_MODES)}.")
     rows = np.arange(len(table))
-    if weak_label == "none":
-        labels = pd.Series(rows.astype(str), dtype=object)
-    elif weak_label == "moa_or_compound":
-        moa = table["moa"].astype(object)
-        missing = moa.astype(str).str.strip().str.lower().isin(["", "nan", "none", "unknown"])
-        known = moa.notna() & ~missing
-        labels = pd.Series(
-            np.where(known, "moa:" + moa.astype(str), "compound:" + table["compound"].astype(str)),
-            dtype=object,
-        )
-    else:
-        if weak_label not in table:
-            raise DataError(f"The field table has no {weak_label!r} column to use as weak label.")
-        col = table[weak_label]
-        # A blank label is no label: grouping all blanks together would pair unrelated fields.
-        blank = col.isna() | col.astype(str).str.strip().str.lower().isin(["", "nan", "none", "unknown"])
-        if blank.any():
-            raise DataError(
-                f"{int(blank.sum())} fields have no {weak_label}; use --weak-label "
-                "moa_or_compound for partially annotated screens."
-            )
-        labels = pd.Series(col.astype(str).to_numpy(), dtype=object)
+    info = WEAK_LABEL_INFO[weak_label]
+    labels = info.group(table)
     ctrl = _is_control(table)
-    if weak_label != "none":
+    if info.paired:
         if dmso == "plate":
             labels[ctrl] = (CONTROL + "@" + table["plate"].astype(str))[ctrl].to_numpy()
         elif dmso == "together":

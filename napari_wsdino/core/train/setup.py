@@ -44,7 +44,7 @@ from napari_wsdino.core.model import (
     load_backbone_weights,
     read_checkpoint,
 )
-from napari_wsdino.core.sampler import PairSampler, weak_labels
+from napari_wsdino.core.sampler import WEAK_LABEL_INFO, PairSampler, weak_labels
 from napari_wsdino.core.schedules import Schedules
 from napari_wsdino.core.train.checkpoint import restore
 from napari_wsdino.core.train.settings import N_GLOBAL, TrainConfig, TrainingError
@@ -270,7 +270,7 @@ class TrainState:
 
     @property
     def paired(self) -> bool:
-        return self.config.weak_label != "none"
+        return WEAK_LABEL_INFO[self.config.weak_label].paired
 
     @property
     def steps_per_epoch(self) -> int:
@@ -332,7 +332,7 @@ def setup_run(cache: Cache, config: TrainConfig, out: Path, ckpt_path: Path,
 def _sampler(cache: Cache, config: TrainConfig, info) -> tuple:
     """The weak label of every field used, and this process's sampler of them."""
     labels = weak_labels(cache.table, config.weak_label, config.dmso)
-    paired = config.weak_label != "none"
+    paired = WEAK_LABEL_INFO[config.weak_label].paired
     # "replicate": every process draws the whole epoch, as WS-DINO's WeightedRandomSampler.
     shard = config.epoch_split == "shard"
     sampler = PairSampler(labels, config.batch_size, pair=paired,
