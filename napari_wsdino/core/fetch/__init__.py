@@ -50,82 +50,20 @@ Example
 ['Week1_22123']
 """
 
-from napari_wsdino.core.fetch.options import (
-    COMPLETE_MARKER,
-    COMPOUND_CSV,
-    DEFAULT_BASE_URL,
-    DOWNLOAD_DIR,
-    ESTIMATED_ZIP_BYTES,
-    KNOWN_SHA256,
-    METADATA_FILES,
-    OPTIONAL_FILES,
-    SUBSETS,
-    UNPACK_RATIO,
-    FetchError,
-    FetchOptions,
-    archive_name,
-    format_bytes,
-)
-from napari_wsdino.core.fetch.selection import (
-    bundled_plates,
-    is_plate_complete,
-    plates_in_csv,
-    select_plates,
-)
-from napari_wsdino.core.fetch.manifest import load_manifest, manifest_from_dest
-from napari_wsdino.core.fetch.http import download, remote_size
-from napari_wsdino.core.fetch.archive import (
-    adopt_existing,
-    iter_verify_archive,
-    sha256_file,
-    unpack_plate,
-    verify_archive,
-)
-from napari_wsdino.core.fetch.plan import (
-    FetchPlan,
-    FetchResult,
-    PlateJob,
-    check_space,
-    fetch_bbbc021,
-    fetch_metadata,
-    fetch_plates,
-    plan_fetch,
-)
+# Each job module's __all__ is its public API, re-exported here as one.
+from napari_wsdino.core.fetch import archive, http, manifest, options, plan, selection
+from napari_wsdino.core.fetch.options import *  # noqa: F401,F403
+from napari_wsdino.core.fetch.selection import *  # noqa: F401,F403
+from napari_wsdino.core.fetch.manifest import *  # noqa: F401,F403
+from napari_wsdino.core.fetch.http import *  # noqa: F401,F403
+from napari_wsdino.core.fetch.archive import *  # noqa: F401,F403
+from napari_wsdino.core.fetch.plan import *  # noqa: F401,F403
 
-__all__ = [
-    "COMPLETE_MARKER",
-    "COMPOUND_CSV",
-    "DEFAULT_BASE_URL",
-    "DOWNLOAD_DIR",
-    "ESTIMATED_ZIP_BYTES",
-    "KNOWN_SHA256",
-    "METADATA_FILES",
-    "OPTIONAL_FILES",
-    "SUBSETS",
-    "UNPACK_RATIO",
-    "FetchError",
-    "FetchOptions",
-    "FetchPlan",
-    "FetchResult",
-    "PlateJob",
-    "adopt_existing",
-    "archive_name",
-    "bundled_plates",
-    "check_space",
-    "download",
-    "fetch_bbbc021",
-    "fetch_metadata",
-    "fetch_plates",
-    "format_bytes",
-    "is_plate_complete",
-    "iter_verify_archive",
-    "load_manifest",
-    "manifest_from_dest",
-    "plan_fetch",
-    "plates_in_csv",
-    "remote_size",
-    "select_plates",
-    "sha256_file",
-    "unpack_plate",
-    "verify_archive",
-]
+# (`+=` of each module's __all__: the form static checkers follow.)
+__all__: list[str] = []
+__all__ += options.__all__
+__all__ += selection.__all__
+__all__ += manifest.__all__
+__all__ += http.__all__
+__all__ += archive.__all__
+__all__ += plan.__all__
