@@ -50,6 +50,39 @@ def treatment_order(meta: pd.DataFrame) -> pd.DataFrame:
     return first.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def _group_mean(features: np.ndarray, rows: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Mean of ``features[rows]`` per group (``group`` codes ``0 .. n_groups - 1``).
+
+    A group of one row is that row (copied, no arithmetic); larger groups go through
+    pandas' groupby mean, as before, so their numbers are unchanged.
+    """
+    out = np.empty((n_groups, features.shape[1]), dtype=np.float64)
+    size = np.bincount(group, minlength=n_groups)
+    single = size[group] == 1
+    out[group[single]] = features[rows[single]]
+    if not single.all():
+        many = ~single
+        means = pd.DataFrame(features[rows[many]], dtype=np.float64).groupby(group[many]).mean()
+        out[means.index.to_numpy()] = means.to_numpy(dtype=np.float64)
+    return out
+
+
+def _group_median(features: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """Median of ``features`` per group, as pandas' groupby median (the mean of the two
+    middle values for an even count): groups of equal size are stacked and reduced at
+    once, so many small groups cost no per-group Python."""
+    out = np.empty((n_groups, features.shape[1]), dtype=np.float64)
+    size = np.bincount(group, minlength=n_groups)
+    order = np.argsort(group, kind="stable")
+    start = np.cumsum(size) - size
+    for k in np.unique(size[size > 0]):
+        groups = np.flatnonzero(size == k)
+        rows = order[(start[groups][:, None] + np.arange(k)).ravel()]
+        block = features[rows].astype(np.float64, copy=False)
+        out[groups] = block if k == 1 else np.median(block.reshape(len(groups), k, -1), axis=1)
+    return out
+
+
 def plate_means(profiles: ProfileTable, control: str = CONTROL,
                 include_control: bool = False) -> ProfileTable:
     """First step of :func:`aggregate_treatments`: the mean profile of each (treatment, plate).
@@ -71,15 +104,27 @@ def plate_means(profiles: ProfileTable, control: str = CONTROL,
     order = treatment_order(meta)
     code = pd.Categorical(meta[TREATMENT], categories=order[TREATMENT]).codes
     key = [code, meta[PLATE].to_numpy()]
-    means = pd.DataFrame(profiles.features[keep], dtype=np.float64).groupby(key, sort=True).mean()
-    t_code = means.index.get_level_values(0).to_numpy()
-    out = order.iloc[t_code].reset_index(drop=True)
-    out[PLATE] = means.index.get_level_values(1).to_numpy()
+    group, pairs = pd.factorize(pd.MultiIndex.from_arrays(key), sort=True)
+    means = _group_mean(profiles.features, np.flatnonzero(keep), group, len(pairs))
+    out = order.iloc[pairs.get_level_values(0).to_numpy()].reset_index(drop=True)
+    out[PLATE] = pairs.get_level_values(1).to_numpy()
     if BATCH in meta.columns:
         batch = meta.groupby(key, sort=True)[BATCH].first()
         out[BATCH] = batch.astype(str).to_numpy()
     out[N_FIELDS] = meta.groupby(key, sort=True).size().to_numpy()
-    return ProfileTable(out, means.to_numpy(dtype=np.float64), list(profiles.feature_names))
+    return ProfileTable(out, means, list(profiles.feature_names))
+
+
+def _joined_batches(code: np.ndarray, batch: pd.Series) -> np.ndarray:
+    """Per group code (0, 1, ...), its distinct batches sorted and joined by ``","``;
+    only groups seen in several batches are joined in Python."""
+    pairs = pd.DataFrame({"c": code, "b": batch.astype(str).to_numpy()})
+    pairs = pairs.drop_duplicates().sort_values(["c", "b"], kind="stable")
+    several = pairs["c"].duplicated(keep=False).to_numpy()
+    joined = pairs[~several].set_index("c")["b"]
+    if several.any():
+        joined = pd.concat([joined, pairs[several].groupby("c")["b"].agg(BATCH_SEP.join)])
+    return joined.sort_index().to_numpy()
 
 
 def median_across_plates(means: ProfileTable) -> ProfileTable:
@@ -88,18 +133,16 @@ def median_across_plates(means: ProfileTable) -> ProfileTable:
     means.require([TREATMENT, PLATE])
     meta = means.meta
     code, names = pd.factorize(meta[TREATMENT].astype(str), sort=False)
-    medians = pd.DataFrame(means.features).groupby(code, sort=True).median()
+    medians = _group_median(means.features, code, len(names))
     first = np.unique(code, return_index=True)[1]
     cols = [c for c in (TREATMENT, COMPOUND, CONCENTRATION, MOA) if c in meta.columns]
     out = meta.iloc[first][cols].reset_index(drop=True)
     if BATCH in meta.columns:
-        batches = meta.groupby(code, sort=True)[BATCH].agg(
-            lambda b: BATCH_SEP.join(sorted(set(map(str, b)))))
-        out[BATCH] = batches.to_numpy()
+        out[BATCH] = _joined_batches(code, meta[BATCH])
     out[N_PLATES] = np.bincount(code)
     if N_FIELDS in meta.columns:
         out[N_FIELDS] = np.bincount(code, weights=meta[N_FIELDS].to_numpy()).astype(np.int64)
-    return ProfileTable(out, medians.to_numpy(dtype=np.float64), list(means.feature_names))
+    return ProfileTable(out, medians, list(means.feature_names))
 
 
 def aggregate_treatments(profiles: ProfileTable, control: str = CONTROL,

@@ -6,8 +6,10 @@ similarity matrix is never formed beyond :data:`BLOCK_ELEMENTS` entries: queries
 are taken ``block_rows`` at a time, each block's similarities to all treatments
 are computed by one matrix product, every candidate of every query is ranked by
 one sort, and the rules (NSC, NSCB) read their candidates, neighbours, k-NN votes
-and average precision off that ranking. Memory is about 30 bytes per block entry
-(some 130 MB for the default block), whatever the number of treatments.
+and average precision off that ranking. Memory is about 25 bytes per block entry
+(some 100 MB per worker for the default block), whatever the number of treatments.
+Blocks are shared among :func:`default_workers` threads (numpy's sorts, gathers
+and ufuncs release the GIL; BLAS is held to one thread per worker meanwhile).
 
 Precision. Up to :data:`EXACT_MAX` treatments the similarities are float64 and
 rounded to :data:`~napari_wsdino.core.metrics.DECIMALS` (10) decimals, as in the
@@ -21,7 +23,9 @@ Ranking. Similarities are turned into integer levels ``rint(s * 10**decimals)``
 and each entry into one int64 key, ``(top - level) << bits | column``: sorting the
 keys of a row orders its treatments by decreasing similarity with ties by
 treatment order (the stable order of the dense version), and the column index
-comes back from the key's low bits. One sort serves every rule and every k.
+comes back from the key's low bits. A query's own compound gets a key past every
+other, so NSC's candidates are a prefix of the ranking. One sort serves every
+rule and every k.
 
 Example
 -------
@@ -35,6 +39,8 @@ Example
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,9 +77,20 @@ def block_size(n: int, block_rows: int | None = None) -> int:
     return n if n * n <= BLOCK_ELEMENTS else max(1, BLOCK_ELEMENTS // max(n, 1))
 
 
+def default_workers() -> int:
+    """Threads for the blocks: the cores this process may use, at most
+    ``OMP_NUM_THREADS`` when that is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(limit))) if limit.isdigit() and int(limit) > 0 else cores
+
+
 class _Workspace:
-    """One block's buffers, allocated once: a fresh large array per block would cost its
-    page faults again every block."""
+    """One block's buffers, allocated once per worker: a fresh large array per block
+    would cost its page faults again every block."""
 
     def __init__(self, rows: int, n: int, dtype):
         self.sim = np.empty((rows, n), dtype)
@@ -81,42 +98,57 @@ class _Workspace:
         self.cols = np.empty((rows, n), np.int32)
         self.gathered = np.empty((rows, n), np.int32)
         self.same_label = np.empty((rows, n), bool)
-        self.other = np.empty((rows, n), bool)
         self.cand = np.empty((rows, n), bool)
         self.scratch = np.empty((rows, n), bool)
-        self.columns = np.arange(n, dtype=np.int64)
 
     def rows(self, m: int) -> "_Workspace":
         """The buffers' first ``m`` rows (the last block may be shorter)."""
         view = object.__new__(_Workspace)
-        view.__dict__ = {k: (v if k == "columns" else v[:m]) for k, v in self.__dict__.items()}
+        view.__dict__ = {k: v[:m] for k, v in self.__dict__.items()}
         return view
 
 
-def _sorted_columns(unit, rows: slice, decimals: int, bits: int, ws: _Workspace):
-    """Columns of each query row by decreasing rounded similarity, ties by index, into
-    ``ws.cols``; ``ws.key`` holds the sorted keys ``-level << bits | column`` (level
-    ``= rint(s * 10**decimals)``)."""
-    np.matmul(unit[rows], unit.T, out=ws.sim)
-    ws.sim *= -(10.0 ** decimals)
+@dataclass
+class _Data:
+    """What every block reads: unit rows, integer codes, the rules, the settings."""
+
+    unit: np.ndarray
+    lab: np.ndarray
+    comp: np.ndarray
+    members: np.ndarray  # treatments sorted by compound
+    comp_start: np.ndarray
+    comp_size: np.ndarray
+    rules: dict
+    ks: list
+    decimals: int
+    bits: int
+
+    @property
+    def n_labels(self) -> int:
+        return int(self.lab.max()) + 1 if len(self.lab) else 0
+
+
+def _sorted_columns(data: _Data, rows: np.ndarray, ws: _Workspace) -> np.ndarray:
+    """Rank every treatment for each query row: ``ws.cols`` gets the columns by decreasing
+    rounded similarity, ties by index, the query's own compound last; ``ws.key`` the
+    sorted keys ``-level << bits | column`` (level ``= rint(s * 10**decimals)``).
+    Returns each row's number of other-compound treatments (NSC's candidate prefix)."""
+    n, bits = len(data.lab), data.bits
+    np.matmul(data.unit[rows[0]:rows[-1] + 1], data.unit.T, out=ws.sim)
+    ws.sim *= -(10.0 ** data.decimals)
     np.rint(ws.sim, out=ws.sim)
     np.copyto(ws.key, ws.sim, casting="unsafe")
     ws.key <<= bits
-    ws.key |= ws.columns
+    ws.key |= np.arange(n, dtype=np.int64)
+    # The query's own compound (itself included) goes past every similarity level.
+    size = data.comp_size[data.comp[rows]]
+    r = np.repeat(np.arange(len(rows)), size)
+    offset = np.arange(len(r)) - np.repeat(np.cumsum(size) - size, size)
+    c = data.members[np.repeat(data.comp_start[data.comp[rows]], size) + offset]
+    ws.key[r, c] = (np.int64(1) << np.int64(62)) | c
     ws.key.sort(axis=1)
     np.bitwise_and(ws.key, (1 << bits) - 1, out=ws.cols, casting="unsafe")
-
-
-class _Accumulator:
-    """Per-rule outputs, filled block by block."""
-
-    def __init__(self, n, ks):
-        self.query = np.zeros(n, dtype=bool)
-        self.neighbour = np.full(n, -1, dtype=np.int64)
-        self.similarity = np.full(n, np.nan)
-        self.correct = np.zeros(n, dtype=bool)
-        self.ap = np.full(n, np.nan)
-        self.hits = {k: 0 for k in ks}
+    return n - size
 
 
 def _top_positions(cand, n_cand, k):
@@ -150,65 +182,123 @@ def _knn_hits(top_lab, valid, lab_q, k, n_labels) -> np.ndarray:
     return np.argmax(counts * (k + 1) - first, axis=1) == lab_q
 
 
-def _average_precision(cand, same_label, scratch):
-    """AP of each row from its ranked candidate and same-MoA masks (NaN: no positive).
-
-    A positive's rank among the candidates is its position less the non-candidates
-    ranked before it; both are found with one sorted search, not a row-wise cumsum.
-    """
-    b, n = cand.shape
-    pr, pc = np.nonzero(np.logical_and(cand, same_label, out=scratch))
+def _average_precision(pr, pc, excluded_before, b) -> np.ndarray:
+    """AP of each of ``b`` rows from its positives' row / ranked position (row-major) and
+    the non-candidates ranked before each; NaN for a row without positive."""
     n_pos = np.bincount(pr, minlength=b)
     found = np.arange(1, len(pr) + 1) - np.repeat(np.cumsum(n_pos) - n_pos, n_pos)
-    nr, nc = np.nonzero(np.logical_not(cand, out=scratch))
-    excluded = nr.astype(np.int64) * n + nc
-    flat = pr.astype(np.int64) * n + pc
-    before = np.searchsorted(excluded, flat) - np.searchsorted(excluded, pr.astype(np.int64) * n)
-    ap_sum = np.bincount(pr, weights=found / (pc + 1 - before), minlength=b)
+    ap_sum = np.bincount(pr, weights=found / (pc + 1 - excluded_before), minlength=b)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n_pos > 0, ap_sum / n_pos, np.nan)
 
 
-def _rule_block(acc, rows, ws, bits, scale, query_ok, lab, ks, n_labels):
-    """One rule on one block of queries (``ws.cand`` and ``ws.same_label`` in ranked order)."""
-    cand, cols = ws.cand, ws.cols
-    n_cand = np.count_nonzero(cand, axis=1)
+def _rule_ap(same_label, scratch, n_prefix, cand):
+    """AP per row: positives are same-MoA candidates; a positive's rank among candidates
+    is its position less the non-candidates before it (one sorted search)."""
+    b, n = same_label.shape
+    if cand is None:  # NSC: the candidates are a prefix of the ranking
+        pr, pc = np.nonzero(same_label)
+        keep = pc < n_prefix[pr]
+        return _average_precision(pr[keep], pc[keep], 0, b)
+    pr, pc = np.nonzero(np.logical_and(cand, same_label, out=scratch))
+    nr, nc = np.nonzero(np.logical_not(cand, out=scratch))
+    excluded = nr.astype(np.int64) * n + nc
+    before = (np.searchsorted(excluded, pr.astype(np.int64) * n + pc)
+              - np.searchsorted(excluded, pr.astype(np.int64) * n))
+    return _average_precision(pr, pc, before, b)
+
+
+def _rule_block(data: _Data, rows, ws, n_prefix, query_ok, cand=None) -> dict:
+    """One rule on one block of queries; ``cand`` (ranked order) is ``None`` for NSC,
+    whose candidates are the first ``n_prefix`` ranked treatments."""
+    k_max, b = max(data.ks), len(rows)
+    if cand is None:
+        n_cand = n_prefix
+        j = np.arange(k_max)
+        top = np.where(j < n_prefix[:, None], j, -1)
+    else:
+        n_cand = np.count_nonzero(cand, axis=1)
+        top = _top_positions(cand, n_cand, k_max)
     query = query_ok & (n_cand > 0)
-    top = _top_positions(cand, n_cand, max(ks))
-    r = np.arange(len(rows))
-    first = np.maximum(top[:, 0], 0)
-    nb = cols[r, first]
-    lab_q = lab[rows]
-    acc.query[rows] = query
-    acc.neighbour[rows] = np.where(query, nb, -1)
-    acc.similarity[rows] = np.where(query, -(ws.key[r, first] >> bits) / scale, np.nan)
-    acc.correct[rows] = query & (lab[nb] == lab_q)
+    r, first = np.arange(b), np.maximum(top[:, 0], 0)
+    nb, lab_q = ws.cols[r, first], data.lab[rows]
     q = np.flatnonzero(query)
-    ap = np.full(len(rows), np.nan)
-    if len(q) == len(rows):
-        ap = _average_precision(cand, ws.same_label, ws.scratch)
+    ap = np.full(b, np.nan)
+    if len(q) == b:
+        ap = _rule_ap(ws.same_label, ws.scratch, n_prefix, cand)
     elif len(q):
-        ap[q] = _average_precision(cand[q], ws.same_label[q], ws.scratch[:len(q)])
-    acc.ap[rows] = ap
+        ap[q] = _rule_ap(ws.same_label[q], ws.scratch[:len(q)], n_prefix[q],
+                         None if cand is None else cand[q])
     valid = top >= 0
-    top_lab = lab[np.take_along_axis(cols, np.maximum(top, 0), axis=1)]
-    for k in ks:
-        acc.hits[k] += int(_knn_hits(top_lab, valid, lab_q, k, n_labels)[query].sum())
+    top_lab = data.lab[np.take_along_axis(ws.cols, np.maximum(top, 0), axis=1)]
+    return {
+        "query": query,
+        "neighbour": np.where(query, nb, -1),
+        "similarity": np.where(query, -(ws.key[r, first] >> data.bits) / 10.0 ** data.decimals,
+                               np.nan),
+        "correct": query & (data.lab[nb] == lab_q),
+        "ap": ap,
+        "hits": {k: int(_knn_hits(top_lab, valid, lab_q, k, data.n_labels)[query].sum())
+                 for k in data.ks},
+    }
+
+
+def _block(data: _Data, rows: np.ndarray, ws: _Workspace) -> dict:
+    """Every rule on one block of query rows: ``{rule: outputs}``."""
+    n_prefix = _sorted_columns(data, rows, ws)
+    np.take(data.lab, ws.cols, out=ws.gathered)
+    np.equal(ws.gathered, data.lab[rows][:, None], out=ws.same_label)
+    out = {}
+    for name, (code, elig) in data.rules.items():
+        query_ok = np.ones(len(rows), dtype=bool) if elig is None else elig[rows]
+        if code is None and elig is None:
+            out[name] = _rule_block(data, rows, ws, n_prefix, query_ok)
+            continue
+        cand = ws.cand
+        np.less(np.arange(cand.shape[1]), n_prefix[:, None], out=cand)
+        cand &= query_ok[:, None]
+        if code is not None:  # code -1: multi-batch, -2: not eligible (never a candidate)
+            np.take(code, ws.cols, out=ws.gathered)
+            np.not_equal(ws.gathered, -2, out=ws.scratch)
+            cand &= ws.scratch
+            np.not_equal(ws.gathered, np.where(code[rows] == -1, -3, code[rows])[:, None],
+                         out=ws.scratch)
+            cand &= ws.scratch
+        elif elig is not None:
+            np.take(elig, ws.cols, out=ws.scratch)
+            cand &= ws.scratch
+        out[name] = _rule_block(data, rows, ws, n_prefix, query_ok, cand)
+    return out
 
 
 def _prepared(rule: Rule, n: int):
-    """A rule's batch codes as int32 indices (-1: multi-batch) and its eligible mask."""
+    """A rule as int32 batch indices (-1: multi-batch, -2: not eligible) and its eligible
+    mask."""
+    elig = None if rule.eligible is None else np.asarray(rule.eligible, dtype=bool).reshape(n)
     code = None
     if rule.batch_code is not None:
         raw = np.asarray(rule.batch_code)
         code = np.unique(raw, return_inverse=True)[1].reshape(-1).astype(np.int32)
         code[raw == MULTI_BATCH] = -1
-    elig = None if rule.eligible is None else np.asarray(rule.eligible, dtype=bool).reshape(n)
+        if elig is not None:
+            code[~elig] = -2
     return code, elig
 
 
+def _unit(x: np.ndarray, dtype, chunk: int = 4096) -> np.ndarray:
+    """:func:`metrics.unit_rows` in ``dtype``; float32 is made chunk by chunk, without a
+    float64 copy of the whole table."""
+    if dtype == np.float64:
+        return unit_rows(x)
+    out = np.empty(x.shape, dtype=dtype)
+    for i in range(0, len(x), chunk):
+        out[i:i + chunk] = unit_rows(x[i:i + chunk])
+    return out
+
+
 def match_blockwise(features, compounds, labels, rules: dict[str, Rule], ks=(1,), *,
-                    block_rows: int | None = None, dtype=None) -> dict[str, MatchResult]:
+                    block_rows: int | None = None, dtype=None,
+                    workers: int | None = None) -> dict[str, MatchResult]:
     """NSC / NSCB neighbours, k-NN accuracy and AP of every treatment, block by block.
 
     Parameters
@@ -226,6 +316,9 @@ def match_blockwise(features, compounds, labels, rules: dict[str, Rule], ks=(1,)
     dtype
         ``np.float64`` or ``np.float32``; default float64 up to :data:`EXACT_MAX`
         treatments, float32 above.
+    workers
+        Threads sharing the blocks (default :func:`default_workers`); results do not
+        depend on it.
 
     Returns
     -------
@@ -238,42 +331,48 @@ def match_blockwise(features, compounds, labels, rules: dict[str, Rule], ks=(1,)
     if not ks or ks[0] < 1:
         raise ValueError("k must be at least 1")
     dtype = np.dtype(dtype or (np.float64 if n <= EXACT_MAX else np.float32))
-    decimals = DECIMALS if dtype == np.float64 else FLOAT32_DECIMALS
-    unit = unit_rows(x).astype(dtype, copy=False)
     _, lab = np.unique(np.asarray(labels).astype(str), return_inverse=True)
     _, comp = np.unique(np.asarray(compounds).astype(str), return_inverse=True)
-    lab, comp = lab.astype(np.int32), comp.astype(np.int32)
-    n_labels = int(lab.max()) + 1 if n else 0
-    bits = max(1, int(n).bit_length())
-    rules = {name: _prepared(rule, n) for name, rule in rules.items()}
-    accs = {name: _Accumulator(n, ks) for name in rules}
+    comp = comp.reshape(-1).astype(np.int32)
+    comp_size = np.bincount(comp, minlength=comp.max() + 1 if n else 0)
+    data = _Data(_unit(x, dtype), lab.reshape(-1).astype(np.int32), comp,
+                 np.argsort(comp, kind="stable"), np.cumsum(comp_size) - comp_size, comp_size,
+                 {name: _prepared(rule, n) for name, rule in rules.items()}, ks,
+                 DECIMALS if dtype == np.float64 else FLOAT32_DECIMALS,
+                 max(1, int(n).bit_length()))
     step = block_size(n, block_rows)
-    workspace = _Workspace(min(step, n), n, dtype)
-    for start in range(0, n, step):
-        rows = np.arange(start, min(start + step, n))
-        ws = workspace.rows(len(rows))
-        _sorted_columns(unit, slice(rows[0], rows[-1] + 1), decimals, bits, ws)
-        np.take(lab, ws.cols, out=ws.gathered)
-        np.equal(ws.gathered, lab[rows][:, None], out=ws.same_label)
-        np.take(comp, ws.cols, out=ws.gathered)
-        np.not_equal(ws.gathered, comp[rows][:, None], out=ws.other)
-        for name, (code, elig) in rules.items():
-            query_ok = np.ones(len(rows), dtype=bool) if elig is None else elig[rows]
-            if code is None:
-                np.copyto(ws.cand, ws.other)
-            else:  # a multi-batch query (code -1) has no batch to avoid
-                np.take(code, ws.cols, out=ws.gathered)
-                np.not_equal(ws.gathered, np.where(code[rows] < 0, -2, code[rows])[:, None],
-                             out=ws.cand)
-                ws.cand &= ws.other
-            if elig is not None:
-                np.take(elig, ws.cols, out=ws.scratch)
-                ws.cand &= ws.scratch
-                ws.cand &= query_ok[:, None]
-            _rule_block(accs[name], rows, ws, bits, 10.0 ** decimals, query_ok, lab, ks, n_labels)
-    out = {}
-    for name, a in accs.items():
-        n_q = int(a.query.sum())
-        knn = {k: (a.hits[k] / n_q if n_q else float("nan")) for k in ks}
-        out[name] = MatchResult(name, a.query, a.neighbour, a.similarity, a.correct, a.ap, knn)
-    return out
+    blocks = [np.arange(s, min(s + step, n)) for s in range(0, n, step)]
+    workers = max(1, min(workers or default_workers(), len(blocks)))
+
+    def run(part: int) -> list:
+        workspace = _Workspace(min(step, n), n, dtype)
+        return [(rows, _block(data, rows, workspace.rows(len(rows))))
+                for rows in blocks[part::workers]]
+
+    if workers == 1:
+        done = run(0)
+    else:  # one BLAS thread per worker: the workers are the parallelism
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+            done = [b for part in pool.map(run, range(workers)) for b in part]
+    return {name: _collect(name, n, ks, [(rows, out[name]) for rows, out in done])
+            for name in rules}
+
+
+def _collect(name: str, n: int, ks, parts) -> MatchResult:
+    """One rule's block outputs joined into a :class:`MatchResult`."""
+    query = np.zeros(n, dtype=bool)
+    neighbour = np.full(n, -1, dtype=np.int64)
+    similarity = np.full(n, np.nan)
+    correct = np.zeros(n, dtype=bool)
+    ap = np.full(n, np.nan)
+    hits = dict.fromkeys(ks, 0)
+    for rows, out in parts:
+        query[rows], neighbour[rows], similarity[rows] = out["query"], out["neighbour"], out["similarity"]
+        correct[rows], ap[rows] = out["correct"], out["ap"]
+        for k in ks:
+            hits[k] += out["hits"][k]
+    n_q = int(query.sum())
+    knn = {k: (hits[k] / n_q if n_q else float("nan")) for k in ks}
+    return MatchResult(name, query, neighbour, similarity, correct, ap, knn)

@@ -227,7 +227,9 @@ class TypicalVariationNormalizer:
             x = self._scale_plates(x, np.asarray(plates))
         if self.method == "per-channel":
             return np.concatenate([tvn.transform(x[:, cols]) for cols, tvn in self.parts_], axis=1)
-        return ((x - self.mean_) @ self.components_) * self.scale_
+        z = (x - self.mean_) @ self.components_
+        z *= self.scale_  # in place: one (n, d) temporary less at screen scale
+        return z
 
     def _fit_groups(self, x, is_control) -> "TypicalVariationNormalizer":
         groups = np.asarray(self.groups, dtype=object)
