@@ -94,8 +94,7 @@ def _check_settings(cache: Cache, windows: str, median: str, pooling: str, nucle
 
 def _make_plan(cache, models, out, indices, *, crop, batch_size, chunk_size, device, pooling,
                windows, median, l2, nuclei_channel) -> _Plan:
-    models.check_channels(cache.channels)
-    dev = pick_device(device)
+    dev = torch.device(device)
     models.to(dev)
     table = cache.table if indices is None else cache.table.iloc[list(indices)]
     rows = np.arange(len(cache)) if indices is None else np.asarray(list(indices), dtype=int)
@@ -259,31 +258,38 @@ def embed_cache(
         on a file system all ranks share) each rank embeds every ``WORLD_SIZE``-th chunk;
         rank 0 merges them and returns the table, the other ranks return ``None``, and
         a ``"merge"`` event's ``info["ranks"]`` says how many fields each rank embedded.
+        Each rank then uses ``cuda:LOCAL_RANK`` when ``device`` is CUDA.
 
     Example
     -------
     >>> gen = embed_cache(cache, models, "profiles.parquet", crop=224)  # doctest: +SKIP
     >>> for event in gen: print(event.message)                          # doctest: +SKIP
     """
-    plan = _make_plan(cache, models, out, indices, crop=crop, batch_size=batch_size,
-                      chunk_size=chunk_size, device=device, pooling=pooling, windows=windows,
-                      median=median, l2=l2, nuclei_channel=nuclei_channel)
-    info = distributed.setup(plan.device.type)
+    models.check_channels(cache.channels)
+    dev, info = _join(device)
     try:
+        plan = _make_plan(cache, models, out, indices, crop=crop, batch_size=batch_size,
+                          chunk_size=chunk_size, device=dev, pooling=pooling, windows=windows,
+                          median=median, l2=l2, nuclei_channel=nuclei_channel)
         return (yield from _run(plan, info, out, resume))
     finally:
         distributed.teardown(info)
 
 
+def _join(device: str) -> tuple[torch.device, distributed.DistInfo]:
+    """This process's device and its place in a ``torchrun`` job (one GPU per rank)."""
+    dev = pick_device(device)
+    info = distributed.setup(dev.type)
+    if dev.type == "cuda" and info.distributed:
+        dev = torch.device("cuda", info.local_rank)
+    return dev, info
+
+
 def _run(plan: _Plan, info: distributed.DistInfo, out, resume: bool):
     """Prepare ``OUT.parts/`` (rank 0), embed this rank's chunks, merge them on rank 0."""
-    if info.distributed:
-        if out is None:
-            raise DataError("Embedding under torchrun merges the ranks' parts beside the output "
-                            "file: give one (--out PROFILES.parquet).")
-        if plan.device.type == "cuda":
-            plan.device = torch.device("cuda", info.local_rank)
-            plan.models.to(plan.device)
+    if info.distributed and out is None:
+        raise DataError("Embedding under torchrun merges the ranks' parts beside the output "
+                        "file: give one (--out PROFILES.parquet).")
     if plan.parts is not None:
         _share_parts(plan, info, resume)
     mine = shard_chunks(plan.n_chunks, info.rank, info.world_size)
