@@ -49,11 +49,11 @@ from napari_wsdino.core.preprocess.state import (
     SHARDS_DIR,
     _check_files_unchanged,
     _create_state,
-    _describe_difference,
     _fingerprint,
     _finish,
     _fsync,
     _open_state,
+    _settings_difference,
     _write_json,
 )
 
@@ -287,11 +287,8 @@ def _owners(shards: dict[Path, dict | None], table: pd.DataFrame, channels: list
 def _check_shard(folder: Path, state: dict, channels: list[str], record: dict,
                  fingerprint: str, identity: dict) -> None:
     """Refuse a shard made with other settings, of other fields or of another dataset."""
-    if state.get("settings") != record or state.get("channels") != channels:
-        diff = _describe_difference(
-            dict(state.get("settings", {}), channels=state.get("channels")),
-            dict(record, channels=channels),
-        )
+    diff = _settings_difference(state, record, channels)
+    if diff:
         raise DataError(f"Shard {folder} was made with different settings ({diff}): "
                         "merge with the options the shards were run with.")
     if state.get("fingerprint") != fingerprint:

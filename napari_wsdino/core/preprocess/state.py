@@ -120,6 +120,14 @@ def _describe_difference(old: dict, new: dict) -> str:
     return "; ".join(diffs)
 
 
+def _settings_difference(state: dict, record: dict, channels: list[str]) -> str:
+    """What differs between the settings of a cache's ``state`` and these ("": nothing)."""
+    if state.get("settings") == record and state.get("channels") == channels:
+        return ""
+    return _describe_difference(dict(state.get("settings", {}), channels=state.get("channels")),
+                                dict(record, channels=channels))
+
+
 def _open_state(out: Path, record: dict, channels: list[str], fingerprint: str,
                 shard: dict | None = None, merging: bool = False) -> dict | None:
     """The state of the cache in ``out``, checked against what is asked of it (settings,
@@ -135,11 +143,8 @@ def _open_state(out: Path, record: dict, channels: list[str], fingerprint: str,
         raise DataError(f"{settings_path} is damaged ({exc}); delete {out} and rerun.") from None
     if state.get("format") != CACHE_FORMAT:
         raise DataError(f"{settings_path} is not a napari-wsdino cache; choose another --out.")
-    if state.get("settings") != record or state.get("channels") != channels:
-        diff = _describe_difference(
-            dict(state.get("settings", {}), channels=state.get("channels")),
-            dict(record, channels=channels),
-        )
+    diff = _settings_difference(state, record, channels)
+    if diff:
         raise DataError(
             f"Cache {out} was made with different settings ({diff}). Preprocess into "
             "another --out folder, or delete this one to rebuild it."
