@@ -24,8 +24,8 @@ def tiny(tmp_path):
 def test_manifest_validates_and_is_the_packaged_one():
     import npe2
 
-    link = ROOT / "napari_wsdino" / "napari.yaml"
-    assert link.is_symlink() and link.resolve() == (ROOT / "napari.yaml").resolve()
+    link = ROOT / "napari.yaml"
+    assert link.is_symlink() and link.resolve() == (ROOT / "napari_wsdino" / "napari.yaml").resolve()
     manifest = npe2.PluginManifest.from_file(ROOT / "napari.yaml")
     ids = {c.id for c in manifest.contributions.commands}
     assert "napari-wsdino.get_reader" in ids
