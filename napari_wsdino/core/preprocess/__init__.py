@@ -4,7 +4,8 @@ Reproduces the WS-DINO preprocessing (Cross-Zamirski et al. 2022; their
 CellProfiler pipelines ``BBBC021_IlluminationCalculate/Apply.cppipe`` and the
 training script's data loader), per field of view and channel:
 
-1. divide by the (plate, channel) illumination function (:mod:`.illumination`);
+1. divide by the (plate, channel) illumination function
+   (:mod:`napari_wsdino.core.illumination`);
 2. resize, bicubic and anti-aliased, to ``settings.size`` (default half the
    input size, as in the paper);
 3. clip at ``settings.clip`` (10,000 in the paper's code), in raw 16-bit counts
@@ -18,8 +19,8 @@ training script's data loader), per field of view and channel:
    code does with ``albumentations.Normalize(mean=0, std=1, max_pixel_value=10000)``)
    or ``"none"`` (keep counts).
 
-The result is a :mod:`.cache` folder. Work streams plate by plate (a plate is
-read twice: once for its mean image, once to correct it; no more than a few
+The result is a :mod:`napari_wsdino.core.cache` folder. Work streams plate by
+plate (a plate is read twice: once for its mean image, once to correct it; no more than a few
 fields are in memory at once), spreads fields over a process pool, and records
 each finished plate in ``cache.json`` so an interrupted run resumes from the next
 plate and gives byte-identical files. Unreadable fields are reported with their
