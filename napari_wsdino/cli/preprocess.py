@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
                        help="merge the N finished shards into CACHE, the cache one run makes "
                        "(give the options the shards had); shards are taken from "
                        "CACHE/shards/ (removed once merged) or from the SHARDS folders given "
-                       "(kept)")
+                       "(kept; put --merge after DATA)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_layout_option(p)
     p.set_defaults(func=run)
