@@ -160,3 +160,37 @@ def test_per_channel_tvn_is_the_official_per_channel_pca_whitening():
     assert output_names("per-channel", names)[6] == "Actin_pc0000"
     with pytest.raises(DataError, match="groups"):
         TypicalVariationNormalizer("per-channel")
+
+
+def test_registry_lists_every_method_once_with_its_default():
+    import inspect
+
+    from napari_wsdino.cli.evaluate import add_parser  # noqa: F401  (choices come from METHODS)
+    from napari_wsdino.core import evaluation, tvn
+
+    assert tvn.METHODS == tuple(tvn.TVN_METHODS) == ("paper", "per-plate", "per-channel", "none")
+    assert tvn.DEFAULT_TVN in tvn.TVN_METHODS
+    assert all(m.display and m.help for m in tvn.TVN_METHODS.values())
+    for fn in (evaluation.iter_evaluate, evaluation.evaluate_profiles, tvn.apply_tvn):
+        first = list(inspect.signature(fn).parameters.values())[1]
+        assert first.default == tvn.DEFAULT_TVN, fn.__name__
+    assert TypicalVariationNormalizer().method == tvn.DEFAULT_TVN
+    with pytest.raises(DataError, match="Unknown TVN method 'pca'.*paper, per-plate"):
+        tvn.get_tvn("pca")
+
+
+@pytest.mark.parametrize("method", ["paper", "per-plate", "per-channel", "none"])
+def test_every_registered_method_runs_through_apply_tvn(method):
+    profiles = screen(d=8)
+    profiles = profiles.with_features(profiles.features, [f"{c}_{k}" for c in ("A", "B")
+                                                          for k in range(4)])
+    out, fitted = apply_tvn(profiles, method)
+    assert out.features.shape == profiles.features.shape and np.isfinite(out.features).all()
+    ctl = out.features[profiles.is_control()]
+    if fitted.spec.whiten and not fitted.spec.plate_scaling:  # DMSO whitened to identity
+        blocks = [slice(0, 4), slice(4, 8)] if fitted.spec.per_channel else [slice(0, 8)]
+        for b in blocks:  # per channel: within each channel
+            np.testing.assert_allclose(np.cov(ctl[:, b].T), np.eye(b.stop - b.start), atol=1e-8)
+    if not fitted.spec.whiten:
+        np.testing.assert_array_equal(out.features, profiles.features)
+        assert out.feature_names == profiles.feature_names

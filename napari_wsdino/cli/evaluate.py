@@ -8,7 +8,7 @@ from pathlib import Path
 from napari_wsdino.cli._common import drive
 from napari_wsdino.core.evaluation import DEFAULT_KS, EvaluationResult, iter_evaluate
 from napari_wsdino.core.profiles import ProfileTable
-from napari_wsdino.core.tvn import METHODS
+from napari_wsdino.core.tvn import METHODS, TVN_METHODS
 
 
 def _shrinkage(text: str):
@@ -38,10 +38,9 @@ def add_parser(sub) -> None:
                    help="defaults of --tvn/--nscb-multibatch: default (paper, exempt) or "
                    "paper-code (per-channel, official)")
     p.add_argument("--tvn", choices=METHODS, default=None,
-                   help="typical variation normalisation: 'paper' (whitening fitted on all "
-                   "DMSO fields), 'per-plate' (centre/scale each plate on its DMSO first), "
-                   "'per-channel' (one whitening per channel, then concatenated: the published "
-                   "code), 'none' (default: the recipe's)")
+                   help="typical variation normalisation: "
+                   + "; ".join(f"'{m.name}': {m.help}" for m in TVN_METHODS.values())
+                   + " (default: the recipe's)")
     p.add_argument("--nscb-multibatch", choices=NSCB_MULTIBATCH, default=None,
                    help="NSCB for a treatment seen in several batches (BBBC021's taxol): exempt "
                    "from the batch rule, or official (median batch code of its plates, rule "

@@ -35,7 +35,7 @@ from napari_wsdino.core.profiles import (
     BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, ProfileTable, evaluation_warnings,
 )
 from napari_wsdino.core.progress import Progress, run_to_end
-from napari_wsdino.core.tvn import METHODS, TypicalVariationNormalizer, channel_groups, output_names
+from napari_wsdino.core.tvn import DEFAULT_TVN, get_tvn, make_tvn, output_names
 
 DEFAULT_KS = (1, 3, 5)
 
@@ -261,13 +261,12 @@ def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool =
     }
 
 
-def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto", ks=DEFAULT_KS,
+def iter_evaluate(profiles: ProfileTable, tvn: str = DEFAULT_TVN, *, shrinkage="auto", ks=DEFAULT_KS,
                   nscb: bool = True, unannotated: str = "error", drop_constant: bool = False,
                   control: str = CONTROL, nscb_multibatch: str = "exempt",
                   ) -> Generator[Progress, None, EvaluationResult]:
     """:func:`evaluate_profiles` as a generator of :class:`Progress` events."""
-    if tvn not in METHODS:
-        raise DataError(f"Unknown TVN method {tvn!r}; choose one of {', '.join(METHODS)}.")
+    get_tvn(tvn)  # a clear error for an unknown method, before any work
     if nscb_multibatch not in metrics.NSCB_MULTIBATCH:
         raise DataError(f"Unknown NSCB multi-batch rule {nscb_multibatch!r}; choose one of "
                         f"{', '.join(metrics.NSCB_MULTIBATCH)}.")
@@ -281,9 +280,8 @@ def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto
         notes.append(warning)
         yield Progress("evaluate", 0, total, warning, {"warning": warning})
     yield Progress("evaluate", 1, total, f"TVN ({tvn})")
-    groups = channel_groups(profiles.feature_names) if tvn == "per-channel" else None
-    fitted = TypicalVariationNormalizer(tvn, shrinkage, groups)
-    plates = profiles.meta[PLATE].astype(str).to_numpy() if tvn == "per-plate" else None
+    fitted = make_tvn(tvn, profiles.feature_names, shrinkage)
+    plates = profiles.meta[PLATE].astype(str).to_numpy() if fitted.spec.plate_scaling else None
     fitted.fit(profiles.features, is_control, plates)
     shrink = getattr(fitted, "shrinkage_", None)
     if shrink:
@@ -337,7 +335,7 @@ def iter_evaluate(profiles: ProfileTable, tvn: str = "paper", *, shrinkage="auto
     return result
 
 
-def evaluate_profiles(profiles: ProfileTable, tvn: str = "paper", **kwargs) -> EvaluationResult:
+def evaluate_profiles(profiles: ProfileTable, tvn: str = DEFAULT_TVN, **kwargs) -> EvaluationResult:
     """TVN, aggregation and NSC / NSCB / k-NN / mAP on field-level profiles.
 
     Parameters
@@ -345,7 +343,9 @@ def evaluate_profiles(profiles: ProfileTable, tvn: str = "paper", **kwargs) -> E
     profiles
         Field-level :class:`ProfileTable` (controls with ``Metadata_MoA == "DMSO"``).
     tvn
-        ``"paper"``, ``"per-plate"``, ``"per-channel"`` or ``"none"``.
+        A TVN method of :data:`~napari_wsdino.core.tvn.TVN_METHODS` (``"paper"``, the
+        default :data:`~napari_wsdino.core.tvn.DEFAULT_TVN`, ``"per-plate"``,
+        ``"per-channel"`` or ``"none"``).
     nscb_multibatch
         ``"exempt"`` (default: treatments seen in several batches skip the batch rule)
         or ``"official"`` (WS-DINO's code: median batch code, rule applied).

@@ -52,14 +52,67 @@ import scipy.linalg
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.profiles import PLATE, ProfileTable
 
-METHODS = ("paper", "per-plate", "per-channel", "none")
 _SINGULAR = 1e-10
 
 
-def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise DataError(f"Unknown TVN method {method!r}; choose one of {', '.join(METHODS)}.")
+@dataclass(frozen=True)
+class TVNMethod:
+    """One registered TVN variant: its name, display name and help, and what it does.
+
+    ``whiten``: fit a whitening (else features pass through); ``plate_scaling``: centre
+    and scale each plate on its own DMSO first; ``per_channel``: one whitening per
+    channel (feature-name prefix), concatenated.
+    """
+
+    name: str
+    display: str
+    help: str
+    whiten: bool = True
+    plate_scaling: bool = False
+    per_channel: bool = False
+
+
+#: The registered TVN methods by name, in display order (see :func:`register_tvn`).
+TVN_METHODS: dict[str, TVNMethod] = {}
+
+
+def register_tvn(method: TVNMethod) -> TVNMethod:
+    """Add a TVN method to :data:`TVN_METHODS` (and so to the CLI's and panel's choices)."""
+    TVN_METHODS[method.name] = method
     return method
+
+
+register_tvn(TVNMethod(
+    "paper", "Paper (all DMSO fields)",
+    "one whitening fitted on all DMSO fields (the WS-DINO paper); when there are too few DMSO "
+    "fields, the covariance is shrunk (Ledoit-Wolf shrinkage: blended with a scaled identity "
+    "so it can be inverted)"))
+register_tvn(TVNMethod(
+    "per-plate", "Per plate, then paper",
+    "each plate centred and scaled on its own DMSO fields first, then the paper's whitening",
+    plate_scaling=True))
+register_tvn(TVNMethod(
+    "per-channel", "Per channel (published code)",
+    "one whitening per channel (the published evaluation code's variant), concatenated",
+    per_channel=True))
+register_tvn(TVNMethod("none", "None", "features left as they are", whiten=False))
+
+#: The default TVN method, written once: use it wherever a default ``tvn`` is needed.
+DEFAULT_TVN = "paper"
+#: Names of the registered methods (kept for ``from napari_wsdino.core.tvn import METHODS``).
+METHODS = tuple(TVN_METHODS)
+
+
+def get_tvn(method: str) -> TVNMethod:
+    """The registered :class:`TVNMethod` called ``method``; a :class:`DataError` naming the
+    choices otherwise."""
+    if method not in TVN_METHODS:
+        raise DataError(f"Unknown TVN method {method!r}; choose one of {', '.join(TVN_METHODS)}.")
+    return TVN_METHODS[method]
+
+
+def _check_method(method: str) -> str:
+    return get_tvn(method).name
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:
@@ -81,7 +134,8 @@ class TypicalVariationNormalizer:
     Parameters
     ----------
     method
-        ``"paper"``, ``"per-plate"`` or ``"none"`` (see module docstring).
+        A name in :data:`TVN_METHODS` (``"paper"``, ``"per-plate"``, ``"per-channel"``,
+        ``"none"``; see the module docstring).
     shrinkage
         ``"auto"`` or a Ledoit-Wolf-style coefficient in ``[0, 1]``.
     groups
@@ -102,13 +156,18 @@ class TypicalVariationNormalizer:
         ``"per-plate"`` only: ``{plate: (d,)}`` DMSO mean and standard deviation.
     """
 
-    method: str = "paper"
+    method: str = DEFAULT_TVN
     shrinkage: str | float = "auto"
     groups: tuple | None = None
 
+    @property
+    def spec(self) -> TVNMethod:
+        """The registered method."""
+        return get_tvn(self.method)
+
     def __post_init__(self):
         _check_method(self.method)
-        if self.method == "per-channel":
+        if self.spec.per_channel:
             if self.groups is None:
                 raise DataError("Per-channel TVN needs the channel of every feature (groups).")
             self.groups = tuple(str(g) for g in self.groups)
@@ -160,9 +219,9 @@ class TypicalVariationNormalizer:
         _check_finite(x, "feature")
         n_ctl, d = int(is_control.sum()), x.shape[1]
         self.n_features_in_ = d
-        if self.method == "none":
+        if not self.spec.whiten:
             return self
-        if self.method == "per-channel":
+        if self.spec.per_channel:
             return self._fit_groups(x, is_control)
         if n_ctl < 2:
             raise DataError(
@@ -178,7 +237,7 @@ class TypicalVariationNormalizer:
                 "variation. Drop them (ProfileTable.drop_features / drop_constant_features; "
                 "CLI: --drop-constant) or use tvn='none'."
             )
-        if self.method == "per-plate":
+        if self.spec.plate_scaling:
             if plates is None:
                 raise DataError("Per-plate TVN needs the plate of every row (Metadata_Plate).")
             plates = np.asarray(plates)
@@ -215,17 +274,17 @@ class TypicalVariationNormalizer:
         """Whiten ``X`` (``(n, d)``) with the fitted controls; returns float64 ``(n, d)``."""
         x = np.asarray(X, dtype=np.float64)
         _check_finite(x, "feature")
-        if self.method == "none":
+        if not self.spec.whiten:
             return x.copy()
         if not hasattr(self, "components_"):
             raise RuntimeError("TypicalVariationNormalizer is not fitted; call fit first.")
         if x.shape[1] != self.n_features_in_:
             raise DataError(f"TVN was fitted on {self.n_features_in_} features, got {x.shape[1]}.")
-        if self.method == "per-plate":
+        if self.spec.plate_scaling:
             if plates is None:
                 raise DataError("Per-plate TVN needs the plate of every row (Metadata_Plate).")
             x = self._scale_plates(x, np.asarray(plates))
-        if self.method == "per-channel":
+        if self.spec.per_channel:
             return np.concatenate([tvn.transform(x[:, cols]) for cols, tvn in self.parts_], axis=1)
         z = (x - self.mean_) @ self.components_
         z *= self.scale_  # in place: one (n, d) temporary less at screen scale
@@ -249,7 +308,7 @@ class TypicalVariationNormalizer:
         return self.fit(X, is_control, plates).transform(X, plates)
 
 
-def apply_tvn(profiles: ProfileTable, method: str = "paper", shrinkage: str | float = "auto",
+def apply_tvn(profiles: ProfileTable, method: str = DEFAULT_TVN, shrinkage: str | float = "auto",
               control: str = "DMSO") -> tuple[ProfileTable, TypicalVariationNormalizer]:
     """Fit TVN on the control rows of a field-level profile table and apply it to all rows.
 
@@ -260,16 +319,21 @@ def apply_tvn(profiles: ProfileTable, method: str = "paper", shrinkage: str | fl
     -------
     >>> normalised, tvn = apply_tvn(profiles, "per-plate")      # doctest: +SKIP
     """
-    _check_method(method)
-    groups = channel_groups(profiles.feature_names) if method == "per-channel" else None
-    tvn = TypicalVariationNormalizer(method, shrinkage, groups)
+    tvn = make_tvn(method, profiles.feature_names, shrinkage)
     plates = None
-    if method == "per-plate":
+    if tvn.spec.plate_scaling:
         profiles.require([PLATE])
         plates = profiles.meta[PLATE].astype(str).to_numpy()
     is_control = profiles.is_control(control)
     z = tvn.fit_transform(profiles.features, is_control, plates)
     return profiles.with_features(z, output_names(method, profiles.feature_names)), tvn
+
+
+def make_tvn(method: str, feature_names, shrinkage: str | float = "auto") -> TypicalVariationNormalizer:
+    """An unfitted normaliser for ``method`` on these features (channel groups where the
+    method whitens per channel)."""
+    groups = channel_groups(feature_names) if get_tvn(method).per_channel else None
+    return TypicalVariationNormalizer(method, shrinkage, groups)
 
 
 def channel_groups(names) -> list[str]:
@@ -281,9 +345,10 @@ def channel_groups(names) -> list[str]:
 def output_names(method: str, names: list[str]) -> list[str]:
     """Feature names after TVN: unchanged for ``"none"``, else principal axes ``pc0000...``
     (``DAPI_pc000...`` per channel for ``"per-channel"``)."""
-    if method == "none":
+    spec = get_tvn(method)
+    if not spec.whiten:
         return list(names)
-    if method == "per-channel":
+    if spec.per_channel:
         groups = channel_groups(names)
         out, seen = [], {}
         for g in groups:
