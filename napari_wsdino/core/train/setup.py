@@ -258,10 +258,11 @@ class TrainState:
     sched: Schedules
     data_meta: dict
     patch: int
-    forward: Callable = None  # the student as trained: DDP / torch.compile wrapped
+    # Filled by setup_run once the state is restored:
+    forward: Callable | None = None  # the student as trained: DDP / torch.compile wrapped
     autocast: Callable = contextlib.nullcontext
-    source: "FieldSource" = None
-    centres: Callable = None
+    source: FieldSource | None = None
+    centres: Callable | None = None
     step: int = 0
     epoch_loss: float = 0.0
     epoch_n: int = 0
