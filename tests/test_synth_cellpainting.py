@@ -69,9 +69,11 @@ def test_load_metadata_reads_five_channels(cp_replica, capsys):
     assert meta.channels == CELLPAINTING_CHANNELS
     s = meta.summary()
     assert s["fields"] == 96 and s["plates"] == 6 and s["batches"] == 3
-    assert s["treatments"] == 24 and s["moas"] == 12 and s["dmso_fields"] == 24
-    assert s["nscb_treatments"] == 24 and s["missing_files"] == 0  # every MoA in every source
+    assert s["treatments"] == s["compounds"] == 36 and s["moas"] == 12 and s["dmso_fields"] == 24
+    assert s["nscb_treatments"] == 36 and s["missing_files"] == 0  # every MoA in every source
     t = meta.table
+    treated = t[t.moa != CONTROL]
+    assert (treated.groupby("compound").batch.nunique() == 1).all()  # a compound: one source
     assert set(t.batch) == {"source_1", "source_2", "source_3"}
     assert (t.loc[t.moa == CONTROL, "compound"] == CONTROL).all()
     assert (t.loc[t.moa != CONTROL, "concentration"] == 10.0).all()

@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
         "Actin), MoA phenotypes with dose-response, and week/plate nuisance. With --layout "
         "cellpainting: a small JUMP-style Cell Painting screen instead (load_data.csv, five "
         "stains DNA/ER/RNA/AGP/Mito, 3 sources as batches with their own stain and "
-        "illumination shifts, 2 plates each, 24 compounds of 12 MoAs plus DMSO, 192 fields "
-        "at 2 sites). Results on it are 'synthetic replica' results, never BBBC021 or JUMP ones.",
+        "illumination shifts, 2 plates each, one compound of each of 12 MoAs per source "
+        "plus DMSO, 192 fields at 2 sites). Results on it are 'synthetic replica' results, never BBBC021 or JUMP ones.",
         epilog="Examples: wsdino synth demo_data --subset mini && napari demo_data; "
         "wsdino synth cp_data --layout cellpainting --size 128 160",
     )

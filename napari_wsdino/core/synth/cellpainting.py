@@ -1,10 +1,11 @@
 """A small five-channel Cell Painting replica in the JUMP ``load_data.csv`` layout.
 
 The design: a few sources (the batch: each with its own stain gains, backgrounds,
-focus and illumination shifts per stain), two plates per source, every compound on
-one plate of every source (so each MoA is seen in every batch and NSCB is defined),
-DMSO wells (the negative control, JUMP's ``JCP2022_033924``) on every plate, and a
-few sites per well. Compounds get made-up ``JCP2022_9xxxxx`` identifiers and
+focus and illumination shifts per stain), two plates per source, one compound of
+every MoA per source, in one well of each of its source's plates (so a compound is
+seen in one batch, as most BBBC021 treatments are, and every MoA in every batch:
+NSCB is defined and differs from NSC), DMSO wells (the negative control, JUMP's
+``JCP2022_033924``) on every plate, and a few sites per well. Compounds get made-up ``JCP2022_9xxxxx`` identifiers and
 InChIKey-shaped keys (clearly not real molecules); each belongs to one of the MoAs of
 :data:`.phenotypes.MOA_PHENOTYPES` and is rendered by
 :func:`.render.render_cellpainting` at a single dose (JUMP's 10 µM).
@@ -14,6 +15,8 @@ Example
 >>> specs, rows = cellpainting_specs(seed=0)
 >>> len(specs), sorted(rows.Metadata_Source.unique())
 (192, ['source_1', 'source_2', 'source_3'])
+>>> int(rows.Metadata_JCP2022.nunique()) - 1  # compounds, DMSO aside
+36
 """
 
 from __future__ import annotations
@@ -44,11 +47,10 @@ from napari_wsdino.core.synth.phenotypes import (
 )
 from napari_wsdino.core.synth.render import illumination, render_cellpainting
 
-#: The design's size: sources (batches), plates per source, compounds per MoA, DMSO
-#: wells per plate, sites per well.
+#: The design's size: sources (batches; one compound of each MoA per source), plates
+#: per source (each holds all of its source's compounds), DMSO wells per plate, sites.
 SOURCES = 3
 PLATES_PER_SOURCE = 2
-COMPOUNDS_PER_MOA = 2
 DMSO_WELLS = 4
 DEFAULT_SITES = 2
 #: JUMP's compound dose (µM); the control is at 0.
@@ -66,13 +68,14 @@ def _fake_inchikey(name: str) -> str:
 
 
 def compounds() -> pd.DataFrame:
-    """The synthetic compounds: ``Metadata_JCP2022``, ``Metadata_InChIKey``, ``moa``."""
+    """The synthetic compounds: ``Metadata_JCP2022``, ``Metadata_InChIKey``, ``moa`` and
+    ``source`` (1-based: the one source that tests it)."""
     rows = []
     for m, moa in enumerate(MOA_PHENOTYPES):
-        for k in range(COMPOUNDS_PER_MOA):
-            jcp = f"JCP2022_9{m * COMPOUNDS_PER_MOA + k + 1:05d}"
+        for k in range(SOURCES):
+            jcp = f"JCP2022_9{m * SOURCES + k + 1:05d}"
             rows.append({"Metadata_JCP2022": jcp, "Metadata_InChIKey": _fake_inchikey(jcp),
-                         "moa": moa})
+                         "moa": moa, "source": k + 1})
     return pd.DataFrame(rows)
 
 
@@ -97,7 +100,7 @@ def load_data(sites: int | None = None) -> pd.DataFrame:
     for s in range(1, SOURCES + 1):
         for p in range(PLATES_PER_SOURCE):
             plate = f"S{s}P{p + 1:02d}"
-            treated = [j for j in range(len(comp)) if (j + s) % PLATES_PER_SOURCE == p]
+            treated = [int(j) for j in np.flatnonzero(comp.source == s)]
             for well, j in _plate_wells(treated):
                 meta = ({"Metadata_JCP2022": JUMP_DMSO, "Metadata_InChIKey": DMSO_INCHIKEY,
                          "Metadata_pert_type": "negcon", "Metadata_MoA": CONTROL} if j is None
