@@ -8,6 +8,7 @@ spelled here, so moving a file means changing one function::
         <channel>/checkpoint.pth        the latest checkpoint of one channel's model
         <channel>/config.toml           the TrainConfig it was trained with
         <channel>/log.jsonl             one record per epoch
+        <channel>/teacher_epochNNNN.pth teacher snapshots (``snapshot_every``)
     <parent>/profiles/<kind>-<fp>.parquet  profiles of a model set (the Evaluate panel)
 
 >>> checkpoint_path("runs/compound", "DAPI").as_posix()
@@ -53,6 +54,11 @@ def config_path(run: PathLikeStr, channel: str) -> Path:
 
 def log_path(run: PathLikeStr, channel: str) -> Path:
     return channel_dir(run, channel) / LOG_FILE
+
+
+def snapshot_path(channel_folder: PathLikeStr, epoch: int) -> Path:
+    """A teacher-only snapshot of one channel's model after ``epoch`` (``snapshot_every``)."""
+    return Path(channel_folder) / f"teacher_epoch{epoch:04d}.pth"
 
 
 def trained_channels(run: PathLikeStr, channels) -> list[str]:

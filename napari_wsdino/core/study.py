@@ -32,13 +32,14 @@ import numpy as np
 import pandas as pd
 
 from napari_wsdino.core.cache import Cache, open_cache
-from napari_wsdino.core.layout import CHECKPOINT_FILE, LOG_FILE, channel_dir
+from napari_wsdino.core.layout import CHECKPOINT_FILE, LOG_FILE, channel_dir, snapshot_path
 from napari_wsdino.core.metadata import CONTROL, DataError
 from napari_wsdino.core.presets import DEFAULT_PRESET
 from napari_wsdino.core.progress import Progress
+from napari_wsdino.core.sampler import WEAK_LABEL_INFO
 
-LABEL_NAMES = {"none": "DINO", "treatment": "WS-DINO", "compound": "WS-DINO", "moa": "WS-DINO",
-               "moa_or_compound": "WS-DINO"}
+#: The method each weak label trains ("DINO" or "WS-DINO"), from the weak-label registry.
+LABEL_NAMES = {name: w.method for name, w in WEAK_LABEL_INFO.items()}
 
 
 @dataclass
@@ -287,7 +288,7 @@ def _holdout_summary(evals, model, label) -> dict:
 
 
 def _snapshot(channel_folder: Path, epoch: int, final: int) -> Path:
-    snap = channel_folder / f"teacher_epoch{epoch:04d}.pth"
+    snap = snapshot_path(channel_folder, epoch)
     if snap.exists():
         return snap
     if epoch == final:

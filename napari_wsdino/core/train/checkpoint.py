@@ -24,6 +24,7 @@ import torch
 
 from napari_wsdino.core import distributed
 from napari_wsdino.core.fsio import atomic_write
+from napari_wsdino.core.layout import snapshot_path
 from napari_wsdino.core.model import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 from napari_wsdino.core.train.settings import (
     TrainConfig,
@@ -190,7 +191,7 @@ def end_epoch(state, record: dict) -> None:
             save_checkpoint({"format": CHECKPOINT_FORMAT, "channel": config.channel,
                              "epoch": done, "config": config.to_dict(),
                              "teacher": state.teacher.state_dict()},
-                            state.out / f"teacher_epoch{done:04d}.pth")
+                            snapshot_path(state.out, done))
     if done % config.checkpoint_every == 0 or done == config.epochs:
         write_checkpoint(state, finished=done == config.epochs)
 
