@@ -3,7 +3,9 @@
 A deliberately simple hand-crafted profile (no segmentation model, no learning) in
 the spirit of early CellProfiler whole-image measurements: intensity distribution,
 foreground fraction (Otsu), edge and blob energy, grey-level co-occurrence (Haralick)
-texture, nuclear object counts and sizes on DAPI, and inter-channel correlation. It
+texture, nuclear object counts and sizes on the first channel (the DNA stain: DAPI in
+BBBC021, DNA in Cell Painting), and inter-channel correlation, for any number of
+channels (52 numbers for BBBC021's three, 89 for Cell Painting's five). It
 is the reference any learned embedding should beat, and it calibrates the synthetic
 replica (``docs/replica.md``).
 
@@ -76,7 +78,8 @@ def classical_features(image: np.ndarray) -> np.ndarray:
     Parameters
     ----------
     image
-        ``(C, H, W)`` raw intensities; channel 0 is the nuclear stain (DAPI).
+        ``(C, H, W)`` raw intensities, any ``C``; channel 0 is the nuclear stain
+        (DAPI, or Cell Painting's DNA).
 
     Returns
     -------
@@ -91,6 +94,8 @@ def classical_features(image: np.ndarray) -> np.ndarray:
     >>> rng = np.random.default_rng(0)
     >>> classical_features(rng.poisson(100, (3, 64, 80)).astype(np.uint16)).shape
     (52,)
+    >>> classical_features(rng.poisson(100, (5, 64, 80)).astype(np.uint16)).shape
+    (89,)
     """
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 3:
