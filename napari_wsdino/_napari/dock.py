@@ -130,6 +130,7 @@ class WorkerDock(QWidget):
     # -- the task --------------------------------------------------------------------
     @property
     def running(self) -> bool:
+        """The dock's task is running (a stop may have been asked for)."""
         return self.status == TaskStatus.RUNNING
 
     def set_running(self, running: bool) -> None:

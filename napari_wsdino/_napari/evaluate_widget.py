@@ -1,13 +1,12 @@
 """Evaluate dock widget: one click from the cache and model set to NSC / NSCB / mAP.
 
-Evaluate embeds every field of the cache with the loaded model set
-(``core.embed.embed_cache``; cancellable, finished chunks kept for a rerun), runs
-TVN, aggregation and matching (``core.evaluation.iter_evaluate``) and a 2-D map of
-the treatment (or well) profiles (``core.projection.project_2d``), all in one
-worker. The dock then shows the numbers, per-MoA accuracy, the MoA confusion
-matrix, and a scatter coloured by MoA / compound / batch / concentration:
-hovering a point names it, clicking it opens one of its fields in the viewer.
-Profiles, figures and results can be exported.
+Evaluate runs ``core.evaluate_workflow.evaluate_job`` in one worker: it embeds every
+field of the cache with the loaded model set (cancellable, finished chunks kept for a
+rerun), runs TVN, aggregation and matching, and projects the treatment (or well)
+profiles to 2-D. The dock then shows the numbers, per-MoA accuracy, the MoA confusion
+matrix, and a scatter coloured by MoA / compound / batch / concentration
+(``canvases.ScatterMap``): hovering a point names it, clicking it opens one of its
+fields in the viewer. Profiles, figures and results can be exported.
 """
 
 from __future__ import annotations

@@ -42,6 +42,25 @@ class TaskStatus(str, enum.Enum):
     CRASHED = "crashed"
 
 
+class _EventedPath:
+    """A path attribute (or ``None``) that emits the owner's ``signal`` when it changes."""
+
+    def __init__(self, signal: str):
+        self.signal = signal
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.attr = f"_{name}"
+
+    def __get__(self, obj, objtype=None) -> Path | None:
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj, path: str | Path | None) -> None:
+        path = Path(path) if path is not None else None
+        if path != getattr(obj, self.attr):
+            setattr(obj, self.attr, path)
+            getattr(obj, self.signal).emit(path)
+
+
 class WsdinoState:
     """Dataset, current field, cache and model set of one viewer, with change signals.
 
@@ -126,27 +145,8 @@ class WsdinoState:
         return self._metadata.table.iloc[self._field_index]
 
     # -- products of later steps -------------------------------------------------
-    @property
-    def cache_path(self) -> Path | None:
-        return self._cache_path
-
-    @cache_path.setter
-    def cache_path(self, path: str | Path | None) -> None:
-        path = Path(path) if path is not None else None
-        if path != self._cache_path:
-            self._cache_path = path
-            self.cache_changed.emit(path)
-
-    @property
-    def model_path(self) -> Path | None:
-        return self._model_path
-
-    @model_path.setter
-    def model_path(self, path: str | Path | None) -> None:
-        path = Path(path) if path is not None else None
-        if path != self._model_path:
-            self._model_path = path
-            self.model_changed.emit(path)
+    cache_path = _EventedPath("cache_changed")
+    model_path = _EventedPath("model_changed")
 
     @property
     def models(self) -> Any:
