@@ -22,22 +22,9 @@ from napari_wsdino.core.metadata import (
 )
 from napari_wsdino.core.synth import SynthConfig, make_replica, render_spec
 from napari_wsdino.core.synth.cellpainting import cellpainting_specs
+from test_synth import cli  # wsdino with info and synth only (no torch import)
 
 DNA, ER, RNA, AGP, MITO = range(5)
-
-
-def cli(argv):
-    """``wsdino`` with only the info and synth subcommands (skips importing torch)."""
-    import argparse
-
-    from napari_wsdino.cli import info, synth
-
-    parser = argparse.ArgumentParser(prog="wsdino")
-    sub = parser.add_subparsers(dest="command")
-    info.add_parser(sub)
-    synth.add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,12 @@ from napari_wsdino.core.synth.phenotypes import (
     stable_seed,
     treatment_vector,
 )
-from napari_wsdino.core.synth.render import illumination, pixel_scale, render_field
+from napari_wsdino.core.synth.render import (  # noqa: F401  (illumination, pixel_scale re-exported)
+    cached_illumination,
+    illumination,
+    pixel_scale,
+    render_field,
+)
 from napari_wsdino.core.synth import cellpainting
 
 __all__ = [
@@ -117,11 +122,7 @@ def render_spec(spec: dict, size: tuple[int, int], seed: int,
     if spec.get("layout") == "cellpainting":
         return cellpainting.render_cellpainting_spec(spec, size, seed, config, _illum_cache)
     plate = plate_nuisance(spec["plate"], seed, config)
-    illum = None
-    if _illum_cache is not None:
-        illum = _illum_cache.get(spec["plate"])
-        if illum is None:
-            illum = _illum_cache[spec["plate"]] = illumination(size, plate)
+    illum = cached_illumination(_illum_cache, spec["plate"], size, plate)
     rng = np.random.default_rng(stable_seed(seed, "field", spec["plate"], spec["well"], spec["site"]))
     return render_field(rng, size, spec["vec"], spec["dose"], batch_nuisance(spec["batch"], seed, config),
                         plate, illum, config)

@@ -45,7 +45,7 @@ from napari_wsdino.core.synth.phenotypes import (
     stable_seed,
     treatment_vector,
 )
-from napari_wsdino.core.synth.render import illumination, render_cellpainting
+from napari_wsdino.core.synth.render import cached_illumination, render_cellpainting
 
 #: The design's size: sources (batches; one compound of each MoA per source), plates
 #: per source (each holds all of its source's compounds), DMSO wells per plate, sites.
@@ -158,11 +158,7 @@ def render_cellpainting_spec(spec: dict, size: tuple[int, int], seed: int,
                              _illum_cache: dict | None = None) -> np.ndarray:
     """Render the ``(5, H, W)`` uint16 image of one Cell Painting field spec."""
     plate = source_plate_nuisance(spec["batch"], spec["plate"], seed, config)
-    illum = None
-    if _illum_cache is not None:
-        illum = _illum_cache.get(spec["plate"])
-        if illum is None:
-            illum = _illum_cache[spec["plate"]] = illumination(size, plate)
+    illum = cached_illumination(_illum_cache, spec["plate"], size, plate)
     rng = np.random.default_rng(stable_seed(seed, "field", spec["plate"], spec["well"], spec["site"]))
     batch = batch_nuisance(spec["batch"], seed, config, channels=len(CELLPAINTING_CHANNELS))
     return render_cellpainting(rng, size, spec["vec"], spec["dose"], batch, plate, illum, config)

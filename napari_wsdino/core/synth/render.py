@@ -58,6 +58,17 @@ def _splat(shape, ys, xs, amps, sigma):
     return img
 
 
+def cached_illumination(cache: dict | None, key: str, shape: tuple[int, int],
+                        plate: dict) -> np.ndarray | None:
+    """The :func:`illumination` of plate ``key`` from ``cache`` (filled on first use);
+    ``None`` without a cache (the renderer then computes it)."""
+    if cache is None:
+        return None
+    if key not in cache:
+        cache[key] = illumination(shape, plate)
+    return cache[key]
+
+
 def illumination(shape: tuple[int, int], plate: dict) -> np.ndarray:
     """Per-plate illumination field ``(C, H, W)``: vignetting times a linear gradient."""
     h, w = shape
@@ -256,10 +267,7 @@ def _dna(rng, c: _Cells, p: _Cells, batch: dict) -> np.ndarray:
 def _tubulin(rng, c: _Cells, p: _Cells, batch: dict) -> np.ndarray:
     """Microtubules: radial, slightly curved filaments from the centrosome."""
     n, col, idx, mitotic, rosette, rad = c.n, c.col, p.idx, c.mitotic, c.rosette, c.rad
-    cen_dir = rng.uniform(0, 2 * np.pi, n)
-    cen_r = np.where(mitotic | rosette, 0.0, 1.05 * c.nuc_a)
-    c.ccy = c.cy + c.nuc_off[:, 0] + cen_r * np.sin(cen_dir)
-    c.ccx = c.cx + c.nuc_off[:, 1] + cen_r * np.cos(cen_dir)
+    _golgi_side(rng, c)
     dy, dx = p.py - c.ccy[idx], p.px - c.ccx[idx]
     rc = np.sqrt(dx**2 + dy**2)
     phic = np.arctan2(dy, dx)
