@@ -23,7 +23,7 @@ from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config
 def test_weak_label_registry_is_the_list_every_user_reads():
     assert WEAK_LABELS == tuple(WEAK_LABEL_INFO) == (
         "none", "treatment", "compound", "moa", "moa_or_compound")
-    assert TrainConfig().weak_label == DEFAULT_WEAK_LABEL == "none"
+    assert TrainConfig().weak_label == DEFAULT_WEAK_LABEL == "compound"
     assert {w.method for w in WEAK_LABEL_INFO.values()} == {"DINO", "WS-DINO"}
     assert WEAK_LABEL_INFO["none"].method == "DINO"
     table = pd.DataFrame({"compound": list("aabb"), "moa": ["X", "X", "Y", "Y"],

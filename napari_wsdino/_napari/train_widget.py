@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 PREFIX = "train."
 #: Architectures offered, from core.model's registry (the box is editable: any timm ViT name).
 ARCHS = tuple(ARCHITECTURES)
-#: The weak label the panel starts with: WS-DINO's (core's default, none, is plain DINO).
-WEAK_LABEL = "compound"
 #: Widget fields that go straight into TrainConfig.
 CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "device",
                  "global_size", "local_size", "local_crops", "out_dim")
@@ -165,7 +163,7 @@ class TrainWidget(WorkerDock):
         self.preset_combo = data_combo(((t, n) for n, t in PRESET_TITLES.items()),
                                        get("preset", "gpu"))
         self.weak_combo = data_combo(((w.title, w.name) for w in WEAK_LABEL_INFO.values()),
-                                     get("weak_label", WEAK_LABEL))
+                                     get("weak_label", d.weak_label))
         self.arch_combo = combo(ARCHS, get("arch", d.arch), editable=True)
         item_tips(self.weak_combo, [w.help for w in WEAK_LABEL_INFO.values()])
         item_tips(self.arch_combo, [f"{a.title}: {a.help}" for a in ARCHITECTURES.values()])

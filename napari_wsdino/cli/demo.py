@@ -6,8 +6,8 @@ import json
 
 from napari_wsdino.cli._common import drive
 from napari_wsdino.core.pipeline import run_demo
-from napari_wsdino.core.presets import DEFAULT_PRESET, DEMO_WEAK_LABEL, PRESETS
-from napari_wsdino.core.sampler import WEAK_LABELS, weak_label_help
+from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
+from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, WEAK_LABELS, weak_label_help
 
 
 def add_parser(sub) -> None:
@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help=f"run size ({presets})")
     p.add_argument("--gpu", action="store_const", const="gpu", dest="preset",
                    help="shorthand for --preset gpu (ViT-S/8, the paper's settings)")
-    p.add_argument("--weak-label", default=DEMO_WEAK_LABEL, choices=WEAK_LABELS,
-                   help=f"WS-DINO weak label (default: {DEMO_WEAK_LABEL}): {weak_label_help()}")
+    p.add_argument("--weak-label", default=DEFAULT_WEAK_LABEL, choices=WEAK_LABELS,
+                   help=f"WS-DINO weak label (default: {DEFAULT_WEAK_LABEL}): {weak_label_help()}")
     p.add_argument("--epochs", type=int, help="override the preset's training epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the replica and training")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")

@@ -32,7 +32,8 @@ import numpy as np
 from napari_wsdino.core.layout import demo_paths, log_path
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
-    DEFAULT_PRESET, DEMO_WEAK_LABEL, PRESETS, Preset, embed_settings, headline, resolve_preset)
+    DEFAULT_PRESET, PRESETS, Preset, embed_settings, headline, resolve_preset)
+from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL
 from napari_wsdino.core.progress import Progress
 
 STAGES = ("replica", "preprocess", "train", "embed", "evaluate", "report")
@@ -74,7 +75,7 @@ def run_demo(
     out: str | Path,
     preset: str | Preset = DEFAULT_PRESET,
     *,
-    weak_label: str = DEMO_WEAK_LABEL,
+    weak_label: str = DEFAULT_WEAK_LABEL,
     seed: int = 0,
     device: str = "auto",
     workers: int = 2,

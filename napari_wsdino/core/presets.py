@@ -17,10 +17,6 @@ from napari_wsdino.core.metadata import DataError
 #: The numbers a demo row and a study evaluation report, in this order.
 HEADLINE_METRICS = ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")
 DEFAULT_PRESET = "cpu"
-#: The demo's and the study's point is WS-DINO against plain DINO, so the demo trains with the
-#: compound label (the paper's best); plain training (``TrainConfig``, ``wsdino train``, the Train
-#: panel) defaults to ``none``, which needs no labels.
-DEMO_WEAK_LABEL = "compound"
 
 
 @dataclass(frozen=True)

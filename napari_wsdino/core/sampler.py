@@ -107,7 +107,9 @@ WEAK_LABEL_INFO: dict[str, WeakLabel] = {w.name: w for w in (
 )}
 #: Weak-label names (iterable, ``in``-testable), from :data:`WEAK_LABEL_INFO`.
 WEAK_LABELS = tuple(WEAK_LABEL_INFO)
-DEFAULT_WEAK_LABEL = "none"
+#: The one default weak label (training, the CLI, the Train panel, the demo): WS-DINO with the
+#: compound, the paper's best; every screen names its compounds. ``none`` is plain DINO.
+DEFAULT_WEAK_LABEL = "compound"
 DMSO_MODES = ("exclude", "plate", "together")
 CONTROL = "DMSO"
 
