@@ -5,8 +5,9 @@ four concentrations per compound, 12 MoAs, 40 plates in 10 batches) plus DMSO
 rows, with 1,920 float32 features (``core.profiles.simulate_profiles``: MoA,
 compound, batch and plate effects plus noise), writes it as Parquet, then runs
 ``wsdino evaluate --tvn paper --json --quiet`` on it in a child process and reports
-its wall time and peak resident memory (``resource.getrusage(RUSAGE_CHILDREN)``),
-with the load average before the run.
+its wall time and peak resident memory (``/usr/bin/time -f %M``), with the load
+average before the run; then the same evaluation through the core function alone
+(``evaluate_profiles(ProfileTable.read(path))``, no CLI imports).
 
 Run::
 
@@ -24,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,16 +65,27 @@ def field_table(n_treatments: int, n_dmso: int, seed: int = 0) -> pd.DataFrame:
     return table
 
 
-def run_evaluate(path: Path, tvn: str) -> dict:
-    """``wsdino evaluate`` in a child process: wall seconds, peak RSS (GB), its JSON."""
-    cmd = [sys.executable, "-m", "napari_wsdino.cli", "evaluate", str(path), "--tvn", tvn,
-           "--json", "--quiet"]
+CORE = ("import json, sys; from napari_wsdino.core.evaluation import evaluate_profiles; "
+        "from napari_wsdino.core.profiles import ProfileTable; "
+        "print(json.dumps(evaluate_profiles(ProfileTable.read(sys.argv[1]), sys.argv[2]).to_dict()))")
+
+
+def run_child(path: Path, tvn: str, how: str) -> dict:
+    """One evaluation in a fresh child process, timed: ``how="cli"`` runs ``wsdino
+    evaluate --json``, ``how="core"`` reads the table and calls ``evaluate_profiles``.
+    Returns wall seconds, the child's peak RSS (GB) and its metrics JSON."""
+    if how == "cli":
+        cmd = [sys.executable, "-m", "napari_wsdino.cli", "evaluate", str(path), "--tvn", tvn,
+               "--json", "--quiet"]
+    else:
+        cmd = [sys.executable, "-c", CORE, str(path), tvn]
+    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
-        raise SystemExit(f"wsdino evaluate failed ({out.returncode}):\n{out.stderr}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: kilobytes
+        raise SystemExit(f"{how} evaluation failed ({out.returncode}):\n{out.stderr}")
+    peak_kb = int(out.stderr.rsplit("MAXRSS_KB", 1)[1].split()[0])
     return {"wall_s": wall, "peak_gb": peak_kb / 1e6, "metrics": json.loads(out.stdout)}
 
 
@@ -90,25 +101,30 @@ def main() -> None:
         path = Path(tmp) / "profiles.parquet"
         t0 = time.perf_counter()
         table = field_table(args.treatments, args.dmso)
-        simulate_profiles(table, args.features, batch_signal=0.3, plate_signal=0.1).write(path)
+        simulate_profiles(table, args.features, moa_signal=0.3, compound_signal=0.2,
+                          batch_signal=0.3, plate_signal=0.1).write(path)
         gen = time.perf_counter() - t0
-        load = os.getloadavg()[0]
-        res = run_evaluate(path, args.tvn)
-    m = res["metrics"]
+        runs = {}
+        for how in ("cli", "core"):
+            load = os.getloadavg()[0]
+            runs[how] = dict(run_child(path, args.tvn, how), load=load)
     threads = os.environ.get("OMP_NUM_THREADS", "all")
-    if args.markdown:
-        print(f"| {datetime.date.today()} | {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, OMP_NUM_THREADS={threads} | {args.treatments:,} + "
-              f"{args.dmso:,} x {args.features:,} | {load:.1f} | {res['wall_s']:.1f} s | "
-              f"{res['peak_gb']:.2f} GB | {m['nsc']:.3f} / {m['nscb']:.3f} / "
-              f"{m['map_nsc']:.3f} |")
-        return
-    print(f"table: {args.treatments:,} treatments + {args.dmso:,} DMSO x {args.features:,} "
-          f"features (generated in {gen:.1f} s); load average before the run {load:.2f}")
-    print(f"wsdino evaluate --tvn {args.tvn}: {res['wall_s']:.1f} s, peak RSS "
-          f"{res['peak_gb']:.2f} GB (OMP_NUM_THREADS={threads})")
-    print(f"NSC {m['nsc']:.3f}  NSCB {m['nscb']:.3f}  mAP(NSC) {m['map_nsc']:.3f}  "
-          f"k-NN {m['knn']['nsc']}")
+    for how, res in runs.items():
+        m = res["metrics"]
+        what = f"wsdino evaluate --tvn {args.tvn}" if how == "cli" else "evaluate_profiles"
+        if args.markdown:
+            print(f"| {datetime.date.today()} | {what} | {platform.machine()}, {os.cpu_count()} "
+                  f"cores, OMP_NUM_THREADS={threads} | {args.treatments:,} + {args.dmso:,} x "
+                  f"{args.features:,} | {res['load']:.1f} | {res['wall_s']:.1f} s | "
+                  f"{res['peak_gb']:.2f} GB | {m['nsc']:.3f} / {m['nscb']:.3f} / "
+                  f"{m['map_nsc']:.3f} |")
+            continue
+        print(f"{what}: {res['wall_s']:.1f} s, peak RSS {res['peak_gb']:.2f} GB "
+              f"(OMP_NUM_THREADS={threads}, load average before {res['load']:.2f}); "
+              f"NSC {m['nsc']:.3f}  NSCB {m['nscb']:.3f}  mAP(NSC) {m['map_nsc']:.3f}")
+    if not args.markdown:
+        print(f"table: {args.treatments:,} treatments + {args.dmso:,} DMSO x {args.features:,} "
+              f"features (generated in {gen:.1f} s)")
 
 
 if __name__ == "__main__":

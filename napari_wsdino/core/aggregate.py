@@ -50,6 +50,12 @@ def treatment_order(meta: pd.DataFrame) -> pd.DataFrame:
     return first.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def _copy_rows(out: np.ndarray, out_rows, features: np.ndarray, rows, chunk: int = 4096) -> None:
+    """``out[out_rows] = features[rows]`` a chunk at a time (no full-size temporary)."""
+    for i in range(0, len(rows), chunk):
+        out[out_rows[i:i + chunk]] = features[rows[i:i + chunk]]
+
+
 def _group_mean(features: np.ndarray, rows: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
     """Mean of ``features[rows]`` per group (``group`` codes ``0 .. n_groups - 1``).
 
@@ -59,7 +65,7 @@ def _group_mean(features: np.ndarray, rows: np.ndarray, group: np.ndarray, n_gro
     out = np.empty((n_groups, features.shape[1]), dtype=np.float64)
     size = np.bincount(group, minlength=n_groups)
     single = size[group] == 1
-    out[group[single]] = features[rows[single]]
+    _copy_rows(out, group[single], features, rows[single])
     if not single.all():
         many = ~single
         means = pd.DataFrame(features[rows[many]], dtype=np.float64).groupby(group[many]).mean()
@@ -78,8 +84,11 @@ def _group_median(features: np.ndarray, group: np.ndarray, n_groups: int) -> np.
     for k in np.unique(size[size > 0]):
         groups = np.flatnonzero(size == k)
         rows = order[(start[groups][:, None] + np.arange(k)).ravel()]
-        block = features[rows].astype(np.float64, copy=False)
-        out[groups] = block if k == 1 else np.median(block.reshape(len(groups), k, -1), axis=1)
+        if k == 1:
+            _copy_rows(out, groups, features, rows)
+        else:
+            block = features[rows].astype(np.float64, copy=False).reshape(len(groups), k, -1)
+            out[groups] = np.median(block, axis=1)
     return out
 
 

@@ -293,12 +293,14 @@ def iter_evaluate(profiles: ProfileTable, tvn: str = DEFAULT_TVN, *, shrinkage="
     # TVN is affine and plate-wise, so it commutes with the (treatment, plate) mean:
     # whitening the ~350 plate means equals whitening all fields first, at a tenth of the cost.
     means = plate_means(profiles, control)
-    z = fitted.transform(means.features, means.meta[PLATE].to_numpy())
-    treatments = median_across_plates(means.with_features(z, output_names(tvn, means.feature_names)))
+    means = means.with_features(fitted.transform(means.features, means.meta[PLATE].to_numpy()),
+                                output_names(tvn, means.feature_names))  # raw means freed
+    treatments = median_across_plates(means)
     codes = None
     if nscb and nscb_multibatch == "official" and BATCH in means.meta:
         codes = metrics.median_batch_codes(means.meta[TREATMENT], means.meta[BATCH],
                                            treatments.meta[TREATMENT])
+    del means  # at screen scale, one (treatments x features) array less while matching
     yield Progress("evaluate", 3, total, "matching")
     out = evaluate_treatments(treatments, ks=ks, nscb=nscb, batch_code=codes)
     nsc_m, nscb_m = out["nsc_match"], out["nscb_match"]
