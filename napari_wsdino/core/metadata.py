@@ -197,6 +197,11 @@ def resolve_image_path(root: Path, path_name: str, file_name: str, plate: str) -
     return primary
 
 
+#: What ``load_metadata`` does with treatments that have no MoA: refuse, drop them, or keep
+#: them unlabelled (``""``).
+UNANNOTATED = ("error", "drop", "keep")
+
+
 def load_metadata(
     source: str | Path,
     layout: ScreenLayout | str | None = None,
@@ -243,8 +248,8 @@ def load_metadata(
     >>> load_metadata("jump_replica/", "cellpainting").channels  # doctest: +SKIP
     ('DNA', 'ER', 'RNA', 'AGP', 'Mito')
     """
-    if unannotated not in ("error", "drop", "keep"):
-        raise ValueError("unannotated must be 'error', 'drop' or 'keep'")
+    if unannotated not in UNANNOTATED:
+        raise ValueError(f"unannotated must be one of {', '.join(UNANNOTATED)}")
     layout = resolve_layout(layout) or detect_layout(source)
     image_csv, moa_csv = locate(source, layout)
     root = Path(image_root) if image_root is not None else image_csv.parent
@@ -362,6 +367,7 @@ def _apply_moa(table: pd.DataFrame, images: pd.DataFrame, moa: pd.Series, unanno
             table, images = table[~no_moa], images[~no_moa]
         else:
             table.loc[no_moa, "moa"] = ""
+    table["moa"] = table["moa"].astype(str)  # every row has one now; the text dtype, as cached
     return table, images, n_no_moa
 
 
