@@ -65,6 +65,7 @@ def main():
     from qtpy.QtWidgets import QApplication
 
     from napari_wsdino._napari.state import state_for
+    from napari_wsdino.core import layout
 
     WORK.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(show=True)
@@ -104,7 +105,7 @@ def main():
         box.setChecked(channel == "Tubulin")
     train.epochs_spin.setValue(4)
     train.device_combo.setCurrentIndex(train.device_combo.findData("cpu"))
-    if not (Path(train.run_edit.text()) / "Tubulin" / "checkpoint.pth").exists():
+    if not layout.checkpoint_path(train.run_edit.text(), "Tubulin").exists():
         train.start()
         wait(app, lambda: train.status.value != "running")
     print(train.status_label.text())
