@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from pathlib import Path
 
-from napari_wsdino.core.metadata import DataError, ScreenLayout
+from napari_wsdino.core.metadata import ScreenLayout
+from napari_wsdino.core.screens import LAYOUTS, resolve_layout
 from napari_wsdino.core.progress import Progress, run_to_end
 
 
 def add_layout_option(parser) -> None:
     parser.add_argument(
         "--layout",
-        metavar="JSON",
-        help="screen layout for non-BBBC021 CSVs: a JSON file mapping ScreenLayout "
+        metavar="NAME|JSON",
+        help=f"screen layout: {', '.join(LAYOUTS)}, or a JSON file mapping ScreenLayout "
         "fields, e.g. {\"plate_column\": \"Plate\", \"file_columns\": "
-        "{\"DNA\": [\"FileName_DNA\", \"PathName_DNA\"]}}",
+        "{\"DNA\": [\"FileName_DNA\", \"PathName_DNA\"]}} (default: detected from "
+        "the folder: BBBC021_v1_image.csv or a Cell Painting load_data.csv)",
     )
 
 
-def layout_from_args(args) -> ScreenLayout:
-    if not getattr(args, "layout", None):
-        return ScreenLayout()
-    try:
-        mapping = json.loads(Path(args.layout).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"Cannot read layout file {args.layout}: {exc}") from None
-    return ScreenLayout.from_mapping(mapping)
+def layout_from_args(args) -> ScreenLayout | None:
+    """The ``--layout`` asked for (a name or a JSON file), or None: ``load_metadata`` detects it."""
+    return resolve_layout(args.layout) if getattr(args, "layout", None) else None
 
 
 def is_terminal(stream) -> bool:

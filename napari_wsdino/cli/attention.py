@@ -39,13 +39,14 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, metavar="RUN_OR_FILE",
                    help="run folder (uses RUN/<channel>/checkpoint.pth), our checkpoint, "
                    "a timm or official DINO file, or a .safetensors export")
-    p.add_argument("--channel", default="DAPI", help="channel of the model and image (default DAPI)")
+    p.add_argument("--channel", help="channel of the model and image (default: the data's first "
+                   "channel, the nuclear stain in BBBC021 and Cell Painting layouts)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--field", metavar="PLATE/WELL/SITE", help="e.g. Week1_22123/B02/s1")
     where.add_argument("--index", type=int, help="row of the field table instead of --field")
     p.add_argument("--region", metavar="Y,X,H,W", help="only this crop of the field (px)")
     p.add_argument("--out", required=True, help="output .png (overlay) or .tif/.tiff (stack)")
-    p.add_argument("--mode", choices=MODES, default="nearest", help="upsampling (default nearest)")
+    p.add_argument("--mode", choices=MODES, default=MODES[0], help=f"upsampling (default {MODES[0]})")
     p.add_argument("--keep", type=float, default=DEFAULT_KEEP,
                    help=f"attention mass of the thresholded map (default {DEFAULT_KEEP})")
     p.add_argument("--arch", default=None,
@@ -74,6 +75,12 @@ def _load_image(args) -> tuple[np.ndarray, str]:
     return (raw - raw.mean()) / max(float(raw.std()), 1e-6), _label(meta.table.iloc[idx])
 
 
+def _first_channel(data: Path, args) -> str:
+    if (data / SETTINGS_FILE).exists():
+        return open_cache(data).channels[0]
+    return load_metadata(data, layout_from_args(args), check_files=False).channels[0]
+
+
 def _label(row) -> str:
     return f"{row.plate}/{row.well}/s{row.site}  {row.get('treatment', '')}  {row.get('moa', '')}"
 
@@ -98,6 +105,8 @@ def run(args) -> int:
         raise DataError(f"--out must end in .png, .tif or .tiff, not {out.name!r}.")
     if not 0 < args.keep <= 1:
         raise DataError("--keep is a fraction of the attention mass, in (0, 1].")
+    if not args.channel:
+        args.channel = _first_channel(Path(args.data), args)
     try:
         entry = load_channel_model(args.channel, args.model, arch=args.arch,
                                    which="student" if args.student else "teacher")

@@ -73,7 +73,7 @@ def add_parser(sub) -> None:
                    help="median of the four crops: mean-middle (numpy) or lower (torch.median)")
     p.add_argument("--l2", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise each profile (default recipe: yes; paper-code: no)")
-    p.add_argument("--pooling", choices=POOLINGS, default="cls",
+    p.add_argument("--pooling", choices=POOLINGS, default=POOLINGS[0],
                    help="each crop's embedding: cls (the CLS token, the paper; default) or "
                    "cls+mean (CLS followed by the mean patch token; the cpu demo's choice)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,

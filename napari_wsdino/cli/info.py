@@ -6,7 +6,7 @@ import json
 
 from napari_wsdino.cli._common import add_layout_option, layout_from_args
 from napari_wsdino.core.imageio import image_problems
-from napari_wsdino.core.metadata import load_metadata, summarise
+from napari_wsdino.core.metadata import UNANNOTATED, load_metadata, summarise
 
 LABELS = {
     "fields": "fields of view",
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-check", action="store_true",
                    help="metadata only: do not look for the image files")
-    p.add_argument("--unannotated", choices=["error", "drop", "keep"], default="drop",
+    p.add_argument("--unannotated", choices=UNANNOTATED, default="drop",
                    help="treatments with no MoA row (default: drop, and count the rest)")
     add_layout_option(p)
     p.set_defaults(func=run)

@@ -10,8 +10,9 @@ import argparse
 import sys
 
 from napari_wsdino.cli._common import add_layout_option, drive, is_terminal, layout_from_args
-from napari_wsdino.core.metadata import DataError, load_metadata
+from napari_wsdino.core.metadata import UNANNOTATED, DataError, load_metadata
 from napari_wsdino.core.preprocess import (
+    DEFAULT_WORKERS,
     ILLUMINATION_METHODS,
     NORMALIZATIONS,
     PreprocessSettings,
@@ -39,25 +40,26 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder to write")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                    help="output size (default: half the input size, as the paper)")
-    p.add_argument("--clip", type=float, default=10000.0, metavar="V",
+    d = PreprocessSettings()
+    p.add_argument("--clip", type=float, default=d.clip, metavar="V",
                    help="clip at V raw 16-bit counts after illumination correction "
-                   "(default 10000, the paper's code; 0: no clip)")
-    p.add_argument("--filter-size", type=float, default=320.0, metavar="F",
+                   f"(default {d.clip:g}, the paper's code; 0: no clip)")
+    p.add_argument("--filter-size", type=float, default=d.filter_size, metavar="F",
                    help="illumination median-filter size at the 1024x1280 scale "
-                   "(default 320, the paper's; scaled to the image size)")
-    p.add_argument("--normalize", choices=NORMALIZATIONS, default="zscore",
+                   f"(default {d.filter_size:g}, the paper's; scaled to the image size)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default=d.normalize,
                    help="zscore: each image to mean 0 / std 1 (default); paper: "
                    "divide by the clip value; plate: each plate's fields to mean 0 / std 1 "
                    "together, per channel (keeps treatment differences within a plate); "
                    "none: keep counts")
-    p.add_argument("--illumination", choices=ILLUMINATION_METHODS, default="fast",
+    p.add_argument("--illumination", choices=ILLUMINATION_METHODS, default=d.illumination,
                    help="fast (within 1%% of CellProfiler's exact function, default), "
                    "exact (slow), or none")
-    p.add_argument("--workers", type=int, default=2, metavar="N",
-                   help="processes (default 2; 1: no subprocesses)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                   help=f"processes (default {DEFAULT_WORKERS}; 1: no subprocesses)")
     p.add_argument("--drop-missing", action="store_true",
                    help="leave out fields whose image files are missing instead of failing")
-    p.add_argument("--unannotated", choices=["error", "drop", "keep"], default="error",
+    p.add_argument("--unannotated", choices=UNANNOTATED, default=UNANNOTATED[0],
                    help="treatments with no MoA row (default: error)")
     split = p.add_mutually_exclusive_group()
     split.add_argument("--shard", type=_shard_arg, metavar="I/N",

@@ -3,9 +3,15 @@ design, or with ``--layout cellpainting`` a small five-channel JUMP-style Cell P
 
 from __future__ import annotations
 
+import inspect
+
 from napari_wsdino.cli._common import drive
 from napari_wsdino.core.metadata import LAYOUTS as SCREEN_LAYOUTS
 from napari_wsdino.core.synth import DEFAULT_SIZE, LAYOUTS, SUBSETS, SynthConfig, write_replica
+
+
+def _default(name: str):
+    return inspect.signature(write_replica).parameters[name].default
 
 
 def add_parser(sub) -> None:
@@ -23,10 +29,11 @@ def add_parser(sub) -> None:
         "wsdino synth cp_data --layout cellpainting --size 128 160",
     )
     p.add_argument("out", help="output folder (created)")
-    p.add_argument("--layout", choices=LAYOUTS, default="bbbc021",
+    layout, subset, seed = (_default(k) for k in ("layout", "subset", "seed"))
+    p.add_argument("--layout", choices=LAYOUTS, default=layout,
                    help="; ".join(f"{name}: {SCREEN_LAYOUTS[name].display_name}" for name in LAYOUTS)
-                   + " (default bbbc021)")
-    p.add_argument("--subset", choices=SUBSETS, default="mini",
+                   + f" (default {layout})")
+    p.add_argument("--subset", choices=SUBSETS, default=subset,
                    help="full: 3,848 fields; replicate1: 1,368; mini: 292 (default); "
                    "bbbc021 layout only")
     p.add_argument("--sites", type=int, default=None, metavar="N",
@@ -34,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--size", type=int, nargs=2, default=DEFAULT_SIZE, metavar=("H", "W"),
                    help=f"image size in pixels (default {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}; "
                    "real camera 1024 1280)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
     p.add_argument("--workers", type=int, default=None,
                    help="processes (default: all cores for large subsets)")
     p.add_argument("--batch-strength", type=float, default=SynthConfig.batch_strength,

@@ -110,7 +110,8 @@ def add_parser(sub) -> None:
                    help="print the resolved settings (train, preprocess, embed, evaluate) as "
                    "TOML and exit")
     p.add_argument("--channel", default=d.channel,
-                   help=f"channel to train, a comma list, or 'all' (default {d.channel})")
+                   help="channel to train, a comma list, or 'all' (default: "
+                   + (d.channel or "the cache's first channel") + ")")
     p.add_argument("--out", metavar="RUN", help="run folder (default: CACHE/../runs/<weak label>)")
     p.add_argument("--resume", action="store_true",
                    help="continue RUN/<channel>/checkpoint.pth with its saved config; with "
@@ -192,7 +193,8 @@ def run(args) -> int:
     if args.channel == "all":
         channels = list(cache.channels)
     else:
-        channels = [c.strip() for c in args.channel.split(",") if c.strip()]
+        channels = [c.strip() for c in (args.channel or "").split(",") if c.strip()]
+        channels = channels or list(cache.channels[:1])  # default: the first (nuclear) stain
     main = distributed.env_world_size() <= 1 or int(os.environ.get("RANK", "0")) == 0
     stop_flag = {"stop": False}
 

@@ -120,15 +120,18 @@ from napari_wsdino.core.preprocess.shard import Shard, merge_shards, split_plate
 __all__ = [
     "FLOAT16_MAX", "ILLUMINATION_METHODS", "NORMALIZATIONS", "RESIZE_METHOD", "STAGE",
     "PreprocessSettings", "Shard", "merge_shards", "normalise_plate_rows", "normalize",
-    "plate_functions", "preprocess", "process_field", "resize", "split_plates",
+    "plate_functions", "preprocess", "process_field", "resize", "split_plates", "DEFAULT_WORKERS",
 ]
+
+#: Processes ``preprocess`` uses unless told (1: none, the work runs in this process).
+DEFAULT_WORKERS = 2
 
 
 def preprocess(
     metadata: Metadata,
     out: str | Path,
     settings: PreprocessSettings = PreprocessSettings(),
-    workers: int = 2,
+    workers: int = DEFAULT_WORKERS,
     chunk_size: int = 4,
     shard: Shard | str | None = None,
 ) -> Generator[Progress, None, Cache]:
