@@ -79,14 +79,15 @@ def run_child(path: Path, tvn: str, how: str) -> dict:
                "--json", "--quiet"]
     else:
         cmd = [sys.executable, "-c", CORE, str(path), tvn]
-    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M"] + cmd
+    cmd = ["/usr/bin/time", "-f", "MAXRSS_KB %M CPU_S %U %S"] + cmd
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"{how} evaluation failed ({out.returncode}):\n{out.stderr}")
-    peak_kb = int(out.stderr.rsplit("MAXRSS_KB", 1)[1].split()[0])
-    return {"wall_s": wall, "peak_gb": peak_kb / 1e6, "metrics": json.loads(out.stdout)}
+    peak_kb, user, system = out.stderr.rsplit("MAXRSS_KB", 1)[1].replace("CPU_S", "").split()[:3]
+    return {"wall_s": wall, "peak_gb": int(peak_kb) / 1e6, "cpu_s": float(user) + float(system),
+            "metrics": json.loads(out.stdout)}
 
 
 def main() -> None:
@@ -95,7 +96,9 @@ def main() -> None:
     ap.add_argument("--dmso", type=int, default=2_000)
     ap.add_argument("--features", type=int, default=1_920)
     ap.add_argument("--tvn", default="paper")
-    ap.add_argument("--markdown", action="store_true", help="print one RESULTS.md table row")
+    ap.add_argument("--how", choices=["both", "cli", "core"], default="both",
+                    help="time the CLI, the core function or both")
+    ap.add_argument("--markdown", action="store_true", help="print RESULTS.md table rows")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "profiles.parquet"
@@ -105,7 +108,7 @@ def main() -> None:
                           batch_signal=0.3, plate_signal=0.1).write(path)
         gen = time.perf_counter() - t0
         runs = {}
-        for how in ("cli", "core"):
+        for how in (("cli", "core") if args.how == "both" else (args.how,)):
             load = os.getloadavg()[0]
             runs[how] = dict(run_child(path, args.tvn, how), load=load)
     threads = os.environ.get("OMP_NUM_THREADS", "all")
@@ -116,10 +119,12 @@ def main() -> None:
             print(f"| {datetime.date.today()} | {what} | {platform.machine()}, {os.cpu_count()} "
                   f"cores, OMP_NUM_THREADS={threads} | {args.treatments:,} + {args.dmso:,} x "
                   f"{args.features:,} | {res['load']:.1f} | {res['wall_s']:.1f} s | "
+                  f"{res['cpu_s']:.0f} s | "
                   f"{res['peak_gb']:.2f} GB | {m['nsc']:.3f} / {m['nscb']:.3f} / "
                   f"{m['map_nsc']:.3f} |")
             continue
-        print(f"{what}: {res['wall_s']:.1f} s, peak RSS {res['peak_gb']:.2f} GB "
+        print(f"{what}: {res['wall_s']:.1f} s ({res['cpu_s']:.0f} CPU s), peak RSS "
+              f"{res['peak_gb']:.2f} GB "
               f"(OMP_NUM_THREADS={threads}, load average before {res['load']:.2f}); "
               f"NSC {m['nsc']:.3f}  NSCB {m['nscb']:.3f}  mAP(NSC) {m['map_nsc']:.3f}")
     if not args.markdown:
