@@ -10,6 +10,15 @@ from napari_wsdino.core.screens import LAYOUTS, resolve_layout
 from napari_wsdino.core.progress import Progress, run_to_end
 
 
+def command(sub, name: str, doc: str | None, **kwargs):
+    """Register subcommand ``name`` from its module docstring: the first paragraph is the
+    one-line ``--help`` summary, the second the description, any further ones the epilog."""
+    paragraphs = [" ".join(par.split()) for par in (doc or name).strip().split("\n\n")]
+    return sub.add_parser(name, help=paragraphs[0],
+                          description=paragraphs[1] if len(paragraphs) > 1 else None,
+                          epilog=" ".join(paragraphs[2:]) or None, **kwargs)
+
+
 def add_layout_option(parser) -> None:
     parser.add_argument(
         "--layout",

@@ -1,4 +1,10 @@
-"""``wsdino attention CACHE_OR_DATA --model RUN_OR_FILE --channel DAPI --field P/W/S --out PNG_OR_TIFF``."""
+"""self-attention maps of one field for one channel model (PNG or TIFF)
+
+The last block's attention from the CLS token to every patch, per head, upsampled to the
+field; plus the head mean and DINO's thresholded map (the patches holding the top --keep
+of the attention mass). PNG: an overlay figure. TIFF: a float32 stack, one page per head,
+then the mean, then the thresholded mean (0/1).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_wsdino.cli._common import add_layout_option, layout_from_args
+from napari_wsdino.cli._common import add_layout_option, command, layout_from_args
 from napari_wsdino.core.attention import (
     DEFAULT_KEEP,
     MODES,
@@ -24,15 +30,7 @@ from napari_wsdino.core.modelset import load_channel_model
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "attention",
-        help="self-attention maps of one field for one channel model (PNG or TIFF)",
-        description="The last block's attention from the CLS token to every patch, per "
-        "head, upsampled to the field; plus the head mean and DINO's thresholded map "
-        "(the patches holding the top --keep of the attention mass). PNG: an overlay "
-        "figure. TIFF: a float32 stack, one page per head, then the mean, then the "
-        "thresholded mean (0/1).",
-    )
+    p = command(sub, "attention", __doc__)
     p.add_argument("data", help="preprocessed cache folder, or a dataset folder / image CSV "
                    "(a raw TIFF is only z-scored: no illumination correction or resizing, so the cache "
                    "is preferred)")

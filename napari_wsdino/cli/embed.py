@@ -1,7 +1,20 @@
-"""``wsdino embed CACHE --model DAPI=RUN_OR_FILE ... --out PROFILES.parquet``: field profiles.
+"""embed every field of a preprocessed cache into a profile table
 
-Under ``torchrun --nproc_per_node N --no-python wsdino embed ...`` every rank embeds its
-share of the chunks; rank 0 alone prints (progress, the fields per rank, the result)."""
+Field profiles as in WS-DINO: each channel's model embeds the four non-overlapping centre
+crops of the field (a centre square of twice --crop, split in four); the per-dimension
+median of the four CLS embeddings is taken, the channels are concatenated and
+L2-normalised. Writes a Parquet profile table for 'wsdino evaluate'. An interrupted run
+resumes from OUT.parts/.
+
+Models: --model CHANNEL=PATH per channel (PATH: a 'wsdino train' run folder, a channel
+folder, our checkpoint, a timm or official DINO file, or a .safetensors export), or --run
+RUN (RUN/<channel>/checkpoint.pth for every channel), or the paper's baselines --init-only
+FILE (the same ImageNet weights for every channel, no fine-tuning) and --random. Several
+processes: 'torchrun --nproc_per_node N --no-python wsdino embed ...' deals the chunks out
+to the N processes (one GPU each, or gloo on CPUs); rank 0 alone prints and merges them into
+--out (which all must see), saying how many fields each embedded; a stopped job resumes
+from OUT.parts/ with any N.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +22,7 @@ import argparse
 import os
 import sys
 
-from napari_wsdino.cli._common import drive
+from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,
@@ -20,24 +33,7 @@ from napari_wsdino.core.modelset import ModelSet, describe, parse_model_specs
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "embed",
-        help="embed every field of a preprocessed cache into a profile table",
-        description="Field profiles as in WS-DINO: each channel's model embeds the four "
-        "non-overlapping centre crops of the field (a centre square of twice --crop, "
-        "split in four); the per-dimension median of the four CLS embeddings is taken, "
-        "the channels are concatenated and L2-normalised. Writes a Parquet profile table "
-        "for 'wsdino evaluate'. An interrupted run resumes from OUT.parts/.",
-        epilog="Models: --model CHANNEL=PATH per channel (PATH: a 'wsdino train' run "
-        "folder, a channel folder, our checkpoint, a timm or official DINO file, or a "
-        ".safetensors export), or --run RUN (RUN/<channel>/checkpoint.pth for every "
-        "channel), or the paper's baselines --init-only FILE (the same ImageNet weights "
-        "for every channel, no fine-tuning) and --random. "
-        "Several processes: 'torchrun --nproc_per_node N --no-python wsdino embed ...' "
-        "deals the chunks out to the N processes (one GPU each, or gloo on CPUs); rank 0 "
-        "merges them into --out (which all must see) and prints how many fields each "
-        "embedded; a stopped job resumes from OUT.parts/ with any N.",
-    )
+    p = command(sub, "embed", __doc__)
     p.add_argument("cache", help="preprocessed cache folder ('wsdino preprocess --out CACHE')")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", action="append", metavar="CHANNEL=RUN_OR_FILE",

@@ -1,10 +1,15 @@
-"""``wsdino info DATA``: what a dataset holds, and what is missing or unreadable."""
+"""summarise a dataset folder or image CSV
+
+Summarise a screen (a BBBC021-layout folder or a Cell Painting load_data.csv): fields,
+plates, batches, treatments, compounds, MoAs, DMSO fields, treatments eligible for NSCB
+(MoA seen in at least two batches), missing and unreadable image files.
+"""
 
 from __future__ import annotations
 
 import json
 
-from napari_wsdino.cli._common import add_layout_option, layout_from_args
+from napari_wsdino.cli._common import add_layout_option, command, layout_from_args
 from napari_wsdino.core.imageio import image_problems
 from napari_wsdino.core.metadata import UNANNOTATED, load_metadata, summarise
 
@@ -24,13 +29,7 @@ LABELS = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "info",
-        help="summarise a dataset folder or image CSV",
-        description="Summarise a BBBC021-layout dataset: fields, plates, batches, "
-        "treatments, compounds, MoAs, DMSO fields, treatments eligible for NSCB "
-        "(MoA seen in at least two batches), missing and unreadable image files.",
-    )
+    p = command(sub, "info", __doc__)
     p.add_argument("data", help="dataset folder (holding BBBC021_v1_image.csv) or image CSV")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-check", action="store_true",

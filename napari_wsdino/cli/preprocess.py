@@ -1,7 +1,13 @@
-"""``wsdino preprocess DATA --out CACHE``: illumination-correct, resize, clip, normalise.
+"""illumination-correct, resize, clip and normalise a dataset into a cache
 
-``--shard I/N`` does one shard of the plates (into ``CACHE/shards/I-of-N/``) and
-``--merge`` merges the finished shards into ``CACHE``; see docs/cluster.md.
+Preprocess a screen (BBBC021 layout or a Cell Painting load_data.csv) as WS-DINO does: per
+(plate, channel) CellProfiler illumination function (mean image, median filter,
+robust-minimum rescale), divide, bicubic anti-aliased resize, clip, normalise. Writes a
+cache folder (images_<channel>.npy float16, index.parquet, cache.json, illumination/) that
+'wsdino train' and 'wsdino embed' read. Interrupted runs resume with the same --out; a
+cache made with other settings is refused. Unreadable images are reported and their
+fields left out. On a cluster, run '--shard I/N' for I = 1 ... N side by side (whole
+plates each, into CACHE/shards/I-of-N/), then '--merge' (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from napari_wsdino.cli._common import add_layout_option, drive, is_terminal, layout_from_args
+from napari_wsdino.cli._common import add_layout_option, command, drive, is_terminal, layout_from_args
 from napari_wsdino.core.metadata import UNANNOTATED, DataError, load_metadata
 from napari_wsdino.core.preprocess import (
     DEFAULT_WORKERS,
@@ -23,19 +29,7 @@ from napari_wsdino.core.preprocess import (
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "preprocess",
-        help="illumination-correct, resize, clip and normalise a dataset into a cache",
-        description="Preprocess a BBBC021-layout dataset as WS-DINO does: per (plate, "
-        "channel) CellProfiler illumination function (mean image, median filter, "
-        "robust-minimum rescale), divide, bicubic anti-aliased resize, clip, "
-        "normalise. Writes a cache folder (images_<channel>.npy float16, "
-        "index.parquet, cache.json, illumination/) that 'wsdino train' and "
-        "'wsdino embed' read. Interrupted runs resume with the same --out; a cache "
-        "made with other settings is refused. Unreadable images are reported and "
-        "their fields left out. On a cluster, run '--shard I/N' for I = 1 ... N side "
-        "by side (whole plates each), then '--merge' (docs/cluster.md).",
-    )
+    p = command(sub, "preprocess", __doc__)
     p.add_argument("data", help="dataset folder (holding BBBC021_v1_image.csv) or image CSV")
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder to write")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),

@@ -1,26 +1,25 @@
-"""``wsdino study CACHE``: the paper's protocol — init-only vs DINO vs WS-DINO per weak label."""
+"""train and evaluate init-only, DINO and WS-DINO per weak label
+
+Run the WS-DINO paper's protocol on a preprocessed cache: an init-only baseline, plain
+DINO and WS-DINO with each weak label, one model per channel with the same budget; teacher
+snapshots are evaluated (NSC / NSCB / mAP) and the table gives mean and spread over seeds
+and the last evaluated epochs, plus the paper's best-epoch number (marked: selected with
+MoA labels). --holdout-folds K adds the honest MoA variant (compound-fold
+cross-validation). Interrupted studies resume.
+"""
 
 from __future__ import annotations
 
 import json
 
-from napari_wsdino.cli._common import drive
+from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
 from napari_wsdino.core.report import SYNTHETIC_LABEL
 from napari_wsdino.core.study import run_study, study_report
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "study",
-        help="train and evaluate init-only, DINO and WS-DINO per weak label",
-        description="Run the WS-DINO paper's protocol on a preprocessed cache: an init-only "
-        "baseline, plain DINO and WS-DINO with each weak label, one model per channel with the "
-        "same budget; teacher snapshots are evaluated (NSC / NSCB / mAP) and the table gives "
-        "mean and spread over seeds and the last evaluated epochs, plus the paper's best-epoch "
-        "number (marked: selected with MoA labels). --holdout-folds K adds the honest MoA "
-        "variant (compound-fold cross-validation). Interrupted studies resume.",
-    )
+    p = command(sub, "study", __doc__)
     p.add_argument("cache", help="preprocessed cache folder (wsdino preprocess --out)")
     p.add_argument("--out", default="wsdino_study", help="study folder (default: wsdino_study)")
     p.add_argument("--labels", default="none,treatment,compound,moa",

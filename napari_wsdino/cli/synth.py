@@ -1,11 +1,22 @@
-"""``wsdino synth OUT``: write a synthetic replica (napari sample data, tests, demos): BBBC021's
-design, or with ``--layout cellpainting`` a small five-channel JUMP-style Cell Painting screen."""
+"""write a synthetic BBBC021 or Cell Painting replica (no download needed)
+
+Write a synthetic replica of BBBC021: the real plates, weeks, wells, sites, treatments and
+file names, with generated MCF-7 images (DAPI, Tubulin, Actin), MoA phenotypes with
+dose-response, and week/plate nuisance. With --layout cellpainting: a small JUMP-style
+Cell Painting screen instead (load_data.csv, five stains DNA/ER/RNA/AGP/Mito, 3 sources as
+batches with their own stain and illumination shifts, 2 plates each, one compound of each
+of 12 MoAs per source plus DMSO, 192 fields at 2 sites). Results on it are 'synthetic
+replica' results, never BBBC021 or JUMP ones.
+
+Examples: wsdino synth demo_data --subset mini && napari demo_data; wsdino synth cp_data
+--layout cellpainting --size 128 160
+"""
 
 from __future__ import annotations
 
 import inspect
 
-from napari_wsdino.cli._common import drive
+from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.metadata import LAYOUTS as SCREEN_LAYOUTS
 from napari_wsdino.core.synth import DEFAULT_SIZE, LAYOUTS, SUBSETS, SynthConfig, write_replica
 
@@ -15,19 +26,7 @@ def _default(name: str):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "synth",
-        help="write a synthetic BBBC021 or Cell Painting replica (no download needed)",
-        description="Write a synthetic replica of BBBC021: the real plates, weeks, wells, "
-        "sites, treatments and file names, with generated MCF-7 images (DAPI, Tubulin, "
-        "Actin), MoA phenotypes with dose-response, and week/plate nuisance. With --layout "
-        "cellpainting: a small JUMP-style Cell Painting screen instead (load_data.csv, five "
-        "stains DNA/ER/RNA/AGP/Mito, 3 sources as batches with their own stain and "
-        "illumination shifts, 2 plates each, one compound of each of 12 MoAs per source "
-        "plus DMSO, 192 fields at 2 sites). Results on it are 'synthetic replica' results, never BBBC021 or JUMP ones.",
-        epilog="Examples: wsdino synth demo_data --subset mini && napari demo_data; "
-        "wsdino synth cp_data --layout cellpainting --size 128 160",
-    )
+    p = command(sub, "synth", __doc__)
     p.add_argument("out", help="output folder (created)")
     layout, subset, seed = (_default(k) for k in ("layout", "subset", "seed"))
     p.add_argument("--layout", choices=LAYOUTS, default=layout,
