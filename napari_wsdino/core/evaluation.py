@@ -223,7 +223,9 @@ def evaluate_treatments(treatments: ProfileTable, *, ks=DEFAULT_KS, nscb: bool =
     row) replaces the batch codes of the NSCB rule, e.g.
     :func:`~napari_wsdino.core.metrics.median_batch_codes` (the ``official`` rule).
     Matching runs in blocks of ``block_rows`` queries with bounded memory
-    (:func:`~napari_wsdino.core.blockmatch.match_blockwise`; default: its block size).
+    (:func:`~napari_wsdino.core.blockmatch.match_blockwise`; default: its block size);
+    above :data:`~napari_wsdino.core.blockmatch.EXACT_MAX` treatments similarities are
+    float32, rounded to 6 decimals.
     """
     treatments.require([TREATMENT, COMPOUND, MOA])
     is_control = treatments.is_control(control)
