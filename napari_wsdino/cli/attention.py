@@ -14,14 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_wsdino.cli._common import add_layout_option, command, layout_from_args
-from napari_wsdino.core.attention import (
-    DEFAULT_KEEP,
-    MODES,
-    channel_attention_maps,
-    field_index,
-    save_overlay_png,
-    save_tiff,
-)
+from napari_wsdino.core.attention import (DEFAULT_KEEP, MODES, channel_attention_maps, field_index,
+                                          save_overlay_png, save_tiff)
 from napari_wsdino.core.cache import SETTINGS_FILE, open_cache
 from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import DataError, load_metadata

@@ -31,9 +31,9 @@ LABELS = {
 def add_parser(sub) -> None:
     p = command(sub, "info", __doc__)
     p.add_argument("data", help="dataset folder (holding BBBC021_v1_image.csv) or image CSV")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-check", action="store_true",
                    help="metadata only: do not look for the image files")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--unannotated", choices=UNANNOTATED, default="drop",
                    help="treatments with no MoA row (default: drop, and count the rest)")
     add_layout_option(p)

@@ -36,15 +36,9 @@ from napari_wsdino.core.metadata import (
     DataError,
     get_layout,
 )
-from napari_wsdino.core.synth.phenotypes import (
-    MOA_PHENOTYPES,
-    SynthConfig,
-    batch_nuisance,
-    batch_response,
-    plate_nuisance,
-    stable_seed,
-    treatment_vector,
-)
+from napari_wsdino.core.synth.phenotypes import (MOA_PHENOTYPES, SynthConfig, batch_nuisance,
+                                                 batch_response, plate_nuisance, stable_seed,
+                                                 treatment_vector)
 from napari_wsdino.core.synth.render import cached_illumination, render_cellpainting
 
 #: The design's size: sources (batches; one compound of each MoA per source), plates
