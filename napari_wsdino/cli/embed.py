@@ -55,9 +55,9 @@ def add_parser(sub) -> None:
                    help=f"side of each of the four centre crops, px (default {DEFAULT_CROP}, "
                    "as the paper), or of each cell crop with --windows cells; clamped to the "
                    "field and to a multiple of the patch size")
-    from napari_wsdino.core.recipes import RECIPES
+    from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
 
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="defaults of --windows/--median/--l2: default (centred quadrants, "
                    "numpy median, L2) or paper-code (the official fixed windows, torch.median, "
                    "raw CLS for per-channel TVN)")

@@ -24,12 +24,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="wsdino_study", help="study folder (default: wsdino_study)")
     p.add_argument("--labels", default="none,treatment,compound,moa",
                    help="comma-separated weak labels (default: none,treatment,compound,moa)")
-    from napari_wsdino.core.recipes import RECIPES
+    from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
 
     p.add_argument("--init", default="", help="initial weights for every model (ours, timm or "
                    "official DINO file), or 'random'; required with --preset gpu or "
                    "--recipe paper-code (say 'random' to train from random weights on purpose)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per label (default 1)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,

@@ -89,7 +89,7 @@ def _add_config_options(p) -> None:
 
 
 def add_parser(sub) -> None:
-    from napari_wsdino.core.recipes import RECIPES
+    from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
     from napari_wsdino.core.train import TrainConfig
 
     d = TrainConfig()
@@ -103,7 +103,7 @@ def add_parser(sub) -> None:
         epilog="Multi-GPU: torchrun --nproc_per_node 4 --no-python wsdino train CACHE ...",
     )
     p.add_argument("cache", nargs="?", help="preprocessed cache folder (wsdino preprocess)")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="bundle of defaults: " + "; ".join(
                        f"{k}: {v.description}" for k, v in RECIPES.items()))
     p.add_argument("--print-config", action="store_true",

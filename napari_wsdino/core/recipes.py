@@ -105,7 +105,9 @@ def register_recipe(recipe: Recipe) -> Recipe:
     return recipe
 
 
-register_recipe(Recipe("default", "this package's defaults (unchanged behaviour)"))
+#: The recipe every command and panel uses unless told.
+DEFAULT_RECIPE = "default"
+register_recipe(Recipe(DEFAULT_RECIPE, "this package's defaults (unchanged behaviour)"))
 register_recipe(Recipe(
     "paper-code",
     "the official WS-DINO code element by element (docs/fidelity.md)",
@@ -153,7 +155,7 @@ class Settings:
         return "\n".join(lines) + "\n"
 
 
-def resolve(recipe: str = "default", *, train: dict | None = None,
+def resolve(recipe: str = DEFAULT_RECIPE, *, train: dict | None = None,
             preprocess: dict | None = None, embed: dict | None = None,
             evaluate: dict | None = None) -> Settings:
     """A recipe's settings with explicit overrides on top (overrides win).
@@ -173,7 +175,7 @@ def resolve(recipe: str = "default", *, train: dict | None = None,
     )
 
 
-def train_defaults(recipe: str = "default") -> dict:
+def train_defaults(recipe: str = DEFAULT_RECIPE) -> dict:
     """TrainConfig values of a recipe (all fields), for layering under user settings."""
     return TrainConfig.from_dict(get_recipe(recipe).train).to_dict()
 

@@ -36,6 +36,7 @@ from napari_wsdino.core.layout import CHECKPOINT_FILE, LOG_FILE, channel_dir, sn
 from napari_wsdino.core.metadata import CONTROL, DataError
 from napari_wsdino.core.presets import DEFAULT_PRESET
 from napari_wsdino.core.progress import Progress
+from napari_wsdino.core.recipes import DEFAULT_RECIPE
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO
 
 #: The method each weak label trains ("DINO" or "WS-DINO"), from the weak-label registry.
@@ -116,7 +117,7 @@ def run_study(
     embed_crop: int | None = None,
     channels: Sequence[str] | None = None,
     device: str = "auto",
-    recipe: str = "default",
+    recipe: str = DEFAULT_RECIPE,
     **train_overrides,
 ) -> Generator[Progress, None, StudyResult]:
     """Run the protocol; a generator of progress events returning a :class:`StudyResult`.
