@@ -141,3 +141,22 @@ def test_wheel_ships_manifest(tmp_path):
                          cwd=tmp_path)
     pkg_file, dist_path = res.stdout.split()
     assert pkg_file.startswith(str(target)) and dist_path.startswith(str(target)), res.stdout
+
+
+#: Issue 17's limits: rooms small enough to read in one sitting.
+MAX_MODULE_LINES, MAX_CORE_FUNCTION_LINES = 500, 80
+
+
+def test_no_module_over_500_lines_and_no_core_function_over_80():
+    import ast
+
+    package = ROOT / "napari_wsdino"
+    too_long = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted(package.rglob("*.py"))
+                if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    for path in sorted((package / "core").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_CORE_FUNCTION_LINES:
+                    too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert not too_long, "split these by job (docs/ARCHITECTURE.md): " + "; ".join(too_long)
