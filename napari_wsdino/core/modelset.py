@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from napari_wsdino.core.layout import CHECKPOINT_FILE, channel_dir, checkpoint_path
-from napari_wsdino.core.metadata import CHANNELS, DataError
+from napari_wsdino.core.metadata import LAYOUTS, DataError
 from napari_wsdino.core.model import (
     CHECKPOINT_FORMAT,
     DEFAULT_ARCH,
@@ -236,7 +236,7 @@ class ModelSet:
             The run folder (``wsdino train --out RUN``).
         channels
             Channels to load (default: every sub-folder holding a checkpoint, in
-            BBBC021 order first).
+            its screen layout's order: :func:`run_channels`).
         which
             ``"teacher"`` (default, DINO's choice for evaluation) or ``"student"``.
 
@@ -248,8 +248,7 @@ class ModelSet:
         if not run.is_dir():
             raise CheckpointError(f"Run folder {run} does not exist.")
         if channels is None:
-            found = [p.parent.name for p in run.glob(f"*/{CHECKPOINT_FILE}")]
-            channels = [c for c in CHANNELS if c in found] + sorted(c for c in found if c not in CHANNELS)
+            channels = run_channels(run)
             if not channels:
                 raise CheckpointError(
                     f"{run} holds no <channel>/{CHECKPOINT_FILE}; train with "
@@ -293,9 +292,10 @@ class ModelSet:
 
     @classmethod
     def random(
-        cls, arch: str = DEFAULT_ARCH, channels: Iterable[str] = CHANNELS, seed: int = 0
+        cls, arch: str, channels: Iterable[str], seed: int = 0
     ) -> "ModelSet":
-        """Randomly initialised backbones: the no-learning baseline.
+        """Randomly initialised backbones: the no-learning baseline, one per channel
+        (give the cache's channels: ``cache.channels``).
 
         The same ``seed`` gives the same weights; each channel gets its own draw.
         """
@@ -310,7 +310,7 @@ class ModelSet:
 
     @classmethod
     def init_only(
-        cls, arch: str, weights_file: str | Path, channels: Iterable[str] = CHANNELS
+        cls, arch: str, weights_file: str | Path, channels: Iterable[str]
     ) -> "ModelSet":
         """The same initial weights (e.g. ImageNet DINO) for every channel, no fine-tuning.
 
@@ -357,6 +357,21 @@ class ModelSet:
 
 
 # -- loading one channel ---------------------------------------------------------------
+
+
+def run_channels(run: str | Path) -> list[str]:
+    """The channels of a run folder (sub-folders holding a checkpoint), in the order of
+    the registered screen layout they belong to (BBBC021: DAPI, Tubulin, Actin; Cell
+    Painting: DNA, ER, RNA, AGP, Mito), others after them by name.
+
+    Example
+    -------
+    >>> run_channels("runs/cellpainting")                            # doctest: +SKIP
+    ['DNA', 'ER', 'RNA', 'AGP', 'Mito']
+    """
+    found = {p.parent.name for p in Path(run).glob(f"*/{CHECKPOINT_FILE}")}
+    order = list(dict.fromkeys(c for preset in LAYOUTS.values() for c in preset.layout.channels))
+    return [c for c in order if c in found] + sorted(found - set(order))
 
 
 def resolve_checkpoint(path: str | Path, channel: str) -> Path:

@@ -87,7 +87,7 @@ def _check_settings(cache: Cache, windows: str, median: str, pooling: str, nucle
     if windows == "cells" and nuclei_channel not in cache.channels:
         raise DataError(f"Cell crops need the nuclear stain {nuclei_channel!r}, which this "
                         f"cache lacks (it has {', '.join(cache.channels)}); name your DNA "
-                        "channel, or use the centre windows.")
+                        "channel (empty: the cache's first), or use the centre windows.")
     if pooling not in POOLINGS:
         raise DataError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}.")
 
@@ -98,6 +98,7 @@ def _make_plan(cache, models, out, indices, *, crop, batch_size, chunk_size, dev
     models.to(dev)
     table = cache.table if indices is None else cache.table.iloc[list(indices)]
     rows = np.arange(len(cache)) if indices is None else np.asarray(list(indices), dtype=int)
+    nuclei_channel = nuclei_channel or cache.channels[0]
     _check_settings(cache, windows, median, pooling, nuclei_channel)
     crops = crop_sides(models, tuple(cache.shape), crop, windows)
     return _Plan(cache, models, table, rows, crops, feature_names(models, pooling), dev, crop,
@@ -213,7 +214,7 @@ def embed_cache(
     windows: str = "centre",
     median: str = "mean-middle",
     l2: bool = True,
-    nuclei_channel: str = "DAPI",
+    nuclei_channel: str = "",
 ) -> Generator[Progress, None, object]:
     """Embed every field of a preprocessed cache; yields progress, returns the profiles.
 
@@ -247,7 +248,8 @@ def embed_cache(
         published code keeps raw CLS features for its per-channel TVN (``l2=False``).
     nuclei_channel
         With ``windows="cells"``: the DNA channel whose nuclei centre the cell crops
-        (``crop`` is then the cell crop's side).
+        (``crop`` is then the cell crop's side); empty (default) = the cache's first
+        channel, the DNA stain in BBBC021 (DAPI) and Cell Painting (DNA) alike.
 
     Returns
     -------

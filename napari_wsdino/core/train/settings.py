@@ -41,6 +41,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 PRELOADS = ("auto", "device", "memmap")
 # Settings that may differ between a run and its resumption (they do not change the maths).
 RESUMABLE_CHANGES = {"device", "checkpoint_every", "snapshot_every", "preload", "compile"}
+#: Channel settings where an empty value means the cache's first channel (the DNA stain:
+#: DAPI in BBBC021, DNA in Cell Painting), filled in by :func:`with_cache_channels`.
+CACHE_CHANNEL_FIELDS = ("channel", "nuclei_channel")
 
 
 class TrainingError(RuntimeError):
@@ -51,7 +54,9 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     """Every setting of a training run; defaults are WS-DINO's.
 
-    Data: ``channel`` (one model per channel), ``weak_label`` (none = plain DINO,
+    Data: ``channel`` (one model per channel; empty = the cache's first channel, the DNA
+    stain in BBBC021 and Cell Painting alike, resolved by :func:`with_cache_channels`
+    where the cache is known), ``weak_label`` (none = plain DINO,
     treatment, compound, moa, moa_or_compound), ``dmso`` (exclude = paper, plate,
     together), ``balance`` (weight fields by 1 / group size, the paper's sampler).
 
@@ -81,13 +86,13 @@ class TrainConfig:
 
     Microscopy additions (off by default, on in the ``cpu`` demo preset; see
     docs/training.md): ``crop_centres`` (uniform = the paper; nuclei = every crop centred
-    on a nucleus of ``nuclei_channel``, found by Otsu), ``rotate90`` (random quarter
+    on a nucleus of ``nuclei_channel``, found by Otsu; empty = the cache's first channel), ``rotate90`` (random quarter
     turns), ``intensity_jitter`` (per-view gain ``exp(N(0, s))`` and offset),
     ``teacher_centering`` (centre = DINO's EMA centre; sinkhorn = DINOv2's Sinkhorn-Knopp
     targets, which cannot collapse).
     """
 
-    channel: str = "DAPI"
+    channel: str = ""
     weak_label: str = DEFAULT_WEAK_LABEL
     dmso: str = "exclude"
     balance: bool = True
@@ -128,7 +133,7 @@ class TrainConfig:
     preload: str = "auto"
     compile: bool = False
     crop_centres: str = "uniform"
-    nuclei_channel: str = "DAPI"
+    nuclei_channel: str = ""
     rotate90: bool = False
     intensity_jitter: float = 0.0
     teacher_centering: str = "centre"
@@ -258,14 +263,35 @@ def config_file_values(path: str | Path) -> dict:
     return {k: loaded[k] for k in raw.get("train", raw)}
 
 
+def with_cache_channels(config: TrainConfig, channels) -> TrainConfig:
+    """``config`` with its empty :data:`CACHE_CHANNEL_FIELDS` set to the first of the
+    cache's ``channels`` (the DNA stain in both registered layouts); named channels stay.
+
+    Example
+    -------
+    >>> with_cache_channels(TrainConfig(), ("DNA", "ER", "RNA", "AGP", "Mito")).nuclei_channel
+    'DNA'
+    >>> with_cache_channels(TrainConfig(channel="Actin"), ("DAPI", "Tubulin", "Actin")).channel
+    'Actin'
+    """
+    channels = list(channels)
+    if not channels:
+        raise ValueError("The cache holds no channels.")
+    empty = {k: channels[0] for k in CACHE_CHANNEL_FIELDS if not getattr(config, k)}
+    return config.replace(**empty) if empty else config
+
+
 def resume_conflicts(saved: TrainConfig, config: TrainConfig) -> list[str]:
     """Settings of ``config`` a resume of a run trained with ``saved`` may not change.
 
     ``epochs`` may change (Continue training extends or shortens a run), and so may
-    :data:`RESUMABLE_CHANGES`, which do not change the maths.
+    :data:`RESUMABLE_CHANGES`, which do not change the maths. An empty channel setting
+    (:data:`CACHE_CHANNEL_FIELDS`: "the cache's first") on either side is not a change:
+    a run saves the name it resolved it to, and configs of older runs may lack it.
     """
     old, new = saved.to_dict(), config.to_dict()
-    return [k for k, v in new.items() if k not in RESUMABLE_CHANGES | {"epochs"} and old[k] != v]
+    return [k for k, v in new.items() if k not in RESUMABLE_CHANGES | {"epochs"} and old[k] != v
+            and not (k in CACHE_CHANNEL_FIELDS and "" in (old[k], v))]
 
 
 def resolve_config(
@@ -327,6 +353,9 @@ def resolve_config(
     elif saved is not None:
         values = saved.to_dict()
     values.update(overrides or {})
+    if saved is not None:  # "the cache's first channel" is the one the saved run resolved
+        values.update({k: getattr(saved, k) for k in CACHE_CHANNEL_FIELDS
+                       if not values.get(k)})
     config = TrainConfig.from_dict(values)
     if saved is not None and (Path(resume_from) / CHECKPOINT_FILE).exists():
         conflicts = resume_conflicts(saved, config)

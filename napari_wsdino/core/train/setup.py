@@ -47,7 +47,12 @@ from napari_wsdino.core.model import (
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, PairSampler, weak_labels
 from napari_wsdino.core.schedules import Schedules
 from napari_wsdino.core.train.checkpoint import restore
-from napari_wsdino.core.train.settings import N_GLOBAL, TrainConfig, TrainingError
+from napari_wsdino.core.train.settings import (
+    N_GLOBAL,
+    TrainConfig,
+    TrainingError,
+    with_cache_channels,
+)
 from napari_wsdino.core.views import Centres
 
 
@@ -206,7 +211,7 @@ def _crop_centres(cache: Cache, config: TrainConfig, rows: np.ndarray):
         raise TrainingError(
             f"crop_centres = nuclei needs the nuclear stain {config.nuclei_channel!r}, which "
             f"this cache lacks (it has {', '.join(cache.channels)}). Set nuclei_channel to "
-            "your DNA channel, or crop_centres = uniform.")
+            "your DNA channel (empty: the cache's first), or crop_centres = uniform.")
     rows = np.unique(rows)
     yx, count = nuclei_centres(cache.images(config.nuclei_channel), rows)
     lookup = np.full(len(cache.table), -1, dtype=np.int64)
@@ -292,7 +297,16 @@ class TrainState:
 
 def setup_run(cache: Cache, config: TrainConfig, out: Path, ckpt_path: Path,
               device: torch.device, info, resume: bool) -> TrainState:
-    """Build one channel's run, resumed from ``ckpt_path`` when ``resume`` and it exists."""
+    """Build one channel's run, resumed from ``ckpt_path`` when ``resume`` and it exists.
+
+    An empty ``config.channel`` / ``nuclei_channel`` becomes the cache's first channel
+    (:func:`~napari_wsdino.core.train.settings.with_cache_channels`); the run's saved
+    ``config.toml`` and checkpoint name the channel it resolved to.
+    """
+    config = with_cache_channels(config, cache.channels)
+    if config.channel not in cache.channels:
+        raise TrainingError(f"This cache has no channel {config.channel!r} (it has "
+                            f"{', '.join(cache.channels)}); train one of those.")
     if device.type == "cuda" and info.distributed:
         device = torch.device("cuda", info.local_rank)
     if info.is_main:
