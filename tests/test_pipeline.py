@@ -100,3 +100,54 @@ def test_study_moa_holdout_folds_cover_every_treatment_once(demo_dir, tmp_path, 
     # Each fold scores only its own compounds; together the folds score all 103 treatments.
     assert sum(e["n_nsc"] for e in evals) == 103
     assert all(0 < e["n_nsc"] < 103 for e in evals)
+
+
+@pytest.fixture(scope="module")
+def cellpainting_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cp_demo")
+    assert main(["demo", str(out), "--preset", "test", "--layout", "cellpainting",
+                 "--device", "cpu", "--workers", "1"]) == 0
+    return out
+
+
+def test_demo_on_five_channel_cell_painting_layout(cellpainting_demo):
+    """`wsdino demo --layout cellpainting`: five models per run, five attention columns,
+    the classical row named by its feature count on five stains, a labelled report."""
+    from napari_wsdino.core.classical import feature_names
+    from napari_wsdino.core.modelset import ModelSet
+    from napari_wsdino.core.screens import CELLPAINTING_CHANNELS
+    from napari_wsdino.core.train import load_checkpoint
+
+    out = cellpainting_demo
+    assert (out / "data" / "load_data.csv").exists()
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["model"]: r for r in results["results"]}
+    n_classical = len(feature_names(CELLPAINTING_CHANNELS))
+    assert n_classical != 52  # BBBC021's three stains give 52
+    assert f"classical profile ({n_classical} features)" in rows
+    for name, r in rows.items():
+        attention = sorted(k for k in r if k.startswith("attention_"))
+        if "classical" in name:
+            assert attention == []
+        else:
+            assert attention == sorted(f"attention_{c}" for c in CELLPAINTING_CHANNELS)
+            assert all(0.0 < r[k] < 20.0 for k in attention)
+        # 36 compounds (one per MoA and source) at one dose; each source is a batch.
+        assert r["n_nsc"] == 36 and r["n_nscb"] == 36
+        assert 0.0 <= r["nsc"] <= 1.0 and 0.0 <= r["nscb"] <= 1.0
+    for run in ("run", "run_dino"):
+        assert ModelSet.from_run(out / run).channels == CELLPAINTING_CHANNELS
+        for ch in CELLPAINTING_CHANNELS:
+            ckpt = load_checkpoint(out / run / ch / "checkpoint.pth")
+            # The test preset centres crops on nuclei: the cache's first stain, DNA.
+            assert ckpt["channel"] == ckpt["config"]["channel"] == ch
+            assert ckpt["config"]["nuclei_channel"] == "DNA"
+    html = (out / "report.html").read_text()
+    assert "synthetic replica" in html and "Cell Painting" in html
+    assert "Training curves" in html and "Self-attention, one field per MoA" in html
+    assert "attention_Mito" in (out / "report.csv").read_text().splitlines()[0]
+    assert json.loads((out / "stages.json").read_text())["settings"]["layout"] == "cellpainting"
+
+
+def test_demo_refuses_another_layout_in_the_same_folder(cellpainting_demo):
+    assert main(["demo", str(cellpainting_demo), "--preset", "test", "--device", "cpu"]) != 0

@@ -2,7 +2,8 @@
 
 Stages, each cached in the output folder so that a rerun skips what is finished:
 
-1. ``replica``    — synthetic BBBC021 replica (:mod:`napari_wsdino.core.synth`)
+1. ``replica``    — synthetic replica, BBBC021's three stains or Cell Painting's five
+                   (``layout``; :mod:`napari_wsdino.core.synth`)
 2. ``preprocess`` — illumination correction, resize, clip, normalise (:mod:`~.preprocess`)
 3. ``train``      — one WS-DINO model per channel (:mod:`~.train`)
 4. ``embed``      — field profiles of the trained models, and of a random-init baseline
@@ -17,6 +18,7 @@ Example
 >>> from napari_wsdino.core.progress import run_to_end
 >>> summary = run_to_end(run_demo("wsdino_demo", preset="cpu"))     # doctest: +SKIP
 >>> summary["results"][0]["nsc"]                                     # doctest: +SKIP
+>>> run_to_end(run_demo("cp_demo", preset="test", layout="cellpainting"))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Generator
 import numpy as np
 
 from napari_wsdino.core.layout import demo_paths, log_path
-from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.metadata import LAYOUTS, DataError
 from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
     DEFAULT_PRESET, PRESETS, Preset, embed_settings, headline, resolve_preset)
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL
@@ -38,6 +40,8 @@ from napari_wsdino.core.progress import Progress
 
 STAGES = ("replica", "preprocess", "train", "embed", "evaluate", "report")
 STATE_FILE = "stages.json"
+#: The screen layout of the demo's replica unless another is asked for.
+DEFAULT_LAYOUT = "bbbc021"
 
 
 def _load_state(out: Path) -> dict:
@@ -80,6 +84,7 @@ def run_demo(
     device: str = "auto",
     workers: int = 2,
     recipe: str = "default",
+    layout: str = DEFAULT_LAYOUT,
     **train_overrides,
 ) -> Generator[Progress, None, dict]:
     """Replica → preprocess → WS-DINO per channel → embed → evaluate → report.
@@ -103,6 +108,10 @@ def run_demo(
         :mod:`~napari_wsdino.core.recipes` name (``default`` or ``paper-code``): its
         preprocessing, training, embedding and evaluation settings. The ``gpu`` preset and
         ``paper-code`` need ``init=FILE`` (or ``init="random"``, said on purpose).
+    layout
+        The replica's screen layout, a name of :data:`~napari_wsdino.core.screens.LAYOUTS`:
+        ``"bbbc021"`` (DAPI, Tubulin, Actin) or ``"cellpainting"`` (JUMP-style
+        ``load_data.csv``, DNA, ER, RNA, AGP, Mito: five models, five attention columns).
     train_overrides
         Any :class:`~napari_wsdino.core.train.TrainConfig` field (e.g. ``epochs=5``).
 
@@ -112,7 +121,8 @@ def run_demo(
         ``results`` (one row per model: NSC, NSCB, mAP ...), ``paths`` and ``skipped``
         (stages that were already done).
     """
-    demo = _open_demo(out, preset, weak_label, seed, device, workers, recipe, train_overrides)
+    demo = _open_demo(out, preset, weak_label, seed, device, workers, recipe, layout,
+                      train_overrides)
     meta = yield from _replica_stage(demo)
     cache = yield from _preprocess_stage(demo, meta)
     from napari_wsdino.core.train import TrainConfig
@@ -120,7 +130,7 @@ def run_demo(
     config = TrainConfig(weak_label=weak_label, seed=seed, device=device, **demo.preset.train)
     # The models compared: WS-DINO, plain DINO at the same budget (unless WS-DINO is plain
     # DINO already), a random-init ViT of the same architecture, and the classical profile.
-    compared = _compared_models(weak_label)
+    compared = _compared_models(weak_label, cache.channels)
     yield from _train_stage(demo, cache, config, compared)
     yield from _embed_stage(demo, meta, cache, config, compared)
     evaluated = yield from _evaluate_stage(demo, cache, config, compared)
@@ -137,6 +147,7 @@ class _Demo:
     preset: Preset
     stages: Any              # the recipe's resolved Settings
     recipe: str
+    layout: str
     seed: int
     device: str
     workers: int
@@ -159,10 +170,13 @@ class _Demo:
         return json.loads(self.paths["results"].read_text())
 
 
-def _open_demo(out, preset, weak_label, seed, device, workers, recipe, train_overrides) -> _Demo:
+def _open_demo(out, preset, weak_label, seed, device, workers, recipe, layout,
+               train_overrides) -> _Demo:
     """Resolve the preset and recipe, check the machine, and open (or resume) ``out``."""
     from napari_wsdino.core.recipes import check_init, get_recipe, resolve
 
+    if layout not in LAYOUTS:
+        raise DataError(f"Unknown screen layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
     rec = get_recipe(recipe)
     preset = resolve_preset(preset, **{**rec.train, **train_overrides})
     check_init(preset.train.get("init", ""), preset.name == "gpu" or rec.requires_init,
@@ -173,15 +187,16 @@ def _open_demo(out, preset, weak_label, seed, device, workers, recipe, train_ove
     state = _load_state(out)
     settings = json.loads(json.dumps(
         {"preset": asdict(preset), "weak_label": weak_label, "seed": seed,
-         **({"recipe": recipe} if recipe != "default" else {})}))
+         **({"recipe": recipe} if recipe != "default" else {}),
+         **({"layout": layout} if layout != DEFAULT_LAYOUT else {})}))
     if state.get("settings") not in (None, settings):
         raise DataError(
             f"{out} holds a demo run with other settings ({state['settings']}). "
             "Use a new output folder, or delete this one to start over."
         )
     state["settings"] = settings
-    return _Demo(out, preset, resolve(recipe), recipe, seed, device, workers, state, settings,
-                 demo_paths(out))
+    return _Demo(out, preset, resolve(recipe), recipe, layout, seed, device, workers, state,
+                 settings, demo_paths(out))
 
 
 def _replica_stage(demo: _Demo):
@@ -191,9 +206,9 @@ def _replica_stage(demo: _Demo):
     p = demo.preset
     if not demo.done("replica"):
         yield from write_replica(demo.paths["data"], p.subset, p.sites, p.image_size,
-                                 seed=demo.seed, workers=demo.workers)
+                                 seed=demo.seed, workers=demo.workers, layout=demo.layout)
         demo.mark("replica")
-    return load_metadata(demo.paths["data"])
+    return load_metadata(demo.paths["data"], demo.layout)
 
 
 def _preprocess_stage(demo: _Demo, meta):
@@ -279,7 +294,7 @@ def _report_stage(demo: _Demo, cache, evaluated: dict):
     result = (evaluated["profiles"] if evaluated
               else _evaluate(ProfileTable.read(demo.paths["profiles"]), demo.stages))
     _write_demo_report(demo.out, demo.paths, demo.results(), result, cache, demo.preset,
-                       demo.settings)
+                       demo.settings, LAYOUTS[demo.layout].display_name)
     demo.mark("report")
     yield Progress("report", 1, 1, str(demo.paths["report"]))
 
@@ -310,7 +325,10 @@ class ComparedModel:
     profiles: str            # key in paths of the profile table
 
 
-def _compared_models(weak_label: str) -> list[ComparedModel]:
+def _compared_models(weak_label: str, channels) -> list[ComparedModel]:
+    """The demo's rows; the classical row names its feature count on ``channels``."""
+    from napari_wsdino.core.classical import feature_names
+
     rows = []
     if weak_label != "none":
         rows.append(ComparedModel(f"WS-DINO ({weak_label})", weak_label, "trained", "run",
@@ -320,7 +338,8 @@ def _compared_models(weak_label: str) -> list[ComparedModel]:
     else:
         rows.append(ComparedModel("DINO (none)", "none", "trained", "run", "profiles"))
     rows.append(ComparedModel("random-init ViT", "none", "random", None, "baseline_profiles"))
-    rows.append(ComparedModel("classical profile (52 features)", "none", "classical", None,
+    n = len(feature_names(list(channels)))
+    rows.append(ComparedModel(f"classical profile ({n} features)", "none", "classical", None,
                               "classical_profiles"))
     return rows
 
@@ -334,9 +353,10 @@ def _classical_profiles(meta, cache, path: Path):
     keys = ["plate", "well", "site"]
     table = cache.table[keys].merge(meta.table, on=keys, how="left")
     features = yield from iter_dataset_features(table, list(cache.channels))
-    profiles = ProfileTable.from_fields(table, features, feature_names(list(cache.channels)))
-    write_profiles(profiles, path, {"method": "classical: 52 intensity and texture features "
-                                              "(napari_wsdino.core.classical)"})
+    names = feature_names(list(cache.channels))
+    profiles = ProfileTable.from_fields(table, features, names)
+    write_profiles(profiles, path, {"method": f"classical: {len(names)} intensity and texture "
+                                              "features (napari_wsdino.core.classical)"})
     return profiles
 
 
@@ -357,7 +377,7 @@ def _evaluate(profiles, stages=None):
 
 
 def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, preset: Preset,
-                       settings: dict) -> None:
+                       settings: dict, screen: str = LAYOUTS[DEFAULT_LAYOUT].display_name) -> None:
     from napari_wsdino.core.figures import (attention_grid_figure, confusion_figure, per_moa_figure,
                                             png_bytes, read_log, training_curves_figure)
     from napari_wsdino.core.report import SYNTHETIC_LABEL, Report, write_report
@@ -376,7 +396,7 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
         attention_grid_figure(attention_examples(cache, paths["run"], per_moa=1, max_panels=6)))
     per_moa = [{"moa": m, **v} for m, v in result.to_dict()["per_moa"].items()]
     report = Report(
-        title="napari-wsdino demo: WS-DINO on the synthetic BBBC021 replica",
+        title=f"napari-wsdino demo: WS-DINO on the synthetic replica of {screen}",
         data_label=SYNTHETIC_LABEL,
         rows=results["results"],
         sections={"Per-MoA accuracy (WS-DINO)": per_moa},
