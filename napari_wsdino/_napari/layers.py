@@ -18,7 +18,11 @@ from napari_wsdino.core.metadata import Metadata
 if TYPE_CHECKING:
     import napari
 
-CHANNEL_COLORMAPS = {"DAPI": "blue", "Tubulin": "green", "Actin": "red"}
+#: Colours of the registered layouts' stains: BBBC021 (DAPI, Tubulin, Actin) and Cell
+#: Painting (DNA, ER, RNA, AGP, Mito), in the field's usual false colours.
+CHANNEL_COLORMAPS = {"DAPI": "blue", "Tubulin": "green", "Actin": "red",
+                     "DNA": "blue", "ER": "green", "RNA": "cyan", "AGP": "red",
+                     "Mito": "magenta"}
 FALLBACK_COLORMAPS = ("blue", "green", "red", "magenta", "cyan", "yellow")
 ROLE = "wsdino_role"
 FIELD_ROLE = "field"
@@ -27,7 +31,8 @@ ROW_KEYS = ("plate", "batch", "well", "site", "replicate", "compound", "concentr
 
 
 def channel_colormap(channel: str, position: int) -> str:
-    """DAPI blue, Tubulin green, Actin red; other screens' channels cycle colours."""
+    """DAPI / DNA blue, Tubulin / ER green, Actin / AGP red, RNA cyan, Mito magenta;
+    other screens' channels cycle colours by position."""
     return CHANNEL_COLORMAPS.get(channel, FALLBACK_COLORMAPS[position % len(FALLBACK_COLORMAPS)])
 
 

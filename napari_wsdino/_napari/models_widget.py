@@ -145,6 +145,7 @@ class ModelLoader(WorkerDock):
         self.source_combo.currentIndexChanged.connect(self._source_changed)
         self.state.model_changed.connect(self._point_at_run)
         self.state.metadata_changed.connect(lambda _m: self._set_channels(self._channels()))
+        self.state.cache_changed.connect(lambda _c: self._set_channels(self._channels()))
         self.state.models_changed.connect(self._show_models)
         self.path_edit.editingFinished.connect(self._source_changed)
         if self.state.models is not None:
@@ -153,6 +154,15 @@ class ModelLoader(WorkerDock):
             self._point_at_run(self.state.model_path)
 
     def _channels(self) -> tuple[str, ...]:
+        """The preprocessed cache's channels, else the open dataset's; BBBC021's only
+        when nothing is loaded."""
+        from napari_wsdino.core.cache import open_cache
+
+        if self.state.cache_path is not None:
+            try:
+                return tuple(open_cache(self.state.cache_path).channels)
+            except (DataError, OSError, ValueError):
+                pass
         meta = self.state.metadata
         return tuple(meta.channels) if meta is not None else CHANNELS
 

@@ -2,7 +2,8 @@
 
 Only the chosen field's channel files are read (the metadata table of a whole
 screen is small; its images are not), so a 55-plate dataset stays responsive.
-The field is shown in three additive layers that are updated in place.
+The field is shown in one additive layer per stain (three for BBBC021, five for Cell
+Painting), updated in place.
 """
 
 from __future__ import annotations
@@ -51,16 +52,19 @@ class FieldIndex:
 
 
 class PlateBrowser(WorkerDock):
-    """Open a BBBC021-layout folder (or image CSV) and browse its fields."""
+    """Open a BBBC021-layout or Cell Painting dataset folder (or its image CSV) and
+    browse its fields; the layout is detected from the CSV."""
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer, "No dataset loaded.")
         self._index: FieldIndex | None = None
 
         self.path_edit = tip(QLineEdit(str(settings.recall(LAST_FOLDER, ""))),
-                             "A BBBC021-layout folder (holding BBBC021_v1_image.csv and "
-                             "BBBC021_v1_moa.csv) or its image CSV")
-        self.path_edit.setPlaceholderText("dataset folder or BBBC021_v1_image.csv")
+                             "A dataset folder or its image CSV: BBBC021 layout "
+                             "(BBBC021_v1_image.csv and BBBC021_v1_moa.csv) or a Cell "
+                             "Painting load_data.csv (FileName_OrigDNA ... OrigMito)")
+        self.path_edit.setPlaceholderText(
+            "dataset folder, BBBC021-layout or Cell Painting load_data.csv")
         self.browse_button = button("Browse…", "Choose a dataset folder and open it", self._browse)
         self.open_button = button("Open", "Open the dataset named on the left",
                                   lambda: self.open(self.path_edit.text()))
@@ -101,7 +105,7 @@ class PlateBrowser(WorkerDock):
     # -- opening -----------------------------------------------------------------
     def _browse(self) -> None:
         """Ask for a dataset folder."""
-        folder = QFileDialog.getExistingDirectory(self, "BBBC021 dataset folder",
+        folder = QFileDialog.getExistingDirectory(self, "Dataset folder (BBBC021 or Cell Painting)",
                                                   self.path_edit.text())
         if folder:
             self.path_edit.setText(folder)
@@ -175,7 +179,8 @@ class PlateBrowser(WorkerDock):
         dropped = f", {metadata.dropped} dropped (missing files)" if metadata.dropped else ""
         self.status_label.setText(
             f"{s['fields']} fields, {s['plates']} plates, {s['batches']} batches, "
-            f"{s['treatments']} treatments{dropped}."
+            f"{s['treatments']} treatments{dropped}; stains "
+            f"{', '.join(metadata.channels)}."
         )
         with _blocked(self.plate_combo):
             self.plate_combo.clear()

@@ -1,9 +1,12 @@
-"""npe2 reader: open a BBBC021-layout dataset folder or its image CSV.
+"""npe2 reader: open a screen's dataset folder or its image CSV, in any registered layout.
 
-The first field with all its channel files present is shown as three additive
-layers (DAPI blue, Tubulin green, Actin red); the field's plate, well, site,
-compound, concentration, MoA and batch are in each ``layer.metadata``. Only that
-field's files are read: the plate browser (Plugins > WS-DINO) moves between fields.
+The layout is detected (:func:`napari_wsdino.core.screens.detect_layout`): BBBC021's
+official CSVs, or a JUMP-style Cell Painting ``load_data.csv``. The first field with
+all its channel files present is shown as one additive layer per stain (BBBC021:
+DAPI blue, Tubulin green, Actin red; Cell Painting: DNA blue, ER green, RNA cyan,
+AGP red, Mito magenta; :mod:`napari_wsdino._napari.layers`); the field's plate, well,
+site, compound, concentration, MoA and batch are in each ``layer.metadata``. Only
+that field's files are read: the plate browser (Plugins > WS-DINO) moves between fields.
 """
 
 from __future__ import annotations
@@ -12,19 +15,18 @@ import csv
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from napari_wsdino.core.metadata import DataError, ScreenLayout, load_metadata, locate
+from napari_wsdino.core.metadata import DataError, detect_layout, load_metadata, locate
 from napari_wsdino._napari.layers import field_layer_data
 
 if TYPE_CHECKING:
     from napari.types import LayerDataTuple
 
-_LAYOUT = ScreenLayout()
-
-
 def _looks_like_dataset(path: Path) -> bool:
-    """Cheap check: an image CSV whose header has the BBBC021 columns, plus an MoA CSV."""
+    """Cheap check: an image CSV whose header has its detected layout's plate and well
+    columns (plus an MoA CSV where the layout has one)."""
     try:
-        image_csv, _ = locate(path, _LAYOUT)
+        layout = detect_layout(path)
+        image_csv, _ = locate(path, layout)
         if image_csv.suffix.lower() != ".csv":
             return False
         with open(image_csv, "rb") as fh:
@@ -35,11 +37,12 @@ def _looks_like_dataset(path: Path) -> bool:
         header = next(csv.reader(text[:1]), [])
     except (DataError, OSError, csv.Error, StopIteration):
         return False
-    return _LAYOUT.plate_column in header and _LAYOUT.well_column in header
+    return layout.plate_column in header and layout.well_column in header
 
 
 def get_reader(path: str | list[str]) -> Callable[[str], list["LayerDataTuple"]] | None:
-    """Return :func:`read_dataset` if ``path`` is a BBBC021 folder or image CSV, else ``None``.
+    """Return :func:`read_dataset` if ``path`` is a dataset folder or image CSV of a
+    registered layout (BBBC021, Cell Painting), else ``None``.
 
     Never raises: anything unexpected means "not ours".
     """
@@ -61,10 +64,14 @@ def _no_field_reason(path, metadata) -> str:
         return (f"{path}: none of the {len(metadata.missing)} image files the CSV names exist "
                 f"under {metadata.root}. Unpack the plate folders next to the CSV.")
     if metadata.no_moa:
-        return (f"{path}: all {metadata.no_moa} fields have treatments without an MoA row. "
-                "Add them to the MoA CSV (BBBC021_v1_moa.csv).")
+        layout = detect_layout(path)
+        where = (f"the MoA CSV ({layout.moa_csv})" if layout.moa_csv
+                 else f"the {layout.moa_column} column of {layout.image_csv}")
+        return (f"{path}: all {metadata.no_moa} fields have treatments without an MoA. "
+                f"Add them to {where}.")
     return (f"{path}: the image CSV lists no fields (a header without rows?). Use the "
-            "complete BBBC021_v1_image.csv, e.g. 'wsdino fetch DEST --metadata-only'.")
+            "complete image CSV (BBBC021: 'wsdino fetch DEST --metadata-only'; Cell "
+            "Painting: load_data.csv with one row per field).")
 
 
 def read_dataset(path: str | list[str]) -> list["LayerDataTuple"]:

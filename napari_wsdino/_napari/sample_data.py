@@ -1,10 +1,12 @@
-"""napari sample data: a small synthetic BBBC021 replica (File > Open Sample).
+"""napari sample data: a small synthetic replica (File > Open Sample).
 
-The replica (``mini`` subset, one site per well, 256 x 320 px, seed 0) is written
-once into the user cache (``$WSDINO_CACHE`` or ``~/.cache/napari-wsdino``) and reused;
-the sample opens one of its fields as three additive layers (DAPI blue, Tubulin green,
-Actin red) whose metadata names the field and the dataset folder, so the plate
-browser can move on to the other fields.
+The BBBC021 replica (``mini`` subset, one site per well, 256 x 320 px, seed 0) is
+written once into the user cache (``$WSDINO_CACHE`` or ``~/.cache/napari-wsdino``) and
+reused; the sample opens one of its fields as three additive layers (DAPI blue, Tubulin
+green, Actin red) whose metadata names the field and the dataset folder, so the plate
+browser can move on to the other fields. ``sample_replica(layout="cellpainting")`` and
+:func:`replica_cellpainting_field` do the same with the five-stain Cell Painting
+replica (DNA, ER, RNA, AGP, Mito).
 """
 
 from __future__ import annotations
@@ -35,18 +37,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def sample_replica(root: str | Path | None = None) -> Path:
-    """Path of the cached sample replica, writing it first if needed (a few seconds)."""
+def sample_replica(root: str | Path | None = None, layout: str = "bbbc021") -> Path:
+    """Path of the cached sample replica of ``layout`` (``"bbbc021"`` or
+    ``"cellpainting"``), writing it first if needed (a few seconds)."""
     root = Path(root) if root is not None else cache_dir()
     h, w = SAMPLE_SIZE
-    target = root / f"sample_replica_{SAMPLE_SUBSET}_s{SAMPLE_SITES}_{h}x{w}_seed{SAMPLE_SEED}"
+    name = SAMPLE_SUBSET if layout == "bbbc021" else layout  # old folder names stay valid
+    target = root / f"sample_replica_{name}_s{SAMPLE_SITES}_{h}x{w}_seed{SAMPLE_SEED}"
     if (target / _DONE).exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so an interrupted run never leaves half a replica.
     tmp = Path(tempfile.mkdtemp(prefix=".sample_", dir=root))
     try:
-        make_replica(tmp, SAMPLE_SUBSET, SAMPLE_SITES, SAMPLE_SIZE, SAMPLE_SEED)
+        make_replica(tmp, SAMPLE_SUBSET, SAMPLE_SITES, SAMPLE_SIZE, SAMPLE_SEED, layout=layout)
         (tmp / _DONE).write_text("ok\n")
         if target.exists():
             shutil.rmtree(target)
@@ -57,8 +61,9 @@ def sample_replica(root: str | Path | None = None) -> Path:
     return target
 
 
-def _field_sample(compound: str, root: str | Path | None = None) -> list["LayerDataTuple"]:
-    data = sample_replica(root)
+def _field_sample(compound: str | None, root: str | Path | None = None,
+                  layout: str = "bbbc021") -> list["LayerDataTuple"]:
+    data = sample_replica(root, layout)
     metadata = load_metadata(data)
     table = metadata.table
     # The highest dose shows the phenotype best.
@@ -78,3 +83,9 @@ def replica_dmso_field(root: str | Path | None = None) -> list["LayerDataTuple"]
 def replica_taxol_field(root: str | Path | None = None) -> list["LayerDataTuple"]:
     """A taxol (microtubule stabiliser, positive control) field of the synthetic replica."""
     return _field_sample("taxol", root)
+
+
+def replica_cellpainting_field(root: str | Path | None = None) -> list["LayerDataTuple"]:
+    """A DMSO field of the synthetic Cell Painting replica, as five layers (DNA blue,
+    ER green, RNA cyan, AGP red, Mito magenta)."""
+    return _field_sample("DMSO", root, layout="cellpainting")
