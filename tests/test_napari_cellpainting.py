@@ -47,6 +47,18 @@ def test_reader_opens_a_cell_painting_replica(replica, which):
     assert meta["batch"].startswith("source_")
 
 
+def test_cell_painting_sample_field(tmp_path, monkeypatch):
+    from napari_wsdino._napari import sample_data
+
+    monkeypatch.setattr(sample_data, "SAMPLE_SIZE", (64, 80))  # the real one is 256 x 320
+    layers = sample_data.replica_cellpainting_field(tmp_path)
+    assert [kw["name"] for _, kw, _ in layers] == [f"{c} (synthetic replica)"
+                                                   for c in CELLPAINTING_CHANNELS]
+    assert {kw["metadata"]["moa"] for _, kw, _ in layers} == {"DMSO"}
+    folder = sample_data.sample_replica(tmp_path, "cellpainting")
+    assert (folder / "load_data.csv").exists() and folder.name.startswith("sample_replica_cellpainting")
+
+
 def test_plate_browser_shows_five_stains(make_napari_viewer, qtbot, replica, tmp_path):
     from napari_wsdino._napari.plate_browser import PlateBrowser
 
