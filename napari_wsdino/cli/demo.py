@@ -1,36 +1,38 @@
-"""``wsdino demo [OUT]``: replica → preprocess → WS-DINO → embed → evaluate → report."""
+"""the whole workflow on a synthetic replica (BBBC021 or Cell Painting), with a report
+
+Generate a synthetic replica (BBBC021's three stains, or with --layout cellpainting a
+JUMP-style five-stain Cell Painting screen), preprocess it, train one WS-DINO model per
+channel, embed every field, evaluate NSC / NSCB / mAP against a random-init baseline and
+write OUT/report.html. Rerunning with the same OUT skips finished stages. Results are on
+synthetic data and labelled as such.
+
+Examples: wsdino demo; wsdino demo cp_demo --layout cellpainting
+"""
 
 from __future__ import annotations
 
 import json
 
-from napari_wsdino.cli._common import drive
+from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.pipeline import DEFAULT_LAYOUT, run_demo
 from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, WEAK_LABELS, weak_label_help
-from napari_wsdino.core.screens import LAYOUTS
+from napari_wsdino.core.screens import LAYOUTS as SCREEN_LAYOUTS
+from napari_wsdino.core.synth import LAYOUTS
 
 
 def add_parser(sub) -> None:
     presets = "; ".join(f"{k}: {v.description}" for k, v in PRESETS.items())
-    p = sub.add_parser(
-        "demo",
-        help="the whole workflow on a synthetic replica (BBBC021 or Cell Painting), with a report",
-        description="Generate a synthetic replica (BBBC021's three stains, or with --layout "
-        "cellpainting a JUMP-style five-stain Cell Painting screen), preprocess it, train one "
-        "WS-DINO model per channel, embed every field, evaluate NSC / NSCB / mAP against a "
-        "random-init baseline and write OUT/report.html. Rerunning with the same OUT skips "
-        "finished stages. Results are on synthetic data and labelled as such.",
-    )
+    p = command(sub, "demo", __doc__)
     p.add_argument("out", nargs="?", default="wsdino_demo", help="output folder (default: wsdino_demo)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET, help=f"run size ({presets})")
     p.add_argument("--gpu", action="store_const", const="gpu", dest="preset",
                    help="shorthand for --preset gpu (ViT-S/8, the paper's settings)")
     p.add_argument("--weak-label", default=DEFAULT_WEAK_LABEL, choices=WEAK_LABELS,
                    help=f"WS-DINO weak label (default: {DEFAULT_WEAK_LABEL}): {weak_label_help()}")
-    p.add_argument("--layout", choices=list(LAYOUTS), default=DEFAULT_LAYOUT,
+    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
                    help="screen layout of the replica (default: %(default)s): "
-                   + "; ".join(f"{k}: {v.display_name}" for k, v in LAYOUTS.items()))
+                   + "; ".join(f"{k}: {SCREEN_LAYOUTS[k].display_name}" for k in LAYOUTS))
     p.add_argument("--epochs", type=int, help="override the preset's training epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the replica and training")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")

@@ -111,7 +111,8 @@ def run_demo(
     layout
         The replica's screen layout, a name of :data:`~napari_wsdino.core.screens.LAYOUTS`:
         ``"bbbc021"`` (DAPI, Tubulin, Actin) or ``"cellpainting"`` (JUMP-style
-        ``load_data.csv``, DNA, ER, RNA, AGP, Mito: five models, five attention columns).
+        ``load_data.csv``, DNA, ER, RNA, AGP, Mito: five models, five attention columns;
+        its one design takes the preset's sites and sizes, not its BBBC021 subset).
     train_overrides
         Any :class:`~napari_wsdino.core.train.TrainConfig` field (e.g. ``epochs=5``).
 
@@ -175,8 +176,11 @@ def _open_demo(out, preset, weak_label, seed, device, workers, recipe, layout,
     """Resolve the preset and recipe, check the machine, and open (or resume) ``out``."""
     from napari_wsdino.core.recipes import check_init, get_recipe, resolve
 
-    if layout not in LAYOUTS:
-        raise DataError(f"Unknown screen layout {layout!r}; choose one of {', '.join(LAYOUTS)}.")
+    from napari_wsdino.core.synth import LAYOUTS as REPLICA_LAYOUTS
+
+    if layout not in REPLICA_LAYOUTS:
+        raise DataError(f"Unknown replica layout {layout!r}; choose one of "
+                        f"{', '.join(REPLICA_LAYOUTS)}.")
     rec = get_recipe(recipe)
     preset = resolve_preset(preset, **{**rec.train, **train_overrides})
     check_init(preset.train.get("init", ""), preset.name == "gpu" or rec.requires_init,
@@ -205,7 +209,9 @@ def _replica_stage(demo: _Demo):
 
     p = demo.preset
     if not demo.done("replica"):
-        yield from write_replica(demo.paths["data"], p.subset, p.sites, p.image_size,
+        # The Cell Painting replica has one design ("mini"); the preset's subset is BBBC021's.
+        subset = p.subset if demo.layout == DEFAULT_LAYOUT else "mini"
+        yield from write_replica(demo.paths["data"], subset, p.sites, p.image_size,
                                  seed=demo.seed, workers=demo.workers, layout=demo.layout)
         demo.mark("replica")
     return load_metadata(demo.paths["data"], demo.layout)
