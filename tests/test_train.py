@@ -140,8 +140,11 @@ def test_checkpoint_contents_and_loading(cache, tmp_path):
     assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["channel"] == "DAPI"
     assert ckpt["finished"] and ckpt["epoch"] == 2
     assert ckpt["data"]["weak_label"] == "compound" and len(ckpt["data"]["fingerprint"]) == 64
-    assert TrainConfig.from_dict(ckpt["config"]) == config
-    assert TrainConfig.load(tmp_path / "config.toml") == config
+    # '' (the cache's first channel) is saved by name
+    saved = config.replace(channel=config.channel or "DAPI",
+                           nuclei_channel=config.nuclei_channel or "DAPI")
+    assert TrainConfig.from_dict(ckpt["config"]) == saved
+    assert TrainConfig.load(tmp_path / "config.toml") == saved
     assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
     assert all(k.startswith(("backbone.", "head.")) for k in ckpt["teacher"])
     assert ckpt["optimizer"]["state"] and ckpt["dino_loss"]["center"].shape == (1, 256)
