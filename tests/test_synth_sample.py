@@ -34,6 +34,7 @@ def test_manifest_lists_the_samples():
 
     manifest = yaml.safe_load((Path(sample_data.__file__).parents[1] / "napari.yaml").read_text())
     samples = {s["command"] for s in manifest["contributions"]["sample_data"]}
+    assert len(samples) == 3  # BBBC021 DMSO and taxol fields, a Cell Painting field
     commands = {c["id"]: c["python_name"] for c in manifest["contributions"]["commands"]}
     for cmd in samples:
         module, func = commands[cmd].split(":")
