@@ -194,3 +194,13 @@ def test_every_registered_method_runs_through_apply_tvn(method):
     if not fitted.spec.whiten:
         np.testing.assert_array_equal(out.features, profiles.features)
         assert out.feature_names == profiles.feature_names
+
+
+def test_transform_in_row_chunks_equals_one_product(monkeypatch):
+    from napari_wsdino.core import tvn
+
+    profiles = screen()
+    fitted = TypicalVariationNormalizer().fit(profiles.features, profiles.is_control())
+    whole = fitted.transform(profiles.features)
+    monkeypatch.setattr(tvn, "_ROWS", 7)  # 400 rows in 58 chunks
+    np.testing.assert_allclose(fitted.transform(profiles.features), whole, rtol=0, atol=1e-12)

@@ -53,6 +53,7 @@ from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.profiles import PLATE, ProfileTable
 
 _SINGULAR = 1e-10
+_ROWS = 4096  # rows transformed at a time (up to this many: one product, as before)
 
 
 @dataclass(frozen=True)
@@ -286,8 +287,10 @@ class TypicalVariationNormalizer:
             x = self._scale_plates(x, np.asarray(plates))
         if self.spec.per_channel:
             return np.concatenate([tvn.transform(x[:, cols]) for cols, tvn in self.parts_], axis=1)
-        z = (x - self.mean_) @ self.components_
-        z *= self.scale_  # in place: one (n, d) temporary less at screen scale
+        z = np.empty((len(x), self.components_.shape[1]), dtype=np.float64)
+        for i in range(0, len(x), _ROWS):  # row chunks: no (n, d) temporary at screen scale
+            z[i:i + _ROWS] = (x[i:i + _ROWS] - self.mean_) @ self.components_
+        z *= self.scale_
         return z
 
     def _fit_groups(self, x, is_control) -> "TypicalVariationNormalizer":
