@@ -113,3 +113,18 @@ def test_float32_gives_the_float64_numbers_on_bbbc021_sized_input(bbbc021_treatm
     assert f64.accuracy == f32.accuracy and f64.knn == f32.knn
     assert f32.map == pytest.approx(f64.map, abs=1e-6)
     np.testing.assert_allclose(f32.similarity, f64.similarity, atol=1e-6)
+
+
+def test_few_candidates_far_down_the_ranking():
+    """NSCB with 8 % eligible treatments: a query's k nearest candidates lie past the first
+    columns scanned, so the scan widens; queries with fewer than k candidates vote with all."""
+    rng = np.random.default_rng(5)
+    x, compounds = rng.normal(size=(300, 5)), rng.integers(0, 100, 300).astype(str)
+    labels, codes, eligible = rng.integers(0, 3, 300).astype(str), rng.integers(0, 2, 300), rng.random(300) < 0.08
+    cand = metrics.candidate_mask(compounds, codes, eligible)
+    ref = metrics.match(metrics.cosine_similarity(x), cand, labels, queries=eligible, ks=(1, 3, 5, 9))
+    for block_rows in (3, None):
+        out = match_blockwise(x, compounds, labels, {"nscb": Rule(codes, eligible)}, ks=(1, 3, 5, 9),
+                              block_rows=block_rows)
+        assert_same(ref, out["nscb"])
+    assert 10 < ref.n < 40
