@@ -120,7 +120,8 @@ def test_few_candidates_far_down_the_ranking():
     columns scanned, so the scan widens; queries with fewer than k candidates vote with all."""
     rng = np.random.default_rng(5)
     x, compounds = rng.normal(size=(300, 5)), rng.integers(0, 100, 300).astype(str)
-    labels, codes, eligible = rng.integers(0, 3, 300).astype(str), rng.integers(0, 2, 300), rng.random(300) < 0.08
+    labels, codes = rng.integers(0, 3, 300).astype(str), rng.integers(0, 2, 300)
+    eligible = rng.random(300) < 0.08
     cand = metrics.candidate_mask(compounds, codes, eligible)
     ref = metrics.match(metrics.cosine_similarity(x), cand, labels, queries=eligible, ks=(1, 3, 5, 9))
     for block_rows in (3, None):
