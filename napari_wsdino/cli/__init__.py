@@ -29,7 +29,13 @@ SUBCOMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Command names that are not module names (``fetch-bbbc021`` lives in ``cli/fetch.py``).
+ALIASES = {"fetch-bbbc021": "fetch"}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``wsdino`` parser with every subcommand, or with ``only`` that one (its module
+    alone is imported: ``wsdino evaluate`` never loads torch)."""
     parser = argparse.ArgumentParser(
         prog="wsdino",
         description=(
@@ -41,9 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"wsdino {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
+    for name in (only,) if only else SUBCOMMANDS:
         _subcommand_module(name).add_parser(sub)
     return parser
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The subcommand module ``argv`` asks for (its first word), if it names one."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    name = ALIASES.get(first, first)
+    return name if name in SUBCOMMANDS and argv and argv[0] == first else None
 
 
 def _subcommand_module(name: str):
@@ -66,7 +79,8 @@ def _subcommand_module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -1,12 +1,20 @@
-"""``wsdino evaluate PROFILES``: TVN, aggregation, NSC / NSCB / mAP on a profile file."""
+"""NSC / NSCB MoA matching, mAP and confusion matrices of a profile file
+
+Evaluate field-level profiles (Parquet or CSV; Metadata_* columns, the rest features):
+typical variation normalisation on the DMSO fields, mean per (treatment, plate), median
+across plates, then not-same-compound (NSC) and not-same-compound-and-batch (NSCB) 1-NN MoA
+matching by cosine similarity, k-NN accuracy and mAP, in blocks of queries with bounded
+memory (hundreds of thousands of treatments fit). See docs/evaluation.md for the exact rules.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from napari_wsdino.cli._common import drive
-from napari_wsdino.core.evaluation import DEFAULT_KS, EvaluationResult, iter_evaluate
+from napari_wsdino.cli._common import command, drive
+from napari_wsdino.core.evaluation import (DEFAULT_KS, UNANNOTATED, EvaluationResult,
+                                           iter_evaluate)
 from napari_wsdino.core.profiles import ProfileTable
 from napari_wsdino.core.tvn import METHODS, TVN_METHODS
 
@@ -21,20 +29,12 @@ def _shrinkage(text: str):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="NSC / NSCB MoA matching, mAP and confusion matrices of a profile file",
-        description="Evaluate field-level profiles (Parquet or CSV; Metadata_* columns, "
-        "the rest features): typical variation normalisation on the DMSO fields, mean per "
-        "(treatment, plate), median across plates, then not-same-compound (NSC) and "
-        "not-same-compound-and-batch (NSCB) 1-NN MoA matching by cosine similarity, "
-        "k-NN accuracy and mAP. See docs/evaluation.md for the exact rules.",
-    )
+    p = command(sub, "evaluate", __doc__)
     p.add_argument("profiles", help="field-level profile file (.parquet, .csv, .csv.gz, .tsv)")
     from napari_wsdino.core.metrics import NSCB_MULTIBATCH
-    from napari_wsdino.core.recipes import RECIPES
+    from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
 
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="defaults of --tvn/--nscb-multibatch: default (paper, exempt) or "
                    "paper-code (per-channel, official)")
     p.add_argument("--tvn", choices=METHODS, default=None,
@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
                    help="k values for k-NN MoA accuracy (default: 1 3 5)")
     p.add_argument("--no-nscb", action="store_true",
                    help="NSC only (for data from a single batch)")
-    p.add_argument("--unannotated", choices=["error", "drop"], default="error",
+    p.add_argument("--unannotated", choices=UNANNOTATED, default=UNANNOTATED[0],
                    help="treated profiles with an empty Metadata_MoA (default: error)")
     p.add_argument("--drop-constant", action="store_true",
                    help="drop features that are constant over all profiles")
@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
 
 def write_outputs(result: EvaluationResult, out: str | Path) -> list[Path]:
     """Write an evaluation's tables, figures and JSON into a folder; returns the paths."""
-    from napari_wsdino.core.plots import confusion_figure, per_moa_figure, save_figure
+    from napari_wsdino.core.figures import confusion_figure, per_moa_figure, save_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

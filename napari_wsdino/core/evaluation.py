@@ -112,6 +112,10 @@ class EvaluationResult:
         }
 
 
+#: Treated profiles without a MoA: refuse (default) or leave them out.
+UNANNOTATED = ("error", "drop")
+
+
 def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannotated: str = "error",
                      drop_constant: bool = False, notes: list | None = None,
                      nscb: bool = True) -> ProfileTable:
@@ -120,8 +124,8 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
     Raises :class:`DataError` for missing columns, NaN / infinite features, treatments
     without MoA (unless ``unannotated="drop"``), a treatment with several MoAs.
     """
-    if unannotated not in ("error", "drop"):
-        raise ValueError("unannotated must be 'error' or 'drop'")
+    if unannotated not in UNANNOTATED:
+        raise ValueError(f"unannotated must be one of {', '.join(UNANNOTATED)}")
     notes = notes if notes is not None else []
     if TREATMENT not in profiles.meta.columns and {COMPOUND, CONCENTRATION} <= set(profiles.meta):
         profiles = profiles.with_features(profiles.features)

@@ -32,13 +32,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from napari_wsdino.core.embed import DEFAULT_CROP, MEDIANS, WINDOWS
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.metrics import NSCB_MULTIBATCH
 from napari_wsdino.core.preprocess import PreprocessSettings
-from napari_wsdino.core.train import TrainConfig
+from napari_wsdino.core.tvn import DEFAULT_TVN
 from napari_wsdino.core.tvn import METHODS as TVN_METHODS
+
+if TYPE_CHECKING:  # torch-free at import: `wsdino evaluate` lists the recipes without torch
+    from napari_wsdino.core.train import TrainConfig
+
+#: The paper's crop side (``core.embed.DEFAULT_CROP`` reads it from here).
+DEFAULT_CROP = 224
 
 #: ``--input-scaling``: preprocessing settings of each choice.
 INPUT_SCALING = {
@@ -61,6 +67,8 @@ class EmbedSettings:
     l2: bool = True
 
     def __post_init__(self):
+        from napari_wsdino.core.embed import MEDIANS, WINDOWS
+
         if self.windows not in WINDOWS:
             raise ValueError(f"windows must be one of {', '.join(WINDOWS)}, not {self.windows!r}.")
         if self.median not in MEDIANS:
@@ -71,7 +79,7 @@ class EmbedSettings:
 class EvaluateSettings:
     """How profiles are scored (:func:`napari_wsdino.core.evaluation.evaluate_profiles`)."""
 
-    tvn: str = "paper"
+    tvn: str = DEFAULT_TVN
     nscb_multibatch: str = "exempt"
 
     def __post_init__(self):
@@ -165,6 +173,8 @@ def resolve(recipe: str = DEFAULT_RECIPE, *, train: dict | None = None,
     >>> resolve("paper-code", evaluate={"tvn": "paper"}).evaluate.tvn
     'paper'
     """
+    from napari_wsdino.core.train import TrainConfig
+
     r = get_recipe(recipe)
     return Settings(
         recipe=r.name,
@@ -177,6 +187,8 @@ def resolve(recipe: str = DEFAULT_RECIPE, *, train: dict | None = None,
 
 def train_defaults(recipe: str = DEFAULT_RECIPE) -> dict:
     """TrainConfig values of a recipe (all fields), for layering under user settings."""
+    from napari_wsdino.core.train import TrainConfig
+
     return TrainConfig.from_dict(get_recipe(recipe).train).to_dict()
 
 

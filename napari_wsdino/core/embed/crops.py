@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.recipes import DEFAULT_CROP  # noqa: F401  (the paper's 224, written once)
 
-DEFAULT_CROP = 224
 #: Where the four crops come from: ``centre`` (four quadrants of the centre square) or
 #: ``official`` (the fixed windows of WS-DINO's published evaluation, ``Eval_BBBC021.py``).
 #: ``cells``: one crop centred on every nucleus of the field (up to :data:`MAX_CELLS`, found
