@@ -137,7 +137,7 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     from napari_wsdino.core.preprocess import ILLUMINATION_METHODS, NORMALIZATIONS, PreprocessSettings
     from napari_wsdino.core.sampler import WEAK_LABEL_INFO
     from napari_wsdino.core.train import TrainConfig
-    from napari_wsdino.core.tvn import METHODS
+    from napari_wsdino.core.tvn import DEFAULT_TVN, METHODS
 
     viewer = make_napari_viewer()
     dock = lambda name: viewer.window.add_plugin_dock_widget("napari-wsdino", name)[1]  # noqa: E731
@@ -157,4 +157,6 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     assert items(prep.illum_combo) == list(ILLUMINATION_METHODS)
     assert prep.prep_settings() == settings
 
-    assert items(dock("5 Evaluate").tvn_combo) == list(METHODS)
+    evaluate = dock("5 Evaluate")
+    assert items(evaluate.tvn_combo) == list(METHODS)
+    assert evaluate.tvn_combo.currentText() == DEFAULT_TVN

@@ -36,9 +36,9 @@ from napari_wsdino.core.evaluate_workflow import (  # noqa: F401 - importable fr
     profiles_path_for,
 )
 from napari_wsdino.core.metadata import DataError
-from napari_wsdino.core.plots import confusion_figure, per_moa_figure, save_figure
+from napari_wsdino.core.figures import confusion_figure, per_moa_figure, save_figure
 from napari_wsdino.core.profiles import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, WELL
-from napari_wsdino.core.tvn import METHODS as TVN_METHODS
+from napari_wsdino.core.tvn import DEFAULT_TVN, METHODS, TVN_METHODS
 from napari_wsdino._napari.canvases import ScatterMap  # noqa: F401 - importable from here too
 from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, hrow, item_tips, spin
 
@@ -58,15 +58,8 @@ MEANINGS = {
     "TVN": "typical variation normalisation: whitening fitted on the DMSO controls, so "
            "directions in which untreated cells vary anyway count less",
 }
-TVN_HELP = {
-    "paper": "one whitening fitted on all DMSO fields (the WS-DINO paper); when there are too "
-             "few DMSO fields, the covariance is shrunk (Ledoit-Wolf shrinkage: blended with "
-             "a scaled identity so it can be inverted)",
-    "per-plate": "each plate centred and scaled on its own DMSO fields first, then the paper's "
-                 "whitening",
-    "per-channel": "one whitening per channel (the published evaluation code's variant)",
-    "none": "features left as they are",
-}
+#: Each TVN method's help, from core's registry.
+TVN_HELP = {m.name: m.help for m in TVN_METHODS.values()}
 DOC_LINK = "docs/evaluation.md"
 
 
@@ -92,8 +85,8 @@ class EvaluateWidget(WorkerDock):
 
         self.inputs_label = QLabel()
         self.inputs_label.setWordWrap(True)
-        self.tvn_combo = combo(TVN_METHODS, get("tvn", "paper"))
-        item_tips(self.tvn_combo, (TVN_HELP.get(method, "") for method in TVN_METHODS))
+        self.tvn_combo = combo(METHODS, get("tvn", DEFAULT_TVN))
+        item_tips(self.tvn_combo, (TVN_HELP[method] for method in METHODS))
         self.crop_spin = spin(8, 2048, get("crop", DEFAULT_CROP))
         self.device_combo = combo(("auto", "cpu", "cuda"), get("device", "auto"))
         self.level_combo = combo(LEVELS, get("level", "treatments"))
@@ -135,7 +128,7 @@ class EvaluateWidget(WorkerDock):
         self.idle_controls, self.busy_controls = (self.run_button,), (self.cancel_button,)
 
         form = QFormLayout()
-        add_row(form, "TVN", self.tvn_combo, f"TVN: {MEANINGS['TVN']}. paper: {TVN_HELP['paper']}")
+        add_row(form, "TVN", self.tvn_combo, f"TVN: {MEANINGS['TVN']}. {DEFAULT_TVN}: {TVN_HELP[DEFAULT_TVN]}")
         add_row(form, "Crop px", self.crop_spin,
                 "Side of the four centre crops embedded per field (their median is the profile)")
         add_row(form, "Device", self.device_combo, "auto uses the GPU when there is one")

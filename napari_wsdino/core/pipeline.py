@@ -376,9 +376,10 @@ def _attention_scores(cache, models) -> dict[str, float]:
 
 def _evaluate(profiles, stages=None):
     from napari_wsdino.core.evaluation import evaluate_profiles
+    from napari_wsdino.core.tvn import DEFAULT_TVN
 
     ev = stages.evaluate if stages is not None else None
-    return evaluate_profiles(profiles, tvn=ev.tvn if ev else "paper", drop_constant=True,
+    return evaluate_profiles(profiles, tvn=ev.tvn if ev else DEFAULT_TVN, drop_constant=True,
                              nscb_multibatch=ev.nscb_multibatch if ev else "exempt")
 
 
