@@ -96,3 +96,18 @@ def test_drop_constant_also_drops_features_constant_on_dmso(profiles):
         evaluate_profiles(odd)
     result = evaluate_profiles(odd, drop_constant=True)
     assert result.n_features == profiles.n_features - 1
+
+
+def test_evaluate_command_loads_no_torch(profile_file):
+    """`wsdino evaluate` builds only its own parser and never imports torch (issue 18: the
+    evaluation's memory budget at JUMP scale leaves no room for an unused torch)."""
+    import subprocess
+    import sys
+
+    code = ("import contextlib, io, sys\n"
+            "from napari_wsdino.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    assert main(['evaluate', {str(profile_file)!r}, '--json']) == 0\n"
+            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

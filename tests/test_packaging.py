@@ -161,16 +161,3 @@ def test_no_module_over_500_lines_and_no_core_function_over_80():
                     too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
     assert not too_long, "split these by job (docs/ARCHITECTURE.md): " + "; ".join(too_long)
 
-
-def test_evaluate_command_loads_no_torch():
-    """`wsdino evaluate` builds only its own parser and never imports torch (issue 18: the
-    evaluation's memory budget at JUMP scale leaves no room for an unused torch)."""
-    code = ("import contextlib, io, sys\n"
-            "from napari_wsdino.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try:\n        main(['evaluate', '--help'])\n"
-            "    except SystemExit:\n        pass\n"
-            "import napari_wsdino.core.evaluation\n"
-            "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_wsdino.core.fsio import describe_os_error
     from napari_wsdino.core.imageio import ImageReadError
     from napari_wsdino.core.metadata import DataError
-    from napari_wsdino.core.model import CheckpointError
+    from napari_wsdino.core.errors import CheckpointError
 
     try:
         return int(args.func(args) or 0)

@@ -90,11 +90,11 @@ def _pct(x) -> str:
 
 
 def run(args) -> int:
-    from napari_wsdino.core.recipes import resolve
+    from napari_wsdino.core.recipes import evaluate_settings
 
     given = {k: getattr(args, k) for k in ("tvn", "nscb_multibatch")
              if getattr(args, k, None) is not None}
-    settings = resolve(getattr(args, "recipe", "default"), evaluate=given).evaluate
+    settings = evaluate_settings(args.recipe, **given)
     profiles = ProfileTable.read(args.profiles)
     result = drive(
         iter_evaluate(profiles, settings.tvn, shrinkage=args.shrinkage, ks=args.k,

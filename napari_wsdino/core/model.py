@@ -36,6 +36,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from napari_wsdino.core.errors import CheckpointError  # noqa: F401  (re-exported)
+
 DEFAULT_ARCH = "vit_small_patch8_224"
 CHECKPOINT_FORMAT = "napari-wsdino-checkpoint"
 #: Small ViTs for CPU demos and tests, registered with timm under these names.
@@ -106,10 +108,6 @@ def arch_patch_size(arch: str) -> int | None:
 
 #: ``--init random``: start from random weights on purpose (where weights are expected).
 RANDOM_INIT = "random"
-
-
-class CheckpointError(ValueError):
-    """A weights file cannot be used; the message says why and what to do."""
 
 
 def create_backbone(

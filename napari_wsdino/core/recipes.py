@@ -181,8 +181,13 @@ def resolve(recipe: str = DEFAULT_RECIPE, *, train: dict | None = None,
         train=TrainConfig.from_dict({**r.train, **(train or {})}),
         preprocess=PreprocessSettings(**{**r.preprocess, **(preprocess or {})}),
         embed=EmbedSettings(**{**r.embed, **(embed or {})}),
-        evaluate=EvaluateSettings(**{**r.evaluate, **(evaluate or {})}),
+        evaluate=evaluate_settings(recipe, **(evaluate or {})),
     )
+
+
+def evaluate_settings(recipe: str = DEFAULT_RECIPE, **overrides) -> EvaluateSettings:
+    """A recipe's evaluation settings alone (no torch import: ``wsdino evaluate`` uses it)."""
+    return EvaluateSettings(**{**get_recipe(recipe).evaluate, **overrides})
 
 
 def train_defaults(recipe: str = DEFAULT_RECIPE) -> dict:
