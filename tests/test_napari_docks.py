@@ -137,6 +137,10 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     from napari_wsdino.core.preprocess import ILLUMINATION_METHODS, NORMALIZATIONS, PreprocessSettings
     from napari_wsdino.core.sampler import WEAK_LABEL_INFO
     from napari_wsdino.core.train import TrainConfig
+    from napari_wsdino.core.attention import DEFAULT_KEEP, DISPLAY_MODE, MODES
+    from napari_wsdino.core.embed import DEFAULT_CROP
+    from napari_wsdino.core.projection import METHODS as PROJECTIONS
+    from napari_wsdino.core.train import DEVICES
     from napari_wsdino.core.tvn import DEFAULT_TVN, METHODS
 
     viewer = make_napari_viewer()
@@ -160,3 +164,13 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     evaluate = dock("5 Evaluate")
     assert items(evaluate.tvn_combo) == list(METHODS)
     assert evaluate.tvn_combo.currentText() == DEFAULT_TVN
+    assert evaluate.crop_spin.value() == DEFAULT_CROP
+    assert items(evaluate.device_combo) == list(DEVICES) and items(evaluate.method_combo) == list(
+        PROJECTIONS)
+    assert (evaluate.device_combo.currentText(), evaluate.method_combo.currentText()) == (
+        DEVICES[0], PROJECTIONS[0])
+
+    attention = dock("4 Attention")
+    assert items(attention.mode_combo) == list(MODES)
+    assert attention.mode_combo.currentText() == DISPLAY_MODE
+    assert attention.keep_spin.value() == DEFAULT_KEEP

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Generator
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout
 
-from napari_wsdino.core.attention import (AttentionMaps, CellAttention, attention_maps,
-                                          attention_on_cells)
+from napari_wsdino.core.attention import (DEFAULT_KEEP, DISPLAY_MODE, MODES, AttentionMaps,
+                                          CellAttention, attention_maps, attention_on_cells)
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import DataError
@@ -117,8 +117,8 @@ class AttentionWidget(WorkerDock):
         get = self.saved
 
         self.channel_combo = QComboBox()
-        self.mode_combo = combo(("bilinear", "nearest"), get("mode", "bilinear"))
-        self.keep_spin = double_spin(0.05, 1.0, get("keep", 0.6), step=0.05)
+        self.mode_combo = combo(MODES, get("mode", DISPLAY_MODE))
+        self.keep_spin = double_spin(0.05, 1.0, get("keep", DEFAULT_KEEP), step=0.05)
         self.colormap_combo = combo(COLORMAPS, get("colormap", "inferno"))
         self.opacity_spin = double_spin(0.0, 1.0, get("opacity", 0.5), step=0.1)
         self.max_side_spin = spin(32, 4096, get("max_side", 640))

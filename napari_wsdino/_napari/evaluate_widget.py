@@ -38,6 +38,8 @@ from napari_wsdino.core.evaluate_workflow import (  # noqa: F401 - importable fr
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.figures import confusion_figure, per_moa_figure, save_figure
 from napari_wsdino.core.profiles import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, WELL
+from napari_wsdino.core.projection import METHODS as PROJECTIONS
+from napari_wsdino.core.train import DEVICES
 from napari_wsdino.core.tvn import DEFAULT_TVN, METHODS, TVN_METHODS
 from napari_wsdino._napari.canvases import ScatterMap  # noqa: F401 - importable from here too
 from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, hrow, item_tips, spin
@@ -88,9 +90,9 @@ class EvaluateWidget(WorkerDock):
         self.tvn_combo = combo(METHODS, get("tvn", DEFAULT_TVN))
         item_tips(self.tvn_combo, (TVN_HELP[method] for method in METHODS))
         self.crop_spin = spin(8, 2048, get("crop", DEFAULT_CROP))
-        self.device_combo = combo(("auto", "cpu", "cuda"), get("device", "auto"))
+        self.device_combo = combo(DEVICES, get("device", DEVICES[0]))
         self.level_combo = combo(LEVELS, get("level", "treatments"))
-        self.method_combo = combo(("umap", "pca"), get("method", "umap"))
+        self.method_combo = combo(PROJECTIONS, get("method", PROJECTIONS[0]))
         self.colour_combo = combo(COLOUR_BY, get("colour", "MoA"))
         self.run_button = button("Evaluate", "Embed every field of the cache with the loaded "
                                  "model set, then TVN, NSC / NSCB / mAP and the map (in the "

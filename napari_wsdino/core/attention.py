@@ -47,6 +47,8 @@ from torch import nn
 
 DEFAULT_KEEP = 0.6
 MODES = ("nearest", "bilinear")
+#: How the Attention panel shows maps on screen (files keep ``nearest``: exact patch values).
+DISPLAY_MODE = "bilinear"
 
 
 @dataclass

@@ -14,8 +14,11 @@ import warnings
 
 import numpy as np
 
+#: 2-D maps of profiles: UMAP (the default) or PCA.
+METHODS = ("umap", "pca")
 
-def project_2d(features: np.ndarray, *, method: str = "umap", n_neighbors: int = 15,
+
+def project_2d(features: np.ndarray, *, method: str = METHODS[0], n_neighbors: int = 15,
                seed: int = 0, metric: str = "cosine") -> np.ndarray:
     """Embed rows of ``features`` in 2-D.
 
