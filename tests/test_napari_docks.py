@@ -153,6 +153,10 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     assert items(train.weak_combo) == [w.title for w in WEAK_LABEL_INFO.values()]
     assert train.weak_combo.itemData(0, Qt.ToolTipRole) == WEAK_LABEL_INFO["none"].help
     assert items(train.arch_combo) == list(ARCHITECTURES)
+    from napari_wsdino.core.presets import PRESET_TITLES
+
+    assert data(train.preset_combo) == list(PRESET_TITLES)
+    assert items(train.preset_combo) == list(PRESET_TITLES.values())
     assert train.values() == {k: getattr(cfg, k) for k in train.values()}  # every widget
     assert items(dock("3b Load models").arch_combo) == list(ARCHITECTURES)
 

@@ -23,7 +23,7 @@ from napari_wsdino.core import layout
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, arch_patch_size
-from napari_wsdino.core.presets import PRESETS
+from napari_wsdino.core.presets import PRESET_TITLES, PRESETS
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO
 from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config, train_channels
@@ -44,8 +44,6 @@ CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "de
                  "global_size", "local_size", "local_crops", "out_dim")
 #: Presets offered, by the smallest cache side they fit (the demo's presets).
 PRESET_FOR_SIDE = ((448, "gpu"), (64, "cpu"), (0, "test"))
-PRESET_TITLES = {"gpu": "paper (ViT-S/8, GPU)", "cpu": "CPU demo (tiny ViT)",
-                 "test": "quick test (tiny ViT, 1 epoch)"}
 
 
 def device_choices() -> list[tuple[str, str]]:

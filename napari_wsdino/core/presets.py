@@ -105,6 +105,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: Display names of the presets (menus); kept beside :data:`PRESETS`, not in them, so that a
+#: demo folder's recorded settings do not change.
+PRESET_TITLES = {"gpu": "paper (ViT-S/8, GPU)", "cpu": "CPU demo (tiny ViT)",
+                 "test": "quick test (tiny ViT, 1 epoch)"}
+
 def resolve_preset(preset: str | Preset, **overrides) -> Preset:
     """A preset by name, with ``train`` overrides merged in (e.g. ``epochs=5``)."""
     if isinstance(preset, str):
