@@ -39,7 +39,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsdino",
         description=(
-            "WS-DINO for high-content cell screens: load BBBC021-layout plates, "
+            "WS-DINO for high-content cell screens: load plates (BBBC021 layout or a "
+            "Cell Painting load_data.csv), "
             "preprocess, train DINO / WS-DINO, embed, and evaluate NSC / NSCB MoA "
             "matching. The same core runs the napari plugin."
         ),
