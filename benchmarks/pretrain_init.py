@@ -1,0 +1,57 @@
+"""Issue 13 probe: a long plain-DINO pretraining on another replica seed, as ``--init``.
+
+Writes the ``cpu`` preset's replica for ``--seed`` (not a seed that is evaluated), preprocesses
+it as the demo does (per-plate normalisation), and trains one plain-DINO model (weak label
+``none``, the ``cpu`` preset's model and loss) for ``--epochs`` epochs per channel, chained
+DAPI -> Tubulin -> Actin (each channel starts from the previous one's full checkpoint), so
+the last checkpoint has seen every stain. Then run the demo on other seeds from it::
+
+    python benchmarks/pretrain_init.py /tmp/pre101 --seed 101 --epochs 300     # ~16 min, 2 cores
+    wsdino demo /tmp/d31 --seed 31 --init /tmp/pre101/run/Actin/checkpoint.pth
+
+Results: benchmarks/RESULTS.md, "Issue 13: a pretrained init".
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from napari_wsdino.core.cache import open_cache
+from napari_wsdino.core.layout import checkpoint_path
+from napari_wsdino.core.metadata import load_metadata
+from napari_wsdino.core.preprocess import PreprocessSettings, preprocess
+from napari_wsdino.core.presets import resolve_preset
+from napari_wsdino.core.progress import run_to_end
+from napari_wsdino.core.synth import write_replica
+from napari_wsdino.core.train import TrainConfig, train_channels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--seed", type=int, default=101, help="replica seed (not one you evaluate)")
+    ap.add_argument("--epochs", type=int, default=300, help="epochs per channel")
+    args = ap.parse_args()
+    p = resolve_preset("cpu")
+    if not (args.out / "cache" / "cache.json").exists():
+        run_to_end(write_replica(args.out / "data", p.subset, p.sites, p.image_size,
+                                 seed=args.seed, workers=2))
+        settings = PreprocessSettings(size=p.cache_size, clip=10000.0, normalize=p.normalize)
+        run_to_end(preprocess(load_metadata(args.out / "data"), args.out / "cache", settings,
+                              workers=2))
+    cache = open_cache(args.out / "cache")
+    init, t0 = "", time.time()
+    for ch in cache.channels:
+        config = TrainConfig(**{**p.train, "epochs": args.epochs, "weak_label": "none",
+                                "seed": args.seed, "init": init, "init_parts": "full",
+                                "channel": ch, "checkpoint_every": 50})
+        run_to_end(train_channels(cache, config, args.out / "run", [ch], resume=True))
+        init = str(checkpoint_path(args.out / "run", ch))
+        print(f"{ch}: {args.epochs} epochs done after {time.time() - t0:.0f} s", flush=True)
+    print(f"pretrained init (all stains): {init}")
+
+
+if __name__ == "__main__":
+    main()
