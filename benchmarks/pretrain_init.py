@@ -15,6 +15,7 @@ Results: benchmarks/RESULTS.md, "Issue 13: a pretrained init".
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,15 +29,29 @@ from napari_wsdino.core.synth import write_replica
 from napari_wsdino.core.train import TrainConfig, train_channels
 
 
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--seed", type=int, default=101, help="replica seed (not one you evaluate)")
     ap.add_argument("--epochs", type=int, default=300, help="epochs per channel")
+    ap.add_argument("--subset", default=None, help="replica subset (default: the preset's, mini)")
+    ap.add_argument("--sites", type=int, default=None, help="sites per well (default: the preset's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="TrainConfig override for the pretraining (JSON value), e.g. "
+                    "--set local_crops=6")
     args = ap.parse_args()
+    extra = {k: _value(v) for k, _, v in (s.partition("=") for s in args.set)}
     p = resolve_preset("cpu")
+    subset, sites = args.subset or p.subset, args.sites or p.sites
     if not (args.out / "cache" / "cache.json").exists():
-        run_to_end(write_replica(args.out / "data", p.subset, p.sites, p.image_size,
+        run_to_end(write_replica(args.out / "data", subset, sites, p.image_size,
                                  seed=args.seed, workers=2))
         settings = PreprocessSettings(size=p.cache_size, clip=10000.0, normalize=p.normalize)
         run_to_end(preprocess(load_metadata(args.out / "data"), args.out / "cache", settings,
@@ -46,7 +61,7 @@ def main() -> None:
     for ch in cache.channels:
         config = TrainConfig(**{**p.train, "epochs": args.epochs, "weak_label": "none",
                                 "seed": args.seed, "init": init, "init_parts": "full",
-                                "channel": ch, "checkpoint_every": 50})
+                                "channel": ch, "checkpoint_every": 50, **extra})
         run_to_end(train_channels(cache, config, args.out / "run", [ch], resume=True))
         init = str(checkpoint_path(args.out / "run", ch))
         print(f"{ch}: {args.epochs} epochs done after {time.time() - t0:.0f} s", flush=True)

@@ -141,6 +141,23 @@ def test_random_and_init_only_baselines(tmp_path):
     assert torch.equal(models["DAPI"].model.blocks[0].attn.qkv.weight, init.blocks[0].attn.qkv.weight)
 
 
+def test_init_only_takes_a_checkpoint_of_another_stain(tmp_path):
+    """A chained pretraining ends on one stain's checkpoint; as initial weights it serves
+    every stain (init-only), while a trained model set still refuses it."""
+    from napari_wsdino.core.model import CHECKPOINT_FORMAT
+    from napari_wsdino.core.modelset import ChannelMismatchError
+
+    net = _backbone(5)
+    ckpt = {"format": CHECKPOINT_FORMAT, "channel": "Actin", "config": {"arch": ARCH},
+            "teacher": {f"backbone.{k}": v for k, v in net.state_dict().items()}}
+    torch.save(ckpt, tmp_path / "pre.pth")
+    models = ModelSet.init_only(ARCH, tmp_path / "pre.pth", ("DAPI", "Tubulin", "Actin"))
+    assert models.channels == ("DAPI", "Tubulin", "Actin")
+    assert torch.equal(models["DAPI"].model.cls_token, net.cls_token)
+    with pytest.raises(ChannelMismatchError, match="channel 'Actin', not 'DAPI'"):
+        ModelSet.from_files({"DAPI": tmp_path / "pre.pth"})
+
+
 def test_safetensors_export_round_trip_keeps_channels(tmp_path):
     models = ModelSet.random(ARCH, ("DAPI", "Actin"), seed=2)
     files = models.export_safetensors(tmp_path / "st")

@@ -232,3 +232,18 @@ def test_models_of_another_dataset_are_marked(make_napari_viewer, qtbot, tmp_pat
     assert "models were trained on another dataset" in attention.status_label.text()
     browser.open(data[1])                     # their own dataset: nothing to mark
     assert state.check_models(models).same is True
+
+
+def test_bundled_weights_by_name_in_the_models_panel():
+    """'Same initial weights for every channel' takes the bundled weights' name; the
+    panel's architecture does not override the one the bundled file was made for."""
+    from napari_wsdino.core.metadata import DataError
+    from napari_wsdino.core.pretrained import BUNDLED
+    from napari_wsdino._napari.models_widget import load_model_set, make_config
+
+    config = make_config("init-only", ("DAPI", "Actin"), "replica-dino-pico8")
+    models = load_model_set(config)
+    assert models.kind == "init-only" and models.channels == ("DAPI", "Actin")
+    assert set(models.archs.values()) == {BUNDLED["replica-dino-pico8"].arch}
+    with pytest.raises(DataError, match="does not exist"):
+        make_config("init-only", ("DAPI",), "replica-dino-pico9")

@@ -55,6 +55,9 @@ def test_config_from_widget_values(tmp_path):
         make_train_config({"weak_label": "colour"})
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         make_train_config({"init": str(tmp_path / "nope.pth")})
+    # 'random' (on purpose) and the bundled weights' name are not files, and are fine.
+    assert make_train_config({"init": "random"}).init == "random"
+    assert make_train_config({}, preset="cpu").init == "replica-dino-pico8"
 
 
 def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from napari_wsdino.cli import main
@@ -15,7 +17,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", str(out), "--preset", "test", "--workers", "1", "--device", "cpu"]) == 0
+    assert main(["demo", str(out), "--preset", "test", "--workers", "1", "--device", "cpu",
+                 "--init", "replica-dino-pico8"]) == 0
     return out
 
 
@@ -31,9 +34,16 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
     assert results["data"] == "synthetic replica"
     rows = {r["model"]: r for r in results["results"]}
     names = list(rows)
-    # WS-DINO, plain DINO at the same budget, the random-init ViT and the classical profile.
-    for part in ("WS-DINO", "DINO (none)", "random-init", "classical"):
+    # WS-DINO, plain DINO at the same budget, the initial weights alone, the random-init ViT
+    # and the classical profile.
+    for part in ("WS-DINO", "DINO (none)", "init-only", "random-init", "classical"):
         assert sum(part in n for n in names) == 1, (part, names)
+    assert "fine-tuned from the initial weights replica-dino-pico8" in html
+    init_only = pd.read_parquet(demo_dir / "profiles_init_only.parquet")
+    random_init = pd.read_parquet(demo_dir / "profiles_random_init.parquet")
+    features = [c for c in init_only.columns if not c.startswith("Metadata_")]
+    assert features and not np.allclose(init_only[features].to_numpy(float),
+                                         random_init[features].to_numpy(float))
     for r in rows.values():
         assert 0.0 <= r["nsc"] <= 1.0 and 0.0 <= r["nscb"] <= 1.0
         # The mini replica keeps all 103 treatments, 92 of them NSCB-eligible.
@@ -53,7 +63,8 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
 
 def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
     before = (demo_dir / "profiles.parquet").stat().st_mtime_ns
-    assert main(["demo", str(demo_dir), "--preset", "test", "--device", "cpu", "--json"]) == 0
+    assert main(["demo", str(demo_dir), "--preset", "test", "--device", "cpu", "--json",
+                 "--init", "replica-dino-pico8"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == ["replica", "preprocess", "train", "embed", "evaluate", "report"]
     assert (demo_dir / "profiles.parquet").stat().st_mtime_ns == before
@@ -67,12 +78,14 @@ def test_study_two_labels_table(demo_dir, tmp_path, capsys):
     out = tmp_path / "study"
     args = ["study", str(demo_dir / "cache"), "--out", str(out), "--labels", "none,compound",
             "--preset", "test", "--epochs", "2", "--eval-every", "1", "--last", "2",
-            "--channels", "DAPI", "--device", "cpu", "--json"]
+            "--channels", "DAPI", "--device", "cpu", "--json", "--init", "replica-dino-pico8"]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["model"], r["weak_label"]) for r in rows] == [
-        ("random-init ViT", "none"), ("DINO (none)", "none"), ("WS-DINO (compound)", "compound")]
-    for r in rows[1:]:
+        ("random-init ViT", "none"), ("init-only (no fine-tuning)", "none"),
+        ("DINO (none)", "none"), ("WS-DINO (compound)", "compound")]
+    assert rows[0]["nsc_mean"] != rows[1]["nsc_mean"] or rows[0]["map_nsc_mean"] != rows[1]["map_nsc_mean"]
+    for r in rows[2:]:
         assert r["n_evals"] == 2 and 0 <= r["nsc_mean"] <= 1 and r["nsc_std"] >= 0
         assert "selected with MoA labels" in r["best_epoch"]
     evals = json.loads((out / "evaluations.json").read_text())
@@ -122,6 +135,7 @@ def test_demo_on_five_channel_cell_painting_layout(cellpainting_demo):
     assert (out / "data" / "load_data.csv").exists()
     results = json.loads((out / "results.json").read_text())
     rows = {r["model"]: r for r in results["results"]}
+    assert not any("init-only" in name for name in rows)   # no initial weights, no such row
     n_classical = len(feature_names(CELLPAINTING_CHANNELS))
     assert n_classical != 52  # BBBC021's three stains give 52
     assert f"classical profile ({n_classical} features)" in rows

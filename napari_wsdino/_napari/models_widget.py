@@ -18,6 +18,7 @@ from qtpy.QtWidgets import QFileDialog, QFormLayout, QLineEdit
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
+from napari_wsdino.core.pretrained import weights_exist
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core import layout
 from napari_wsdino.core.train import TrainConfig
@@ -60,12 +61,12 @@ def make_config(source: str, channels, path: str = "", files: dict | None = None
     files = {c: str(p).strip() for c, p in (files or {}).items() if str(p).strip()}
     if source in ("run", "init-only") and not path:
         raise DataError(f"{SOURCES[source]}: choose a {'folder' if source == 'run' else 'file'} first.")
-    if source in ("run", "init-only") and not Path(path).exists():
+    if source in ("run", "init-only") and not weights_exist(path):
         raise DataError(f"{path} does not exist.")
     if source == "files":
         if not files:
             raise DataError("Give a weights file for at least one channel.")
-        absent = [p for p in files.values() if not Path(p).exists()]
+        absent = [p for p in files.values() if not weights_exist(p)]
         if absent:
             raise DataError(f"Weights file(s) not found: {absent}.")
     if which not in WHICH:
@@ -116,7 +117,8 @@ class ModelLoader(WorkerDock):
         self.source_combo = data_combo(((t, k) for k, t in SOURCES.items()),
                                        self.saved("source", "run"))
         self.path_edit = QLineEdit(self.saved("path", ""))
-        self.path_edit.setPlaceholderText("run folder, or weights file for init-only")
+        self.path_edit.setPlaceholderText("run folder; for init-only a weights file or "
+                                          "replica-dino-pico8")
         self.browse_button = button("Browse…", "Choose the run folder, or the weights file",
                                     self._browse)
         self.arch_combo = combo(ARCHS, self.saved("arch", DEFAULT_ARCH), editable=True)

@@ -22,7 +22,8 @@ from qtpy.QtWidgets import (
 from napari_wsdino.core import layout
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
-from napari_wsdino.core.model import ARCHITECTURES, arch_patch_size
+from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT, arch_patch_size
+from napari_wsdino.core.pretrained import weights_exist
 from napari_wsdino.core.presets import PRESET_TITLES, PRESETS
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO
@@ -76,7 +77,7 @@ def make_train_config(values: dict[str, Any], base_file: str = "", preset: str =
     ``FileNotFoundError`` with a message naming the bad setting.
     """
     changes = {k: values[k] for k in CONFIG_FIELDS if k in values}
-    if changes.get("init") and not Path(changes["init"]).exists():
+    if changes.get("init") not in (None, "", RANDOM_INIT) and not weights_exist(changes["init"]):
         raise FileNotFoundError(f"Initial weights file {changes['init']} does not exist.")
     base = base_file if str(base_file).strip() else preset_config(preset)
     return resolve_config(base, changes)
@@ -168,7 +169,7 @@ class TrainWidget(WorkerDock):
         self.epochs_spin = spin(1, 100000, get("epochs", d.epochs))
         self.batch_spin = spin(1, 4096, get("batch_size", d.batch_size))
         self.init_edit = QLineEdit(get("init", d.init))
-        self.init_edit.setPlaceholderText("empty: random; ours / timm / DINO .pth")
+        self.init_edit.setPlaceholderText("empty: random; a .pth, or replica-dino-pico8")
         self.init_browse = button("…", "Choose an initial weights file", self._pick_init)
         self.device_combo = data_combo(device_choices(), get("device", d.device))
         self.lr_spin = double_spin(1e-8, 1.0, get("lr", d.lr), step=1e-6, decimals=8)

@@ -43,9 +43,11 @@ def add_parser(sub) -> None:
                    help="bundle of preprocessing, training, embedding and evaluation settings "
                    "(paper-code: the official WS-DINO code; docs/fidelity.md)")
     p.add_argument("--init", metavar="PATH|random",
-                   help="initial weights (the full ImageNet DINO ViT-S/8 checkpoint); required "
-                   "by --gpu and --recipe paper-code, where 'random' trains from random weights "
-                   "on purpose")
+                   help="initial weights: a file, a bundled name, or 'random' (train from "
+                   "random weights on purpose). Default: the cpu preset fine-tunes the bundled "
+                   "replica-dino-pico8 weights (plain DINO pretrained on another replica "
+                   "seed); --gpu and --recipe paper-code need one (the full ImageNet DINO "
+                   "ViT-S/8 checkpoint)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 

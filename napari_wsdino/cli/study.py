@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
 
     p.add_argument("--init", default="", help="initial weights for every model (ours, timm or "
-                   "official DINO file), or 'random'; required with --preset gpu or "
+                   "official DINO file, or a bundled name), or 'random'. Default: the preset's "
+                   "(cpu: the bundled replica-dino-pico8). Required with --preset gpu or "
                    "--recipe paper-code (say 'random' to train from random weights on purpose)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")

@@ -79,5 +79,6 @@ def demo_paths(out: PathLikeStr) -> dict[str, Path]:
             "profiles": out / "profiles.parquet",
             "dino_profiles": out / "profiles_dino.parquet",
             "baseline_profiles": out / "profiles_random_init.parquet",
+            "init_profiles": out / "profiles_init_only.parquet",
             "classical_profiles": out / "profiles_classical.parquet",
             "results": out / "results.json", "report": out / "report.html"}

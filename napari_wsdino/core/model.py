@@ -152,8 +152,11 @@ def create_backbone(
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file safely (tensors and plain Python types only)."""
-    path = Path(path)
+    """Load a checkpoint file safely (tensors and plain Python types only); ``path`` may
+    also name a bundled weights file (:mod:`napari_wsdino.core.pretrained`)."""
+    from napari_wsdino.core.pretrained import resolve_weights
+
+    path = resolve_weights(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
     try:

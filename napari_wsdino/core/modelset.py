@@ -315,11 +315,16 @@ class ModelSet:
         """The same initial weights (e.g. ImageNet DINO) for every channel, no fine-tuning.
 
         This is the paper's "DINO, ImageNet weights only" baseline; RGB filters are
-        summed into one grey input channel.
+        summed into one grey input channel. A checkpoint of ours serves every channel
+        here whatever channel it records: these are the weights every channel starts from
+        (``--init``), as a chained pretraining over the stains leaves them.
         """
+        from napari_wsdino.core.pretrained import bundled_arch
+
+        arch = bundled_arch(weights_file) or arch     # a bundled file knows its own
         models = {}
         for channel in channels:
-            entry = load_channel_model(channel, weights_file, arch=arch)
+            entry = load_channel_model(channel, weights_file, arch=arch, any_channel=True)
             entry.source = f"init-only {entry.source}"
             models[channel] = entry
         return cls(models, kind="init-only")
@@ -410,16 +415,21 @@ def load_channel_model(
     *,
     arch: str | None = None,
     which: str = "teacher",
+    any_channel: bool = False,
 ) -> ChannelModel:
     """Build and load one channel's backbone; refuse a checkpoint of another channel.
 
     Our checkpoints and our safetensors exports record their channel and
     architecture; both are checked. timm and official DINO files carry neither,
     so they serve the channel they are given, with ``arch`` (default ViT-S/8).
+    ``any_channel``: take a checkpoint of another channel on purpose (initial weights
+    shared by every stain, :meth:`ModelSet.init_only`).
     """
+    from napari_wsdino.core.pretrained import bundled_arch, resolve_weights
+
     if which not in WHICH:
         raise CheckpointError(f"which must be one of {WHICH}, not {which!r}.")
-    file = resolve_checkpoint(path, channel)
+    file = resolve_checkpoint(resolve_weights(path), channel)
     if file.suffix == ".safetensors":
         sd, meta = _read_safetensors(file)
         recorded_channel, recorded_arch = meta.get("channel"), meta.get("arch")
@@ -439,8 +449,10 @@ def load_channel_model(
         if ours and which not in ckpt:
             raise CheckpointError(f"{file} holds no {which!r} weights.")
         source = f"wsdino {file} ({which})" if ours else f"{file}"
+        if bundled_arch(path):
+            recorded_arch, source = bundled_arch(path), f"bundled {path}"
         weights = ckpt
-    if recorded_channel is not None and recorded_channel != channel:
+    if recorded_channel is not None and recorded_channel != channel and not any_channel:
         raise ChannelMismatchError(
             f"{file} is a model of channel {recorded_channel!r}, not {channel!r}. "
             f"Give it as --model {recorded_channel}={path}, and pass the {channel} model "

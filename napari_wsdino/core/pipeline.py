@@ -130,8 +130,9 @@ def run_demo(
 
     config = TrainConfig(weak_label=weak_label, seed=seed, device=device, **demo.preset.train)
     # The models compared: WS-DINO, plain DINO at the same budget (unless WS-DINO is plain
-    # DINO already), a random-init ViT of the same architecture, and the classical profile.
-    compared = _compared_models(weak_label, cache.channels)
+    # DINO already), the initial weights alone (when there are some), a random-init ViT of
+    # the same architecture, and the classical profile.
+    compared = _compared_models(weak_label, cache.channels, config.init)
     yield from _train_stage(demo, cache, config, compared)
     yield from _embed_stage(demo, meta, cache, config, compared)
     evaluated = yield from _evaluate_stage(demo, cache, config, compared)
@@ -234,6 +235,8 @@ def _model_set(demo: _Demo, cache, config, model: ComparedModel):
     """A compared row's models: its trained run, or the random-init ViT of the same arch."""
     from napari_wsdino.core.modelset import ModelSet
 
+    if model.kind == "init-only":
+        return ModelSet.init_only(config.arch, config.init, cache.channels)
     if model.run is None:
         return ModelSet.random(config.arch, cache.channels, seed=demo.seed)
     return ModelSet.from_run(demo.paths[model.run])
@@ -326,14 +329,16 @@ class ComparedModel:
 
     name: str
     weak_label: str
-    kind: str                # "trained" | "random" | "classical"
+    kind: str                # "trained" | "init-only" | "random" | "classical"
     run: str | None          # key in paths of the run folder (trained models)
     profiles: str            # key in paths of the profile table
 
 
-def _compared_models(weak_label: str, channels) -> list[ComparedModel]:
-    """The demo's rows; the classical row names its feature count on ``channels``."""
+def _compared_models(weak_label: str, channels, init: str = "") -> list[ComparedModel]:
+    """The demo's rows; the classical row names its feature count on ``channels``. With
+    initial weights (``init``), an "init-only" row shows them before any fine-tuning."""
     from napari_wsdino.core.classical import feature_names
+    from napari_wsdino.core.model import RANDOM_INIT
 
     rows = []
     if weak_label != "none":
@@ -343,6 +348,9 @@ def _compared_models(weak_label: str, channels) -> list[ComparedModel]:
                                   "dino_profiles"))
     else:
         rows.append(ComparedModel("DINO (none)", "none", "trained", "run", "profiles"))
+    if init and init != RANDOM_INIT:
+        rows.append(ComparedModel("init-only (initial weights, not fine-tuned)", "none",
+                                  "init-only", None, "init_profiles"))
     rows.append(ComparedModel("random-init ViT", "none", "random", None, "baseline_profiles"))
     n = len(feature_names(list(channels)))
     rows.append(ComparedModel(f"classical profile ({n} features)", "none", "classical", None,
@@ -412,9 +420,24 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
         notes=[f"Preset '{preset.name}': {preset.description}. NSC/NSCB use cosine 1-NN on "
                "treatment profiles after TVN on DMSO (Ando et al. 2017). All models are "
                "evaluated on the same fields; the random-init ViT has the trained models' "
-               "architecture and embedding.", *METRIC_NOTES.values()],
+               "architecture and embedding.", *_init_note(preset), *METRIC_NOTES.values()],
     )
     write_report(report, out)
+
+
+def _init_note(preset: Preset) -> list[str]:
+    """What the trained rows started from, and what the init-only row is."""
+    from napari_wsdino.core.model import RANDOM_INIT
+    from napari_wsdino.core.pretrained import BUNDLED
+
+    init = preset.train.get("init", "")
+    if not init or init == RANDOM_INIT:
+        return ["The trained models start from random weights."]
+    about = f" ({BUNDLED[init].about})" if init in BUNDLED else ""
+    return [f"The trained models are fine-tuned from the initial weights {init}{about}, as "
+            "the paper fine-tunes DINO-pretrained weights; the init-only row is those "
+            "weights before any fine-tuning, so the gap between it and the trained rows is "
+            "what this run's training added."]
 
 
 def umap_figures(treatments) -> dict[str, bytes]:

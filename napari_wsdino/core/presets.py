@@ -80,18 +80,22 @@ PRESETS: dict[str, Preset] = {
     # The cache keeps the replica's resolution: nuclei stay several pixels wide.
     # Issue 13 (docs/training.md, benchmarks/RESULTS.md): per-plate intensity normalisation
     # (keeps a treatment's brighter / fewer / larger nuclei, removes the week's stain
-    # level), crops centred on nuclei, quarter turns, and CLS + mean-token embeddings.
+    # level), crops centred on nuclei, quarter turns, and CLS + mean-token embeddings; and,
+    # as the paper does, a DINO-pretrained start: the bundled replica-dino-pico8 weights
+    # (core/pretrained.py), made by benchmarks/pretrain_init.py on an unevaluated seed.
     "cpu": Preset(
         "cpu", "mini", 2, (160, 200), (160, 200),
         dict(_CPU_MODEL, epochs=30, batch_size=16, global_size=64, local_size=32,
              global_scale=(0.5, 1.0), local_crops=1, local_scale=(0.2, 0.5),
              teacher_temp=0.01, warmup_teacher_temp=0.01, student_temp=0.1,
              center_momentum=0.9, lr=1e-4, min_lr=1e-4, warmup_epochs=3,
-             checkpoint_every=5, crop_centres="nuclei", rotate90=True),
+             checkpoint_every=5, crop_centres="nuclei", rotate90=True,
+             init="replica-dino-pico8"),
         embed_crop=32,
-        description="minutes on a 2-core laptop: tiny patch-8 ViT from scratch, "
-                    "sharp teacher, one cross-field local crop, nuclei-centred crops, "
-                    "per-plate normalisation, profiles averaged over cells",
+        description="minutes on a 2-core laptop: tiny patch-8 ViT fine-tuned from the "
+                    "bundled plain-DINO weights (replica-dino-pico8; --init random: from "
+                    "scratch), sharp teacher, one cross-field local crop, nuclei-centred "
+                    "crops, per-plate normalisation, profiles averaged over cells",
         embed_pooling="cls+mean",
         normalize="plate",
         embed_windows="cells",

@@ -134,7 +134,9 @@ def run_study(
         Training seeds per label.
     init
         Initial weights for every model (e.g. the official ``dino_deitsmall8_pretrain.pth``);
-        the init-only baseline embeds with these. Empty: random init, and a random-init baseline.
+        an init-only row embeds them unchanged. Empty: the preset's (the ``cpu`` preset:
+        the bundled ``replica-dino-pico8``); ``"random"``: random weights. A random-init
+        ViT row is always there.
     preset
         Model/training size from :data:`napari_wsdino.core.presets.PRESETS`.
     eval_every
@@ -154,7 +156,7 @@ def run_study(
     """
     plan = _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop,
                        eval_every, last_k, train_overrides)
-    evals = [(yield from _baseline(plan))]
+    evals = yield from _baselines(plan)
     runs = [(label, seed, None) for label in labels for seed in range(seeds)]
     folds = compound_folds(plan.cache.table, holdout_folds) if holdout_folds else []
     runs += [("moa_or_compound", 0, f) for f in range(len(folds))]
@@ -189,6 +191,8 @@ def _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop, 
     from napari_wsdino.core.train import TrainConfig
 
     r = get_recipe(recipe)
+    p = resolve_preset(preset)
+    init = init or p.train.get("init", "")          # the cpu preset's: bundled weights
     check_init(init, r.requires_init or preset == "gpu",
                f"The study with preset {preset} and recipe {recipe}")
     stages = resolve(recipe)
@@ -200,10 +204,9 @@ def _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop, 
         raise DataError(f"Cache {cache.path} has no channel(s) {missing}; it has {list(cache.channels)}.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    p = resolve_preset(preset)
     embed = embed_settings(p, stages, recipe)
     embed["crop"] = embed_crop or p.embed_crop
-    base = TrainConfig(device=device, init=init, **{**p.train, **r.train, **train_overrides})
+    base = TrainConfig(device=device, **{**p.train, **r.train, **train_overrides, "init": init})
     eval_every = eval_every or max(1, base.epochs // 5)
     epochs_eval = snapshot_epochs(base.epochs, eval_every, last_k)
     base = base.replace(snapshot_every=eval_every)
@@ -212,18 +215,23 @@ def _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop, 
     return _StudyPlan(cache, out, channels, base, stages, embed, device, epochs_eval, notes)
 
 
-def _baseline(plan: _StudyPlan):
-    """The initial weights, not fine-tuned: init-only, or a random-init ViT."""
+def _baselines(plan: _StudyPlan):
+    """The no-fine-tuning rows: a random-init ViT, and the initial weights (init-only)
+    when the study starts from some."""
     from napari_wsdino.core.modelset import ModelSet
 
     base = plan.base
+    rows = [("random-init ViT", "baseline",
+             lambda: ModelSet.random(base.arch, plan.channels, seed=0))]
     if base.init:
-        name, models = "init-only (no fine-tuning)", ModelSet.init_only(base.arch, base.init,
-                                                                         plan.channels)
-    else:
-        name, models = "random-init ViT", ModelSet.random(base.arch, plan.channels, seed=0)
-    res = yield from _embed_eval(plan, models, plan.out / "baseline" / "profiles.parquet")
-    return {"model": name, "label": "none", "seed": 0, "epoch": None, "last": True, **res}
+        rows.append(("init-only (no fine-tuning)", "baseline_init",
+                     lambda: ModelSet.init_only(base.arch, base.init, plan.channels)))
+    evals = []
+    for name, folder, models in rows:
+        res = yield from _embed_eval(plan, models(), plan.out / folder / "profiles.parquet")
+        evals.append({"model": name, "label": "none", "seed": 0, "epoch": None, "last": True,
+                      **res})
+    return evals
 
 
 def _run_tag(label: str, seed: int, fold: int | None) -> str:
@@ -352,7 +360,8 @@ def study_report(result: StudyResult, data_label: str) -> dict[str, Path]:
     figures = {"NSC / NSCB / mAP per model (mean over seeds and last epochs)":
                png_bytes(bar_figure(bars, title="study"))}
     logs = {}
-    for run in sorted(p for p in result.out.iterdir() if p.is_dir() and p.name != "baseline"):
+    for run in sorted(p for p in result.out.iterdir()
+                      if p.is_dir() and not p.name.startswith("baseline")):
         for ch_dir in sorted(d for d in run.iterdir() if d.is_dir()):
             logs[f"{run.name}/{ch_dir.name}"] = read_log(ch_dir / LOG_FILE)
     if logs:
