@@ -9,6 +9,7 @@ written to ``OUT/summary.json``. Numbers are *synthetic replica* numbers.
 Usage::
 
     python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 22 23            # cpu preset
+    python benchmarks/demo_seeds.py /tmp/scratch --seeds 21 22 23 --init random  # from scratch
     python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 22 23 --summary-only
     OMP_NUM_THREADS=1 python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 --preset cpu
 
@@ -30,18 +31,19 @@ KEYS = ("nsc", "nscb", "map_nsc", "attention_DAPI", "attention_Tubulin", "attent
 
 def previous_cpu_preset():
     """The ``cpu`` preset before issue 13 (2026-11-25): per-image z-score, uniform crops,
-    no quarter turns, CLS-only embedding of four 80-px centre crops; for A/B runs."""
+    no quarter turns, random initial weights, CLS-only embedding of four 80-px centre crops;
+    for A/B runs."""
     from dataclasses import replace
 
     from napari_wsdino.core.presets import PRESETS
 
     cpu = PRESETS["cpu"]
-    train = {k: v for k, v in cpu.train.items() if k not in ("crop_centres", "rotate90")}
+    train = {k: v for k, v in cpu.train.items() if k not in ("crop_centres", "rotate90", "init")}
     return replace(cpu, name="cpu-previous", train=train, embed_pooling="cls",
                    normalize="zscore", embed_windows="", embed_crop=80)
 
 
-def run_seed(out: Path, seed: int, preset: str) -> dict:
+def run_seed(out: Path, seed: int, preset: str, init: str = "") -> dict:
     from napari_wsdino.core.pipeline import run_demo
     from napari_wsdino.core.progress import run_to_end
 
@@ -49,7 +51,9 @@ def run_seed(out: Path, seed: int, preset: str) -> dict:
         preset = previous_cpu_preset()
 
     t0 = time.perf_counter()
-    summary = run_to_end(run_demo(out / f"seed_{seed}", preset, seed=seed, device="cpu"))
+    overrides = {"init": init} if init else {}
+    summary = run_to_end(run_demo(out / f"seed_{seed}", preset, seed=seed, device="cpu",
+                                  **overrides))
     return {"seed": seed, "wall_s": round(time.perf_counter() - t0, 1), "skipped": summary["skipped"],
             "results": summary["results"]}
 
@@ -95,6 +99,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[21, 22, 23])
     ap.add_argument("--preset", default="cpu",
                     help="a demo preset, or cpu-previous (the cpu preset before issue 13)")
+    ap.add_argument("--init", default="", help="initial weights (default: the preset's; "
+                    "'random' for the cpu preset from scratch)")
     ap.add_argument("--summary-only", action="store_true",
                     help="summarise the seeds' finished folders, run nothing")
     args = ap.parse_args(argv)
@@ -105,7 +111,7 @@ def main(argv=None) -> None:
             res = json.loads((args.out / f"seed_{seed}" / "results.json").read_text())
             runs.append({"seed": seed, "results": res["results"]})
         else:
-            runs.append(run_seed(args.out, seed, args.preset))
+            runs.append(run_seed(args.out, seed, args.preset, args.init))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "results"}), flush=True)
     summary = summarise(runs)
     (args.out / "summary.json").write_text(json.dumps({"runs": runs, **summary}, indent=2))

@@ -9,6 +9,10 @@ the last checkpoint has seen every stain. Then run the demo on other seeds from 
     python benchmarks/pretrain_init.py /tmp/pre101 --seed 101 --epochs 300     # ~16 min, 2 cores
     wsdino demo /tmp/d31 --seed 31 --init /tmp/pre101/run/Actin/checkpoint.pth
 
+The package's bundled ``replica-dino-pico8`` weights (the ``cpu`` preset's default init,
+``core/pretrained.py``) are the first command's result, written with
+``--export napari_wsdino/weights/replica_dino_pico8.pth``.
+
 Results: benchmarks/RESULTS.md, "Issue 13: a pretrained init".
 """
 
@@ -43,6 +47,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=300, help="epochs per channel")
     ap.add_argument("--subset", default=None, help="replica subset (default: the preset's, mini)")
     ap.add_argument("--sites", type=int, default=None, help="sites per well (default: the preset's)")
+    ap.add_argument("--export", type=Path, default=None,
+                    help="also write the last checkpoint as a bundled-weights file (teacher "
+                    "only, float16), e.g. napari_wsdino/weights/replica_dino_pico8.pth")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig override for the pretraining (JSON value), e.g. "
                     "--set local_crops=6")
@@ -66,6 +73,17 @@ def main() -> None:
         init = str(checkpoint_path(args.out / "run", ch))
         print(f"{ch}: {args.epochs} epochs done after {time.time() - t0:.0f} s", flush=True)
     print(f"pretrained init (all stains): {init}")
+    if args.export:
+        import torch
+
+        from napari_wsdino.core.model import read_checkpoint
+        from napari_wsdino.core.pretrained import slim_init
+
+        about = (f"plain DINO (no labels), {p.train['arch']}, {args.epochs} epochs per stain "
+                 f"({', '.join(cache.channels)} in turn) on the synthetic replica of seed "
+                 f"{args.seed} ({subset}, {sites} sites): benchmarks/pretrain_init.py")
+        torch.save(slim_init(read_checkpoint(init), about, p.train["arch"]), args.export)
+        print(f"bundled-weights file (teacher only, float16): {args.export}")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,10 @@ def test_wheel_ships_manifest(tmp_path):
         text = zf.read(eps).decode()
         assert "napari.manifest" in text and "napari_wsdino:napari.yaml" in text
         assert "napari_wsdino/data/BBBC021_v1_image.csv" in names
+        from napari_wsdino.core.pretrained import BUNDLED      # the cpu preset's init
+
+        for bundled in BUNDLED.values():
+            assert f"napari_wsdino/weights/{bundled.file}" in names
         assert not any(n.startswith("tests/") for n in names)
     # The manifest validates from the unpacked wheel too.
     from npe2 import PluginManifest
