@@ -64,14 +64,18 @@ def run(args) -> int:
         return 0
     print("\nResults on the synthetic replica (not BBBC021):")
     channels = [k[len("attention_"):] for k in summary["results"][0] if k.startswith("attention_")]
-    print(f"  {'model':<34}{'NSC':>6}{'NSCB':>6}{'mAP':>6}   attention on cells "
+    width = max(34, *(len(r["model"]) + 1 for r in summary["results"]))
+    print(f"  {'model':<{width}}{'NSC':>6}{'NSCB':>6}{'mAP':>6}   attention on cells "
           + " / ".join(channels))
     for r in summary["results"]:
         nscb = "  n/a" if r["nscb"] is None else f"{r['nscb']:.2f}"
         att = " / ".join(f"{r[f'attention_{c}']:.2f}" for c in channels if f"attention_{c}" in r)
-        print(f"  {r['model']:<34}{r['nsc']:>6.2f}{nscb:>6}{r['map_nsc']:>6.2f}   {att}")
+        print(f"  {r['model']:<{width}}{r['nsc']:>6.2f}{nscb:>6}{r['map_nsc']:>6.2f}   {att}")
     print("  NSC / NSCB: share of treatments whose nearest other compound has the same MoA "
           "(NSCB: from another batch too); attention on cells: 1 = uniform, > 1 = on the cells.")
+    if any(r["model"].startswith("init-only") for r in summary["results"]):
+        print("  init-only: the initial weights the trained rows start from, before any "
+              "fine-tuning (the gap to them is what this run's training added).")
     if summary["skipped"]:
         print(f"  (reused finished stages: {', '.join(summary['skipped'])})")
     print(f"Report: {summary['paths']['report']}")
