@@ -122,6 +122,11 @@ def test_defaults_fit_the_cache_or_name_the_setting(make_napari_viewer, qtbot, c
     assert widget.preset_combo.currentData() == "test"
     assert widget.arch_combo.currentText() == "wsdino_vit_pico_patch8"
     assert widget.global_spin.value() <= 2 * 48
+    assert widget.init_edit.text() == ""
+    # the cpu preset starts from the bundled weights, and says so in the form
+    widget.preset_combo.setCurrentIndex(widget.preset_combo.findData("cpu"))
+    assert widget.init_edit.text() == "replica-dino-pico8"
+    assert make_train_config(widget.values(), "", "cpu").init == "replica-dino-pico8"
     # the paper's settings do not fit: the message names the setting and its limit
     widget.preset_combo.setCurrentIndex(widget.preset_combo.findData("gpu"))
     assert widget.global_spin.value() == 224

@@ -298,6 +298,7 @@ class TrainWidget(WorkerDock):
         """Fill the form with the chosen preset's settings."""
         cfg = preset_config(self.preset_combo.currentData())
         self.arch_combo.setCurrentText(cfg.arch)
+        self.init_edit.setText(cfg.init)     # the cpu preset's: the bundled weights
         for box, value in ((self.epochs_spin, cfg.epochs), (self.batch_spin, cfg.batch_size),
                            (self.lr_spin, cfg.lr), (self.global_spin, cfg.global_size),
                            (self.local_spin, cfg.local_size), (self.crops_spin, cfg.local_crops),
