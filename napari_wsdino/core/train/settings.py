@@ -61,7 +61,8 @@ class TrainConfig:
     together), ``balance`` (weight fields by 1 / group size, the paper's sampler).
 
     Model: ``arch`` (any timm ViT; ViT-S/8), ``init`` (local weights file: ours, timm,
-    or official DINO, e.g. ``dino_deitsmall8_pretrain.pth``; empty = random),
+    or official DINO, e.g. ``dino_deitsmall8_pretrain.pth``, or a bundled name such as
+    ``replica-dino-pico8``, :mod:`~napari_wsdino.core.pretrained`; empty = random),
     ``drop_path_rate`` 0.1 on the student; head ``out_dim`` 65,536, ``hidden_dim`` 2048,
     ``bottleneck_dim`` 256, ``norm_last_layer`` False, no batch norm, last layer frozen
     for ``freeze_last_layer`` epochs.
