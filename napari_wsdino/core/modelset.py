@@ -449,8 +449,8 @@ def load_channel_model(
         if ours and which not in ckpt:
             raise CheckpointError(f"{file} holds no {which!r} weights.")
         source = f"wsdino {file} ({which})" if ours else f"{file}"
-        if bundled_arch(path):
-            recorded_arch, source = bundled_arch(path), f"bundled {path}"
+        if (bundled := bundled_arch(path)) is not None:
+            recorded_arch, source = bundled, f"bundled {path}"
         weights = ckpt
     if recorded_channel is not None and recorded_channel != channel and not any_channel:
         raise ChannelMismatchError(

@@ -114,6 +114,7 @@ PRESETS: dict[str, Preset] = {
 PRESET_TITLES = {"gpu": "paper (ViT-S/8, GPU)", "cpu": "CPU demo (tiny ViT)",
                  "test": "quick test (tiny ViT, 1 epoch)"}
 
+
 def resolve_preset(preset: str | Preset, **overrides) -> Preset:
     """A preset by name, with ``train`` overrides merged in (e.g. ``epochs=5``)."""
     if isinstance(preset, str):
