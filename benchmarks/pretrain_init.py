@@ -6,14 +6,17 @@ it as the demo does (per-plate normalisation), and trains one plain-DINO model (
 DAPI -> Tubulin -> Actin (each channel starts from the previous one's full checkpoint), so
 the last checkpoint has seen every stain. Then run the demo on other seeds from it::
 
-    python benchmarks/pretrain_init.py /tmp/pre101 --seed 101 --epochs 300     # ~16 min, 2 cores
+    python benchmarks/pretrain_init.py /tmp/pre101 --seed 101 --epochs 300     # 15-30 min, 2 cores
     wsdino demo /tmp/d31 --seed 31 --init /tmp/pre101/run/Actin/checkpoint.pth
 
-The package's bundled ``replica-dino-pico8`` weights (the ``cpu`` preset's default init,
+The package's bundled ``replica-dino-pico8-cells`` weights (the ``cpu`` preset's default init,
 ``core/pretrained.py``) are the first command's result, written with
-``--export napari_wsdino/weights/replica_dino_pico8.pth``.
+``--export napari_wsdino/weights/replica_dino_pico8_cells.pth``.
 
-Results: benchmarks/RESULTS.md, "Issue 13: a pretrained init".
+The views are the preset's: cell-scale since 2026-12-01 (the earlier, field-scale
+``replica-dino-pico8`` used ``--set global_scale=[0.5,1.0] --set local_scale=[0.2,0.5]``).
+
+Results: benchmarks/RESULTS.md, "Issue 13: a pretrained init" and "Issue 13: cell-scale views".
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def main() -> None:
     ap.add_argument("--sites", type=int, default=None, help="sites per well (default: the preset's)")
     ap.add_argument("--export", type=Path, default=None,
                     help="also write the last checkpoint as a bundled-weights file (teacher "
-                    "only, float16), e.g. napari_wsdino/weights/replica_dino_pico8.pth")
+                    "only, float16), e.g. napari_wsdino/weights/replica_dino_pico8_cells.pth")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig override for the pretraining (JSON value), e.g. "
                     "--set local_crops=6")
@@ -79,9 +82,11 @@ def main() -> None:
         from napari_wsdino.core.model import read_checkpoint
         from napari_wsdino.core.pretrained import slim_init
 
+        scales = {k: {**p.train, **extra}[k] for k in ("global_scale", "local_scale")}
         about = (f"plain DINO (no labels), {p.train['arch']}, {args.epochs} epochs per stain "
                  f"({', '.join(cache.channels)} in turn) on the synthetic replica of seed "
-                 f"{args.seed} ({subset}, {sites} sites): benchmarks/pretrain_init.py")
+                 f"{args.seed} ({subset}, {sites} sites), views {scales}: "
+                 "benchmarks/pretrain_init.py")
         torch.save(slim_init(read_checkpoint(init), about, p.train["arch"]), args.export)
         print(f"bundled-weights file (teacher only, float16): {args.export}")
 

@@ -241,9 +241,9 @@ def test_bundled_weights_by_name_in_the_models_panel():
     from napari_wsdino.core.pretrained import BUNDLED
     from napari_wsdino._napari.models_widget import load_model_set, make_config
 
-    config = make_config("init-only", ("DAPI", "Actin"), "replica-dino-pico8")
+    config = make_config("init-only", ("DAPI", "Actin"), "replica-dino-pico8-cells")
     models = load_model_set(config)
     assert models.kind == "init-only" and models.channels == ("DAPI", "Actin")
-    assert set(models.archs.values()) == {BUNDLED["replica-dino-pico8"].arch}
+    assert set(models.archs.values()) == {BUNDLED["replica-dino-pico8-cells"].arch}
     with pytest.raises(DataError, match="does not exist"):
         make_config("init-only", ("DAPI",), "replica-dino-pico9")

@@ -57,7 +57,7 @@ def test_config_from_widget_values(tmp_path):
         make_train_config({"init": str(tmp_path / "nope.pth")})
     # 'random' (on purpose) and the bundled weights' name are not files, and are fine.
     assert make_train_config({"init": "random"}).init == "random"
-    assert make_train_config({}, preset="cpu").init == "replica-dino-pico8"
+    assert make_train_config({}, preset="cpu").init == "replica-dino-pico8-cells"
 
 
 def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path):
@@ -125,8 +125,8 @@ def test_defaults_fit_the_cache_or_name_the_setting(make_napari_viewer, qtbot, c
     assert widget.init_edit.text() == ""
     # the cpu preset starts from the bundled weights, and says so in the form
     widget.preset_combo.setCurrentIndex(widget.preset_combo.findData("cpu"))
-    assert widget.init_edit.text() == "replica-dino-pico8"
-    assert make_train_config(widget.values(), "", "cpu").init == "replica-dino-pico8"
+    assert widget.init_edit.text() == "replica-dino-pico8-cells"
+    assert make_train_config(widget.values(), "", "cpu").init == "replica-dino-pico8-cells"
     # the paper's settings do not fit: the message names the setting and its limit
     widget.preset_combo.setCurrentIndex(widget.preset_combo.findData("gpu"))
     assert widget.global_spin.value() == 224

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     assert main(["demo", str(out), "--preset", "test", "--workers", "1", "--device", "cpu",
-                 "--init", "replica-dino-pico8"]) == 0
+                 "--init", "replica-dino-pico8-cells"]) == 0
     return out
 
 
@@ -38,7 +38,7 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
     # and the classical profile.
     for part in ("WS-DINO", "DINO (none)", "init-only", "random-init", "classical"):
         assert sum(part in n for n in names) == 1, (part, names)
-    assert "fine-tuned from the initial weights replica-dino-pico8" in html
+    assert "fine-tuned from the initial weights replica-dino-pico8-cells" in html
     init_only = pd.read_parquet(demo_dir / "profiles_init_only.parquet")
     random_init = pd.read_parquet(demo_dir / "profiles_random_init.parquet")
     features = [c for c in init_only.columns if not c.startswith("Metadata_")]
@@ -64,7 +64,7 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
 def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
     before = (demo_dir / "profiles.parquet").stat().st_mtime_ns
     assert main(["demo", str(demo_dir), "--preset", "test", "--device", "cpu", "--json",
-                 "--init", "replica-dino-pico8"]) == 0
+                 "--init", "replica-dino-pico8-cells"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == ["replica", "preprocess", "train", "embed", "evaluate", "report"]
     assert (demo_dir / "profiles.parquet").stat().st_mtime_ns == before
@@ -78,7 +78,7 @@ def test_study_two_labels_table(demo_dir, tmp_path, capsys):
     out = tmp_path / "study"
     args = ["study", str(demo_dir / "cache"), "--out", str(out), "--labels", "none,compound",
             "--preset", "test", "--epochs", "2", "--eval-every", "1", "--last", "2",
-            "--channels", "DAPI", "--device", "cpu", "--json", "--init", "replica-dino-pico8"]
+            "--channels", "DAPI", "--device", "cpu", "--json", "--init", "replica-dino-pico8-cells"]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["model"], r["weak_label"]) for r in rows] == [

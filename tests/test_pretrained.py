@@ -15,7 +15,7 @@ from napari_wsdino.core.pretrained import BUNDLED, resolve_weights, slim_init, w
 from napari_wsdino.core.train import TrainConfig
 from napari_wsdino.core.train.setup import build_models
 
-NAME = "replica-dino-pico8"
+NAME = "replica-dino-pico8-cells"
 
 
 def test_every_bundled_file_ships_and_is_small():
@@ -67,3 +67,22 @@ def test_slim_init_keeps_only_the_teacher(tmp_path):
     torch.save(slim, tmp_path / "w.pth")
     assert str(resolve_weights(tmp_path / "w.pth")) == str(tmp_path / "w.pth")
     assert not weights_exist(tmp_path / "missing.pth")
+
+
+def test_bundled_weights_look_at_the_nuclei_of_a_generated_field():
+    # The cpu preset's init was pretrained on cell-scale views: its CLS attention on a
+    # whole replica field (a seed it never saw) sits on the DAPI foreground, several times
+    # its area share; a random-init ViT of the same architecture spreads it evenly.
+    from napari_wsdino.core.attention import attention_maps, attention_on_cells
+    from napari_wsdino.core.synth import field_specs, render_spec
+
+    specs = [s for s in field_specs("mini", sites=1, seed=7) if s["moa"] != "DMSO"][:3]
+    fields = [render_spec(s, (160, 200), seed=7)[0].astype(np.float32) for s in specs]
+    fields = [(f - f.mean()) / f.std() for f in fields]
+    arch = BUNDLED[NAME].arch
+
+    def score(model):
+        return np.mean([attention_on_cells(attention_maps(model, f), f).score for f in fields])
+
+    assert score(ModelSet.init_only(arch, NAME, ["DAPI"])["DAPI"].model) > 2.0
+    assert 0.8 < score(ModelSet.random(arch, ["DAPI"], seed=0)["DAPI"].model) < 1.2

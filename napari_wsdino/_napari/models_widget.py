@@ -118,7 +118,7 @@ class ModelLoader(WorkerDock):
                                        self.saved("source", "run"))
         self.path_edit = QLineEdit(self.saved("path", ""))
         self.path_edit.setPlaceholderText("run folder; for init-only a weights file or "
-                                          "replica-dino-pico8")
+                                          "replica-dino-pico8-cells")
         self.browse_button = button("Browse…", "Choose the run folder, or the weights file",
                                     self._browse)
         self.arch_combo = combo(ARCHS, self.saved("arch", DEFAULT_ARCH), editable=True)

@@ -169,7 +169,7 @@ class TrainWidget(WorkerDock):
         self.epochs_spin = spin(1, 100000, get("epochs", d.epochs))
         self.batch_spin = spin(1, 4096, get("batch_size", d.batch_size))
         self.init_edit = QLineEdit(get("init", d.init))
-        self.init_edit.setPlaceholderText("empty: random; a .pth, or replica-dino-pico8")
+        self.init_edit.setPlaceholderText("empty: random; a .pth, or replica-dino-pico8-cells")
         self.init_browse = button("…", "Choose an initial weights file", self._pick_init)
         self.device_combo = data_combo(device_choices(), get("device", d.device))
         self.lr_spin = double_spin(1e-8, 1.0, get("lr", d.lr), step=1e-6, decimals=8)

@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     p.add_argument("--init", metavar="PATH|random",
                    help="initial weights: a file, a bundled name, or 'random' (train from "
                    "random weights on purpose). Default: the cpu preset fine-tunes the bundled "
-                   "replica-dino-pico8 weights (plain DINO pretrained on another replica "
+                   "replica-dino-pico8-cells weights (plain DINO pretrained on another replica "
                    "seed); --gpu and --recipe paper-code need one (the full ImageNet DINO "
                    "ViT-S/8 checkpoint)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
     p.add_argument("--init", default="", help="initial weights for every model (ours, timm or "
                    "official DINO file, or a bundled name), or 'random'. Default: the preset's "
-                   "(cpu: the bundled replica-dino-pico8). Required with --preset gpu or "
+                   "(cpu: the bundled replica-dino-pico8-cells). Required with --preset gpu or "
                    "--recipe paper-code (say 'random' to train from random weights on purpose)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")

@@ -8,11 +8,11 @@ synthetic replica of a seed the docs never evaluate, every stain in turn
 ``--init random`` trains from random weights instead.
 
 A bundled file holds only the teacher (backbone and DINO head, float16), records its
-architecture and no channel, so it serves every stain: ``--init replica-dino-pico8``,
-``--model DAPI=replica-dino-pico8`` and the Models panel's "init only" all take the name.
+architecture and no channel, so it serves every stain: ``--init replica-dino-pico8-cells``,
+``--model DAPI=replica-dino-pico8-cells`` and the Models panel's "init only" all take the name.
 
->>> resolve_weights("replica-dino-pico8").name
-'replica_dino_pico8.pth'
+>>> resolve_weights("replica-dino-pico8-cells").name
+'replica_dino_pico8_cells.pth'
 >>> str(resolve_weights("runs/a/DAPI/checkpoint.pth"))
 'runs/a/DAPI/checkpoint.pth'
 """
@@ -43,10 +43,16 @@ class BundledWeights:
 #: Every bundled weights file, by the name users type.
 BUNDLED: dict[str, BundledWeights] = {b.name: b for b in (
     BundledWeights(
-        "replica-dino-pico8", "replica_dino_pico8.pth", "wsdino_vit_pico_patch8",
+        "replica-dino-pico8-cells", "replica_dino_pico8_cells.pth", "wsdino_vit_pico_patch8",
         "plain DINO (no labels), tiny patch-8 ViT, 300 epochs per stain (DAPI, Tubulin, "
         "Actin in turn) on the synthetic BBBC021 replica of seed 101 (mini, 2 sites, "
-        "160 x 200, per-plate normalisation): benchmarks/pretrain_init.py"),
+        "160 x 200, per-plate normalisation), on cell-scale crops (global views 8-16 %, "
+        "local 2-5 % of the field, centred on nuclei): benchmarks/pretrain_init.py"),
+    BundledWeights(
+        "replica-dino-pico8", "replica_dino_pico8.pth", "wsdino_vit_pico_patch8",
+        "the previous cpu-preset init (until 2026-12-01): as replica-dino-pico8-cells but "
+        "on field-scale crops (global views 50-100 %, local 20-50 %); its attention does "
+        "not settle on the cells"),
 )}
 
 

@@ -135,7 +135,7 @@ def run_study(
     init
         Initial weights for every model (e.g. the official ``dino_deitsmall8_pretrain.pth``);
         an init-only row embeds them unchanged. Empty: the preset's (the ``cpu`` preset:
-        the bundled ``replica-dino-pico8``); ``"random"``: random weights. A random-init
+        the bundled ``replica-dino-pico8-cells``); ``"random"``: random weights. A random-init
         ViT row is always there.
     preset
         Model/training size from :data:`napari_wsdino.core.presets.PRESETS`.

@@ -62,7 +62,7 @@ class TrainConfig:
 
     Model: ``arch`` (any timm ViT; ViT-S/8), ``init`` (local weights file: ours, timm,
     or official DINO, e.g. ``dino_deitsmall8_pretrain.pth``, or a bundled name such as
-    ``replica-dino-pico8``, :mod:`~napari_wsdino.core.pretrained`; empty = random),
+    ``replica-dino-pico8-cells``, :mod:`~napari_wsdino.core.pretrained`; empty = random),
     ``drop_path_rate`` 0.1 on the student; head ``out_dim`` 65,536, ``hidden_dim`` 2048,
     ``bottleneck_dim`` 256, ``norm_last_layer`` False, no batch norm, last layer frozen
     for ``freeze_last_layer`` epochs.
