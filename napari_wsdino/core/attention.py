@@ -377,7 +377,7 @@ def save_overlay_png(path, image: np.ndarray, maps: AttentionMaps, title: str = 
     cols = min(n, 4)
     rows = (n + cols - 1) // cols
     h, w = image.shape
-    fig = Figure(figsize=(3.2 * cols, 3.2 * rows * h / max(w, 1) + 0.4))
+    fig = Figure(figsize=(3.2 * cols, rows * (3.2 * h / max(w, 1) + 0.3) + 0.4))  # + panel titles
     lo, hi = np.percentile(image, [1, 99.5])
     panels = [("image", None), (f"head mean, top {maps.keep:.0%} mass", maps.mean)]
     panels += [(f"head {i}", maps.heads[i]) for i in range(maps.n_heads)]

@@ -76,7 +76,7 @@ PRESETS: dict[str, Preset] = {
     # Tuned with benchmarks/tune_cpu_preset.py (see benchmarks/RESULTS.md). From random
     # init, WS-DINO's cross-field local crops pull a tiny ViT to the uniform output (loss
     # ln(out_dim)); a sharp teacher (0.01, student 0.1), a gentler centre (0.9), one
-    # local crop, large global crops and a constant lr keep it well below ln(out_dim).
+    # local crop, large global crops (then) and a constant lr kept it well below ln(out_dim).
     # The cache keeps the replica's resolution: nuclei stay several pixels wide.
     # Issue 13 (docs/training.md, benchmarks/RESULTS.md): per-plate intensity normalisation
     # (keeps a treatment's brighter / fewer / larger nuclei, removes the week's stain
@@ -85,7 +85,8 @@ PRESETS: dict[str, Preset] = {
     # (core/pretrained.py), made by benchmarks/pretrain_init.py on an unevaluated seed.
     # Views at cell scale (global 8-16 % of the 160 x 200 field, ~50-70 px, a few cells;
     # local 2-5 %), the scale the profiles are embedded at (32 px per nucleus): trained on
-    # these, the CLS attention settles on the nuclei (on whole fields: 0.9-1.2x uniform).
+    # these, the CLS attention settles on the nuclei (about 4x their area share on DAPI;
+    # field-scale views, global 50-100 %, left it at 0.9-1.2x, spread evenly).
     "cpu": Preset(
         "cpu", "mini", 2, (160, 200), (160, 200),
         dict(_CPU_MODEL, epochs=30, batch_size=16, global_size=64, local_size=32,
