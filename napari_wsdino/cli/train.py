@@ -49,8 +49,9 @@ def _option_specs() -> dict[str, dict]:
         "init": dict(metavar="PATH|random",
                      help="initial weights: ours, timm, or official DINO (the full checkpoint "
                      "dino_deitsmall8_pretrain_full_checkpoint.pth or the backbone-only "
-                     "dino_deitsmall8_pretrain.pth), or a bundled name (replica-dino-pico8-cells, the "
-                     "cpu preset's: plain DINO on another replica seed, for "
+                     "dino_deitsmall8_pretrain.pth), or a bundled name "
+                     "(replica-dino-pico8-cells, the cpu preset's: plain DINO on another "
+                     "replica seed, for "
                      "wsdino_vit_pico_patch8); 'random' for random weights. Required "
                      "(or 'random') with --recipe paper-code"),
         "init_parts": dict(choices=INIT_PARTS,

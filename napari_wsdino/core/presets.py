@@ -97,9 +97,10 @@ PRESETS: dict[str, Preset] = {
              init="replica-dino-pico8-cells"),
         embed_crop=32,
         description="minutes on a 2-core laptop: tiny patch-8 ViT fine-tuned from the "
-                    "bundled plain-DINO weights (replica-dino-pico8-cells; --init random: from "
-                    "scratch), sharp teacher, one cross-field local crop, cell-scale "
-                    "crops centred on nuclei, per-plate normalisation, profiles averaged over cells",
+                    "bundled plain-DINO weights (replica-dino-pico8-cells; --init random: "
+                    "from scratch), sharp teacher, one cross-field local crop, cell-scale "
+                    "crops centred on nuclei, per-plate normalisation, profiles averaged "
+                    "over cells",
         embed_pooling="cls+mean",
         normalize="plate",
         embed_windows="cells",
