@@ -82,7 +82,7 @@ def main() -> None:
         from napari_wsdino.core.model import read_checkpoint
         from napari_wsdino.core.pretrained import slim_init
 
-        scales = {k: {**p.train, **extra}[k] for k in ("global_scale", "local_scale")}
+        scales = {k: list(getattr(config, k)) for k in ("global_scale", "local_scale")}
         about = (f"plain DINO (no labels), {p.train['arch']}, {args.epochs} epochs per stain "
                  f"({', '.join(cache.channels)} in turn) on the synthetic replica of seed "
                  f"{args.seed} ({subset}, {sites} sites), views {scales}: "

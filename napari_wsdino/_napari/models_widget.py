@@ -18,7 +18,7 @@ from qtpy.QtWidgets import QFileDialog, QFormLayout, QLineEdit
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
-from napari_wsdino.core.pretrained import weights_exist
+from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core import layout
 from napari_wsdino.core.train import TrainConfig
@@ -118,7 +118,7 @@ class ModelLoader(WorkerDock):
                                        self.saved("source", "run"))
         self.path_edit = QLineEdit(self.saved("path", ""))
         self.path_edit.setPlaceholderText("run folder; for init-only a weights file or "
-                                          "replica-dino-pico8-cells")
+                                          + DEFAULT_INIT)
         self.browse_button = button("Browse…", "Choose the run folder, or the weights file",
                                     self._browse)
         self.arch_combo = combo(ARCHS, self.saved("arch", DEFAULT_ARCH), editable=True)

@@ -23,7 +23,7 @@ from napari_wsdino.core import layout
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT, arch_patch_size
-from napari_wsdino.core.pretrained import weights_exist
+from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
 from napari_wsdino.core.presets import PRESET_TITLES, PRESETS
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO
@@ -169,7 +169,7 @@ class TrainWidget(WorkerDock):
         self.epochs_spin = spin(1, 100000, get("epochs", d.epochs))
         self.batch_spin = spin(1, 4096, get("batch_size", d.batch_size))
         self.init_edit = QLineEdit(get("init", d.init))
-        self.init_edit.setPlaceholderText("empty: random; a .pth, or replica-dino-pico8-cells")
+        self.init_edit.setPlaceholderText(f"empty: random; a .pth, or {DEFAULT_INIT}")
         self.init_browse = button("…", "Choose an initial weights file", self._pick_init)
         self.device_combo = data_combo(device_choices(), get("device", d.device))
         self.lr_spin = double_spin(1e-8, 1.0, get("lr", d.lr), step=1e-6, decimals=8)

@@ -16,6 +16,7 @@ import json
 from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.pipeline import DEFAULT_LAYOUT, run_demo
 from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
+from napari_wsdino.core.pretrained import DEFAULT_INIT
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, WEAK_LABELS, weak_label_help
 from napari_wsdino.core.screens import LAYOUTS as SCREEN_LAYOUTS
 from napari_wsdino.core.synth import LAYOUTS
@@ -45,7 +46,7 @@ def add_parser(sub) -> None:
     p.add_argument("--init", metavar="PATH|random",
                    help="initial weights: a file, a bundled name, or 'random' (train from "
                    "random weights on purpose). Default: the cpu preset fine-tunes the bundled "
-                   "replica-dino-pico8-cells weights (plain DINO pretrained on another replica "
+                   f"{DEFAULT_INIT} weights (plain DINO pretrained on another replica "
                    "seed); --gpu and --recipe paper-code need one (the full ImageNet DINO "
                    "ViT-S/8 checkpoint)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

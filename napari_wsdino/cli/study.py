@@ -14,6 +14,7 @@ import json
 
 from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
+from napari_wsdino.core.pretrained import DEFAULT_INIT
 from napari_wsdino.core.report import SYNTHETIC_LABEL
 from napari_wsdino.core.study import run_study, study_report
 
@@ -28,7 +29,7 @@ def add_parser(sub) -> None:
 
     p.add_argument("--init", default="", help="initial weights for every model (ours, timm or "
                    "official DINO file, or a bundled name), or 'random'. Default: the preset's "
-                   "(cpu: the bundled replica-dino-pico8-cells). Required with --preset gpu or "
+                   f"(cpu: the bundled {DEFAULT_INIT}). Required with --preset gpu or "
                    "--recipe paper-code (say 'random' to train from random weights on purpose)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")

@@ -33,6 +33,7 @@ OPTIONS = (
 def _option_specs() -> dict[str, dict]:
     """Choices and help of each named option; types and defaults come from TrainConfig."""
     from napari_wsdino.core.model import ARCHITECTURES
+    from napari_wsdino.core.pretrained import DEFAULT_INIT
     from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS, weak_label_help
     from napari_wsdino.core.train import DEVICES, EPOCH_SPLITS, INIT_PARTS, PRECISIONS
 
@@ -50,7 +51,7 @@ def _option_specs() -> dict[str, dict]:
                      help="initial weights: ours, timm, or official DINO (the full checkpoint "
                      "dino_deitsmall8_pretrain_full_checkpoint.pth or the backbone-only "
                      "dino_deitsmall8_pretrain.pth), or a bundled name "
-                     "(replica-dino-pico8-cells, the cpu preset's: plain DINO on another "
+                     f"({DEFAULT_INIT}, the cpu preset's: plain DINO on another "
                      "replica seed, for "
                      "wsdino_vit_pico_patch8); 'random' for random weights. Required "
                      "(or 'random') with --recipe paper-code"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.pretrained import DEFAULT_INIT
 
 #: The numbers a demo row and a study evaluation report, in this order.
 HEADLINE_METRICS = ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")
@@ -94,10 +95,10 @@ PRESETS: dict[str, Preset] = {
              teacher_temp=0.01, warmup_teacher_temp=0.01, student_temp=0.1,
              center_momentum=0.9, lr=1e-4, min_lr=1e-4, warmup_epochs=3,
              checkpoint_every=5, crop_centres="nuclei", rotate90=True,
-             init="replica-dino-pico8-cells"),
+             init=DEFAULT_INIT),
         embed_crop=32,
         description="minutes on a 2-core laptop: tiny patch-8 ViT fine-tuned from the "
-                    "bundled plain-DINO weights (replica-dino-pico8-cells; --init random: "
+                    f"bundled plain-DINO weights ({DEFAULT_INIT}; --init random: "
                     "from scratch), sharp teacher, one cross-field local crop, cell-scale "
                     "crops centred on nuclei, per-plate normalisation, profiles averaged "
                     "over cells",

@@ -40,10 +40,13 @@ class BundledWeights:
         return WEIGHTS_DIR / self.file
 
 
+#: The ``cpu`` preset's initial weights (the bundled file every CPU demo fine-tunes).
+DEFAULT_INIT = "replica-dino-pico8-cells"
+
 #: Every bundled weights file, by the name users type.
 BUNDLED: dict[str, BundledWeights] = {b.name: b for b in (
     BundledWeights(
-        "replica-dino-pico8-cells", "replica_dino_pico8_cells.pth", "wsdino_vit_pico_patch8",
+        DEFAULT_INIT, "replica_dino_pico8_cells.pth", "wsdino_vit_pico_patch8",
         "plain DINO (no labels), tiny patch-8 ViT, 300 epochs per stain (DAPI, Tubulin, "
         "Actin in turn) on the synthetic BBBC021 replica of seed 101 (mini, 2 sites, "
         "160 x 200, per-plate normalisation), on cell-scale crops (global views 8-16 %, "
