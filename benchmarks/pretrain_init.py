@@ -13,6 +13,12 @@ The package's bundled ``replica-dino-pico8-cells`` weights (the ``cpu`` preset's
 ``core/pretrained.py``) are the first command's result, written with
 ``--export napari_wsdino/weights/replica_dino_pico8_cells.pth``.
 
+``--start CKPT`` continues an earlier pretraining (a full checkpoint: weights, DINO centre and
+optimiser state) on this replica, for example a larger subset of another seed::
+
+    python benchmarks/pretrain_init.py /tmp/pre102 --seed 102 --subset full --sites 2 \
+        --epochs 40 --start /tmp/pre101/run/Actin/checkpoint.pth
+
 The views are the preset's: cell-scale since 2026-12-01 (the earlier, field-scale
 ``replica-dino-pico8`` used ``--set global_scale=[0.5,1.0] --set local_scale=[0.2,0.5]``).
 
@@ -56,6 +62,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig override for the pretraining (JSON value), e.g. "
                     "--set local_crops=6")
+    ap.add_argument("--start", default="",
+                    help="init of the first stain (a full checkpoint continues that "
+                    "pretraining, e.g. an earlier run's Actin/checkpoint.pth; default: random)")
     args = ap.parse_args()
     extra = {k: _value(v) for k, _, v in (s.partition("=") for s in args.set)}
     p = resolve_preset("cpu")
@@ -67,7 +76,7 @@ def main() -> None:
         run_to_end(preprocess(load_metadata(args.out / "data"), args.out / "cache", settings,
                               workers=2))
     cache = open_cache(args.out / "cache")
-    init, t0 = "", time.time()
+    init, t0 = args.start, time.time()
     for ch in cache.channels:
         config = TrainConfig(**{**p.train, "epochs": args.epochs, "weak_label": "none",
                                 "seed": args.seed, "init": init, "init_parts": "full",
@@ -83,9 +92,10 @@ def main() -> None:
         from napari_wsdino.core.pretrained import slim_init
 
         scales = {k: list(getattr(config, k)) for k in ("global_scale", "local_scale")}
+        start = f", continuing {args.start}" if args.start else ""
         about = (f"plain DINO (no labels), {p.train['arch']}, {args.epochs} epochs per stain "
                  f"({', '.join(cache.channels)} in turn) on the synthetic replica of seed "
-                 f"{args.seed} ({subset}, {sites} sites), views {scales}: "
+                 f"{args.seed} ({subset}, {sites} sites), views {scales}{start}: "
                  "benchmarks/pretrain_init.py")
         torch.save(slim_init(read_checkpoint(init), about, p.train["arch"]), args.export)
         print(f"bundled-weights file (teacher only, float16): {args.export}")

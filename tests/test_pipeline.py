@@ -55,6 +55,8 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
             assert 0.0 < r["attention_DAPI"] < 20.0
     assert set(results["metrics"]) >= {"nsc", "nscb", "map_nsc", "attention_on_cells"}
     assert "NSCB (not-same-compound-or-batch)" in html
+    # How to compare rows: the seed-to-seed spread, said in the report and in results.json.
+    assert "as ties" in results["reading"] and "as ties" in html
     assert (demo_dir / "report.csv").read_text().startswith("model,")
     for ch in ("DAPI", "Tubulin", "Actin"):
         assert (demo_dir / "run" / ch / "checkpoint.pth").exists()

@@ -38,8 +38,10 @@ class PreprocessSettings:
         scaled by ``sqrt(H * W / (1024 * 1280))`` for other input sizes.
     normalize
         ``"zscore"`` (each image to mean 0 / std 1), ``"paper"`` (divide by ``clip``),
-        ``"plate"`` (each plate's fields to mean 0 / std 1 together, per channel: keeps
-        the differences between a plate's fields; the ``cpu`` demo's choice) or ``"none"``.
+        ``"plate"`` (per channel, every field of a plate shifted and scaled alike so that
+        the plate's DMSO fields have mean 0 / std 1; all its fields when it has no DMSO:
+        keeps the differences between a plate's fields; the ``cpu`` demo's choice) or
+        ``"none"``.
     illumination
         ``"fast"`` (within 1 % of exact), ``"exact"`` (slow) or ``"none"``.
     borders
