@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig override for the pretraining (JSON value), e.g. "
                     "--set local_crops=6")
+    ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="replica and cache size (default: the preset's, 160 x 200)")
     ap.add_argument("--start", default="",
                     help="init of the first stain (a full checkpoint continues that "
                     "pretraining, e.g. an earlier run's Actin/checkpoint.pth; default: random)")
@@ -70,9 +72,11 @@ def main() -> None:
     p = resolve_preset("cpu")
     subset, sites = args.subset or p.subset, args.sites or p.sites
     if not (args.out / "cache" / "cache.json").exists():
-        run_to_end(write_replica(args.out / "data", subset, sites, p.image_size,
+        size = tuple(args.size) if args.size else p.image_size
+        run_to_end(write_replica(args.out / "data", subset, sites, size,
                                  seed=args.seed, workers=2))
-        settings = PreprocessSettings(size=p.cache_size, clip=10000.0, normalize=p.normalize)
+        settings = PreprocessSettings(size=tuple(args.size) if args.size else p.cache_size,
+                                      clip=10000.0, normalize=p.normalize)
         run_to_end(preprocess(load_metadata(args.out / "data"), args.out / "cache", settings,
                               workers=2))
     cache = open_cache(args.out / "cache")
