@@ -13,6 +13,9 @@ of the drug response), ``noblur`` / ``nogain`` / ``nobio`` (the week's focus; st
 background; cell size, shape, fibre, density and texture drifts set to their no-effect
 values), ``nobatch`` (``batch_strength=0``: no week effects at all).
 
+``--size 320 400 --cell-crop 64`` does the same at twice the preset's resolution (nuclei about
+12 px across instead of 6; the cell crops twice as wide, so they hold the same cells).
+
 A diagnostic on data built to be easier, never a result: docs/replica.md keeps the calibrated
 replica. Results: benchmarks/RESULTS.md, "Issue 13: where NSCB is lost".
 """
@@ -59,18 +62,18 @@ def _nuisance_without(keys):
     return nuisance
 
 
-def _data(root: Path, seed: int, variant: str):
+def _data(root: Path, seed: int, variant: str, size: tuple[int, int]):
     overrides, keys = VARIANTS[variant]
     p, stages = resolve_preset("cpu"), resolve("default")
     if not (root / "cache" / "cache.json").exists():
         # The renderer looks batch_nuisance up in its module: one process (workers=1) sees this.
         synth.batch_nuisance = _nuisance_without(keys) if keys else batch_nuisance
         try:
-            run_to_end(write_replica(root / "data", p.subset, p.sites, p.image_size, seed=seed,
+            run_to_end(write_replica(root / "data", p.subset, p.sites, size, seed=seed,
                                      workers=1, config=SynthConfig(**overrides)))
         finally:
             synth.batch_nuisance = batch_nuisance
-        settings = replace(stages.preprocess, size=p.cache_size, clip=10000.0,
+        settings = replace(stages.preprocess, size=size, clip=10000.0,
                            normalize=p.normalize)
         run_to_end(preprocess(load_metadata(root / "data"), root / "cache", settings, workers=1))
     return load_metadata(root / "data"), open_cache(root / "cache")
@@ -82,19 +85,26 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=21)
     ap.add_argument("--variants", nargs="+", default=["base", "noresp"], choices=list(VARIANTS))
     ap.add_argument("--init", default=DEFAULT_INIT, help="weights of the init-only profile")
+    ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                    help="replica and cache size (default: the preset's, 160 x 200)")
+    ap.add_argument("--cell-crop", type=int, default=None,
+                    help="side of the per-nucleus embedding crop (default: the preset's, 32)")
     args = ap.parse_args()
     p, stages = resolve_preset("cpu"), resolve("default")
+    size = tuple(args.size) if args.size else p.cache_size
+    embed = {**embed_settings(p, stages), **({"crop": args.cell_crop} if args.cell_crop else {})}
     for variant in args.variants:
-        root = args.out / f"seed{args.seed}_{variant}"
-        meta, cache = _data(root, args.seed, variant)
-        row = {"seed": args.seed, "variant": variant}
+        tag = "" if size == p.cache_size else f"_{size[0]}x{size[1]}"
+        root = args.out / f"seed{args.seed}_{variant}{tag}"
+        meta, cache = _data(root, args.seed, variant, size)
+        row = {"seed": args.seed, "variant": variant, "size": list(size), "cell_crop": embed["crop"]}
         models = {"init-only": ModelSet.init_only(p.train["arch"], args.init, cache.channels),
                   "random-init": ModelSet.random(p.train["arch"], cache.channels, seed=args.seed),
                   "classical": None}
         for name, ms in models.items():
             out = root / f"profiles_{name}.parquet"
             prof = run_to_end(_classical_profiles(meta, cache, out) if ms is None else
-                              embed_cache(cache, ms, out, device="cpu", **embed_settings(p, stages)))
+                              embed_cache(cache, ms, out, device="cpu", **embed))
             r = headline(evaluate_profiles(prof, tvn="paper", drop_constant=True,
                                            nscb_multibatch="exempt"))
             row[name] = [round(r["nsc"], 3), round(r["nscb"], 3)]
