@@ -112,8 +112,8 @@ PRESETS: dict[str, Preset] = {
     # pixel or two. The same recipe on a 320 x 400 replica (nuclei ~12 px): views of the same
     # pixel size at native scale (a quarter of the area fractions: about a cell per global
     # view), cell crops of 64 px (the same cells as 32 px at 160 x 200), and the same bundled
-    # weights, pretrained at 160 x 200. Full demo, seed 51: WS-DINO 0.52 / 0.40 (NSC / NSCB),
-    # random-init 0.40 / 0.17, classical 0.43 / 0.26; 10 min 15 s on 2 cores.
+    # weights, pretrained at 160 x 200. Full demos, seeds 51-53 (NSC / NSCB): WS-DINO 0.58 /
+    # 0.42, random-init 0.45 / 0.24, classical 0.46 / 0.31; 9-10 min on 2 cores.
     "cpu-hires": Preset(
         "cpu-hires", "mini", 2, (320, 400), (320, 400),
         dict(_CPU_TRAIN, global_scale=(0.02, 0.04), local_scale=(0.005, 0.0125)),
