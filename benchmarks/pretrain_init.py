@@ -71,12 +71,12 @@ def main() -> None:
     extra = {k: _value(v) for k, _, v in (s.partition("=") for s in args.set)}
     p = resolve_preset("cpu")
     subset, sites = args.subset or p.subset, args.sites or p.sites
+    image_size, cache_size = (tuple(args.size),) * 2 if args.size else (p.image_size,
+                                                                        p.cache_size)
     if not (args.out / "cache" / "cache.json").exists():
-        size = tuple(args.size) if args.size else p.image_size
-        run_to_end(write_replica(args.out / "data", subset, sites, size,
+        run_to_end(write_replica(args.out / "data", subset, sites, image_size,
                                  seed=args.seed, workers=2))
-        settings = PreprocessSettings(size=tuple(args.size) if args.size else p.cache_size,
-                                      clip=10000.0, normalize=p.normalize)
+        settings = PreprocessSettings(size=cache_size, clip=10000.0, normalize=p.normalize)
         run_to_end(preprocess(load_metadata(args.out / "data"), args.out / "cache", settings,
                               workers=2))
     cache = open_cache(args.out / "cache")
