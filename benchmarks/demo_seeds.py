@@ -11,6 +11,7 @@ Usage::
     python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 22 23            # cpu preset
     python benchmarks/demo_seeds.py /tmp/scratch --seeds 21 22 23 --init random  # from scratch
     python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 22 23 --summary-only
+    python benchmarks/demo_seeds.py /tmp/e20 --seeds 51 52 53 --preset cpu-hires --epochs 20
     OMP_NUM_THREADS=1 python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 --preset cpu
 
 Seeds run one after the other (each demo uses the machine's cores); a finished seed's
@@ -43,7 +44,7 @@ def previous_cpu_preset():
                    normalize="zscore", embed_windows="", embed_crop=80)
 
 
-def run_seed(out: Path, seed: int, preset: str, init: str = "") -> dict:
+def run_seed(out: Path, seed: int, preset: str, init: str = "", epochs: int = 0) -> dict:
     from napari_wsdino.core.pipeline import run_demo
     from napari_wsdino.core.progress import run_to_end
 
@@ -52,6 +53,8 @@ def run_seed(out: Path, seed: int, preset: str, init: str = "") -> dict:
 
     t0 = time.perf_counter()
     overrides = {"init": init} if init else {}
+    if epochs:
+        overrides["epochs"] = epochs
     summary = run_to_end(run_demo(out / f"seed_{seed}", preset, seed=seed, device="cpu",
                                   **overrides))
     return {"seed": seed, "wall_s": round(time.perf_counter() - t0, 1), "skipped": summary["skipped"],
@@ -101,6 +104,8 @@ def main(argv=None) -> None:
                     help="a demo preset, or cpu-previous (the cpu preset before issue 13)")
     ap.add_argument("--init", default="", help="initial weights (default: the preset's; "
                     "'random' for the cpu preset from scratch)")
+    ap.add_argument("--epochs", type=int, default=0,
+                    help="fine-tuning epochs (default: the preset's)")
     ap.add_argument("--summary-only", action="store_true",
                     help="summarise the seeds' finished folders, run nothing")
     args = ap.parse_args(argv)
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
             res = json.loads((args.out / f"seed_{seed}" / "results.json").read_text())
             runs.append({"seed": seed, "results": res["results"]})
         else:
-            runs.append(run_seed(args.out, seed, args.preset, args.init))
+            runs.append(run_seed(args.out, seed, args.preset, args.init, args.epochs))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "results"}), flush=True)
     summary = summarise(runs)
     (args.out / "summary.json").write_text(json.dumps({"runs": runs, **summary}, indent=2))
