@@ -10,7 +10,7 @@ from napari_helpers import TINY_TRAIN_TOML, write_tiny_cache
 
 from napari_wsdino.core.modelset import ModelSet
 from napari_wsdino._napari.state import TaskStatus, state_for
-from napari_wsdino._napari.train_widget import TrainWidget, make_train_config
+from napari_wsdino._napari.train_widget import TrainWidget, make_train_config, preset_for
 
 
 @pytest.fixture(autouse=True)
@@ -110,6 +110,15 @@ def test_train_one_epoch_then_load_it(make_napari_viewer, qtbot, cache, tmp_path
     assert ckpt["finished"] and ckpt["epoch"] == 2 and ckpt["config"]["lr"] == 5e-4
     assert "DAPI 2/2 epochs" in widget.run_label.text()
     assert widget.plot.series["DAPI"][0][-2:] == [3, 4], widget.plot.series
+
+
+def test_preset_for_a_cache_follows_its_field_size():
+    """Each demo's cache gets its own preset's views: the same pixel sizes, not fractions."""
+    from napari_wsdino.core.presets import PRESETS
+
+    for name in ("test", "cpu", "cpu-hires", "gpu"):
+        assert preset_for(PRESETS[name].cache_size) == name
+    assert preset_for((256, 320)) == "cpu"
 
 
 def test_defaults_fit_the_cache_or_name_the_setting(make_napari_viewer, qtbot, cache):

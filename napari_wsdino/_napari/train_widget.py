@@ -43,8 +43,9 @@ ARCHS = tuple(ARCHITECTURES)
 #: Widget fields that go straight into TrainConfig.
 CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "device",
                  "global_size", "local_size", "local_crops", "out_dim")
-#: Presets offered, by the smallest cache side they fit (the demo's presets).
-PRESET_FOR_SIDE = ((448, "gpu"), (64, "cpu"), (0, "test"))
+#: Presets offered, by the smallest cache side they fit (the demo's presets): a cache of the
+#: ``cpu-hires`` demo (320 x 400) gets its views of the same pixel size, a smaller one ``cpu``'s.
+PRESET_FOR_SIDE = ((448, "gpu"), (320, "cpu-hires"), (64, "cpu"), (0, "test"))
 
 
 def device_choices() -> list[tuple[str, str]]:

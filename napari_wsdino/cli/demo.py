@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                    "(paper-code: the official WS-DINO code; docs/fidelity.md)")
     p.add_argument("--init", metavar="PATH|random",
                    help="initial weights: a file, a bundled name, or 'random' (train from "
-                   "random weights on purpose). Default: the cpu preset fine-tunes the bundled "
+                   "random weights on purpose). Default: the cpu presets fine-tune the bundled "
                    f"{DEFAULT_INIT} weights (plain DINO pretrained on another replica "
                    "seed); --gpu and --recipe paper-code need one (the full ImageNet DINO "
                    "ViT-S/8 checkpoint)")

@@ -94,8 +94,9 @@ def run_demo(
     out
         Output folder; rerunning with the same folder skips finished stages.
     preset
-        ``"cpu"`` (default, minutes on a laptop), ``"test"`` (seconds) or ``"gpu"``
-        (the paper's settings), or a :class:`Preset`.
+        ``"cpu-hires"`` (default, about 8 minutes on a 2-core laptop), ``"cpu"`` (the same
+        recipe at half the resolution, 6 minutes), ``"test"`` (seconds) or ``"gpu"`` (the
+        paper's settings), or a :class:`Preset`.
     weak_label
         WS-DINO weak label: ``none`` (plain DINO), ``treatment``, ``compound``, ``moa``.
     seed

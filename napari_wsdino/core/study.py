@@ -34,7 +34,7 @@ import pandas as pd
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.layout import CHECKPOINT_FILE, LOG_FILE, channel_dir, snapshot_path
 from napari_wsdino.core.metadata import CONTROL, DataError
-from napari_wsdino.core.presets import DEFAULT_PRESET
+from napari_wsdino.core.presets import DEFAULT_STUDY_PRESET
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.recipes import DEFAULT_RECIPE
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO
@@ -110,7 +110,7 @@ def run_study(
     *,
     seeds: int = 1,
     init: str = "",
-    preset: str = DEFAULT_PRESET,
+    preset: str = DEFAULT_STUDY_PRESET,
     eval_every: int | None = None,
     last_k: int = 3,
     holdout_folds: int = 0,
