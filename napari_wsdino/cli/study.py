@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
                    help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per label (default 1)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_STUDY_PRESET,
-                   help="model and training size (default: cpu, sized for 160 x 200 fields; cpu-hires for 320 x 400 ones, such as the default demo's cache)")
+                   help="model and training size (default: cpu, sized for 160 x 200 fields; "
+                   "cpu-hires for 320 x 400 ones, such as the default demo's cache)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--eval-every", type=int, help="epochs between evaluated snapshots")
     p.add_argument("--last", type=int, default=3, help="evaluated epochs averaged per run (default 3)")

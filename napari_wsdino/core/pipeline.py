@@ -94,7 +94,7 @@ def run_demo(
     out
         Output folder; rerunning with the same folder skips finished stages.
     preset
-        ``"cpu-hires"`` (default, about 8 minutes on a 2-core laptop), ``"cpu"`` (the same
+        ``"cpu-hires"`` (default, about 7 minutes on a 2-core laptop), ``"cpu"`` (the same
         recipe at half the resolution, 6 minutes), ``"test"`` (seconds) or ``"gpu"`` (the
         paper's settings), or a :class:`Preset`.
     weak_label
