@@ -16,10 +16,12 @@ from napari_wsdino.core.metadata import (
     MOA_CSV,
     DataError,
     ScreenLayout,
+    groups_across_batches,
     load_metadata,
     nscb_treatments,
     summarise,
 )
+from napari_wsdino.core.sampler import weak_label_note
 
 
 def _write_dataset(root, bundled_dir, plates=2, per_plate=6, size=(16, 20), seed=0):
@@ -43,7 +45,7 @@ def test_bundled_metadata_counts(bundled_dir):
     s = summarise(meta.table)
     assert s == {
         "fields": 3848, "plates": 55, "batches": 10, "treatments": 103, "compounds": 38,
-        "moas": 12, "dmso_fields": 1320, "nscb_treatments": 92, "missing_files": 0,
+        "compounds_multi_batch": 1, "moas": 12, "dmso_fields": 1320, "nscb_treatments": 92, "missing_files": 0,
         "unreadable_files": 0,
     }
     t = meta.table
@@ -54,6 +56,34 @@ def test_bundled_metadata_counts(bundled_dir):
     excluded = set(t[t.moa != "DMSO"].treatment) - set(nscb_treatments(t))
     assert set(t[t.treatment.isin(excluded)].moa) == {"Cholesterol-lowering", "Kinase inhibitors"}
     assert t.loc[t.treatment == "taxol@0.3", "batch"].nunique() == 10
+    # Only taxol's WS-DINO pairs can cross a week, with either weak label.
+    assert groups_across_batches(t, "compound") == ["taxol"]
+    assert groups_across_batches(t, "treatment") == ["taxol@0.3"]
+    assert len(groups_across_batches(t, "moa")) == 10  # the two NSCB-excluded MoAs: one week
+
+
+def test_weak_label_note_counts_groups_across_batches(bundled_dir):
+    t = load_metadata(bundled_dir, check_files=False).table
+    note = weak_label_note(t, "compound")
+    assert note.startswith("Weak label 'compound': 37 of the 38 compounds were imaged in a "
+                           "single batch, 1 in several (taxol), so almost every pair")
+    assert "not expected to beat plain DINO on NSCB" in note
+    assert weak_label_note(t, "compound", brief=True) == (
+        "37 of 38 compounds sit in one batch (only taxol spans several): pairs rarely cross "
+        "batches, so expect WS-DINO and plain DINO to tie on NSCB.")
+    assert weak_label_note(t, "none") == ""
+    assert "cannot be considered a weak label" in weak_label_note(t, "moa")
+    # A design where compounds span batches says the opposite.
+    spread = t.assign(batch=[f"B{i % 2}" for i in range(len(t))])
+    assert weak_label_note(spread, "compound").startswith(
+        "Weak label 'compound': all 38 compounds were imaged in several batches, so "
+        "WS-DINO's pairs cross batches")
+    assert weak_label_note(spread, "compound", brief=True).startswith(
+        "All 38 compounds span several batches")
+    # No group across batches at all.
+    one = t[t.compound != "taxol"]
+    assert weak_label_note(one, "compound").startswith(
+        "Weak label 'compound': all 37 compounds were imaged in a single batch, so every pair")
 
 
 def test_info_json_on_bundled(bundled_dir, capsys):

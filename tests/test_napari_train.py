@@ -129,6 +129,17 @@ def test_defaults_fit_the_cache_or_name_the_setting(make_napari_viewer, qtbot, c
     assert "test_vit" not in [widget.arch_combo.itemText(i) for i in range(widget.arch_combo.count())]
     state_for(viewer).cache_path = cache.path  # 48 x 48 px fields
     assert widget.preset_combo.currentData() == "test"
+    # Under the weak label, counted on the cache's fields: its three compounds (taxol's
+    # first fields among them) each sit in one week, so pairs never cross a batch.
+    assert widget.weak_combo.currentData() == "compound"
+    assert widget.weak_note.text() == ("All 3 compounds sit in one batch: pairs rarely cross "
+                                       "batches, so expect WS-DINO and plain DINO to tie on NSCB.")
+    assert "every pair WS-DINO learns from shares a batch" in widget.weak_note.toolTip()
+    widget.weak_combo.setCurrentIndex(widget.weak_combo.findData("none"))
+    assert widget.weak_note.text() == ""
+    widget.weak_combo.setCurrentIndex(widget.weak_combo.findData("moa"))
+    assert "not discovery" in widget.weak_note.text()
+    widget.weak_combo.setCurrentIndex(widget.weak_combo.findData("compound"))
     assert widget.arch_combo.currentText() == "wsdino_vit_pico_patch8"
     assert widget.global_spin.value() <= 2 * 48
     assert widget.init_edit.text() == ""

@@ -57,6 +57,10 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
     assert "NSCB (not-same-compound-or-batch)" in html
     # How to compare rows: the seed-to-seed spread, said in the report and in results.json.
     assert "as ties" in results["reading"] and "as ties" in html
+    # What the weak label can teach about batches, counted on the demo's fields: in
+    # BBBC021's design only taxol spans weeks.
+    assert results["weak_label"].startswith("Weak label 'compound': 37 of the 38 compounds")
+    assert "(taxol)" in results["weak_label"] and "37 of the 38 compounds" in html
     assert (demo_dir / "report.csv").read_text().startswith("model,")
     for ch in ("DAPI", "Tubulin", "Actin"):
         assert (demo_dir / "run" / ch / "checkpoint.pth").exists()

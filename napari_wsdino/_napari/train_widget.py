@@ -26,7 +26,7 @@ from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT, arch_patch_size
 from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
 from napari_wsdino.core.presets import PRESET_TITLES, PRESETS
 from napari_wsdino.core.progress import Progress
-from napari_wsdino.core.sampler import WEAK_LABEL_INFO
+from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
 from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config, train_channels
 from napari_wsdino._napari.canvases import LossPlot  # noqa: F401 - importable from here too
 from napari_wsdino._napari.state import TaskStatus
@@ -148,6 +148,7 @@ class TrainWidget(WorkerDock):
         self.result: dict[str, Path] | None = None
         self._stop = threading.Event()
         self._shape: tuple[int, int] | None = None
+        self._table = None       # the cache's field table, for what the weak label can teach
         get, d = self.saved, TrainConfig()  # remembered values, else core's defaults
 
         self.cache_edit = QLineEdit(str(self.state.cache_path or get("cache", "")))
@@ -191,6 +192,8 @@ class TrainWidget(WorkerDock):
             lambda: self.start(resume=True))
         self.idle_controls = (self.start_button, self.resume_button)
         self.busy_controls = (self.stop_button,)
+        self.weak_note = QLabel("")
+        self.weak_note.setWordWrap(True)
         self.run_label = QLabel("")
         self.run_label.setWordWrap(True)
         self.plot = LossPlot()
@@ -209,6 +212,7 @@ class TrainWidget(WorkerDock):
         add_row(form, "Weak label", self.weak_combo,
                 "none = plain DINO; otherwise local crops come from another field of the same "
                 "treatment / compound / MoA (WS-DINO)")
+        form.addRow("", self.weak_note)
         add_row(form, "Architecture", self.arch_combo,
                 "timm ViT name; the wsdino_vit_* models are small enough for a CPU")
         add_row(form, "Epochs", self.epochs_spin,
@@ -238,11 +242,13 @@ class TrainWidget(WorkerDock):
         self.cache_edit.editingFinished.connect(lambda: self._cache_picked(self.cache_edit.text()))
         self.run_edit.editingFinished.connect(self._describe_run)
         self.preset_combo.currentIndexChanged.connect(lambda _i: self.apply_preset())
+        self.weak_combo.currentIndexChanged.connect(lambda _i: self._describe_weak_label())
         self.state.cache_changed.connect(self._on_cache)
         self.state.model_changed.connect(self._on_run)
         self.set_running(False)
         if self.state.cache_path is not None:  # a cache made before this dock opened
             self._on_cache(self.state.cache_path)
+        self._describe_weak_label()
         self._describe_run()
 
     # -- inputs ----------------------------------------------------------------------
@@ -250,10 +256,10 @@ class TrainWidget(WorkerDock):
         try:
             cache = open_cache(self.cache_edit.text().strip())
         except (DataError, OSError, ValueError):
-            self._shape = None
+            self._shape = self._table = None
             meta = self.state.metadata
             return tuple(meta.channels) if meta is not None else CHANNELS
-        self._shape = cache.shape
+        self._shape, self._table = cache.shape, cache.table
         return cache.channels
 
     def _set_channels(self, channels, checked=None) -> None:
@@ -287,7 +293,21 @@ class TrainWidget(WorkerDock):
             index = self.preset_combo.findData(preset_for(self._shape))
             if index != self.preset_combo.currentIndex():
                 self.preset_combo.setCurrentIndex(index)  # applies it
+        self._describe_weak_label()
         self._describe_run()
+
+    def _describe_weak_label(self) -> None:
+        """Under the weak label: what it can teach about batches on this cache's fields."""
+        brief = note = ""
+        if self._table is not None:
+            weak = self.weak_combo.currentData()
+            try:
+                brief, note = (weak_label_note(self._table, weak, brief=True),
+                               weak_label_note(self._table, weak))
+            except (KeyError, ValueError):  # a cache without batch or label columns
+                pass
+        self.weak_note.setText(brief)
+        self.weak_note.setToolTip(note)
 
     def _on_run(self, path) -> None:
         """A run folder chosen elsewhere (or this panel's run finished)."""

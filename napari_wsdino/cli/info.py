@@ -1,7 +1,8 @@
 """summarise a dataset folder or image CSV
 
 Summarise a screen (a BBBC021-layout folder or a Cell Painting load_data.csv): fields,
-plates, batches, treatments, compounds, MoAs, DMSO fields, treatments eligible for NSCB
+plates, batches, treatments, compounds, compounds imaged in two or more batches (the only
+ones whose WS-DINO pairs can cross a batch), MoAs, DMSO fields, treatments eligible for NSCB
 (MoA seen in at least two batches), missing and unreadable image files.
 """
 
@@ -19,6 +20,7 @@ LABELS = {
     "batches": "batches",
     "treatments": "treatments with MoA",
     "compounds": "compounds with MoA",
+    "compounds_multi_batch": "compounds in 2+ batches",
     "moas": "MoAs",
     "dmso_fields": "DMSO fields",
     "nscb_treatments": "NSCB treatments",
@@ -64,7 +66,7 @@ def run(args) -> int:
         return 0
     print(f"Dataset: {args.data}")
     for key, label in LABELS.items():
-        print(f"  {label:<22}{summary[key]:>8,}")
+        print(f"  {label:<24}{summary[key]:>8,}")
     if meta.missing:
         print("  first missing: " + ", ".join(str(p) for p in meta.missing[:3]))
     for path, reason in problems[:3]:

@@ -35,7 +35,7 @@ from napari_wsdino.core.layout import demo_paths, log_path
 from napari_wsdino.core.metadata import LAYOUTS, DataError
 from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
     DEFAULT_PRESET, PRESETS, Preset, embed_settings, headline, resolve_preset)
-from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL
+from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, weak_label_note
 from napari_wsdino.core.progress import Progress
 
 STAGES = ("replica", "preprocess", "train", "embed", "evaluate", "report")
@@ -291,6 +291,7 @@ def _evaluate_stage(demo: _Demo, cache, config, compared):
     demo.paths["results"].write_text(json.dumps(
         {"data": "synthetic replica", "results": rows, "metrics": METRIC_NOTES,
          "reading": READING_NOTE,
+         "weak_label": weak_label_note(cache.table, demo.settings["weak_label"]),
          "detail": {k: v.to_dict() for k, v in evaluated.items()}}, indent=2))
     demo.mark("evaluate")
     return evaluated
@@ -433,7 +434,8 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
                "treatment profiles after TVN on DMSO (Ando et al. 2017). All models are "
                "evaluated on the same fields; the random-init ViT has the trained models' "
                "architecture and embedding.", *_init_note(preset), *METRIC_NOTES.values(),
-               READING_NOTE],
+               READING_NOTE, *filter(None, [weak_label_note(cache.table,
+                                                            settings["weak_label"])])],
     )
     write_report(report, out)
 

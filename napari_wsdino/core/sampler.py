@@ -119,6 +119,61 @@ def weak_label_help() -> str:
     return "; ".join(f"{w.name}: {w.help}" for w in WEAK_LABEL_INFO.values())
 
 
+def label_batch_spread(table: pd.DataFrame, weak_label: str) -> tuple[int, list[str]]:
+    """The number of groups a weak label makes among the treated fields, and those imaged in
+    at least two batches (sorted): the only groups whose WS-DINO pairs can cross a batch."""
+    treated = table[~_is_control(table)]
+    spread = pd.DataFrame({"group": WEAK_LABEL_INFO[weak_label].group(treated).to_numpy(),
+                           "batch": treated["batch"].to_numpy()})
+    batches = spread.groupby("group")["batch"].nunique()
+    return len(batches), sorted(batches.index[batches >= 2])
+
+
+def weak_label_note(table: pd.DataFrame, weak_label: str, brief: bool = False) -> str:
+    """What a weak label can teach about batches on these fields, in one sentence ("" for
+    plain DINO): the demo report and results.json show it, the Train panel its ``brief``
+    form under the weak label.
+
+    WS-DINO pairs fields of one group; only groups imaged in several batches give pairs
+    that cross a batch, and only those can teach the invariance to the batch that NSCB
+    rewards (the paper's argument). In BBBC021's design 37 of the 38 compounds sit in one
+    week (only taxol spans all ten).
+    """
+    if not WEAK_LABEL_INFO[weak_label].paired:
+        return ""
+    if weak_label in ("moa", "moa_or_compound"):
+        if brief:
+            return "The MoA is what NSC / NSCB score: a fit to the answer, not discovery."
+        return (f"Weak label '{weak_label}': the MoA is what NSC and NSCB score, so on "
+                "annotated fields the WS-DINO row measures fit to the answer, not discovery "
+                "(the paper: 'cannot be considered a weak label').")
+    n, multi = label_batch_spread(table, weak_label)
+    groups = f"{weak_label}s"       # treatments, compounds
+    if len(multi) * 2 >= n:
+        some = f"all {n}" if len(multi) == n else f"{len(multi)} of the {n}"
+        if brief:
+            return (f"{some.capitalize()} {groups} span several batches: pairs cross "
+                    "batches and can teach batch invariance (NSCB).")
+        return (f"Weak label '{weak_label}': {some} {groups} were imaged in several "
+                "batches, so WS-DINO's pairs cross batches and can teach the invariance to "
+                "the batch that NSCB rewards.")
+    names = f"{', '.join(multi[:3])}{', ...' if len(multi) > 3 else ''}"
+    if brief:
+        where = (f"{n - len(multi)} of {n} {groups} sit in one batch (only {names} "
+                 f"span{'s' if len(multi) == 1 else ''} several)" if multi
+                 else f"All {n} {groups} sit in one batch")
+        return (f"{where}: pairs rarely cross batches, so expect WS-DINO and plain DINO to "
+                "tie on NSCB.")
+    where = (f"{n - len(multi)} of the {n} {groups} were imaged in a single batch, "
+             f"{len(multi)} in several ({names})" if multi
+             else f"all {n} {groups} were imaged in a single batch")
+    share = "every" if not multi else "almost every" if len(multi) * 10 <= n else "most"
+    return (f"Weak label '{weak_label}': {where}, so {share} pair WS-DINO learns from "
+            "shares a batch: the label cannot teach the model to look past the batch, and "
+            "WS-DINO is not expected to beat plain DINO on NSCB on these fields "
+            "(docs/training.md, 'Fine-tuning harder does not separate WS-DINO from DINO').")
+
+
 def _is_control(table: pd.DataFrame) -> np.ndarray:
     ctrl = np.zeros(len(table), dtype=bool)
     for col in ("moa", "compound"):
