@@ -97,6 +97,9 @@ def test_study_two_labels_table(demo_dir, tmp_path, capsys):
     evals = json.loads((out / "evaluations.json").read_text())
     assert sorted({e["epoch"] for e in evals if e["epoch"]}) == [1, 2]
     assert (out / "report.html").exists()
+    # Beside the table: what the compound label can teach about batches on these fields.
+    assert "37 of the 38 compounds were imaged in a single batch" in (
+        out / "report.html").read_text()
     # Resume: a second run reuses every profile file and gives the same table.
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("profiles*.parquet")}
     assert main(args) == 0

@@ -37,7 +37,7 @@ from napari_wsdino.core.metadata import CONTROL, DataError
 from napari_wsdino.core.presets import DEFAULT_STUDY_PRESET
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.recipes import DEFAULT_RECIPE
-from napari_wsdino.core.sampler import WEAK_LABEL_INFO
+from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
 
 #: The method each weak label trains ("DINO" or "WS-DINO"), from the weak-label registry.
 LABEL_NAMES = {name: w.method for name, w in WEAK_LABEL_INFO.items()}
@@ -156,6 +156,9 @@ def run_study(
     """
     plan = _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop,
                        eval_every, last_k, train_overrides)
+    # What each weak label can teach about batches on these fields (BBBC021: 1 of 38
+    # compounds spans weeks), beside the table that compares them.
+    plan.notes += [n for n in (weak_label_note(plan.cache.table, w) for w in labels) if n]
     evals = yield from _baselines(plan)
     runs = [(label, seed, None) for label in labels for seed in range(seeds)]
     folds = compound_folds(plan.cache.table, holdout_folds) if holdout_folds else []
