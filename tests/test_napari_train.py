@@ -10,7 +10,8 @@ from napari_helpers import TINY_TRAIN_TOML, write_tiny_cache
 
 from napari_wsdino.core.modelset import ModelSet
 from napari_wsdino._napari.state import TaskStatus, state_for
-from napari_wsdino._napari.train_widget import TrainWidget, make_train_config, preset_for
+from napari_wsdino._napari.train_widget import TrainWidget, make_train_config
+from napari_wsdino.core.presets import preset_for
 
 
 @pytest.fixture(autouse=True)

@@ -82,8 +82,9 @@ def test_demo_refuses_other_settings_in_same_folder(demo_dir, capsys):
 
 def test_study_two_labels_table(demo_dir, tmp_path, capsys):
     out = tmp_path / "study"
+    # No --preset: the one whose views fit the cache's 48 x 64 px fields, "test".
     args = ["study", str(demo_dir / "cache"), "--out", str(out), "--labels", "none,compound",
-            "--preset", "test", "--epochs", "2", "--eval-every", "1", "--last", "2",
+            "--epochs", "2", "--eval-every", "1", "--last", "2",
             "--channels", "DAPI", "--device", "cpu", "--json", "--init", "replica-dino-pico8-cells"]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -98,8 +99,9 @@ def test_study_two_labels_table(demo_dir, tmp_path, capsys):
     assert sorted({e["epoch"] for e in evals if e["epoch"]}) == [1, 2]
     assert (out / "report.html").exists()
     # Beside the table: what the compound label can teach about batches on these fields.
-    assert "37 of the 38 compounds were imaged in a single batch" in (
-        out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "37 of the 38 compounds were imaged in a single batch" in html
+    assert "preset test: " in html
     # Resume: a second run reuses every profile file and gives the same table.
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("profiles*.parquet")}
     assert main(args) == 0

@@ -145,3 +145,9 @@ def test_gpu_preset_and_paper_code_refuse_random_weights_in_demo_and_study(tmp_p
     study = tmp_path / "study"
     assert main(["study", str(cache.path), "--out", str(study), "--preset", "gpu"]) == 2
     assert "--init random" in capsys.readouterr().err and not study.exists()
+    # Chosen by the cache's field size, the gpu preset says so when it refuses.
+    big = make_cache(tmp_path / "big", per_compound=1, size=448)
+    assert main(["study", str(big.path), "--out", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert "preset gpu (chosen for the cache's 448 x 448 px fields" in err
+    assert "--init random" in err and not study.exists()

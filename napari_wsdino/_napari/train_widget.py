@@ -24,7 +24,7 @@ from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT, arch_patch_size
 from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
-from napari_wsdino.core.presets import PRESET_TITLES, PRESETS
+from napari_wsdino.core.presets import PRESET_TITLES, PRESETS, preset_for
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
 from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config, train_channels
@@ -43,9 +43,6 @@ ARCHS = tuple(ARCHITECTURES)
 #: Widget fields that go straight into TrainConfig.
 CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "device",
                  "global_size", "local_size", "local_crops", "out_dim")
-#: Presets offered, by the smallest cache side they fit (the demo's presets): a cache of the
-#: ``cpu-hires`` demo (320 x 400) gets its views of the same pixel size, a smaller one ``cpu``'s.
-PRESET_FOR_SIDE = ((448, "gpu"), (320, "cpu-hires"), (64, "cpu"), (0, "test"))
 
 
 def device_choices() -> list[tuple[str, str]]:
@@ -58,12 +55,6 @@ def device_choices() -> list[tuple[str, str]]:
     else:
         choices.append(("CUDA (no GPU found)", "cuda"))
     return choices
-
-
-def preset_for(shape) -> str:
-    """The demo preset whose crops fit a cache of ``shape`` (H, W) px."""
-    side = min(shape)
-    return next(name for limit, name in PRESET_FOR_SIDE if side >= limit)
 
 
 def preset_config(name: str) -> TrainConfig:

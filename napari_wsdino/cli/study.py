@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from napari_wsdino.cli._common import command, drive
-from napari_wsdino.core.presets import DEFAULT_STUDY_PRESET, PRESETS
+from napari_wsdino.core.presets import PRESETS
 from napari_wsdino.core.pretrained import DEFAULT_INIT
 from napari_wsdino.core.report import SYNTHETIC_LABEL
 from napari_wsdino.core.study import run_study, study_report
@@ -29,14 +29,16 @@ def add_parser(sub) -> None:
 
     p.add_argument("--init", default="", help="initial weights for every model (ours, timm or "
                    "official DINO file, or a bundled name), or 'random'. Default: the preset's "
-                   f"(cpu: the bundled {DEFAULT_INIT}). Required with --preset gpu or "
+                   f"(cpu, cpu-hires: the bundled {DEFAULT_INIT}). Required with preset gpu or "
                    "--recipe paper-code (say 'random' to train from random weights on purpose)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="bundle of training, embedding and evaluation settings (docs/fidelity.md)")
     p.add_argument("--seeds", type=int, default=1, help="training seeds per label (default 1)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_STUDY_PRESET,
-                   help="model and training size (default: cpu, sized for 160 x 200 fields; "
-                   "cpu-hires for 320 x 400 ones, such as the default demo's cache)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="",
+                   help="model and training size (default: the one whose views fit the "
+                   "cache's fields: cpu-hires from 320 px, as the default demo's 320 x 400 "
+                   "cache; cpu from 64 px, as the 160 x 200 one of --preset cpu; gpu from "
+                   "448 px, which needs --init; test below 64 px)")
     p.add_argument("--epochs", type=int, help="override the preset's epochs")
     p.add_argument("--eval-every", type=int, help="epochs between evaluated snapshots")
     p.add_argument("--last", type=int, default=3, help="evaluated epochs averaged per run (default 3)")

@@ -20,9 +20,16 @@ HEADLINE_METRICS = ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")
 #: The demo's run size (``wsdino demo``, :func:`~napari_wsdino.core.pipeline.run_demo`):
 #: ``cpu-hires`` since 2026-12-02 (benchmarks/RESULTS.md, "cpu-hires as the default").
 DEFAULT_PRESET = "cpu-hires"
-#: The study's run size when none is named (``wsdino study CACHE``): its views are sized for
-#: the 160 x 200 caches the study results were measured on (docs/study_results.md).
-DEFAULT_STUDY_PRESET = "cpu"
+#: Presets by the smallest cache side they fit: a cache of the ``cpu-hires`` demo (320 x 400)
+#: gets its views of the same pixel size, a smaller one ``cpu``'s. The Train panel and
+#: ``wsdino study`` without ``--preset`` choose with it (:func:`preset_for`).
+PRESET_FOR_SIDE = ((448, "gpu"), (320, "cpu-hires"), (64, "cpu"), (0, "test"))
+
+
+def preset_for(shape) -> str:
+    """The preset whose crops fit a cache of ``shape`` (H, W) px (:data:`PRESET_FOR_SIDE`)."""
+    side = min(shape)
+    return next(name for limit, name in PRESET_FOR_SIDE if side >= limit)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ import pandas as pd
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.layout import CHECKPOINT_FILE, LOG_FILE, channel_dir, snapshot_path
 from napari_wsdino.core.metadata import CONTROL, DataError
-from napari_wsdino.core.presets import DEFAULT_STUDY_PRESET
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.recipes import DEFAULT_RECIPE
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
@@ -110,7 +109,7 @@ def run_study(
     *,
     seeds: int = 1,
     init: str = "",
-    preset: str = DEFAULT_STUDY_PRESET,
+    preset: str = "",
     eval_every: int | None = None,
     last_k: int = 3,
     holdout_folds: int = 0,
@@ -138,7 +137,10 @@ def run_study(
         the bundled ``replica-dino-pico8-cells``); ``"random"``: random weights. A random-init
         ViT row is always there.
     preset
-        Model/training size from :data:`napari_wsdino.core.presets.PRESETS`.
+        Model/training size from :data:`napari_wsdino.core.presets.PRESETS`; empty (the
+        default): the one whose views fit the cache's fields
+        (:func:`~napari_wsdino.core.presets.preset_for`: ``cpu-hires`` for the default demo's
+        320 x 400 cache, ``cpu`` from 64 px, ``gpu`` from 448 px).
     eval_every
         Epochs between evaluated teacher snapshots (default: a fifth of the epochs).
     last_k
@@ -189,18 +191,21 @@ class _StudyPlan:
 def _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop, eval_every,
                 last_k, train_overrides) -> _StudyPlan:
     from napari_wsdino.core.model import RANDOM_INIT
-    from napari_wsdino.core.presets import embed_settings, resolve_preset
+    from napari_wsdino.core.presets import embed_settings, preset_for, resolve_preset
     from napari_wsdino.core.recipes import check_init, get_recipe, resolve
     from napari_wsdino.core.train import TrainConfig
 
     r = get_recipe(recipe)
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    chosen = "" if preset else (f" (chosen for the cache's {cache.shape[0]} x {cache.shape[1]}"
+                                " px fields; --preset names another)")
+    preset = preset or preset_for(cache.shape)      # the one whose views fit the fields
     p = resolve_preset(preset)
     init = init or p.train.get("init", "")          # the cpu preset's: bundled weights
     check_init(init, r.requires_init or preset == "gpu",
-               f"The study with preset {preset} and recipe {recipe}")
+               f"The study with preset {preset}{chosen} and recipe {recipe}")
     stages = resolve(recipe)
     init = "" if init == RANDOM_INIT else init
-    cache = cache if isinstance(cache, Cache) else open_cache(cache)
     channels = tuple(channels or cache.channels)
     missing = [c for c in channels if c not in cache.channels]
     if missing:
