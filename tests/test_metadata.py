@@ -80,6 +80,7 @@ def test_weak_label_note_counts_groups_across_batches(bundled_dir):
         "WS-DINO's pairs cross batches")
     assert weak_label_note(spread, "compound", brief=True).startswith(
         "All 38 compounds span several batches")
+    assert weak_label_note(t[t.moa == "DMSO"], "compound") == ""  # controls only
     # No group across batches at all.
     one = t[t.compound != "taxol"]
     assert weak_label_note(one, "compound").startswith(

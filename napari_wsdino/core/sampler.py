@@ -148,6 +148,8 @@ def weak_label_note(table: pd.DataFrame, weak_label: str, brief: bool = False) -
                 "annotated fields the WS-DINO row measures fit to the answer, not discovery "
                 "(the paper: 'cannot be considered a weak label').")
     n, multi = label_batch_spread(table, weak_label)
+    if n == 0:           # no treated fields: nothing to pair
+        return ""
     groups = f"{weak_label}s"       # treatments, compounds
     if len(multi) * 2 >= n:
         some = f"all {n}" if len(multi) == n else f"{len(multi)} of the {n}"
