@@ -9,7 +9,7 @@ random-init ViT and the classical profile. One JSON line per variant on stdout (
     python benchmarks/nuisance_ablation.py /tmp/abl --seed 21 --variants base noresp nobatch
 
 Variants: ``base`` (the calibrated replica), ``noresp`` (``batch_response=0``: no week change
-of the drug response), ``noblur`` / ``nogain`` / ``nobio`` (the week's focus; stain gain and
+of the drug response), ``halfresp`` (``batch_response=0.5``: half of it), ``noblur`` / ``nogain`` / ``nobio`` (the week's focus; stain gain and
 background; cell size, shape, fibre, density and texture drifts set to their no-effect
 values), ``nobatch`` (``batch_strength=0``: no week effects at all).
 
@@ -46,6 +46,7 @@ from napari_wsdino.core.synth.phenotypes import batch_nuisance
 VARIANTS = {
     "base": ({}, ()),
     "noresp": ({"batch_response": 0.0}, ()),
+    "halfresp": ({"batch_response": 0.5}, ()),
     "noblur": ({}, ("blur",)),
     "nogain": ({}, ("gain", "background")),
     "nobio": ({}, ("cell_size", "nuc_size", "tub_fibre", "act_fibre", "density", "texture")),
