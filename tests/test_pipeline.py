@@ -73,7 +73,13 @@ def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
                  "--init", "replica-dino-pico8-cells"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["skipped"] == ["replica", "preprocess", "train", "embed", "evaluate", "report"]
+    assert summary["weak_label"].startswith("37 of 38 compounds sit in one batch")
     assert (demo_dir / "profiles.parquet").stat().st_mtime_ns == before
+    # The printed summary says it too.
+    assert main(["demo", str(demo_dir), "--preset", "test", "--device", "cpu",
+                 "--init", "replica-dino-pico8-cells"]) == 0
+    printed = capsys.readouterr().out
+    assert "weak label: 37 of 38 compounds sit in one batch (only taxol spans several)" in printed
 
 
 def test_demo_refuses_other_settings_in_same_folder(demo_dir, capsys):

@@ -77,6 +77,8 @@ def run(args) -> int:
     if any(r["model"].startswith("init-only") for r in summary["results"]):
         print("  init-only: the initial weights the trained rows start from, before any "
               "fine-tuning (the gap to them is what this run's training added).")
+    if summary.get("weak_label"):
+        print(f"  weak label: {summary['weak_label']}")
     if summary["skipped"]:
         print(f"  (reused finished stages: {', '.join(summary['skipped'])})")
     print(f"Report: {summary['paths']['report']}")

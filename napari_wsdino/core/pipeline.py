@@ -139,6 +139,7 @@ def run_demo(
     evaluated = yield from _evaluate_stage(demo, cache, config, compared)
     yield from _report_stage(demo, cache, evaluated)
     return {"results": demo.results()["results"],
+            "weak_label": weak_label_note(cache.table, weak_label, brief=True),
             "paths": {k: str(v) for k, v in demo.paths.items()}, "skipped": demo.skipped}
 
 
