@@ -57,9 +57,11 @@ def test_bundled_metadata_counts(bundled_dir):
     assert set(t[t.treatment.isin(excluded)].moa) == {"Cholesterol-lowering", "Kinase inhibitors"}
     assert t.loc[t.treatment == "taxol@0.3", "batch"].nunique() == 10
     # Only taxol's WS-DINO pairs can cross a week, with either weak label.
-    assert groups_across_batches(t, "compound") == ["taxol"]
-    assert groups_across_batches(t, "treatment") == ["taxol@0.3"]
-    assert len(groups_across_batches(t, "moa")) == 10  # the two NSCB-excluded MoAs: one week
+    treated = t[t.moa != "DMSO"]
+    assert groups_across_batches(treated, "compound") == (38, ["taxol"])
+    assert groups_across_batches(treated, "treatment") == (103, ["taxol@0.3"])
+    n, moas = groups_across_batches(treated, "moa")
+    assert (n, len(moas)) == (12, 10)  # the two NSCB-excluded MoAs: one week each
 
 
 def test_weak_label_note_counts_groups_across_batches(bundled_dir):

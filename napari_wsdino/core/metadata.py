@@ -409,15 +409,15 @@ def nscb_treatments(table: pd.DataFrame) -> list[str]:
     return sorted(annotated.loc[annotated.moa.isin(ok), "treatment"].unique())
 
 
-def groups_across_batches(table: pd.DataFrame, label: str = "compound") -> list[str]:
-    """Groups of a weak label (``compound``, ``treatment``, ``moa``) among the annotated,
-    non-control fields that were imaged in at least two batches, sorted.
+def groups_across_batches(table: pd.DataFrame, groups="compound") -> tuple[int, list[str]]:
+    """How many groups the fields of ``table`` fall into, and those imaged in at least two
+    batches (sorted). ``groups``: a column name, or one group per row.
 
-    These are the only groups whose WS-DINO pairs can cross a batch: in BBBC021 taxol is
-    the one compound of 38 (tested on the bundled metadata)."""
-    annotated = table[(table.moa != CONTROL) & (table.moa != "")]
-    batches = annotated.groupby(label)["batch"].nunique()
-    return sorted(batches.index[batches >= 2])
+    Only those groups give WS-DINO pairs that cross a batch: among BBBC021's annotated
+    compounds, taxol alone (tested on the bundled metadata)."""
+    keys = table[groups] if isinstance(groups, str) else pd.Series(list(groups), index=table.index)
+    batches = table["batch"].groupby(keys).nunique()
+    return len(batches), sorted(batches.index[batches >= 2])
 
 
 def summarise(table: pd.DataFrame, missing: list | None = None,
@@ -430,7 +430,7 @@ def summarise(table: pd.DataFrame, missing: list | None = None,
         "batches": int(table.batch.nunique()),
         "treatments": int(annotated.treatment.nunique()),
         "compounds": int(annotated.compound.nunique()),
-        "compounds_multi_batch": len(groups_across_batches(table, "compound")),
+        "compounds_multi_batch": len(groups_across_batches(annotated, "compound")[1]),
         "moas": int(annotated.moa.nunique()),
         "dmso_fields": int((table.moa == CONTROL).sum()),
         "nscb_treatments": len(nscb_treatments(table)),

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.metadata import DataError, groups_across_batches
 
 
 _BLANK = ["", "nan", "none", "unknown"]
@@ -119,16 +119,6 @@ def weak_label_help() -> str:
     return "; ".join(f"{w.name}: {w.help}" for w in WEAK_LABEL_INFO.values())
 
 
-def label_batch_spread(table: pd.DataFrame, weak_label: str) -> tuple[int, list[str]]:
-    """The number of groups a weak label makes among the treated fields, and those imaged in
-    at least two batches (sorted): the only groups whose WS-DINO pairs can cross a batch."""
-    treated = table[~_is_control(table)]
-    spread = pd.DataFrame({"group": WEAK_LABEL_INFO[weak_label].group(treated).to_numpy(),
-                           "batch": treated["batch"].to_numpy()})
-    batches = spread.groupby("group")["batch"].nunique()
-    return len(batches), sorted(batches.index[batches >= 2])
-
-
 def weak_label_note(table: pd.DataFrame, weak_label: str, brief: bool = False) -> str:
     """What a weak label can teach about batches on these fields, in one sentence ("" for
     plain DINO): the demo report and results.json show it, the Train panel its ``brief``
@@ -147,7 +137,8 @@ def weak_label_note(table: pd.DataFrame, weak_label: str, brief: bool = False) -
         return (f"Weak label '{weak_label}': the MoA is what NSC and NSCB score, so on "
                 "annotated fields the WS-DINO row measures fit to the answer, not discovery "
                 "(the paper: 'cannot be considered a weak label').")
-    n, multi = label_batch_spread(table, weak_label)
+    treated = table[~_is_control(table)]
+    n, multi = groups_across_batches(treated, WEAK_LABEL_INFO[weak_label].group(treated))
     if n == 0:           # no treated fields: nothing to pair
         return ""
     groups = f"{weak_label}s"       # treatments, compounds
