@@ -731,3 +731,31 @@ def test_case1_fetch_onto_a_full_disk_names_the_partial_file(tmp_path, small_dis
     assert str(disk / "a.zip.part") in message and "No space left" in message
     assert "free space" in message and "\n" not in message
     assert (disk / "a.zip.part").exists()  # kept: a rerun resumes the download
+
+
+# ------------------------------------------------------------ issue 30: third round
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lr", "-1"], ["lr must be 0 or more", "from --lr"]),
+    (["--set", "global_scale=5"], ["global_scale must be two numbers", "from --set global_scale"]),
+    (["--epochs", "1000000000"], ["epochs must be at most", "from --epochs"]),
+    (["--set", "device=tpu"], ["auto, cpu, cuda", "'tpu'"]),
+    (["--set", "seed=ten"], ["seed must be a whole number", "from --set seed"]),
+    (["--lr", "nan"], ["lr must be a finite number"]),
+    (["--min-lr", "0.1"], ["min_lr (0.1) must not exceed the peak lr", "--min-lr"]),
+])
+def test_case_a_bad_training_settings_are_refused_before_work(tmp_path, capsys, argv, words):
+    run = tmp_path / "run"
+    code, _, err = _cli(["train", tmp_path / "no-cache-yet", "--out", run, *argv], capsys)
+    assert code == 2
+    _one_line_error(err, "Invalid training config", *words)
+    assert not run.exists()  # refused before the cache is even opened
+
+
+def test_case_a_bad_value_in_a_config_file_names_the_file(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("[train]\nlr = -0.001\n")
+    code, _, err = _cli(["train", tmp_path / "cache", "--config", config], capsys)
+    assert code == 2
+    _one_line_error(err, "lr must be 0 or more, not -0.001", f"from config file {config}")

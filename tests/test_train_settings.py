@@ -16,7 +16,7 @@ from napari_wsdino.core.sampler import (
     weak_label_help,
     weak_labels,
 )
-from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config
+from napari_wsdino.core.train import SettingError, TrainConfig, TrainingError, resolve_config
 
 
 # -- registries -------------------------------------------------------------------------
@@ -97,3 +97,61 @@ def test_resume_reads_each_channels_saved_config_and_refuses_other_maths(tmp_pat
 def test_a_run_that_never_checkpointed_may_restart_with_other_settings(tmp_path):
     folder = _saved_run(tmp_path / "DAPI", TrainConfig(lr=1e-3), checkpoint=False)
     assert resolve_config(None, {"lr": 0.5}, resume_from=folder) == TrainConfig(lr=0.5)
+
+
+# -- every setting checked before work (issue 30, case a) ---------------------------------
+@pytest.mark.parametrize("overrides, words", [
+    ({"lr": -1.0}, ["lr must be 0 or more", "-1.0", "from --lr"]),
+    ({"lr": float("nan")}, ["lr must be a finite number", "nan"]),
+    ({"seed": "ten"}, ["seed must be a whole number", "'ten'"]),
+    ({"seed": -1}, ["seed must be 0 or more", "-1"]),
+    ({"epochs": "abc"}, ["epochs must be a whole number", "'abc'"]),
+    ({"epochs": 10**9}, ["epochs must be at most 100,000"]),
+    ({"global_scale": 5}, ["global_scale must be two numbers [low, high]", "not 5"]),
+    ({"global_scale": [0.5, 0.2]}, ["global_scale must be [low, high] with 0 < low <= high"]),
+    ({"local_scale": [0.0, 0.1]}, ["local_scale must be [low, high]"]),
+    ({"device": "tpu"}, ["device must be one of auto, cpu, cuda", "'tpu'"]),
+    ({"min_lr": 0.1}, ["min_lr (0.1) must not exceed the peak lr",
+                              "from --min-lr, the default recipe's defaults"]),
+    ({"weight_decay": -0.1}, ["weight_decay must be 0 or more"]),
+    ({"drop_path_rate": 1.5}, ["drop_path_rate must lie in [0, 1)"]),
+    ({"balance": "maybe"}, ["balance must be true or false"]),
+])
+def test_every_setting_is_checked_naming_key_value_and_source(overrides, words):
+    sources = {k: "--" + k.replace("_", "-") for k in overrides}
+    with pytest.raises(SettingError) as info:
+        resolve_config(None, overrides, sources=sources)
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, ValueError)
+    for w in words:
+        assert w in message, (w, message)
+    key = next(iter(overrides))
+    assert f"from --{key.replace('_', '-')}" in message
+
+
+def test_a_config_file_value_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[train]\nlr = -0.001\nseed = 3\n')
+    with pytest.raises(SettingError, match=r"lr must be 0 or more, not -0.001 \(from config "
+                       rf"file {path}\)"):
+        resolve_config(path)
+    path.write_text('[train]\nseed = "ten"\n')
+    with pytest.raises(SettingError, match=rf"seed must be a whole number, not 'ten' \(from config "
+                       rf"file {path}\)"):
+        resolve_config(path)
+    path.write_text('[train]\nseed = -1\n')
+    with pytest.raises(SettingError, match=rf"seed must be 0 or more, not -1 \(from config file"):
+        resolve_config(path)
+    # a file may set what only the options on top make valid: checked once merged
+    path.write_text('[train]\nmin_lr = 0.001\n')
+    assert resolve_config(path, {"lr": 0.01}).min_lr == 0.001
+    with pytest.raises(SettingError, match=rf"min_lr .* \(from config file {path}, the default "):
+        resolve_config(path)
+
+
+def test_direct_configs_are_checked_and_normalised():
+    assert TrainConfig(lr=1, global_scale=[0.1, 0.2]) == TrainConfig(lr=1.0,
+                                                                     global_scale=(0.1, 0.2))
+    with pytest.raises(SettingError, match="epochs must be a whole number, not 2.5"):
+        TrainConfig(epochs=2.5)
+    assert TrainConfig(device="cuda:1").device == "cuda:1"

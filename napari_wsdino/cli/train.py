@@ -149,14 +149,17 @@ def build_config(args, resume_from: Path | None = None, channel: str | None = No
     from napari_wsdino.core.train import resolve_config
 
     overrides = parse_set(args.set)
+    sources = {k: f"--set {k}" for k in overrides}
     for name in OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+            sources[name] = "--" + name.replace("_", "-")
     if channel is not None:
         overrides["channel"] = channel
+        sources["channel"] = "--channel"
     return resolve_config(args.config, overrides, resume_from=resume_from,
-                          recipe=getattr(args, "recipe", "default"))
+                          recipe=getattr(args, "recipe", "default"), sources=sources)
 
 
 def print_config(args) -> int:
@@ -186,13 +189,14 @@ def run(args) -> int:
     if not args.cache:
         print("wsdino train: error: give the cache folder (or --print-config)", file=sys.stderr)
         return 2
-    if not args.resume:
-        try:
-            check_init(build_config(args).init, get_recipe(args.recipe).requires_init,
+    try:  # every setting checked before the cache is opened or anything written
+        config = build_config(args)
+        if not args.resume:
+            check_init(config.init, get_recipe(args.recipe).requires_init,
                        f"--recipe {args.recipe}")
-        except ValueError as exc:
-            print(f"wsdino train: error: {exc}", file=sys.stderr)
-            return 2
+    except ValueError as exc:
+        print(f"wsdino train: error: {exc}", file=sys.stderr)
+        return 2
     cache = open_cache(args.cache)
     if args.channel == "all":
         channels = list(cache.channels)
@@ -212,8 +216,7 @@ def run(args) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        run_dir = Path(args.out) if args.out else default_run_dir(
-            args.cache, build_config(args).weak_label)
+        run_dir = Path(args.out) if args.out else default_run_dir(args.cache, config.weak_label)
         for ch in channels:
             out = channel_dir(run_dir, ch)
             try:

@@ -16,15 +16,18 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, get_type_hints
 
 from napari_wsdino.core.dino import CENTERINGS
+from napari_wsdino.core.errors import DataError
+from napari_wsdino.core.fsio import atomic_write
 from napari_wsdino.core.layout import CHECKPOINT_FILE, CONFIG_FILE
 from napari_wsdino.core.model import DEFAULT_ARCH
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, DMSO_MODES, WEAK_LABELS
@@ -46,8 +49,36 @@ RESUMABLE_CHANGES = {"device", "checkpoint_every", "snapshot_every", "preload", 
 CACHE_CHANNEL_FIELDS = ("channel", "nuclei_channel")
 
 
+#: The longest run accepted: a longer one would not end (and its learning-rate schedule,
+#: one float per step, would not fit in memory).
+MAX_EPOCHS = 100_000
+_DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what to do."""
+
+
+class SettingError(DataError):
+    """Training settings that cannot be used, found before any work starts.
+
+    ``problems`` holds ``(keys, what is wrong)`` pairs; :meth:`with_sources` adds where
+    each key was set (``--lr``, ``--set lr``, ``config file run.toml``), so that the one-line
+    message names the key, its value, the rule and the place to fix it.
+    """
+
+    def __init__(self, problems, prefix: str = "Invalid training config: "):
+        self.problems = [((k,) if isinstance(k, str) else tuple(k), text) for k, text in problems]
+        self.prefix = prefix
+        super().__init__(prefix + "; ".join(t for _, t in self.problems) + ".")
+
+    def with_sources(self, sources: Mapping[str, str], default: str = "") -> "SettingError":
+        """The same problems, each followed by ``(from WHERE)`` of its keys."""
+        out = []
+        for keys, text in self.problems:
+            where = ", ".join(dict.fromkeys(w for w in (sources.get(k, default) for k in keys) if w))
+            out.append((keys, f"{text} (from {where})" if where else text))
+        return SettingError(out, self.prefix)
 
 
 @dataclass(frozen=True)
@@ -147,45 +178,11 @@ class TrainConfig:
     epoch_split: str = "shard"
 
     def __post_init__(self):
-        problems = []
-        if self.weak_label not in WEAK_LABELS:
-            problems.append(f"weak_label must be one of {', '.join(WEAK_LABELS)}")
-        if self.dmso not in DMSO_MODES:
-            problems.append(f"dmso must be one of {', '.join(DMSO_MODES)}")
-        for name in ("epochs", "batch_size", "global_size", "local_size", "out_dim",
-                     "hidden_dim", "bottleneck_dim", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        for name in ("local_crops", "warmup_epochs", "warmup_teacher_temp_epochs",
-                     "freeze_last_layer", "snapshot_every"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be 0 or more")
-        for name in ("global_scale", "local_scale"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi <= 1:
-                problems.append(f"{name} must satisfy 0 < low <= high <= 1")
-        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "input_std"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be positive")
-        for name in ("center_momentum", "momentum_teacher", "flip_p"):
-            if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} must lie in [0, 1]")
-        if self.crop_centres not in CROP_CENTRES:
-            problems.append(f"crop_centres must be one of {', '.join(CROP_CENTRES)}")
-        if self.teacher_centering not in CENTERINGS:
-            problems.append(f"teacher_centering must be one of {', '.join(CENTERINGS)}")
-        if self.intensity_jitter < 0:
-            problems.append("intensity_jitter must be 0 or more")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}")
-        if self.init_parts not in INIT_PARTS:
-            problems.append(f"init_parts must be one of {', '.join(INIT_PARTS)}")
-        if self.epoch_split not in EPOCH_SPLITS:
-            problems.append(f"epoch_split must be one of {', '.join(EPOCH_SPLITS)}")
-        if self.preload not in PRELOADS:
-            problems.append(f"preload must be one of {', '.join(PRELOADS)}")
+        problems = _type_problems(self)
+        if not problems:  # ranges are only read on values of the right type
+            problems = _value_problems(self)
         if problems:
-            raise ValueError("Invalid training config: " + "; ".join(problems) + ".")
+            raise SettingError(problems)
 
     # -- (de)serialisation ---------------------------------------------------------
     def to_dict(self) -> dict:
@@ -194,30 +191,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         """Build from a mapping (e.g. a parsed TOML file); unknown keys are refused."""
-        values = dict(values.get("train", values))
-        hints = get_type_hints(cls)
-        unknown = sorted(set(values) - set(hints))
-        if unknown:
-            raise ValueError(
-                f"Unknown training settings {unknown}; known are: {', '.join(sorted(hints))}."
-            )
-        out = {}
-        for key, value in values.items():
-            kind = hints[key]
-            if kind is float:
-                value = float(value)
-            elif kind is int and not isinstance(value, bool):
-                value = int(value)
-            elif kind is bool:
-                value = _as_bool(key, value)
-            elif kind is str:
-                value = "" if value is None else str(value)
-            else:  # tuple[float, float]
-                value = tuple(float(v) for v in value)
-                if len(value) != 2:
-                    raise ValueError(f"{key} needs two numbers (low, high).")
-            out[key] = value
-        return cls(**out)
+        return cls(**_convert(values))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -252,16 +226,28 @@ class TrainConfig:
                 values = tomllib.loads(text)
             except tomllib.TOMLDecodeError as exc:
                 raise ValueError(f"{path} is not valid TOML: {exc}") from None
-        return cls.from_dict(values)
+        try:
+            return cls.from_dict(values)
+        except SettingError as exc:
+            raise exc.with_sources({}, f"config file {path}") from None
 
 
 def config_file_values(path: str | Path) -> dict:
-    """The settings a config file names, validated (every field for a YAML file)."""
-    loaded = TrainConfig.load(path).to_dict()
+    """The settings a config file names, of the right types (every field for a YAML
+    file); ranges and orderings are checked on the merged settings (a file may set
+    ``min_lr`` that only an ``--lr`` on top makes valid)."""
     if Path(path).suffix.lower() in (".yaml", ".yml"):
-        return loaded
-    raw = tomllib.loads(Path(path).read_text())
-    return {k: loaded[k] for k in raw.get("train", raw)}
+        return TrainConfig.load(path).to_dict()
+    if not Path(path).exists():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return _convert(raw)
+    except SettingError as exc:
+        raise exc.with_sources({}, f"config file {path}") from None
 
 
 def with_cache_channels(config: TrainConfig, channels) -> TrainConfig:
@@ -301,6 +287,7 @@ def resolve_config(
     *,
     resume_from: str | Path | None = None,
     recipe: str = "default",
+    sources: Mapping[str, str] | None = None,
 ) -> TrainConfig:
     """The settings of one channel's run: the one merge rule of the CLI and the panels.
 
@@ -326,11 +313,15 @@ def resolve_config(
         to resume; ``None`` for a new run.
     recipe
         :mod:`napari_wsdino.core.recipes` name whose training defaults are the bottom layer.
+    sources
+        Where each override came from (``{"lr": "--lr", "seed": "--set seed"}``), for the
+        message that refuses an invalid value; unnamed ones read "the given settings".
 
     Raises
     ------
-    ValueError
-        An unknown or invalid setting (the message names it).
+    SettingError
+        An unknown or invalid setting, of any layer (a :class:`ValueError`; the message
+        names each key, its value, the rule and where it was set).
     TrainingError
         A resume that changes a setting the run was trained with.
 
@@ -347,17 +338,26 @@ def resolve_config(
     if resume_from is not None and (Path(resume_from) / CONFIG_FILE).exists():
         saved = TrainConfig.load(Path(resume_from) / CONFIG_FILE)
     values = train_defaults(recipe)
+    where = dict.fromkeys(values, f"the {recipe} recipe's defaults")
     if isinstance(base, TrainConfig):
         values = base.to_dict()
+        where = dict.fromkeys(values, "the given config")
     elif base is not None and str(base).strip():
-        values.update(config_file_values(base))
+        from_file = config_file_values(base)
+        values.update(from_file)
+        where.update(dict.fromkeys(from_file, f"config file {base}"))
     elif saved is not None:
         values = saved.to_dict()
+        where = dict.fromkeys(values, f"the run's saved {Path(resume_from) / CONFIG_FILE}")
     values.update(overrides or {})
+    where.update({k: (sources or {}).get(k, "the given settings") for k in overrides or {}})
     if saved is not None:  # "the cache's first channel" is the one the saved run resolved
         values.update({k: getattr(saved, k) for k in CACHE_CHANNEL_FIELDS
                        if not values.get(k)})
-    config = TrainConfig.from_dict(values)
+    try:
+        config = TrainConfig.from_dict(values)
+    except SettingError as exc:
+        raise exc.with_sources(where) from None
     if saved is not None and (Path(resume_from) / CHECKPOINT_FILE).exists():
         conflicts = resume_conflicts(saved, config)
         if conflicts:
@@ -368,6 +368,132 @@ def resolve_config(
 def _differ_message(path, diff) -> str:
     return (f"Cannot resume {path}: settings differ from the run's ({', '.join(diff)}). "
             "Resume with the saved config.toml, or start a new run folder.")
+
+
+def _convert(values: Mapping) -> dict:
+    """``values`` (a parsed file, ``--set`` pairs, widget values) as TrainConfig's types;
+    unknown keys and values of the wrong type raise :class:`SettingError` naming the key."""
+    values = dict(values.get("train", values))
+    hints = _hints()
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise SettingError([(tuple(unknown), f"Unknown training settings {unknown}; known are: "
+                             f"{', '.join(sorted(hints))}")], prefix="")
+    out, problems = {}, []
+    for key, value in values.items():
+        try:
+            out[key] = _as_type(key, hints[key], value)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+    if problems:
+        raise SettingError(problems)
+    return out
+
+
+@functools.cache
+def _hints() -> dict:
+    return get_type_hints(TrainConfig)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _as_type(key: str, kind, value):
+    """One value as ``kind`` (what TOML, YAML or a widget gave may be a string)."""
+    if kind is bool:
+        return _as_bool(key, value)
+    if kind is str:
+        return "" if value is None else str(value)
+    if kind is float:
+        if _is_number(value):
+            return float(value)
+        try:
+            return float(value) if isinstance(value, str) else _fail()
+        except ValueError:
+            raise ValueError(f"{key} must be a number, not {value!r}") from None
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            return int(value) if isinstance(value, str) else _fail()
+        except ValueError:
+            raise ValueError(f"{key} must be a whole number, not {value!r}") from None
+    # tuple[float, float]: a scale range
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(_is_number(v) for v in value)):
+        return tuple(float(v) for v in value)
+    raise ValueError(f"{key} must be two numbers [low, high], e.g. [0.1, 0.2], not {value!r}")
+
+
+def _fail():
+    raise ValueError
+
+
+def _type_problems(config: TrainConfig) -> list[tuple[str, str]]:
+    """Fields of the wrong type; the others are stored as their field's type (1 -> 1.0,
+    [0.1, 0.2] -> (0.1, 0.2)), so that equal settings compare equal."""
+    problems = []
+    for key, kind in _hints().items():
+        try:
+            object.__setattr__(config, key, _as_type(key, kind, getattr(config, key)))
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+    return problems
+
+
+def _value_problems(c: TrainConfig) -> list[tuple]:
+    """Signs, ranges, choices and orderings of well-typed settings, each with its fix."""
+    problems = []
+
+    def need(ok, keys, text):
+        if not ok:
+            problems.append((keys, text))
+
+    choices = {"weak_label": WEAK_LABELS, "dmso": DMSO_MODES, "crop_centres": CROP_CENTRES,
+               "teacher_centering": CENTERINGS, "precision": PRECISIONS,
+               "init_parts": INIT_PARTS, "epoch_split": EPOCH_SPLITS, "preload": PRELOADS}
+    for name, allowed in choices.items():
+        need(getattr(c, name) in allowed, name,
+             f"{name} must be one of {', '.join(allowed)}, not {getattr(c, name)!r}")
+    need(_DEVICE_NAME.match(c.device), "device",
+         f"device must be one of {', '.join(DEVICES)} (or cuda:N), not {c.device!r}")
+    floats = [k for k, v in c.to_dict().items() if isinstance(v, float)]
+    for name in floats:
+        need(math.isfinite(getattr(c, name)), name,
+             f"{name} must be a finite number, not {getattr(c, name)}")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(c, name)
+        need(0 < lo <= hi <= 1, name,
+             f"{name} must be [low, high] with 0 < low <= high <= 1, not [{lo}, {hi}]")
+    for name in ("epochs", "batch_size", "global_size", "local_size", "out_dim",
+                 "hidden_dim", "bottleneck_dim", "checkpoint_every"):
+        need(getattr(c, name) >= 1, name, f"{name} must be at least 1, not {getattr(c, name)}")
+    for name in ("local_crops", "warmup_epochs", "warmup_teacher_temp_epochs",
+                 "freeze_last_layer", "snapshot_every", "seed"):
+        need(getattr(c, name) >= 0, name, f"{name} must be 0 or more, not {getattr(c, name)}")
+    need(c.epochs <= MAX_EPOCHS, "epochs",
+         f"epochs must be at most {MAX_EPOCHS:,}, not {c.epochs:,}: such a run would not end")
+    need(c.seed < 2**63, "seed", f"seed must be below 2**63, not {c.seed}")
+    if any(k in floats and not math.isfinite(getattr(c, k)) for k in c.to_dict()):
+        return problems  # nan and inf compare false: said once above
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "input_std"):
+        need(getattr(c, name) > 0, name,
+             f"{name} must be more than 0, not {getattr(c, name)}")
+    for name in ("lr", "min_lr", "weight_decay", "clip_grad", "intensity_jitter"):
+        need(getattr(c, name) >= 0, name, f"{name} must be 0 or more, not {getattr(c, name)}")
+    for name in ("center_momentum", "momentum_teacher", "flip_p"):
+        need(0 <= getattr(c, name) <= 1, name,
+             f"{name} must lie in [0, 1], not {getattr(c, name)}")
+    need(0 <= c.drop_path_rate < 1, "drop_path_rate",
+         f"drop_path_rate must lie in [0, 1), not {c.drop_path_rate}")
+    if c.lr >= 0:  # lr 0 keeps the weights (a test of the data path)
+        need(c.min_lr <= c.lr, ("min_lr", "lr"),
+             f"min_lr ({c.min_lr}) must not exceed the peak lr ({c.lr}): the learning rate "
+             "would climb; lower min_lr or raise lr")
+    return problems
 
 
 def _as_bool(key, value) -> bool:
@@ -396,8 +522,7 @@ def _toml_value(value) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
 
 
