@@ -316,6 +316,7 @@ def setup_run(cache: Cache, config: TrainConfig, out: Path, ckpt_path: Path,
             f"{ckpt_path} exists: resume it (--resume) or choose another output folder."
         )
     labels, sampler = _sampler(cache, config, info)
+    _check_length(config, sampler.steps_per_epoch)
     student, teacher, patch = _models(cache, config, device)
     dino_loss = DINOLoss(config.out_dim, N_GLOBAL + config.local_crops, N_GLOBAL,
                          config.student_temp, config.center_momentum,
@@ -365,6 +366,21 @@ def _data_meta(cache: Cache, config: TrainConfig, labels, sampler: PairSampler) 
     if isinstance(cache.settings.get("dataset_id"), dict):  # which dataset, for the panels
         meta["dataset_id"] = cache.settings["dataset_id"]
     return meta
+
+
+#: The most optimisation steps of one run: its three schedules (float64 per step) take
+#: 1.2 GB of memory at this length.
+MAX_STEPS = 50_000_000
+
+
+def _check_length(config: TrainConfig, steps_per_epoch: int) -> None:
+    """Refuse, before building anything, a run whose schedules would not fit in memory."""
+    total = config.epochs * steps_per_epoch
+    if total > MAX_STEPS:
+        raise TrainingError(
+            f"{config.epochs:,} epochs of {steps_per_epoch:,} steps are {total:,} steps, more "
+            f"than the {MAX_STEPS:,} one run may take (its schedules alone would need "
+            f"{24 * total / 2**30:.1f} GiB of memory): lower --epochs or raise --batch-size.")
 
 
 def _models(cache: Cache, config: TrainConfig, device: torch.device) -> tuple:
