@@ -215,3 +215,119 @@ def test_paper_code_input_scaling_is_clip_then_divide():
     official = np.minimum(raw[0].astype(np.float32), 10000) / 10000
     ours = process_field(raw, [None], dataclasses.replace(settings, size=(16, 20)))
     assert np.allclose(ours[0], official, atol=1e-6)
+
+
+# -- position embeddings at other sizes (issue 29) --------------------------------------
+def _dino_reference_pos_encoding(pos_embed, npatch, w, h, patch):
+    """DINO's ``interpolate_pos_encoding`` restated from facebookresearch/dino (and
+    WS-DINO's copy): ``w``, ``h`` are the input's dims 2 and 3; early exit on the trained
+    grid of a square input; otherwise bicubic by the scale factor ``(w // p + 0.1) /
+    sqrt(N)``, no antialiasing, the class entry kept in front."""
+    import math
+
+    n = pos_embed.shape[1] - 1
+    if npatch == n and w == h:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    grid = pos_embed[:, 1:].reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), dim)
+    out = torch.nn.functional.interpolate(grid.permute(0, 3, 1, 2), mode="bicubic",
+                                          scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)))
+    assert (int(w0), int(h0)) == tuple(out.shape[-2:])
+    out = out.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    return torch.cat([pos_embed[:, :1], out], dim=1)
+
+
+def _reference_cls(model, x, pos_fn):
+    """A timm ViT's CLS output with the position embedding from ``pos_fn``, by hand."""
+    b, _, w, h = x.shape
+    tokens = model.patch_embed(x).reshape(b, -1, model.embed_dim)  # NHWC -> tokens
+    tokens = torch.cat([model.cls_token.expand(b, -1, -1), tokens], dim=1)
+    tokens = tokens + pos_fn(model.pos_embed, tokens.shape[1] - 1, w, h)
+    for block in model.blocks:
+        tokens = block(tokens)
+    return model.norm(tokens)[:, 0]
+
+
+def _vits8_two_blocks():
+    """ViT-S/8's 28 x 28 position grid and width with two blocks (fast on a CPU)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch8_224", depth=2, num_classes=0, in_chans=1,
+                             dynamic_img_size=True).eval()
+
+
+@pytest.fixture(scope="module")
+def vits8():
+    from napari_wsdino.core.model import set_pos_embed
+
+    return set_pos_embed(_vits8_two_blocks(), "dino")
+
+
+@pytest.mark.parametrize("size", [(96, 96), (224, 256), (224, 224)])
+def test_dino_position_interpolation_equals_dinos_formula(vits8, size):
+    """Issue 29: under ``pos_embed="dino"`` (the paper-code recipe) a ViT-S/8 fits its
+    28 x 28 position grid to a 96 px local crop (12 x 12) and to a 224 x 256 official
+    embedding window (28 x 32) exactly as DINO's interpolate_pos_encoding; the CLS token
+    of the whole forward pass equals one built by hand on the reference."""
+    from napari_wsdino.core.model import dino_pos_embed, pos_embed_mode
+
+    assert pos_embed_mode(create_backbone("test_vit", pos_embed="dino")) == "dino"
+    rows, cols = size[0] // 8, size[1] // 8
+    pe = vits8.pos_embed.detach()
+    ref = _dino_reference_pos_encoding(pe, rows * cols, *size, 8)
+    assert torch.equal(dino_pos_embed(pe, (rows, cols)), ref)
+    x = torch.randn(2, 1, *size, generator=torch.Generator().manual_seed(3))
+    pos_fn = lambda p, n, w, h: _dino_reference_pos_encoding(p, n, w, h, 8)  # noqa: E731
+    with torch.no_grad():
+        ours, theirs = vits8(x), _reference_cls(vits8, x, pos_fn)
+    assert pos_embed_mode(vits8) == "dino"
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_timm_interpolation_stays_the_default_and_differs_from_dinos(vits8):
+    """Other recipes keep timm's antialiased resize: a backbone made without
+    ``pos_embed`` has no instance override (so the default numbers cannot move), and at
+    96 px the two interpolations differ; at the trained 224 x 224 they agree."""
+    from timm.layers import resample_abs_pos_embed
+
+    from napari_wsdino.core.model import pos_embed_as, pos_embed_mode, set_pos_embed
+
+    made = create_backbone("test_vit")
+    assert pos_embed_mode(made) == "timm" and "_pos_embed" not in made.__dict__
+    plain = _vits8_two_blocks()
+    timm_fn = lambda p, n, w, h: resample_abs_pos_embed(p, [w // 8, h // 8])  # noqa: E731
+    x = torch.randn(2, 1, 96, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), _reference_cls(plain, x, timm_fn), rtol=0, atol=1e-6)
+        dino = vits8(x)
+        assert torch.equal(plain.pos_embed, vits8.pos_embed)  # same weights, seed 0
+        rel = (plain(x) - dino).norm() / dino.norm()
+        assert rel > 1e-3
+        full = torch.randn(1, 1, 224, 224)
+        torch.testing.assert_close(plain(full), vits8(full), rtol=0, atol=0)
+    with pos_embed_as(plain, "dino"):
+        assert pos_embed_mode(plain) == "dino"
+    assert pos_embed_mode(plain) == "timm"
+    assert pos_embed_mode(set_pos_embed(plain, "timm")) == "timm"
+    with pytest.raises(ValueError, match="pos_embed must be one of"):
+        set_pos_embed(plain, "nearest")
+
+
+def test_embed_channel_takes_the_position_interpolation_for_the_call(vit):
+    """``embed_channel(pos_embed="dino")`` embeds the official (non-square) windows with
+    DINO's interpolation and leaves the model as it was."""
+    from napari_wsdino.core.model import pos_embed_mode, set_pos_embed
+
+    images = np.random.default_rng(2).random((2, 100, 120)).astype(np.float32)
+    args = dict(patch=16, windows="official", median="lower")
+    timm_feats = embed.embed_channel(vit, images, **args)
+    dino_feats = embed.embed_channel(vit, images, pos_embed="dino", **args)
+    assert pos_embed_mode(vit) == "timm"
+    set_pos_embed(vit, "dino")
+    try:
+        np.testing.assert_array_equal(dino_feats, embed.embed_channel(vit, images, **args))
+    finally:
+        set_pos_embed(vit, "timm")
+    assert not np.allclose(timm_feats, dino_feats)

@@ -6,7 +6,17 @@ divides. Microscopy channels are greyscale: the backbone takes one input channel
 and RGB weights are folded into it by summing the patch-embedding filters over the
 colour axis — the same output as feeding the grey image replicated to RGB.
 
-Checkpoint files are untrusted input: they are read with ``torch.load(weights_only=True)``.
+Position embeddings at other input sizes: by default timm's ``resample_abs_pos_embed``
+(bicubic to the exact grid, antialiased when shrinking); ``pos_embed="dino"``
+(:func:`set_pos_embed`) uses DINO's ``interpolate_pos_encoding`` instead (bicubic by the
+scale factor ``(n + 0.1) / sqrt(N)``, no antialiasing), as the official WS-DINO code does
+for every 96 px local crop and every non-square embedding window.
+
+Numerics: :func:`autocast_dtype` and :func:`allows_tf32` say what a ``precision``
+(``auto``, ``fp32``, ``bf16``) means on a device, for training and embedding alike.
+
+Checkpoint files are untrusted input: they are read with ``torch.load(weights_only=True)``
+(``.safetensors`` files with safetensors, which holds tensors only).
 
 Official DINO "full checkpoints" (facebookresearch/dino ``main_dino.py`` saves
 ``student``, ``teacher``, ``optimizer``, ``epoch``, ``args`` and ``dino_loss`` with the
@@ -28,7 +38,10 @@ torch.Size([1, 64])
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -109,6 +122,139 @@ def arch_patch_size(arch: str) -> int | None:
 #: ``--init random``: start from random weights on purpose (where weights are expected).
 RANDOM_INIT = "random"
 
+#: How a backbone fits its position embedding to an input of another size.
+POS_EMBED_MODES = {
+    "timm": "timm's resample_abs_pos_embed: bicubic to the exact grid, antialiased when "
+            "shrinking (this package's default)",
+    "dino": "DINO's interpolate_pos_encoding: bicubic by the scale factor (n + 0.1) / sqrt(N), "
+            "no antialiasing (the official WS-DINO and DINO code)",
+}
+
+
+# -- position embeddings -----------------------------------------------------------------
+def dino_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
+                   num_prefix_tokens: int = 1) -> torch.Tensor:
+    """A square position embedding fitted to a ``(rows, cols)`` patch grid as DINO does.
+
+    facebookresearch/dino ``VisionTransformer.interpolate_pos_encoding`` (Caron et al.
+    2021, "Emerging Properties in Self-Supervised Vision Transformers"), which WS-DINO
+    copies: the ``sqrt(N) x sqrt(N)`` grid is resized bicubically by the *scale factor*
+    ``(n + 0.1) / sqrt(N)`` per axis, without antialiasing, and the class token's entry
+    is kept. Giving the scale factor rather than the size moves where each output
+    position samples the input (by about 0.1 / n of a patch); the 0.1 only keeps
+    ``floor(sqrt(N) * scale)`` from rounding down to ``n - 1``. The grid the embedding
+    was made for is returned unchanged, as DINO does.
+
+    Example
+    -------
+    >>> pe = torch.randn(1, 1 + 28 * 28, 6)
+    >>> dino_pos_embed(pe, (12, 12)).shape, dino_pos_embed(pe, (28, 28)) is pe
+    (torch.Size([1, 145, 6]), True)
+    """
+    n_grid = pos_embed.shape[1] - num_prefix_tokens
+    side = math.isqrt(n_grid)
+    if side * side != n_grid:
+        raise ValueError(f"DINO's interpolation needs a square position grid, not {n_grid} "
+                         "entries.")
+    rows, cols = int(grid[0]), int(grid[1])
+    if (rows, cols) == (side, side):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patches = pos_embed[:, num_prefix_tokens:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    resized = nn.functional.interpolate(
+        patches, scale_factor=((rows + 0.1) / math.sqrt(n_grid), (cols + 0.1) / math.sqrt(n_grid)),
+        mode="bicubic")
+    if tuple(resized.shape[-2:]) != (rows, cols):
+        raise ValueError(f"DINO's interpolation gave a {tuple(resized.shape[-2:])} grid, not "
+                         f"{(rows, cols)}.")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+    return torch.cat([pos_embed[:, :num_prefix_tokens], resized], dim=1)
+
+
+def _dino_pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    """timm ``VisionTransformer._pos_embed`` (class token first) with DINO's interpolation."""
+    batch, rows, cols, dim = x.shape  # dynamic_img_size: patch tokens arrive as NHWC
+    pos = dino_pos_embed(self.pos_embed, (rows, cols), self.num_prefix_tokens)
+    x = torch.cat([self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)], dim=1)
+    return self.pos_drop(x + pos)
+
+
+def set_pos_embed(model: nn.Module, mode: str = "timm") -> nn.Module:
+    """Make ``model`` fit its position embedding the ``mode`` way (:data:`POS_EMBED_MODES`).
+
+    ``"dino"`` replaces the instance's ``_pos_embed`` (timm's class method is left alone,
+    so other models keep timm's); ``"timm"`` restores timm's. Needs a timm ViT with a
+    class token, no register tokens and ``dynamic_img_size`` (as :func:`create_backbone`
+    builds).
+
+    Example
+    -------
+    >>> vit = set_pos_embed(create_backbone("test_vit"), "dino")
+    >>> pos_embed_mode(vit), vit(torch.zeros(1, 1, 48, 64)).shape
+    ('dino', torch.Size([1, 64]))
+    """
+    if mode not in POS_EMBED_MODES:
+        raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, not {mode!r}.")
+    if mode == "timm":
+        model.__dict__.pop("_pos_embed", None)
+        return model
+    fits = (getattr(model, "cls_token", None) is not None
+            and getattr(model, "reg_token", None) is None
+            and not getattr(model, "no_embed_class", True)
+            and getattr(model, "dynamic_img_size", False)
+            and isinstance(getattr(model, "pos_embed", None), torch.Tensor))
+    if not fits:
+        raise ValueError(f"DINO's position interpolation needs a timm ViT with a class token "
+                         f"and dynamic image size, not {type(model).__name__}.")
+    model._pos_embed = types.MethodType(_dino_pos_embed, model)
+    return model
+
+
+def pos_embed_mode(model: nn.Module) -> str:
+    """``"dino"`` or ``"timm"``: how ``model`` fits its position embedding."""
+    own = model.__dict__.get("_pos_embed")
+    return "dino" if getattr(own, "__func__", None) is _dino_pos_embed else "timm"
+
+
+@contextlib.contextmanager
+def pos_embed_as(model: nn.Module, mode: str | None):
+    """``model`` with ``mode``'s interpolation inside the block, its own after (``None``:
+    leave it as it is)."""
+    before = pos_embed_mode(model)
+    if mode is not None:
+        set_pos_embed(model, mode)
+    try:
+        yield model
+    finally:
+        set_pos_embed(model, before)
+
+
+# -- numerics --------------------------------------------------------------------------
+def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of a ``precision`` on ``device`` (``None``: plain fp32).
+
+    ``auto``: bf16 on CUDA (about twice as fast, half the activation memory), fp32
+    elsewhere; ``bf16``: bf16 on any device; ``fp32``: never autocast (the official code).
+
+    >>> autocast_dtype("cuda"), autocast_dtype("cuda", "fp32"), autocast_dtype("cpu")
+    (torch.bfloat16, None, None)
+    """
+    kind = torch.device(device).type
+    if precision == "bf16" or (precision == "auto" and kind == "cuda"):
+        return torch.bfloat16
+    if precision in ("auto", "fp32"):
+        return None
+    raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}.")
+
+
+def allows_tf32(precision: str = "auto") -> bool:
+    """Whether CUDA float32 matmuls and convolutions may use TF32 (10-bit mantissa).
+
+    ``fp32`` means fp32 throughout, as the official code asks (``--use_fp16 False``);
+    ``auto`` and ``bf16`` allow TF32 for the float32 work left outside autocast (speed).
+    """
+    return precision != "fp32"
+
 
 def create_backbone(
     arch: str = DEFAULT_ARCH,
@@ -116,6 +262,7 @@ def create_backbone(
     in_chans: int = 1,
     drop_path_rate: float = 0.0,
     weights: str | Path | None = None,
+    pos_embed: str = "timm",
 ) -> nn.Module:
     """A timm ViT returning its CLS embedding (``num_classes=0``), dynamic image size.
 
@@ -129,6 +276,9 @@ def create_backbone(
         Stochastic depth (0.1 on the DINO student).
     weights
         Optional local checkpoint: ours, timm's, or an official DINO file.
+    pos_embed
+        How the position embedding meets other input sizes (:data:`POS_EMBED_MODES`):
+        ``"timm"`` (default) or ``"dino"`` (the official code, :func:`set_pos_embed`).
     """
     import timm
 
@@ -146,6 +296,7 @@ def create_backbone(
             f"timm cannot build {arch!r} as a ViT with dynamic image size: {exc}. "
             "Use a timm VisionTransformer name such as vit_small_patch8_224 or test_vit."
         ) from None
+    set_pos_embed(model, pos_embed)
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
@@ -159,6 +310,8 @@ def read_checkpoint(path: str | Path) -> dict:
     path = resolve_weights(path)
     if not path.exists():
         raise CheckpointError(f"Checkpoint {path} does not exist.")
+    if path.suffix == ".safetensors":  # timm's hub files (tensors only, nothing to run)
+        return _read_safetensors(path)
     try:
         # DINO's full checkpoints also hold the run's argparse.Namespace ("args"): a plain
         # attribute bag, allowed; anything else needing code stays refused.
@@ -169,6 +322,17 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict.")
     return dict(obj)
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is damaged or not a safetensors file ({exc}): "
+                              "download or copy it again.") from None
 
 
 def _unreadable_checkpoint(path: Path, exc: Exception) -> CheckpointError:
