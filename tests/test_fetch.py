@@ -540,3 +540,27 @@ def test_verify_archive_messages(tmp_path, official):
     page.write_bytes(b"<html>not found</html>")
     with pytest.raises(F.FetchError, match="not a readable zip"):
         F.verify_archive(page)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--timeout", "-1"], ["--timeout must be a number of seconds above 0", "-1.0"]),
+    (["--timeout", "0"], ["--timeout must be a number of seconds above 0", "0.0"]),
+    (["--timeout", "nan"], ["--timeout must be"]),
+    (["--base-url", "notaurl"], ["--base-url 'notaurl' is not a folder URL", "https://"]),
+    (["--base-url", "https:/no-host"], ["is not a folder URL"]),
+])
+def test_bad_timeout_and_base_url_are_one_line_before_any_request(tmp_path, capsys, argv, words):
+    """Issue 30 b: no ValueError traceback, no 'Operation now in progress'."""
+    from napari_wsdino.cli import main
+
+    dest = tmp_path / "bbbc021"
+    code = main(["fetch-bbbc021", str(dest), "--metadata-only", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("wsdino fetch") and ": error: " in line
+    for w in words:
+        assert w in line, (w, line)
+    assert not dest.exists()
+    with pytest.raises(F.FetchError):
+        F.FetchOptions(timeout=-1)

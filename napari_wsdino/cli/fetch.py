@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
     p.add_argument("--metadata-only", action="store_true",
                    help="fetch only the metadata CSVs")
     p.add_argument("--base-url", default=DEFAULT_BASE_URL,
-                   help=f"folder URL of the files, for mirrors (default {DEFAULT_BASE_URL})")
+                   help="folder URL of the files, for mirrors: https://, http:// or file:// "
+                   f"(default {DEFAULT_BASE_URL})")
     p.add_argument("--manifest", metavar="FILE",
                    help="known SHA-256 hashes: JSON {file: hex} or `sha256sum` output")
     p.add_argument("--keep-zips", action="store_true",
@@ -56,7 +57,7 @@ def add_parser(sub) -> None:
                    help="extra attempts per file, each resuming the partial file "
                    f"(default {FetchOptions.retries})")
     p.add_argument("--timeout", type=float, default=FetchOptions.timeout,
-                   help="seconds a silent connection is waited on "
+                   help="seconds a silent connection is waited on, above 0 "
                    f"(default {FetchOptions.timeout:g})")
     p.add_argument("-y", "--yes", action="store_true",
                    help="do not ask before downloading (needed when not run interactively)")

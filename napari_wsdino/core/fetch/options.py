@@ -3,13 +3,17 @@ and :class:`FetchOptions` (where from, how patiently, what to keep)."""
 
 from __future__ import annotations
 
+import math
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from napari_wsdino.core.metadata import IMAGE_CSV, MOA_CSV, DataError
 
 DEFAULT_BASE_URL = "https://data.broadinstitute.org/bbbc/BBBC021/"
+#: The URL schemes a ``base_url`` may use (``file`` for a mirror on a local disk).
+URL_SCHEMES = ("https", "http", "file")
 COMPOUND_CSV = "BBBC021_v1_compound.csv"
 #: Metadata tables, fetched before any plate. The compound table (SMILES) is not
 #: needed by the loader, so a mirror without it is accepted.
@@ -76,6 +80,27 @@ class FetchOptions:
     keep_zips: bool = False
     hashes: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self):
+        problems = []
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout)
+                and self.timeout > 0):
+            problems.append(f"--timeout must be a number of seconds above 0, not "
+                            f"{self.timeout!r} (e.g. --timeout {FetchOptions.timeout:g})")
+        if not (isinstance(self.retry_wait, (int, float)) and self.retry_wait >= 0):
+            problems.append(f"retry_wait must be 0 or more seconds, not {self.retry_wait!r}")
+        if not isinstance(self.retries, int) or self.retries < 0:
+            problems.append(f"--retries must be 0 or more, not {self.retries!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            problems.append(f"chunk_size must be at least 1 byte, not {self.chunk_size!r}")
+        url = urllib.parse.urlparse(str(self.base_url))
+        if url.scheme not in URL_SCHEMES or (url.scheme != "file" and not url.netloc):
+            problems.append(
+                f"--base-url {self.base_url!r} is not a folder URL: give an "
+                f"{' / '.join(s + '://' for s in URL_SCHEMES)} URL, e.g. {DEFAULT_BASE_URL} "
+                "or file:///data/bbbc021/ for a local mirror")
+        if problems:
+            raise FetchError("; ".join(problems) + ".")
+
     def url(self, name: str) -> str:
         """URL of one file of the set."""
         return self.base_url.rstrip("/") + "/" + name
@@ -115,6 +140,7 @@ __all__ = [
     "OPTIONAL_FILES",
     "SUBSETS",
     "UNPACK_RATIO",
+    "URL_SCHEMES",
     "FetchError",
     "FetchOptions",
     "archive_name",
