@@ -759,3 +759,44 @@ def test_case_a_bad_value_in_a_config_file_names_the_file(tmp_path, capsys):
     code, _, err = _cli(["train", tmp_path / "cache", "--config", config], capsys)
     assert code == 2
     _one_line_error(err, "lr must be 0 or more, not -0.001", f"from config file {config}")
+
+
+def _copy_cache(cache, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(cache.path, dest))
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate_images", ["images_DAPI.npy", "is truncated", "rerun 'wsdino preprocess"]),
+    ("reshape_images", ["images_DAPI.npy", "shape (8, 64, 64), not (16, 64, 64)"]),
+    ("not_npy", ["images_DAPI.npy", "is not a readable .npy array"]),
+    ("missing_images", ["images_DAPI.npy", "is missing"]),
+    ("truncate_json", ["cache.json is damaged (not valid JSON", "rerun 'wsdino preprocess"]),
+    ("missing_index", ["lacks its field table index.parquet", "rerun 'wsdino preprocess"]),
+])
+@pytest.mark.parametrize("command", ["train", "embed"])
+def test_case_c_damaged_cache_is_named_on_open(tiny_cache, tmp_path, capsys, damage, words,
+                                               command):
+    cache = _copy_cache(tiny_cache, tmp_path / "cache")
+    images, settings = cache / "images_DAPI.npy", cache / "cache.json"
+    if damage == "truncate_images":
+        images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+    elif damage == "reshape_images":
+        np.save(images, np.zeros((8, 64, 64), np.float16))
+    elif damage == "not_npy":
+        images.write_bytes(b"garbage" * 100)
+    elif damage == "missing_images":
+        images.unlink()
+    elif damage == "truncate_json":
+        settings.write_text(settings.read_text()[:40])
+    else:
+        (cache / "index.parquet").unlink()
+    args = {"train": ["train", cache, "--arch", "test_vit", "--epochs", "1", "--device", "cpu",
+                      "--out", tmp_path / "run", "--quiet"],
+            "embed": ["embed", cache, "--random", "--arch", "test_vit", "--crop", "16",
+                      "--out", tmp_path / "p.parquet", "--quiet"]}[command]
+    code, _, err = _cli(args, capsys)
+    assert code == 2
+    _one_line_error(err, str(cache), *words)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "p.parquet").exists()

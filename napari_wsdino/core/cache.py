@@ -87,24 +87,86 @@ class Cache:
 
 
 def open_cache(path: str | Path) -> Cache:
-    """Open a preprocessed cache folder (see module docstring)."""
+    """Open a preprocessed cache folder (see module docstring).
+
+    Every file is checked first: ``cache.json`` must parse, ``index.parquet`` exist and
+    read, and each ``images_<channel>.npy`` hold the ``(N, H, W)`` float16 array that
+    ``cache.json`` and the index describe, all of its bytes present (:func:`array_problem`),
+    so that a damaged cache is one message naming the file and the repair, not a
+    memory-map error deep in training or embedding.
+    """
     path = Path(path)
     settings_path = path / SETTINGS_FILE
+    rebuild = f"delete {path} and rerun 'wsdino preprocess DATA --out {path}' to rebuild it"
     if not settings_path.exists():
         raise DataError(
             f"{path} is not a preprocessed cache (no {SETTINGS_FILE}). "
             "Create one with 'wsdino preprocess DATA --out CACHE'."
         )
-    settings = json.loads(settings_path.read_text())
-    if settings.get("format") != CACHE_FORMAT:
+    try:
+        settings = json.loads(settings_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{settings_path} is damaged (not valid JSON: {exc}): {rebuild}.") from None
+    if not isinstance(settings, dict) or settings.get("format") != CACHE_FORMAT:
         raise DataError(f"{settings_path} is not a napari-wsdino cache file.")
     if not settings.get("complete", False):
         raise DataError(
             f"Cache {path} is incomplete (preprocessing was interrupted). "
             "Rerun 'wsdino preprocess' with the same --out to resume it."
         )
-    table = pd.read_parquet(path / INDEX_FILE)
+    index = path / INDEX_FILE
+    if not index.exists():
+        raise DataError(f"Cache {path} lacks its field table {INDEX_FILE}: {rebuild}.")
+    try:
+        table = pd.read_parquet(index)
+    except Exception as exc:  # pyarrow raises its own types for a damaged file
+        raise DataError(f"{index} is damaged ({type(exc).__name__}: {exc}): {rebuild}.") from None
+    try:
+        shape = (len(table), *(int(n) for n in settings["shape"]))
+        channels = [str(c) for c in settings["channels"]]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{settings_path} lacks the channels or image shape: {rebuild}.") from None
+    for ch in channels:
+        problem = array_problem(image_file(path, ch), shape)
+        if problem:
+            raise DataError(f"{image_file(path, ch)} {problem}: {rebuild}.")
     return Cache(path=path, settings=settings, table=table)
+
+
+def array_problem(path: str | Path, shape: tuple[int, ...], dtype=np.float16) -> str | None:
+    """What is wrong with the ``.npy`` file ``path`` that should hold a ``shape`` array of
+    ``dtype``: missing, not an array file, another shape or type, or fewer bytes than
+    its header promises (a copy or a disk that gave out); ``None`` when it is whole.
+    Reads the header only.
+
+    >>> import tempfile, pathlib
+    >>> f = pathlib.Path(tempfile.mkdtemp()) / "a.npy"
+    >>> np.save(f, np.zeros((2, 3), np.float16))
+    >>> array_problem(f, (2, 3)) is None, array_problem(f, (4, 3))
+    (True, 'holds an array of shape (2, 3), not (4, 3) as the cache records')
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "is missing"
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            found, _, found_dtype = read(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, SyntaxError) as exc:
+        return f"is not a readable .npy array ({exc})"
+    if tuple(found) != tuple(shape):
+        return (f"holds an array of shape {tuple(found)}, not {tuple(shape)} as the cache "
+                "records")
+    if found_dtype != np.dtype(dtype):
+        return f"holds {found_dtype} values, not {np.dtype(dtype)}"
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size < expected:
+        return f"is truncated ({size:,} of {expected:,} bytes)"
+    return None
 
 
 def write_cache(
