@@ -151,3 +151,51 @@ def test_gpu_preset_and_paper_code_refuse_random_weights_in_demo_and_study(tmp_p
     err = capsys.readouterr().err
     assert "preset gpu (chosen for the cache's 448 x 448 px fields" in err
     assert "--init random" in err and not study.exists()
+
+
+def test_paper_code_embeds_in_fp32_and_trains_without_tf32_on_cuda():
+    """Issue 29: the official code embeds and trains in fp32 (``--use_fp16 False``);
+    under paper-code the precision chosen for a CUDA device is no autocast and no TF32,
+    while the default recipe keeps bf16 autocast and TF32 (no GPU needed to check)."""
+    from contextlib import nullcontext
+
+    from napari_wsdino.core.embed.features import embed_autocast
+    from napari_wsdino.core.model import allows_tf32, autocast_dtype
+
+    paper, ours = recipes.resolve("paper-code"), recipes.resolve()
+    cuda = torch.device("cuda")
+    assert (paper.embed.precision, paper.train.precision) == ("fp32", "fp32")
+    assert autocast_dtype(cuda, paper.embed.precision) is None
+    assert autocast_dtype(cuda, paper.train.precision) is None
+    assert isinstance(embed_autocast(cuda, paper.embed.precision), nullcontext)
+    assert not allows_tf32(paper.train.precision)
+    assert autocast_dtype(cuda, ours.embed.precision) == torch.bfloat16
+    assert autocast_dtype(cuda, ours.train.precision) == torch.bfloat16
+    assert autocast_dtype("cpu", ours.embed.precision) is None and allows_tf32(ours.train.precision)
+    assert (paper.embed.pos_embed, ours.embed.pos_embed) == ("dino", "timm")
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_embedding_runs_in_the_precision_asked_for(precision, dtype):
+    """The precision reaches the forward pass: the dtype of a linear layer's output, seen by a
+    hook (CPU autocast stands in for CUDA's, chosen by the same function)."""
+    from napari_wsdino.core.embed import embed_channel
+    from napari_wsdino.core.model import create_backbone
+
+    vit = create_backbone("test_vit").eval()
+    seen = []
+    vit.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    images = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
+    feats = embed_channel(vit, images, crop=32, patch=16, precision=precision)
+    assert set(seen) == {dtype} and feats.dtype == np.float32
+
+
+def test_print_config_says_what_each_precision_is_and_why(capsys):
+    assert main(["train", "--print-config", "--recipe", "paper-code"]) == 0
+    out = capsys.readouterr().out
+    cfg = tomllib.loads(out)
+    assert (cfg["embed"]["precision"], cfg["embed"]["pos_embed"]) == ("fp32", "dino")
+    assert "TF32 off (the official code" in out and "bf16 autocast and TF32" in out
+    assert "dino = DINO's interpolate_pos_encoding" in out
+    with pytest.raises(ValueError, match="pos_embed must be one of"):
+        recipes.resolve(embed={"pos_embed": "nearest"})

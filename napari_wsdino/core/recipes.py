@@ -5,15 +5,18 @@ A recipe changes defaults only; every element stays its own option (a flag or a
 
 ``default``
     This package's choices, the behaviour from before recipes existed: z-scored
-    inputs, mirrored illumination borders, bf16 on CUDA, centred embedding quadrants
-    with numpy's median, L2-normalised profiles, one joint TVN, taxol exempt from the
-    NSCB batch rule, the epoch sharded over GPUs.
+    inputs, mirrored illumination borders, bf16 autocast and TF32 on CUDA (training and
+    embedding: speed and memory on tensor-core GPUs), timm's antialiased resize of the
+    position embedding, centred embedding quadrants with numpy's median, L2-normalised
+    profiles, one joint TVN, taxol exempt from the NSCB batch rule, the epoch sharded
+    over GPUs.
 ``paper-code``
     The official WS-DINO code element by element (crosszamirski/WS-DINO
     ``WS-DINO_BBBC021.py`` and ``Eval_BBBC021.py``, on facebookresearch/dino
     ``main_dino.py``/``utils.py``): the full ImageNet DINO checkpoint as start
-    (student, teacher, head, centre, optimiser), ``min_lr`` 3e-6, fp32, CellProfiler's
-    in-image illumination borders, inputs clipped at 10,000 and divided by 10,000, the
+    (student, teacher, head, centre, optimiser), ``min_lr`` 3e-6, fp32 with TF32 off in
+    training and fp32 embedding, DINO's position-embedding interpolation when embedding,
+    CellProfiler's in-image illumination borders, inputs clipped at 10,000 and divided by 10,000, the
     fixed embedding windows with ``torch.median``, raw CLS features, per-channel TVN,
     the official taxol rule, and every GPU drawing the whole dataset each epoch.
     docs/fidelity.md lists each element with the test that pins it.
@@ -26,6 +29,8 @@ Example
 >>> s = resolve("paper-code")
 >>> s.train.min_lr, s.train.precision, s.preprocess.normalize, s.evaluate.tvn
 (3e-06, 'fp32', 'paper', 'per-channel')
+>>> s.embed.precision, s.embed.pos_embed
+('fp32', 'dino')
 """
 
 from __future__ import annotations
@@ -46,6 +51,24 @@ if TYPE_CHECKING:  # torch-free at import: `wsdino evaluate` lists the recipes w
 #: The paper's crop side (``core.embed.DEFAULT_CROP`` reads it from here).
 DEFAULT_CROP = 224
 
+#: Precisions of training (``TrainConfig.precision``) and embedding.
+PRECISIONS = ("auto", "fp32", "bf16")
+
+#: What each precision and position-embedding choice is, and why a recipe takes it: the
+#: comments of ``--print-config``.
+NUMERICS_NOTES = {
+    "train": ["precision: auto = bf16 autocast and TF32 matmuls on CUDA (this package's "
+              "default: faster, less memory), fp32 on CPU; fp32 = fp32 throughout, TF32 off "
+              "(the official code, --use_fp16 False)",
+              "position embedding in training: timm's under every recipe (no train setting "
+              "for DINO's interpolation yet: docs/fidelity.md)"],
+    "embed": ["precision: auto = bf16 autocast on CUDA (this package's default: faster), "
+              "fp32 on CPU; fp32 = the official code's fp32 evaluation",
+              "pos_embed: timm = timm's resize of the position embedding, antialiased (this "
+              "package's default); dino = DINO's interpolate_pos_encoding, as the official "
+              "code (bicubic by the scale factor (n + 0.1) / sqrt(N), no antialiasing)"],
+}
+
 #: ``--input-scaling``: preprocessing settings of each choice.
 INPUT_SCALING = {
     "zscore": {"normalize": "zscore"},
@@ -65,14 +88,23 @@ class EmbedSettings:
     windows: str = "centre"
     median: str = "mean-middle"
     l2: bool = True
+    precision: str = "auto"
+    pos_embed: str = "timm"
 
     def __post_init__(self):
         from napari_wsdino.core.embed import MEDIANS, WINDOWS
+        from napari_wsdino.core.model import POS_EMBED_MODES
 
         if self.windows not in WINDOWS:
             raise ValueError(f"windows must be one of {', '.join(WINDOWS)}, not {self.windows!r}.")
         if self.median not in MEDIANS:
             raise ValueError(f"median must be one of {', '.join(MEDIANS)}, not {self.median!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                             f"not {self.precision!r}.")
+        if self.pos_embed not in POS_EMBED_MODES:
+            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, "
+                             f"not {self.pos_embed!r}.")
 
 
 @dataclass(frozen=True)
@@ -122,7 +154,8 @@ register_recipe(Recipe(
     train={"min_lr": 3e-6, "precision": "fp32", "init_parts": "full",
            "epoch_split": "replicate"},
     preprocess={**INPUT_SCALING["divide"], "borders": "in-image"},
-    embed={"windows": "official", "median": "lower", "l2": False},
+    embed={"windows": "official", "median": "lower", "l2": False, "precision": "fp32",
+           "pos_embed": "dino"},
     evaluate={"tvn": "per-channel", "nscb_multibatch": "official"},
     requires_init=True,
 ))
@@ -155,6 +188,7 @@ class Settings:
             lines += ["", f"[{name}]"]
             if name == "preprocess":
                 lines.append(f"# input scaling: {scaling} (divide = clip at 10000, then / 10000)")
+            lines += [f"# {note}" for note in NUMERICS_NOTES.get(name, ())]
             for key, value in dataclasses.asdict(getattr(self, name)).items():
                 if value is None:  # TOML has no null: an unset value is left out
                     lines.append(f"# {key} = (unset)")
@@ -205,8 +239,8 @@ def check_init(init: str, needed: bool, what: str) -> None:
     """
     if needed and not init:
         raise InitRequired(
-            f"{what} starts from pretrained weights, as the paper does: give --init FILE "
-            "(the full ImageNet DINO ViT-S/8 checkpoint, dino_deitsmall8_pretrain_full_"
-            "checkpoint.pth; see docs/fidelity.md for where to get it and its SHA-256), "
-            "or say --init random to train from random weights on purpose."
+            f"{what} starts from pretrained weights, as the paper does: give --init "
+            "dino-vits8-full (the full ImageNet DINO ViT-S/8 checkpoint, downloaded once into "
+            "torch.hub's cache), --init dino-vits8 (its backbone) or --init FILE, or say "
+            "--init random to train from random weights on purpose."
         )

@@ -16,6 +16,7 @@ import torch
 from napari_wsdino.core.embed.crops import (DEFAULT_CROP, WINDOWS, cell_crops, centre_crops,
                                             median_of_four, official_windows)
 from napari_wsdino.core.metadata import DataError
+from napari_wsdino.core.model import autocast_dtype, pos_embed_as
 from napari_wsdino.core.modelset import ModelSet
 from napari_wsdino.core.profiles import ProfileTable
 
@@ -24,10 +25,20 @@ from napari_wsdino.core.profiles import ProfileTable
 POOLINGS = ("cls", "cls+mean")
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def embed_autocast(device: torch.device | str, precision: str = "auto"):
+    """The autocast context an embedding runs in (:func:`~napari_wsdino.core.model.autocast_dtype`):
+    bf16 on CUDA under ``auto`` (this package's default, for speed and memory on
+    tensor-core GPUs), none under ``fp32`` (the official code evaluates in fp32).
+
+    Example
+    -------
+    >>> type(embed_autocast("cuda", "fp32")).__name__
+    'nullcontext'
+    """
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def pooled_features(model: torch.nn.Module, x: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
@@ -50,7 +61,8 @@ def pooled_features(model: torch.nn.Module, x: torch.Tensor, pooling: str = "cls
     return torch.cat([cls, tokens[:, n_prefix:].mean(dim=1)], dim=1)
 
 
-def _official_features(model, images, patch, device, normalise, pooling) -> torch.Tensor:
+def _official_features(model, images, patch, device, normalise, pooling,
+                       precision) -> torch.Tensor:
     """Embeddings of the four official windows, ``(B, 4, D)`` (two window shapes, so
     one forward pass per window)."""
     feats = []
@@ -60,7 +72,7 @@ def _official_features(model, images, patch, device, normalise, pooling) -> torc
         x = x[:, None].to(device, non_blocking=True)
         if normalise is not None:
             x = normalise(x)
-        with _autocast(device):
+        with embed_autocast(device, precision):
             feats.append(pooled_features(model, x, pooling).float())
     return torch.stack(feats, dim=1)
 
@@ -69,7 +81,8 @@ def _official_features(model, images, patch, device, normalise, pooling) -> torc
 def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAULT_CROP,
                   patch: int = 1, device: torch.device | str = "cpu", normalise=None,
                   pooling: str = "cls", windows: str = "centre",
-                  median: str = "mean-middle", centres=None) -> np.ndarray:
+                  median: str = "mean-middle", centres=None, precision: str = "auto",
+                  pos_embed: str | None = None) -> np.ndarray:
     """One channel's field embeddings (median of the four centre crops), ``(B, D)``.
 
     Parameters
@@ -88,12 +101,27 @@ def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAUL
     centres
         With ``windows="cells"``: ``(yx, count)`` of the fields' nuclei
         (:func:`napari_wsdino.core.nuclei.nuclei_centres`); ``crop`` is the cell crop side.
+    precision
+        ``"auto"`` (bf16 autocast on CUDA), ``"fp32"`` or ``"bf16"`` (:func:`embed_autocast`).
+    pos_embed
+        ``"timm"`` or ``"dino"``: how the position embedding meets crops of another size
+        (:data:`~napari_wsdino.core.model.POS_EMBED_MODES`), for this call only; ``None``
+        (default): the model's own.
     """
     device = torch.device(device)
+    with pos_embed_as(model, pos_embed):
+        return _embed_windows(model, images, crop, patch, device, normalise, pooling, windows,
+                              median, centres, precision)
+
+
+def _embed_windows(model, images, crop, patch, device, normalise, pooling, windows, median,
+                   centres, precision) -> np.ndarray:
+    """:func:`embed_channel` once the model's position embedding is set."""
     if windows == "cells":
-        return _cell_features(model, images, crop, patch, device, normalise, pooling, centres)
+        return _cell_features(model, images, crop, patch, device, normalise, pooling, centres,
+                              precision)
     if windows == "official":
-        feats = _official_features(model, images, patch, device, normalise, pooling)
+        feats = _official_features(model, images, patch, device, normalise, pooling, precision)
         return median_of_four(feats, median).cpu().numpy()
     if windows != "centre":
         raise ValueError(f"windows must be one of {WINDOWS}, not {windows!r}")
@@ -102,12 +130,13 @@ def embed_channel(model: torch.nn.Module, images: np.ndarray, crop: int = DEFAUL
     x = crops.reshape(b * n, 1, side, side).to(device, non_blocking=True)
     if normalise is not None:
         x = normalise(x)
-    with _autocast(device):
+    with embed_autocast(device, precision):
         feats = pooled_features(model, x, pooling)
     return median_of_four(feats.float().reshape(b, n, -1), median).cpu().numpy()
 
 
-def _cell_features(model, images, crop, patch, device, normalise, pooling, centres) -> np.ndarray:
+def _cell_features(model, images, crop, patch, device, normalise, pooling, centres,
+                   precision) -> np.ndarray:
     """Mean embedding of each field's nucleus-centred crops, ``(B, D)``."""
     if centres is None:
         raise ValueError("windows='cells' needs the fields' nuclei centres")
@@ -119,7 +148,7 @@ def _cell_features(model, images, crop, patch, device, normalise, pooling, centr
     x = torch.from_numpy(crops)[:, None].to(device, non_blocking=True)
     if normalise is not None:
         x = normalise(x)
-    with _autocast(device):
+    with embed_autocast(device, precision):
         feats = pooled_features(model, x, pooling).float().cpu()
     sums = torch.zeros((images.shape[0], feats.shape[1])).index_add_(0, torch.from_numpy(owner), feats)
     n = torch.bincount(torch.from_numpy(owner), minlength=images.shape[0]).clamp(min=1)
@@ -132,7 +161,8 @@ def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 
 def embed_fields(models: ModelSet, images: Mapping[str, np.ndarray], crop: int = DEFAULT_CROP,
-                 device: torch.device | str = "cpu", pooling: str = "cls") -> np.ndarray:
+                 device: torch.device | str = "cpu", pooling: str = "cls",
+                 precision: str = "auto", pos_embed: str | None = None) -> np.ndarray:
     """Profiles of a batch of fields: channels concatenated, L2-normalised, ``(B, sum D)``.
 
     Parameters
@@ -141,6 +171,8 @@ def embed_fields(models: ModelSet, images: Mapping[str, np.ndarray], crop: int =
         One backbone per channel; every channel must be in ``images``.
     images
         ``{channel: (B, H, W)}`` preprocessed fields.
+    precision, pos_embed
+        As in :func:`embed_channel`.
 
     Example
     -------
@@ -151,7 +183,8 @@ def embed_fields(models: ModelSet, images: Mapping[str, np.ndarray], crop: int =
     ((3, 128), True)
     """
     models.check_channels(images)
-    parts = [embed_channel(m.model, images[c], crop, m.patch_size, device, m.normalise, pooling)
+    parts = [embed_channel(m.model, images[c], crop, m.patch_size, device, m.normalise, pooling,
+                           precision=precision, pos_embed=pos_embed)
              for c, m in models.models.items()]
     return l2_normalise(np.concatenate(parts, axis=1))
 

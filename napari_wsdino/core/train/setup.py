@@ -36,6 +36,8 @@ from napari_wsdino.core.layout import CONFIG_FILE, LOG_FILE
 from napari_wsdino.core.model import (
     RANDOM_INIT,
     CheckpointError,
+    allows_tf32,
+    autocast_dtype,
     create_backbone,
     dino_centre,
     dino_optimizer_state,
@@ -406,10 +408,11 @@ def _accelerate(state: TrainState) -> None:
         model = torch.nn.parallel.DistributedDataParallel(
             state.student, device_ids=[device.index] if cuda else None)
     state.forward = torch.compile(model) if config.compile else model
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if config.precision == "bf16" or (config.precision == "auto" and cuda):
-        state.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if cuda:  # precision "fp32": no TF32 either, as the official fp32 training
+        torch.backends.cuda.matmul.allow_tf32 = allows_tf32(config.precision)
+        torch.backends.cudnn.allow_tf32 = allows_tf32(config.precision)
+    dtype = autocast_dtype(device, config.precision)
+    if dtype is not None:
+        state.autocast = lambda: torch.autocast(device.type, dtype=dtype)
 
 
