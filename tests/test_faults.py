@@ -800,3 +800,21 @@ def test_case_c_damaged_cache_is_named_on_open(tiny_cache, tmp_path, capsys, dam
     assert code == 2
     _one_line_error(err, str(cache), *words)
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.parquet").exists()
+
+
+@pytest.mark.parametrize("content, words", [
+    ('[1, 2]', ["must be a JSON object of ScreenLayout fields, not a list", "plate_column"]),
+    ('"bbbc021"', ["not a string"]),
+    ('{"plate_column": 3}', ["plate_column must be a string, not 3"]),
+    ('{"file_columns": {"DNA": "FileName_DNA"}}', ["file_columns['DNA'] must be [file name"]),
+    ('{"file_columns": []}', ["file_columns must be an object"]),
+    ('{"channels": "DNA"}', ["channels must be a list of channel names"]),
+    ('{"default_concentration": "ten"}', ["default_concentration must be a number"]),
+    ('{"plate_column": ', ["Cannot read layout file"]),
+])
+def test_case_d_layout_file_of_the_wrong_shape(screen, tmp_path, capsys, content, words):
+    layout = tmp_path / "layout.json"
+    layout.write_text(content)
+    code, _, err = _cli(["info", screen, "--layout", layout], capsys)
+    assert code == 2
+    _one_line_error(err, str(layout), *words)

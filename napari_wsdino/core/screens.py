@@ -100,7 +100,22 @@ class ScreenLayout:
         ``file_columns`` may be given as ``{"DNA": ["FileName_DNA", "PathName_DNA"], ...}``;
         ``channels`` defaults to its keys.
         """
+        if not isinstance(mapping, dict):
+            raise DataError(
+                f"A screen layout must be a JSON object of ScreenLayout fields, not a "
+                f"{_json_kind(mapping)}: e.g. {{\"plate_column\": \"Plate\", \"file_columns\": "
+                "{\"DNA\": [\"FileName_DNA\", \"PathName_DNA\"]}}."
+            )
         mapping = dict(mapping)
+        unknown = set(mapping) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise DataError(
+                f"Unknown screen-layout keys {sorted(unknown)}; "
+                f"valid keys are {sorted(cls.__dataclass_fields__)}."
+            )
+        problems = [p for key, value in mapping.items() for p in _layout_type_problems(key, value)]
+        if problems:
+            raise DataError("Invalid screen layout: " + "; ".join(problems) + ".")
         if "file_columns" in mapping:
             mapping["file_columns"] = {
                 k: tuple(v) for k, v in mapping["file_columns"].items()
@@ -108,12 +123,6 @@ class ScreenLayout:
             mapping.setdefault("channels", tuple(mapping["file_columns"]))
         if "channels" in mapping:
             mapping["channels"] = tuple(mapping["channels"])
-        unknown = set(mapping) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise DataError(
-                f"Unknown screen-layout keys {sorted(unknown)}; "
-                f"valid keys are {sorted(cls.__dataclass_fields__)}."
-            )
         return cls(**mapping)
 
     def to_mapping(self) -> dict:
@@ -133,6 +142,40 @@ class ScreenLayout:
                 raise DataError(f"Layout names channel {ch!r} but gives no file columns for it.")
             needed += list(self.file_columns[ch])
         return needed + ([self.moa_column] if self.moa_csv is None else [])
+
+
+def _json_kind(value) -> str:
+    """What JSON calls ``value``'s type (the user wrote JSON, not Python)."""
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "list",
+            dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _layout_type_problems(key: str, value) -> list[str]:
+    """What is wrong with the type of one layout field as JSON gave it (none: [])."""
+    def is_text(v):
+        return isinstance(v, str)
+
+    if key == "file_columns":
+        if not isinstance(value, dict) or not value:
+            return [f"file_columns must be an object of channel: [file name column, path "
+                    f"column], not a {_json_kind(value)}"]
+        return [f"file_columns[{ch!r}] must be [file name column, path column], not {cols!r}"
+                for ch, cols in value.items()
+                if not (isinstance(cols, (list, tuple)) and len(cols) == 2
+                        and all(map(is_text, cols)))]
+    if key == "channels":
+        if not (isinstance(value, (list, tuple)) and value and all(map(is_text, value))):
+            return [f"channels must be a list of channel names, not {value!r}"]
+        return []
+    if key == "default_concentration":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return [] if ok else [f"default_concentration must be a number, not {value!r}"]
+    optional = "None" in str(ScreenLayout.__dataclass_fields__[key].type)
+    if is_text(value) or (optional and value is None):
+        return []
+    return [f"{key} must be a string{' or null' if optional else ''}, not {value!r}"]
 
 
 @dataclass(frozen=True)
@@ -193,10 +236,13 @@ def resolve_layout(value: ScreenLayout | str | Path | None) -> ScreenLayout | No
         return LAYOUTS[str(value)].layout
     try:
         mapping = json.loads(Path(value).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"Cannot read layout file {value}: {exc}. Give one of "
                         f"{list(LAYOUTS)} or a JSON file of ScreenLayout fields.") from None
-    return ScreenLayout.from_mapping(mapping)
+    try:
+        return ScreenLayout.from_mapping(mapping)
+    except DataError as exc:
+        raise DataError(f"Layout file {value}: {exc}") from None
 
 
 def _csv_header(path: Path) -> list[str]:
