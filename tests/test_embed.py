@@ -227,3 +227,27 @@ def test_every_name_of_the_old_module_is_still_importable_from_core_embed():
            "feature_names profile_table write_profiles parts_folder embed_cache").split()
     assert [name for name in old if not hasattr(embed, name)] == []
     assert sorted(embed.__all__) == sorted(old)
+
+
+def test_cli_embed_init_only_takes_official_names_and_says_where_the_file_goes(
+        cache, tmp_path, monkeypatch, capsys):
+    """``wsdino embed --init-only dino-vits8-full`` passes the name to the core, which
+    fetches it; with no server (a closed loopback port) the one-line error names the
+    file and torch.hub's folder to put it in (issue 29)."""
+    import dataclasses
+    import socket
+
+    from napari_wsdino.core.pretrained import OFFICIAL
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    full = OFFICIAL["dino-vits8-full"]
+    monkeypatch.setitem(OFFICIAL, full.name, dataclasses.replace(
+        full, url=f"http://127.0.0.1:{port}/{full.file}"))
+    rc = main(["embed", str(cache.path), "--init-only", "dino-vits8-full", "--crop", "16",
+               "--out", str(tmp_path / "x.parquet"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert full.file in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err

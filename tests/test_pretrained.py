@@ -1,17 +1,26 @@
 """The bundled pretrained weights: found by name, loaded into the cpu preset's models,
-serving every stain, and refused where they do not fit."""
+serving every stain, and refused where they do not fit. The official DINO weights by
+name (issue 29): fetched from a loopback server or a prepared cache, never the network."""
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import http.server
+import socket
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from napari_wsdino.core.errors import CheckpointError
-from napari_wsdino.core.model import read_checkpoint
+from napari_wsdino.core.model import create_backbone, read_checkpoint
 from napari_wsdino.core.modelset import ModelSet
 from napari_wsdino.core.presets import PRESETS
-from napari_wsdino.core.pretrained import BUNDLED, resolve_weights, slim_init, weights_exist
+from napari_wsdino.core.pretrained import (BUNDLED, OFFICIAL, bundled_arch, cached_official,
+                                           resolve_weights, slim_init, weights_exist)
 from napari_wsdino.core.train import TrainConfig
 from napari_wsdino.core.train.setup import build_models
 
@@ -103,3 +112,138 @@ def test_bundled_weights_look_at_the_nuclei_of_a_generated_field():
 
     assert score(ModelSet.init_only(arch, NAME, ["DAPI"])["DAPI"].model) > 2.0
     assert 0.8 < score(ModelSet.random(arch, ["DAPI"], seed=0)["DAPI"].model) < 1.2
+
+
+# -- the official DINO weights by name (issue 29) ----------------------------------------
+FULL = "dino-vits8-full"
+FULL_FILE = "dino_deitsmall8_pretrain_full_checkpoint.pth"
+HUB_REPO = "models--timm--vit_small_patch8_224.dino"
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """torch.hub's and huggingface_hub's caches in tmp_path, the hub offline: no test
+    reaches the network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path
+
+
+@contextlib.contextmanager
+def _loopback(folder):
+    """An HTTP server on 127.0.0.1 serving ``folder``; yields its address and the paths
+    asked for."""
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _rgb_test_vit():
+    torch.manual_seed(4)
+    return create_backbone("test_vit", in_chans=3).eval()
+
+
+def _as_test_vit(monkeypatch, name, **changes):
+    """The official entry made for the tiny test ViT (the real files are ViT-S/8's)."""
+    monkeypatch.setitem(OFFICIAL, name, dataclasses.replace(OFFICIAL[name], arch="test_vit",
+                                                            **changes))
+
+
+def _same_as_rgb(model, rgb):
+    grey = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(grey), rgb(grey.expand(-1, 3, -1, -1)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_official_names_are_listed_with_the_dino_vits8_architecture():
+    assert set(OFFICIAL) == {"dino-vits8", FULL}
+    assert {bundled_arch(n) for n in OFFICIAL} == {"vit_small_patch8_224"}
+    assert OFFICIAL[FULL].url.endswith("dino_deitsmall8_pretrain/" + FULL_FILE)
+    assert OFFICIAL["dino-vits8"].hub_repo() == ("timm/vit_small_patch8_224.dino", None)
+
+
+def test_full_checkpoint_is_downloaded_once_into_torch_hubs_cache(caches, monkeypatch):
+    """``--init dino-vits8-full``: fetched from its address (here a loopback server) into
+    torch.hub's checkpoints folder on first use, read from there afterwards, and loaded
+    by training and by the init-only baseline."""
+    from napari_wsdino.core.train import TrainConfig
+    from napari_wsdino.core.train.setup import build_models
+
+    rgb = _rgb_test_vit()
+    served = caches / "served"
+    served.mkdir()
+    sd = rgb.state_dict()
+    torch.save({"student": {f"module.backbone.{k}": v for k, v in sd.items()},
+                "teacher": {f"backbone.{k}": v for k, v in sd.items()}}, served / FULL_FILE)
+    with _loopback(served) as (address, hits):
+        _as_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}")
+        assert weights_exist(FULL) and cached_official(FULL) is None  # known, not fetched
+        path = resolve_weights(FULL)
+        assert path == caches / "torch" / "hub" / "checkpoints" / FULL_FILE
+        assert path.read_bytes() == (served / FULL_FILE).read_bytes()
+        student, teacher = build_models(TrainConfig(arch="test_vit", init=FULL, out_dim=64,
+                                                    hidden_dim=32, bottleneck_dim=16))
+        _same_as_rgb(teacher.backbone.eval(), rgb)
+        models = ModelSet.init_only("vit_small_patch8_224", FULL, ["DAPI", "Actin"])
+        _same_as_rgb(models["Actin"].model, rgb)
+        assert hits == [f"/{FULL_FILE}"]  # one download, then the cache
+    assert cached_official(FULL) == path
+
+
+def test_backbone_is_read_from_huggingface_hubs_cache(caches, monkeypatch):
+    """``--init dino-vits8``: timm's hub file found in huggingface_hub's cache (a prepared
+    cache folder here, offline), read as safetensors and folded to one grey channel."""
+    from safetensors.torch import save_file
+
+    rgb = _rgb_test_vit()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = caches / "hf" / HUB_REPO
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()},
+              str(snapshot / "model.safetensors"), metadata={"format": "pt"})
+    _as_test_vit(monkeypatch, "dino-vits8")
+    assert resolve_weights("dino-vits8") == snapshot / "model.safetensors"
+    assert OFFICIAL["dino-vits8"].cache_path() == repo
+    assert "pos_embed" in read_checkpoint("dino-vits8")
+    _same_as_rgb(ModelSet.init_only("test_vit", "dino-vits8", ["DAPI"])["DAPI"].model, rgb)
+
+
+def test_offline_the_message_names_the_file_and_where_to_put_it(caches, monkeypatch):
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _as_test_vit(monkeypatch, FULL, url=f"http://127.0.0.1:{port}/{FULL_FILE}")
+    with pytest.raises(CheckpointError) as err:
+        resolve_weights(FULL)
+    message = str(err.value)
+    assert "\n" not in message and FULL_FILE in message
+    assert str(caches / "torch" / "hub" / "checkpoints" / FULL_FILE) in message
+    assert not (caches / "torch" / "hub" / "checkpoints" / FULL_FILE).exists()
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint("dino-vits8")
+    message = str(err.value)
+    assert "\n" not in message and "model.safetensors" in message
+    assert str(caches / "hf" / HUB_REPO) in message and "--init" in message

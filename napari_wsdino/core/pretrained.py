@@ -11,6 +11,15 @@ A bundled file holds only the teacher (backbone and DINO head, float16), records
 architecture and no channel, so it serves every stain: ``--init replica-dino-pico8-cells``,
 ``--model DAPI=replica-dino-pico8-cells`` and the Models panel's "init only" all take the name.
 
+The official ImageNet DINO ViT-S/8 weights (Caron et al. 2021) are also taken by name,
+downloaded on first use and cached by the ecosystem's own machinery (:data:`OFFICIAL`):
+``dino-vits8`` is the backbone through timm's pretrained config
+``vit_small_patch8_224.dino`` and huggingface_hub's cache; ``dino-vits8-full`` is the full
+training checkpoint (student, teacher, heads, optimiser, loss centre) that WS-DINO starts
+from, from the address in facebookresearch/dino's README into torch.hub's cache
+(``TORCH_HOME``). Without network, and not cached, the error names the file and where to
+put it.
+
 >>> resolve_weights("replica-dino-pico8-cells").name
 'replica_dino_pico8_cells.pth'
 >>> str(resolve_weights("runs/a/DAPI/checkpoint.pth"))
@@ -22,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+
+from napari_wsdino.core.errors import CheckpointError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -59,21 +70,142 @@ BUNDLED: dict[str, BundledWeights] = {b.name: b for b in (
 )}
 
 
+@dataclass(frozen=True)
+class OfficialWeights:
+    """Published weights, fetched by name on first use and kept in a standard cache.
+
+    ``timm_tag``: the timm pretrained config whose Hugging Face hub file (``file``) is
+    fetched with huggingface_hub (its cache, ``HF_HUB_CACHE``); without it, ``url`` is
+    fetched into torch.hub's checkpoint folder (``TORCH_HOME``) under ``file``.
+    """
+
+    name: str
+    arch: str
+    file: str
+    url: str
+    about: str
+    timm_tag: str = ""
+
+    def hub_repo(self) -> tuple[str, str | None]:
+        """The Hugging Face repository and revision of ``timm_tag`` (timm's config)."""
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(self.timm_tag)
+        if cfg is None or not cfg.hf_hub_id:
+            raise CheckpointError(f"timm has no hub weights for {self.timm_tag}; update timm.")
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        return repo, revision or None
+
+    def cache_path(self) -> Path:
+        """Where the file lies once fetched (torch.hub's checkpoints for a URL; the hub
+        repository's cache folder for a timm config)."""
+        if self.timm_tag:
+            from huggingface_hub import constants
+
+            repo, _ = self.hub_repo()
+            return Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+        import torch.hub
+
+        return Path(torch.hub.get_dir()) / "checkpoints" / self.file
+
+
+#: DINO's ViT-S/8 (Caron et al. 2021), as WS-DINO starts from it.
+OFFICIAL: dict[str, OfficialWeights] = {w.name: w for w in (
+    OfficialWeights(
+        "dino-vits8", "vit_small_patch8_224", "model.safetensors",
+        "https://huggingface.co/timm/vit_small_patch8_224.dino/resolve/main/model.safetensors",
+        "the official ImageNet DINO ViT-S/8 backbone (dino_deitsmall8_pretrain.pth as timm "
+        "publishes it)", timm_tag="vit_small_patch8_224.dino"),
+    OfficialWeights(
+        "dino-vits8-full", "vit_small_patch8_224", "dino_deitsmall8_pretrain_full_checkpoint.pth",
+        "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/"
+        "dino_deitsmall8_pretrain_full_checkpoint.pth",
+        "the official ImageNet DINO ViT-S/8 full checkpoint (student, teacher, heads, "
+        "optimiser, centre), WS-DINO's start"),
+)}
+
+
+def cached_official(name: str) -> Path | None:
+    """The cached file of an official name, or ``None`` (never downloads)."""
+    weights = OFFICIAL[name]
+    if weights.timm_tag:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, revision = weights.hub_repo()
+        found = try_to_load_from_cache(repo, weights.file, revision=revision)
+        return Path(found) if isinstance(found, str) else None
+    path = weights.cache_path()
+    return path if path.is_file() else None
+
+
+def fetch_official(name: str, progress: bool = True) -> Path:
+    """The file of an official name: from the cache, else downloaded into it.
+
+    Raises :class:`CheckpointError` with one line naming the file, its address and where
+    to put it when it cannot be downloaded (no network, say).
+
+    Example
+    -------
+    >>> fetch_official("dino-vits8-full").name                    # doctest: +SKIP
+    'dino_deitsmall8_pretrain_full_checkpoint.pth'
+    """
+    weights = OFFICIAL[name]
+    cached = cached_official(name)
+    if cached is not None:
+        return cached
+    try:
+        if weights.timm_tag:
+            from huggingface_hub import hf_hub_download
+
+            repo, revision = weights.hub_repo()
+            return Path(hf_hub_download(repo, weights.file, revision=revision))
+        import torch.hub
+
+        dest = weights.cache_path()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(dest), progress=progress)
+        return dest
+    except Exception as exc:  # network, HTTP and disk errors alike end in the same advice
+        raise CheckpointError(_offline_advice(weights, exc)) from None
+
+
+def _offline_advice(weights: OfficialWeights, exc: Exception) -> str:
+    text = str(exc).strip()
+    reason = type(exc).__name__ + (f": {text.splitlines()[0][:120].strip()}" if text else "")
+    if weights.timm_tag:
+        repo, _ = weights.hub_repo()
+        where = (f"run `hf download {repo} {weights.file}` where there is network and copy "
+                 f"its cache folder to {weights.cache_path()}, or download {weights.url} and "
+                 "give --init with that file's path")
+    else:
+        where = (f"download {weights.url} where there is network and put it at "
+                 f"{weights.cache_path()} (or give --init with the file's path)")
+    return f"Cannot download {weights.file} for --init {weights.name} ({reason}): {where}."
+
+
 def resolve_weights(value: str | Path) -> Path:
-    """The file behind a weights argument: a bundled name, or the path as given."""
+    """The file behind a weights argument: a bundled name, an official name (fetched on
+    first use, :func:`fetch_official`), or the path as given."""
     bundled = BUNDLED.get(str(value))
-    return bundled.path if bundled is not None else Path(value)
+    if bundled is not None:
+        return bundled.path
+    if str(value) in OFFICIAL:
+        return fetch_official(str(value))
+    return Path(value)
 
 
 def weights_exist(value: str | Path) -> bool:
-    """Whether a weights argument (bundled name or path) names an existing file or folder."""
+    """Whether a weights argument names an existing file or folder, a bundled file, or
+    official weights (fetched on first use: never downloads here)."""
+    if str(value) in OFFICIAL:
+        return True
     return resolve_weights(value).exists()
 
 
 def bundled_arch(value: str | Path) -> str | None:
-    """The architecture of a bundled name (``None`` for a path)."""
-    bundled = BUNDLED.get(str(value))
-    return bundled.arch if bundled is not None else None
+    """The architecture of a bundled or official name (``None`` for a path)."""
+    known = BUNDLED.get(str(value)) or OFFICIAL.get(str(value))
+    return known.arch if known is not None else None
 
 
 def slim_init(checkpoint: Mapping, about: str, arch: str) -> dict:
