@@ -818,3 +818,111 @@ def test_case_d_layout_file_of_the_wrong_shape(screen, tmp_path, capsys, content
     code, _, err = _cli(["info", screen, "--layout", layout], capsys)
     assert code == 2
     _one_line_error(err, str(layout), *words)
+
+
+def _wsdino(*argv, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "napari_wsdino.cli", *map(str, argv)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and signals")
+def test_case_f_two_trainings_on_one_run_folder(tiny_cache, tmp_path):
+    """Two real processes: the second is refused naming the first, whose run is intact."""
+    import json as _json
+
+    from napari_wsdino.core.train import TrainConfig, load_checkpoint
+
+    run = tmp_path / "run"
+    tiny = ["--arch", "test_vit", "--batch-size", "4", "--global-size", "32", "--local-size",
+            "16", "--local-crops", "2", "--out-dim", "64", "--device", "cpu", "--set",
+            "hidden_dim=16", "--set", "bottleneck_dim=8", "--warmup-epochs", "0",
+            "--checkpoint-every", "1", "--out", run]
+    first = _wsdino("train", tiny_cache.path, *tiny, "--epochs", "500", "--seed", "5")
+    try:
+        lock = run / "DAPI" / fsio.LOCK_FILE
+        deadline = time.monotonic() + 120
+        while not (run / "DAPI" / "config.toml").exists() and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        assert lock.exists()
+        # the dangerous one: a resume of the same run while it trains
+        second = _wsdino("train", tiny_cache.path, *tiny, "--epochs", "3", "--seed", "5",
+                         "--resume")
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2 and "Traceback" not in err, err
+        line = err.strip().splitlines()[-1]
+        assert f"is being written by process {first.pid}" in line and "another folder" in line
+        assert first.poll() is None  # the first goes on
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
+    folder = run / "DAPI"
+    ckpt = load_checkpoint(folder / "checkpoint.pth")
+    saved = TrainConfig.load(folder / "config.toml")
+    assert saved.seed == 5 and saved.epochs == 500 and ckpt["config"]["seed"] == 5
+    epochs = [_json.loads(line)["epoch"] for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))  # one run's lines, in order
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pth", "config.toml",
+                                                        "log.jsonl"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock and signals")
+def test_case_f_a_killed_holder_leaves_a_lock_that_is_taken_over(tmp_path):
+    folder = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from napari_wsdino.core.fsio import "
+         "output_lock\nwith output_lock(sys.argv[1]):\n print('held', flush=True); "
+         "time.sleep(60)", str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(fsio.OutputLockedError, match=f"process {holder.pid} on "):
+            with fsio.output_lock(folder):
+                pass
+    finally:
+        holder.kill()  # no cleanup: its lock file stays, with its (now dead) pid
+        holder.wait()
+    assert str(holder.pid) in (folder / fsio.LOCK_FILE).read_text()
+    with fsio.output_lock(folder) as lock:  # stale: taken over
+        assert str(os.getpid()) in lock.read_text()
+    assert list(folder.iterdir()) == []
+
+
+def test_case_f_temporary_files_are_unique(tmp_path):
+    target = tmp_path / "checkpoint.pth"
+    with fsio.atomic_write(target) as a, fsio.atomic_write(target) as b:
+        assert a.name != b.name and Path(a.name).parent == tmp_path
+        a.write(b"first")
+        b.write(b"second")
+    assert target.read_bytes() == b"first"  # the last rename wins; no error, no debris
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("out", ["profiles", "folder", "profiles.xlsx"])
+def test_case_e_embed_out_without_a_profile_suffix_is_refused_first(tiny_cache, tmp_path, capsys,
+                                                                     out):
+    target = tmp_path / out
+    if out == "folder":
+        target.mkdir()
+    code, _, err = _cli(["embed", tiny_cache.path, "--random", "--arch", "test_vit", "--crop",
+                         "16", "--out", target, "--quiet"], capsys)
+    assert code == 2
+    line = _one_line_error(err, f"--out {target}", ".parquet, .pq, .csv, .csv.gz, .tsv")
+    assert ("is a folder" in line) == (out == "folder")
+    assert "Models" not in err  # refused before the models were even built
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["folder"] if out == "folder" else [])
+
+
+def test_case_e_profile_and_chunk_temporaries_are_unique(tmp_path, field_profiles):
+    from napari_wsdino.core.embed.parts import save_chunk, write_profiles
+
+    write_profiles(field_profiles, tmp_path / "p.csv.gz")
+    save_chunk(tmp_path, 0, np.zeros((2, 3), np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_00000.npy", "p.csv.gz"]

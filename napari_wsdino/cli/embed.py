@@ -26,7 +26,7 @@ from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,
-                                      POOLINGS, WINDOWS, embed_cache)
+                                      POOLINGS, WINDOWS, check_profiles_out, embed_cache)
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import DEFAULT_ARCH, CheckpointError
 from napari_wsdino.core.modelset import ModelSet, describe, parse_model_specs
@@ -42,7 +42,9 @@ def add_parser(sub) -> None:
     src.add_argument("--init-only", metavar="FILE",
                      help="baseline: the same pretrained weights for every channel")
     src.add_argument("--random", action="store_true", help="baseline: randomly initialised models")
-    p.add_argument("--out", required=True, help="profile table to write (.parquet or .csv)")
+    p.add_argument("--out", required=True,
+                   help="profile table to write: a file name ending in .parquet, .pq, .csv, "
+                   ".csv.gz or .tsv (checked before any field is embedded)")
     p.add_argument("--arch", default=None,
                    help=f"timm architecture for files that do not record one (default {DEFAULT_ARCH}); "
                    "our checkpoints record theirs")
@@ -135,6 +137,7 @@ def run(args) -> int:
     seen: dict = {}
     try:
         settings = embed_settings(args)
+        check_profiles_out(args.out)  # before the cache, the models and hours of embedding
         cache = open_cache(args.cache)
         models = build_models(args, cache.channels)
         if main and not args.quiet:

@@ -20,12 +20,22 @@ resumes from it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
+import socket
+import sys
+import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 #: The errors this module words; others keep their own message.
 FILE_SYSTEM_ERRNOS = frozenset(
@@ -144,20 +154,48 @@ def remove_on_failure(*paths: str | Path) -> Iterator[None]:
         raise
 
 
+def _default_mode() -> int:
+    """The permissions a new file gets here (0o666 less the umask), read once."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_mode()
+
+
+def unique_temp_path(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A new, empty, hidden file beside ``path`` (``.NAME.<random><suffix>``), created
+    exclusively: two writers of the same target never share a temporary file, and a
+    rename of it over ``path`` stays on one file system. It gets the permissions a
+    plain new file would (``mkstemp`` alone gives 0600)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        os.fchmod(fd, _FILE_MODE)
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
 @contextmanager
 def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
-    """Open ``path.tmp`` for writing; on success flush, fsync and rename it over
-    ``path``; on failure delete it. A crash leaves the old file or the new one.
+    """Open a unique temporary file beside ``path`` (:func:`unique_temp_path`); on
+    success flush, fsync and rename it over ``path``; on failure delete it. A crash
+    leaves the old file or the new one, and concurrent writers never collide.
 
     >>> import tempfile, pathlib
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
     >>> with atomic_write(p, "w") as fh:
     ...     _ = fh.write("hello")
-    >>> p.read_text()
-    'hello'
+    >>> p.read_text(), [f.name for f in p.parent.iterdir()]
+    ('hello', ['a.txt'])
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp = unique_temp_path(path)
+    except OSError as exc:  # named by its random temporary name: name the target
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     with remove_on_failure(tmp):
         try:
             with open(tmp, mode) as fh:
@@ -167,9 +205,97 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
             os.replace(tmp, path)
         except Exception as exc:
             err = find_os_error(exc)
-            if err is not None and err.filename is None:  # write() names no file
-                raise OSError(err.errno, err.strerror, str(path)) from exc
+            if err is not None and (err.filename is None or err.filename == str(tmp)):
+                raise OSError(err.errno, err.strerror, str(path)) from exc  # name the target
             raise
+
+
+#: The advisory lock file a writer keeps in an output folder while it works.
+LOCK_FILE = ".wsdino.lock"
+
+
+class OutputLockedError(FileExistsError):
+    """Another process is writing the same output; the message names it (pid, host,
+    command, since when) and what to do."""
+
+
+def _lock_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _describe_holder(record: dict) -> str:
+    if not record.get("pid"):
+        return "another process (it is just starting)"
+    since = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.get("started", 0)))
+    command = f" ({record['command']})" if record.get("command") else ""
+    return f"process {record['pid']} on {record.get('host', '?')}{command}, since {since}"
+
+
+@contextmanager
+def output_lock(folder: str | Path, what: str = "this output",
+                name: str = LOCK_FILE) -> Iterator[Path]:
+    """Hold an advisory lock on output folder ``folder`` (created) while the block runs.
+
+    The lock is ``folder/.wsdino.lock`` (or ``folder/name``: one lock per output file of a
+    shared folder), locked with ``flock`` (so the kernel releases it
+    when its holder dies: a stale lock, left by a killed run, is simply taken over) and
+    holding the holder's pid, host, command and start time, for the message that refuses
+    a second writer: :class:`OutputLockedError`. The file is removed on release. Where the
+    platform has no ``flock`` the block runs unlocked.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> with output_lock(folder):
+    ...     try:
+    ...         with output_lock(folder):
+    ...             pass
+    ...     except OutputLockedError as exc:
+    ...         print(str(exc).split(" process")[0].replace(folder, "FOLDER"))
+    FOLDER is being written by
+    """
+    folder = ensure_dir(folder)
+    path = folder / name
+    if fcntl is None:  # pragma: no cover - Windows
+        yield path
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+        except OSError as exc:
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"{folder} is being written by {_describe_holder(_lock_record(path))}: "
+                f"wait for it to finish (or stop it), or write {what} to another folder."
+            ) from None
+        # The holder before us may have removed the file between our open and our lock:
+        # then we hold a lock on a file nobody else sees; start again on the new one.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                  "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:200]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield path
+    finally:
+        try:
+            path.unlink()  # before the lock goes: a waiting writer then finds a new file
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def preallocate(path: str | Path, size: int) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_wsdino.core.fsio import atomic_write, remove_on_failure
+from napari_wsdino.core.fsio import atomic_write, remove_on_failure, unique_temp_path
 from napari_wsdino.core.metadata import DataError
-from napari_wsdino.core.profiles import ProfileTable
+from napari_wsdino.core.profiles import SUFFIXES, ProfileTable
 
 PARTS_FORMAT = "napari-wsdino-embed-parts"
 
@@ -30,6 +30,29 @@ def parts_folder(out: str | Path) -> Path:
     until it is written."""
     out = Path(out)
     return out.with_name(out.name + ".parts")
+
+
+def check_profiles_out(out: str | Path) -> Path:
+    """``out`` if the profile writer can write it; else a :class:`DataError` naming the
+    accepted suffixes. Called before any field is embedded: a name the writer refuses
+    would otherwise be found only at the end, hours later.
+
+    >>> check_profiles_out("profiles.parquet").name
+    'profiles.parquet'
+    >>> check_profiles_out("profiles")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    napari_wsdino.core.errors.DataError: --out profiles is not a profile file name: end it ...
+    """
+    out = Path(out)
+    accepted = ", ".join(SUFFIXES)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder: give a profile file to write in it, ending "
+                        f"in one of {accepted}, e.g. --out {out / 'profiles.parquet'}.")
+    if not out.name.lower().endswith(SUFFIXES + (".txt",)):
+        raise DataError(f"--out {out} is not a profile file name: end it in one of {accepted}, "
+                        f"e.g. --out {out.with_name(out.name + '.parquet')}.")
+    return out
 
 
 def _table_hash(table: pd.DataFrame) -> str:
@@ -94,9 +117,16 @@ def load_chunk(parts: Path | None, k: int, shape: tuple[int, int]) -> np.ndarray
 def save_chunk(parts: Path, k: int, feats: np.ndarray) -> None:
     """Write chunk ``k`` atomically: a crash leaves it whole or absent."""
     path = chunk_path(parts, k)
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    tmp = unique_temp_path(path, suffix=".tmp.npy")  # two writers never share a temp file
+    with remove_on_failure(tmp):
+        np.save(tmp, feats)
+        os.replace(tmp, path)
+
+
+def _profile_suffix(path: Path) -> str:
+    name = path.name.lower()
+    return next(s for s in sorted(SUFFIXES + (".txt",), key=len, reverse=True)
+                if name.endswith(s))
 
 
 def shard_chunks(n_chunks: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -116,9 +146,10 @@ def shard_chunks(n_chunks: int, rank: int = 0, world_size: int = 1) -> list[int]
 def write_profiles(table: ProfileTable, path: str | Path, provenance: dict | None = None) -> Path:
     """Write a profile table as Parquet, plus ``<stem>.json`` provenance, each to a
     temporary file renamed over the target (removed if writing fails)."""
-    path = Path(path)
+    path = check_profiles_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
+    # unique, hidden, and ending as ``path`` does (the writer picks the format by suffix)
+    tmp = unique_temp_path(path, suffix=_profile_suffix(path))
     with remove_on_failure(tmp):
         table.write(tmp)
         os.replace(tmp, path)

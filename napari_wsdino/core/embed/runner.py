@@ -26,8 +26,8 @@ from napari_wsdino.core.cache import Cache
 from napari_wsdino.core.embed.crops import DEFAULT_CROP, MAX_CELLS, MEDIANS, WINDOWS, crop_sides
 from napari_wsdino.core.embed.features import (POOLINGS, embed_channel, feature_names,
                                                l2_normalise, profile_table)
-from napari_wsdino.core.embed.parts import (_prepare_parts, load_chunk, parts_folder,
-                                            parts_manifest, save_chunk, shard_chunks,
+from napari_wsdino.core.embed.parts import (_prepare_parts, check_profiles_out, load_chunk,
+                                            parts_folder, parts_manifest, save_chunk, shard_chunks,
                                             write_profiles)
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import pick_device
@@ -267,6 +267,8 @@ def embed_cache(
     >>> gen = embed_cache(cache, models, "profiles.parquet", crop=224)  # doctest: +SKIP
     >>> for event in gen: print(event.message)                          # doctest: +SKIP
     """
+    if out is not None:
+        out = check_profiles_out(out)  # before any field: a name the writer refuses
     models.check_channels(cache.channels)
     dev, info = _join(device)
     try:

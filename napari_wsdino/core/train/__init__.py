@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Mapping
 
@@ -45,7 +46,7 @@ import torch
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.dino import ema_update
-from napari_wsdino.core.fsio import first_missing_dir, remove_empty_dirs
+from napari_wsdino.core.fsio import first_missing_dir, output_lock, remove_empty_dirs
 from napari_wsdino.core.layout import CHECKPOINT_FILE, CONFIG_FILE, LOG_FILE, channel_dir
 from napari_wsdino.core.model import pick_device
 from napari_wsdino.core.progress import Progress
@@ -148,6 +149,8 @@ def train(
     TrainingError
         Non-finite loss (the last good checkpoint is kept), or a resume that does not
         match the run.
+    OutputLockedError
+        Another process is training into ``out_dir`` (:func:`~napari_wsdino.core.fsio.output_lock`).
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     out = Path(out_dir)
@@ -159,7 +162,10 @@ def train(
     info = distributed.setup(device.type)
     made = first_missing_dir(out)
     try:
-        return (yield from _train(cache, config, out, ckpt_path, device, info, resume, stop))
+        # One writer per channel folder: a second 'wsdino train --out' on it is refused
+        # (naming the first) before it reads or writes anything there.
+        with output_lock(out, "this run") if info.is_main else nullcontext():
+            return (yield from _train(cache, config, out, ckpt_path, device, info, resume, stop))
     except BaseException:
         remove_empty_dirs(out, made)  # failed before writing (e.g. weights of another width)
         raise
