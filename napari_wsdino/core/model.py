@@ -304,7 +304,8 @@ def create_backbone(
 
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint file safely (tensors and plain Python types only); ``path`` may
-    also name a bundled weights file (:mod:`napari_wsdino.core.pretrained`)."""
+    also name a bundled weights file or official weights, fetched on first use
+    (:mod:`napari_wsdino.core.pretrained`)."""
     from napari_wsdino.core.pretrained import resolve_weights
 
     path = resolve_weights(path)
