@@ -111,3 +111,53 @@ def test_evaluate_command_loads_no_torch(profile_file):
             "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_interrupted_write_over_an_earlier_set_keeps_it(profile_file, tmp_path, capsys,
+                                                            monkeypatch):
+    """Issue 30 g: Ctrl-C while writing --out over an earlier result leaves that result."""
+    from napari_wsdino.core import figures
+    from napari_wsdino.core.evaluate_workflow import evaluation_state
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(profile_file), "--out", str(out), "--quiet"]) == 0
+    assert evaluation_state(out) == "complete"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "complete.json" in before
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(figures, "per_moa_figure", interrupted)  # after the CSVs are written
+    assert main(["evaluate", str(profile_file), "--out", str(out), "--quiet", "--no-nscb",
+                 "--tvn", "per-plate"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no debris, no mix
+    assert evaluation_state(out) == "complete"
+    monkeypatch.undo()
+    # a finished rerun replaces the whole set, dropping files the new one lacks
+    assert main(["evaluate", str(profile_file), "--out", str(out), "--quiet", "--no-nscb"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "confusion_nscb.csv" not in names and "complete.json" in names
+    assert json.loads((out / "complete.json").read_text())["nscb"] is None
+
+
+def test_an_incomplete_set_is_flagged(profile_file, tmp_path, capsys):
+    from napari_wsdino.core.evaluate_workflow import evaluation_state
+
+    out = tmp_path / "eval"
+    assert evaluation_state(out) == "absent"
+    out.mkdir()
+    (out / "treatment_profiles.csv").write_text("Metadata_Treatment\n")  # cut short
+    assert evaluation_state(out) == "incomplete"
+    assert main(["evaluate", str(profile_file), "--out", str(out), "--quiet"]) == 0
+    assert "held an incomplete result set" in capsys.readouterr().err
+    assert evaluation_state(out) == "complete"
+
+
+def test_k_above_the_treatments_warns(profile_file, capsys):
+    """Issue 30 h: --k 1000 on 103 treatments is a number with a warning."""
+    assert main(["evaluate", str(profile_file), "--quiet", "--k", "1", "1000"]) == 0
+    err = capsys.readouterr().err
+    (warning,) = [ln for ln in err.splitlines() if ln.startswith("warning: --k 1000")]
+    assert "103 treatments" in warning and "use k below 103" in warning

@@ -10,9 +10,11 @@ memory (hundreds of thousands of treatments fit). See docs/evaluation.md for the
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from napari_wsdino.cli._common import command, drive
+from napari_wsdino.core.evaluate_workflow import evaluation_state
 from napari_wsdino.core.evaluation import (DEFAULT_KS, UNANNOTATED, EvaluationResult,
                                            iter_evaluate)
 from napari_wsdino.core.profiles import ProfileTable
@@ -59,30 +61,28 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", metavar="DIR",
                    help="write treatment_profiles.csv, neighbours.csv, confusion_nsc[b].csv "
-                   "and .png, per_moa.png and metrics.json here")
+                   "and .png, per_moa.png and metrics.json here, then complete.json: an "
+                   "interrupted run leaves an earlier set whole")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def write_outputs(result: EvaluationResult, out: str | Path) -> list[Path]:
-    """Write an evaluation's tables, figures and JSON into a folder; returns the paths."""
-    from napari_wsdino.core.figures import confusion_figure, per_moa_figure, save_figure
+    """Write an evaluation's tables, figures and JSON into a folder, as one set that an
+    interruption cannot mix with an earlier one; returns the paths."""
+    from napari_wsdino.core.evaluate_workflow import write_evaluation
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [result.treatments.write(out / "treatment_profiles.csv")]
-    result.neighbours.to_csv(out / "neighbours.csv", index=False)
-    written.append(out / "neighbours.csv")
-    for rule, table in (("nsc", result.confusion_nsc), ("nscb", result.confusion_nscb)):
-        if table is None:
-            continue
-        table.to_csv(out / f"confusion_{rule}.csv")
-        written.append(out / f"confusion_{rule}.csv")
-        written.append(save_figure(confusion_figure(table, rule.upper()), out / f"confusion_{rule}.png"))
-    written.append(save_figure(per_moa_figure(result.per_moa, "Accuracy per MoA"), out / "per_moa.png"))
-    (out / "metrics.json").write_text(json.dumps(result.to_dict(), indent=2))
-    written.append(out / "metrics.json")
-    return written
+    return write_evaluation(result, out)
+
+
+def _k_warnings(ks, n_treatments: int) -> list[str]:
+    """k values with no meaning for ``n_treatments``: more neighbours than there are."""
+    over = sorted(k for k in set(ks) if k >= n_treatments)
+    if not over:
+        return []
+    return [f"--k {', '.join(map(str, over))}: at least as many neighbours as the "
+            f"{n_treatments} treatments, so every treatment votes and k-NN accuracy is the "
+            f"share of the commonest MoA; use k below {n_treatments} (e.g. 1 3 5)."]
 
 
 def _pct(x) -> str:
@@ -103,6 +103,11 @@ def run(args) -> int:
                       nscb_multibatch=settings.nscb_multibatch),
         quiet=args.quiet or args.json,
     )
+    for warning in _k_warnings(args.k, len(result.treatments)):
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.out and evaluation_state(args.out) == "incomplete":
+        print(f"note: {args.out} held an incomplete result set (an interrupted run, or one "
+              "written before sets were marked complete); it is replaced.", file=sys.stderr)
     written = write_outputs(result, args.out) if args.out else []
     if args.json:
         print(json.dumps(result.to_dict()))

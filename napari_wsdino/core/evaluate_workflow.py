@@ -10,6 +10,7 @@ Evaluate panel runs it in a worker; a script or the CLI can drive it with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generator
@@ -19,8 +20,8 @@ import pandas as pd
 
 from napari_wsdino.core.aggregate import aggregate_wells
 from napari_wsdino.core.cache import Cache
-from napari_wsdino.core.embed import embed_cache
 from napari_wsdino.core.evaluation import EvaluationResult, iter_evaluate
+from napari_wsdino.core.fsio import file_set_state, output_lock, write_file_set
 from napari_wsdino.core.layout import profiles_path
 from napari_wsdino.core.profiles import MOA, PLATE, TREATMENT, WELL, ProfileTable
 from napari_wsdino.core.progress import Progress
@@ -105,6 +106,8 @@ def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, cro
     >>> ev.result.nsc, ev.xy.shape                                                    # doctest: +SKIP
     (0.92, (103, 2))
     """
+    from napari_wsdino.core.embed import embed_cache  # torch: not for write_evaluation
+
     yield Progress("evaluate", 0, 1, "checking the model set")
     label = label or model_set_label(models)
     out = out or profiles_path_for(cache, models)
@@ -118,3 +121,44 @@ def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, cro
         confusion["NSCB"] = labelled_confusion(result.confusion_nscb)
     return Evaluation(label, profiles, result, points, np.asarray(xy), level, out,
                       point_names(points, level), confusion)
+
+
+def evaluation_files(result: EvaluationResult) -> dict:
+    """The files of an evaluation's result set, by name: ``{name: write(path)}``."""
+    from napari_wsdino.core.figures import confusion_figure, per_moa_figure, save_figure
+
+    files = {"treatment_profiles.csv": result.treatments.write,
+             "neighbours.csv": lambda p: result.neighbours.to_csv(p, index=False)}
+    for rule, table in (("nsc", result.confusion_nsc), ("nscb", result.confusion_nscb)):
+        if table is None:
+            continue
+        files[f"confusion_{rule}.csv"] = table.to_csv
+        files[f"confusion_{rule}.png"] = (
+            lambda p, t=table, r=rule: save_figure(confusion_figure(t, r.upper()), p))
+    files["per_moa.png"] = lambda p: save_figure(
+        per_moa_figure(result.per_moa, "Accuracy per MoA"), p)
+    files["metrics.json"] = lambda p: p.write_text(json.dumps(result.to_dict(), indent=2))
+    return files
+
+
+def write_evaluation(result: EvaluationResult, out: str | Path) -> list[Path]:
+    """Write an evaluation's tables, figures and ``metrics.json`` into folder ``out`` as
+    one set (:func:`~napari_wsdino.core.fsio.write_file_set`): an interrupted or failed
+    write leaves an earlier set there whole, and ``complete.json``, written last, marks
+    a finished one (:func:`evaluation_state`). One writer at a time
+    (:func:`~napari_wsdino.core.fsio.output_lock`).
+
+    Example
+    -------
+    >>> write_evaluation(result, "EV")                         # doctest: +SKIP
+    [PosixPath('EV/treatment_profiles.csv'), ..., PosixPath('EV/metrics.json')]
+    """
+    with output_lock(out, "this evaluation"):
+        return write_file_set(out, evaluation_files(result),
+                              {"nsc": result.nsc, "nscb": result.nscb})
+
+
+def evaluation_state(out: str | Path) -> str:
+    """``"complete"``, ``"incomplete"`` (cut short, or written before sets were marked:
+    do not trust it) or ``"absent"``: what an evaluation folder holds."""
+    return file_set_state(out)[0]

@@ -30,7 +30,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 try:
     import fcntl
@@ -172,7 +172,8 @@ def unique_temp_path(path: str | Path, suffix: str = ".tmp") -> Path:
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
-        os.fchmod(fd, _FILE_MODE)
+        if hasattr(os, "fchmod"):  # not on Windows, where mkstemp gives the usual mode
+            os.fchmod(fd, _FILE_MODE)
     finally:
         os.close(fd)
     return Path(name)
@@ -296,6 +297,71 @@ def output_lock(folder: str | Path, what: str = "this output",
         except OSError:
             pass
         os.close(fd)
+
+
+#: Written last into a folder of results written by :func:`write_file_set`: the set is
+#: complete (and which files it holds).
+COMPLETE_FILE = "complete.json"
+
+
+def write_file_set(folder: str | Path, writers: Mapping[str, Callable[[Path], object]],
+                   info: Mapping | None = None) -> list[Path]:
+    """Replace the set of result files in ``folder`` as a whole.
+
+    Each ``writers[name](path)`` writes one file to the temporary ``path`` it is given
+    (ending as ``name`` does, for writers that pick a format by suffix). Only when all
+    are written does the old set go: its ``complete.json`` is removed, each temporary
+    file is renamed over its name, files of the old set not in the new one are removed,
+    and ``complete.json`` (the names, ``info``) is written last. An error or Ctrl-C while
+    writing leaves the old set untouched and no temporary files; :func:`file_set_state`
+    tells a complete set from one cut short.
+
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = write_file_set(folder, {"a.txt": lambda p: p.write_text("1")})
+    >>> file_set_state(folder)
+    ('complete', ['a.txt'])
+    """
+    folder = ensure_dir(folder)
+    marker = folder / COMPLETE_FILE
+    old = file_set_state(folder)[1]
+    temps: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            target = folder / name
+            temps[name] = unique_temp_path(target, suffix="." + name)
+            write(temps[name])
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    marker.unlink(missing_ok=True)  # from here until the new marker: an incomplete set
+    for name, tmp in temps.items():
+        os.replace(tmp, folder / name)
+    for name in set(old) - set(writers):
+        (folder / name).unlink(missing_ok=True)
+    with atomic_write(marker, "w") as fh:
+        json.dump({"files": list(writers), "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                   **(info or {})}, fh, indent=2)
+    return [folder / name for name in writers]
+
+
+def file_set_state(folder: str | Path) -> tuple[str, list[str]]:
+    """``("complete", names)`` for a set :func:`write_file_set` finished (every file
+    there), ``("incomplete", [])`` for a folder of other files (a set cut short, or one
+    written before sets were marked), ``("absent", [])`` for a missing or empty folder
+    (hidden files, such as temporary ones and locks, do not count)."""
+    folder = Path(folder)
+    visible = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    if not visible:
+        return "absent", []
+    try:
+        names = json.loads((folder / COMPLETE_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "incomplete", []
+    if all((folder / n).is_file() for n in names):
+        return "complete", list(names)
+    return "incomplete", []
 
 
 def preallocate(path: str | Path, size: int) -> None:
