@@ -926,3 +926,24 @@ def test_case_e_profile_and_chunk_temporaries_are_unique(tmp_path, field_profile
     write_profiles(field_profiles, tmp_path / "p.csv.gz")
     save_chunk(tmp_path, 0, np.zeros((2, 3), np.float32))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk_00000.npy", "p.csv.gz"]
+
+
+def test_case_h_workers_are_clamped_to_the_cores(screen, tmp_path, capsys, monkeypatch):
+    from napari_wsdino.cli import preprocess as cli_pp
+
+    monkeypatch.setattr(cli_pp, "usable_cores", lambda: 1)
+    code, _, err = _cli(["preprocess", screen, "--out", tmp_path / "cache", "--workers", "1000",
+                         "--quiet"], capsys)
+    assert code == 0
+    assert "note: --workers 1000 is more than the 1 usable cores; using 1." in err
+    code, _, err = _cli(["preprocess", screen, "--out", tmp_path / "c2", "--workers", "0"], capsys)
+    assert code == 2
+    _one_line_error(err, "--workers must be at least 1")
+
+
+def test_case_h_attention_channel_in_another_case(tiny_cache, tmp_path, capsys):
+    code, _, err = _cli(["attention", tiny_cache.path, "--model", tmp_path / "no-run",
+                         "--channel", "dapi", "--index", "0", "--out", tmp_path / "a.png"], capsys)
+    assert code == 2
+    line = _one_line_error(err, "--channel 'dapi' is not a channel of", "use --channel DAPI")
+    assert "--model" not in line

@@ -67,10 +67,21 @@ def _load_image(args) -> tuple[np.ndarray, str]:
     return (raw - raw.mean()) / max(float(raw.std()), 1e-6), _label(meta.table.iloc[idx])
 
 
-def _first_channel(data: Path, args) -> str:
+def _data_channels(data: Path, args) -> tuple[str, ...]:
     if (data / SETTINGS_FILE).exists():
-        return open_cache(data).channels[0]
-    return load_metadata(data, layout_from_args(args), check_files=False).channels[0]
+        return tuple(open_cache(data).channels)
+    return tuple(load_metadata(data, layout_from_args(args), check_files=False).channels)
+
+
+def _check_channel(channel: str, channels: tuple[str, ...], data) -> None:
+    """Refuse a channel the data lacks, before any model is loaded, suggesting the
+    data's own spelling (``dapi`` -> ``DAPI``)."""
+    if channel in channels:
+        return
+    same = [c for c in channels if c.lower() == channel.lower()]
+    hint = f"use --channel {same[0]}" if same else "give one of them with --channel"
+    raise DataError(f"--channel {channel!r} is not a channel of {data} ({', '.join(channels)}): "
+                    f"{hint} (channel names are case-sensitive).")
 
 
 def _label(row) -> str:
@@ -97,8 +108,10 @@ def run(args) -> int:
         raise DataError(f"--out must end in .png, .tif or .tiff, not {out.name!r}.")
     if not 0 < args.keep <= 1:
         raise DataError("--keep is a fraction of the attention mass, in (0, 1].")
+    channels = _data_channels(Path(args.data), args)
     if not args.channel:
-        args.channel = _first_channel(Path(args.data), args)
+        args.channel = channels[0]
+    _check_channel(args.channel, channels, args.data)
     try:
         entry = load_channel_model(args.channel, args.model, arch=args.arch,
                                    which="student" if args.student else "teacher")

@@ -13,6 +13,7 @@ plates each, into CACHE/shards/I-of-N/), then '--merge' (docs/cluster.md).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from napari_wsdino.cli._common import add_layout_option, command, drive, is_terminal, layout_from_args
@@ -50,7 +51,8 @@ def add_parser(sub) -> None:
                    help="fast (within 1%% of CellProfiler's exact function, default), "
                    "exact (slow), or none")
     p.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
-                   help=f"processes (default {DEFAULT_WORKERS}; 1: no subprocesses)")
+                   help=f"processes (default {DEFAULT_WORKERS}; 1: no subprocesses; at most "
+                   "the usable cores)")
     p.add_argument("--drop-missing", action="store_true",
                    help="leave out fields whose image files are missing instead of failing")
     p.add_argument("--unannotated", choices=UNANNOTATED, default=UNANNOTATED[0],
@@ -93,7 +95,29 @@ def _warn_unreadable(gen, stream):
         yield event
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, e.g. a batch job's share)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _workers(asked: int) -> int:
+    """``--workers``, at least 1 and at most the usable cores (with a note): more
+    processes than cores only add memory, one copy of the worker state each."""
+    if asked < 1:
+        raise DataError(f"--workers must be at least 1 (1: no subprocesses), not {asked}.")
+    cores = usable_cores()
+    if asked > cores:
+        print(f"note: --workers {asked} is more than the {cores} usable cores; using {cores}.",
+              file=sys.stderr)
+        return cores
+    return asked
+
+
 def run(args) -> int:
+    args.workers = _workers(args.workers)
     try:
         settings = PreprocessSettings(
             size=tuple(args.size) if args.size else None,
