@@ -144,8 +144,9 @@ def test_case1_disk_full_mid_run_keeps_finished_plates(screen, tmp_path, capsys,
     real_open = open
 
     def open_filling(path, mode):  # the 3rd state write (after plate 2) meets a full disk
-        calls["n"] += Path(path).name == "cache.json.tmp"
-        full = Path(path).name == "cache.json.tmp" and calls["n"] == 3
+        state = Path(path).name.startswith(".cache.json.")  # atomic_write's temporary file
+        calls["n"] += state
+        full = state and calls["n"] == 3
         return _FullAfter(real_open(path, mode), 10 if full else 10**9)
 
     monkeypatch.setattr(fsio, "open", open_filling, raising=False)
@@ -947,3 +948,37 @@ def test_case_h_attention_channel_in_another_case(tiny_cache, tmp_path, capsys):
     assert code == 2
     line = _one_line_error(err, "--channel 'dapi' is not a channel of", "use --channel DAPI")
     assert "--model" not in line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock")
+@pytest.mark.parametrize("command", ["embed", "preprocess"])
+def test_case_f_second_writer_of_a_cache_or_profiles_is_refused(screen, tiny_cache, tmp_path,
+                                                                capsys, command):
+    out = tmp_path / ("p.parquet" if command == "embed" else "cache")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from napari_wsdino.cli._common import "
+         "writing\nwith writing(sys.argv[1], 'x'):\n print('held', flush=True); "
+         "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = {"embed": ["embed", tiny_cache.path, "--random", "--arch", "test_vit", "--crop",
+                          "16", "--out", out, "--quiet"],
+                "preprocess": _preprocess_args(screen, out)}[command]
+        code, _, err = _cli(args, capsys)
+        assert code == 2
+        _one_line_error(err, f"{out} is being written by process {holder.pid}")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = _cli(args, capsys)  # the holder gone, its stale lock is taken over
+    assert code == 0, err
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == (["p.json", "p.parquet"] if command == "embed" else ["cache"])  # no lock
+
+
+def test_case_h_embed_crop_zero(tiny_cache, tmp_path, capsys):
+    code, _, err = _cli(["embed", tiny_cache.path, "--random", "--arch", "test_vit", "--crop",
+                         "0", "--out", tmp_path / "p.parquet", "--quiet"], capsys)
+    assert code == 2
+    _one_line_error(err, "--crop is a side in pixels, at least 1")

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 
-from napari_wsdino.cli._common import command, drive
+from napari_wsdino.cli._common import command, drive, writing
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,
@@ -133,11 +134,15 @@ def print_ranks(ranks) -> None:
 
 
 def run(args) -> int:
-    main = distributed.env_world_size() <= 1 or int(os.environ.get("RANK", "0")) == 0
+    single = distributed.env_world_size() <= 1
+    main = single or int(os.environ.get("RANK", "0")) == 0
     seen: dict = {}
     try:
         settings = embed_settings(args)
-        check_profiles_out(args.out)  # before the cache, the models and hours of embedding
+        check_profiles_out(args.out)
+        if args.crop < 1:
+            raise DataError(f"--crop is a side in pixels, at least 1 (default {DEFAULT_CROP}), "
+                            f"not {args.crop}.")  # before the cache, the models and hours of embedding
         cache = open_cache(args.cache)
         models = build_models(args, cache.channels)
         if main and not args.quiet:
@@ -145,13 +150,15 @@ def run(args) -> int:
         if args.export_safetensors and main:
             for path in models.export_safetensors(args.export_safetensors):
                 print(f"exported {path}", file=sys.stderr)
-        profiles = drive(_noting_ranks(
-            embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
-                        chunk_size=args.chunk_size, device=args.device, resume=not args.overwrite,
-                        windows=settings.windows, median=settings.median, l2=settings.l2,
-                        pooling=args.pooling), seen),
-            quiet=args.quiet or not main,
-        )
+        # one writer per --out and its OUT.parts/ (a torchrun job's ranks share it)
+        with writing(args.out, "these profiles") if single else nullcontext():
+            profiles = drive(_noting_ranks(
+                embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
+                            chunk_size=args.chunk_size, device=args.device,
+                            resume=not args.overwrite, windows=settings.windows,
+                            median=settings.median, l2=settings.l2, pooling=args.pooling), seen),
+                quiet=args.quiet or not main,
+            )
     except CheckpointError as exc:
         print(f"wsdino embed: error: {exc}", file=sys.stderr)
         return 2

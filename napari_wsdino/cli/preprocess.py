@@ -16,7 +16,8 @@ import argparse
 import os
 import sys
 
-from napari_wsdino.cli._common import add_layout_option, command, drive, is_terminal, layout_from_args
+from napari_wsdino.cli._common import (add_layout_option, command, drive, is_terminal,
+                                       layout_from_args, writing)
 from napari_wsdino.core.metadata import UNANNOTATED, DataError, load_metadata
 from napari_wsdino.core.preprocess import (
     DEFAULT_WORKERS,
@@ -136,7 +137,9 @@ def run(args) -> int:
         gen = merge_shards(meta, args.out, settings, sources=args.merge)
     else:
         gen = preprocess(meta, args.out, settings, workers=args.workers, shard=args.shard)
-    cache = drive(_warn_unreadable(gen, sys.stderr), quiet=args.quiet)
+    shard = f"shard-{args.shard.index}-of-{args.shard.count}" if args.shard else ""
+    with writing(args.out, "this cache", shard):  # shards of one cache run side by side
+        cache = drive(_warn_unreadable(gen, sys.stderr), quiet=args.quiet)
     failed = cache.settings.get("failed", [])
     h, w = cache.shape
     print(f"Cache: {cache.path}  {len(cache)} fields x {len(cache.channels)} channels "

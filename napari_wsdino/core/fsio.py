@@ -237,12 +237,12 @@ def _describe_holder(record: dict) -> str:
 
 
 @contextmanager
-def output_lock(folder: str | Path, what: str = "this output",
-                name: str = LOCK_FILE) -> Iterator[Path]:
+def output_lock(folder: str | Path, what: str = "this output", name: str = LOCK_FILE,
+                label: str | Path | None = None) -> Iterator[Path]:
     """Hold an advisory lock on output folder ``folder`` (created) while the block runs.
 
-    The lock is ``folder/.wsdino.lock`` (or ``folder/name``: one lock per output file of a
-    shared folder), locked with ``flock`` (so the kernel releases it
+    The lock is ``folder/.wsdino.lock`` (or ``folder/name``: one lock per output of a
+    shared folder, the output then ``label`` in the message), locked with ``flock`` (so the kernel releases it
     when its holder dies: a stale lock, left by a killed run, is simply taken over) and
     holding the holder's pid, host, command and start time, for the message that refuses
     a second writer: :class:`OutputLockedError`. The file is removed on release. Where the
@@ -266,15 +266,15 @@ def output_lock(folder: str | Path, what: str = "this output",
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-        except OSError as exc:
-            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        except OSError as exc:  # read-only, not ours: name the output, not the lock
+            raise type(exc)(exc.errno, exc.strerror, str(folder)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise OutputLockedError(
-                f"{folder} is being written by {_describe_holder(_lock_record(path))}: "
-                f"wait for it to finish (or stop it), or write {what} to another folder."
+                f"{label or folder} is being written by {_describe_holder(_lock_record(path))}"
+                f": wait for it to finish (or stop it), or write {what} to another folder."
             ) from None
         # The holder before us may have removed the file between our open and our lock:
         # then we hold a lock on a file nobody else sees; start again on the new one.
