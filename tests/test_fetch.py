@@ -564,3 +564,22 @@ def test_bad_timeout_and_base_url_are_one_line_before_any_request(tmp_path, caps
     assert not dest.exists()
     with pytest.raises(F.FetchError):
         F.FetchOptions(timeout=-1)
+
+
+def test_archive_missing_listed_files_is_refused_and_not_marked_complete(tmp_path, serve,
+                                                                        official, bundled_dir):
+    """Issue 30: an archive with fewer fields than the image CSV lists is not 'complete'."""
+    rows = _rows(bundled_dir)
+    name = F.archive_name(PLATES[0])
+    files = dict(official)
+    files[name] = _zip_plate(PLATES[0], rows.head(1), seed=0)  # 3 of the plate's files
+    url = serve(Site(files))
+    dest = tmp_path / "d"
+    with pytest.raises(F.FetchError) as err:
+        _fetch(dest, url, plates=[PLATES[0]])
+    msg = str(err.value)
+    assert f"holds 3 of the {3 * FIELDS_PER_PLATE} image files" in msg
+    assert "not marked complete" in msg and "--base-url" in msg
+    assert not (dest / PLATES[0]).exists() and not F.is_plate_complete(dest, PLATES[0])
+    downloads = dest / F.DOWNLOAD_DIR
+    assert not downloads.exists() or list(downloads.iterdir()) == []  # fetched anew on rerun

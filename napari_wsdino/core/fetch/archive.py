@@ -11,7 +11,7 @@ import zipfile
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Callable, Generator, Mapping
+from typing import Callable, Generator, Iterable, Mapping
 
 import pandas as pd
 
@@ -121,8 +121,13 @@ def unpack_plate(
     *,
     record: Mapping | None = None,
     disk_usage: Callable = shutil.disk_usage,
+    expected: Iterable[str] | None = None,
 ) -> Generator[Progress, None, Path]:
     """Unpack one plate archive to ``dest/<plate>``, atomically.
+
+    ``expected``: the image files the image CSV lists for the plate
+    (:func:`plate_files`); an archive lacking any of them is refused before anything
+    is unpacked, and the plate is not marked complete.
 
     Members go to a temporary folder inside ``dest``; the ``.complete`` marker
     (JSON: ``record`` plus the file count) is written last, and the folder is then
@@ -143,6 +148,7 @@ def unpack_plate(
     try:
         with zipfile.ZipFile(archive) as zf:
             files, prefix = _members(zf, plate)
+            _check_expected(files, prefix, expected, archive.name)
             need = sum(m.file_size for m in files)
             free = disk_usage(dest).free
             if need > free:
@@ -178,6 +184,46 @@ def unpack_plate(
     return final
 
 
+def plate_files(image_csv: str | Path, plate: str) -> list[str] | None:
+    """The image file names the (BBBC021) image CSV lists for ``plate``; ``None`` when
+    the CSV is missing, unreadable or does not name the plate (nothing to check against)."""
+    image_csv = Path(image_csv)
+    if not image_csv.exists():
+        return None
+    layout = ScreenLayout()
+    cols = [layout.plate_column] + [layout.file_columns[c][0] for c in layout.channels]
+    try:
+        table = pd.read_csv(image_csv, usecols=cols)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return None
+    rows = table[table[layout.plate_column].astype(str) == plate]
+    if rows.empty:
+        return None
+    return list(pd.unique(rows[cols[1:]].astype(str).to_numpy().ravel()))
+
+
+class IncompleteArchiveError(FetchError):
+    """A whole, readable archive that lacks files its plate should hold: downloading it
+    again (from the same or another mirror) is the repair, so it is deleted."""
+
+
+def _check_expected(files, prefix: str, expected: Iterable[str] | None, name: str) -> None:
+    """Refuse an archive that lacks image files the image CSV lists for its plate."""
+    if expected is None:
+        return
+    expected = list(expected)
+    have = {PurePosixPath(m.filename.replace("\\", "/")[len(prefix):]).name for m in files}
+    missing = [n for n in expected if PurePosixPath(n).name not in have]
+    if missing:
+        raise IncompleteArchiveError(
+            f"{name} holds {len(expected) - len(missing)} of the {len(expected)} image files "
+            f"the image CSV lists for this plate (missing e.g. {missing[0]}): an incomplete "
+            "archive, from a cut download or a partial mirror. Nothing was unpacked and the "
+            f"plate is not marked complete; the archive was deleted, so {_RESUME_HINT} "
+            "(or use another mirror, --base-url)."
+        )
+
+
 def adopt_existing(dest: str | Path, plate: str, image_csv: str | Path | None = None) -> bool:
     """Mark ``dest/<plate>`` complete if it already holds every file the image CSV
     lists for that plate (e.g. unpacked by hand); return whether it did."""
@@ -188,18 +234,9 @@ def adopt_existing(dest: str | Path, plate: str, image_csv: str | Path | None = 
     if not folder.is_dir():
         return False
     image_csv = Path(image_csv) if image_csv is not None else dest / IMAGE_CSV
-    if not image_csv.exists():
+    names = plate_files(image_csv, plate)
+    if names is None:
         return False
-    layout = ScreenLayout()
-    cols = [layout.plate_column] + [layout.file_columns[c][0] for c in layout.channels]
-    try:
-        table = pd.read_csv(image_csv, usecols=cols)
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return False
-    rows = table[table[layout.plate_column].astype(str) == plate]
-    if rows.empty:
-        return False
-    names = pd.unique(rows[cols[1:]].astype(str).to_numpy().ravel())
     if not all((folder / n).is_file() and (folder / n).stat().st_size > 0 for n in names):
         return False
     info = {"plate": plate, "source": "existing copy", "files": int(len(names)),
@@ -209,5 +246,5 @@ def adopt_existing(dest: str | Path, plate: str, image_csv: str | Path | None = 
     return True
 
 
-__all__ = ["adopt_existing", "iter_verify_archive", "sha256_file", "unpack_plate",
-           "verify_archive"]
+__all__ = ["IncompleteArchiveError", "adopt_existing", "iter_verify_archive", "plate_files", "sha256_file",
+           "unpack_plate", "verify_archive"]

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Sequence
 
-from napari_wsdino.core.fetch.archive import adopt_existing, iter_verify_archive, unpack_plate
+from napari_wsdino.core.fetch.archive import (IncompleteArchiveError, adopt_existing,
+                                             iter_verify_archive, plate_files, unpack_plate)
 from napari_wsdino.core.fetch.http import download, remote_size
 from napari_wsdino.core.fetch.options import (
     _PLATE_NAME,
@@ -24,6 +25,7 @@ from napari_wsdino.core.fetch.options import (
     format_bytes,
 )
 from napari_wsdino.core.fetch.selection import select_plates
+from napari_wsdino.core.metadata import IMAGE_CSV
 from napari_wsdino.core.progress import Progress
 
 
@@ -224,10 +226,16 @@ def fetch_plates(plan: FetchPlan) -> Generator[Progress, None, FetchResult]:
         try:
             record = yield from _fetch_one(job, downloads, options, on_bytes, info,
                                            lambda: base + job.expected_size, overall_total)
-            yield from (
-                _wrap_unpack(ev, info, base + job.expected_size, overall_total)
-                for ev in unpack_plate(downloads / job.archive, dest, job.plate, record=record)
-            )
+            try:
+                yield from (
+                    _wrap_unpack(ev, info, base + job.expected_size, overall_total)
+                    for ev in unpack_plate(downloads / job.archive, dest, job.plate,
+                                           record=record,
+                                           expected=plate_files(dest / IMAGE_CSV, job.plate))
+                )
+            except IncompleteArchiveError:
+                (downloads / job.archive).unlink(missing_ok=True)  # a rerun fetches it anew
+                raise
         except FetchError as exc:
             msg = str(exc)
             if job.plate not in msg:
