@@ -96,13 +96,13 @@ arch = "test_vit"
 hidden_dim = 64
 bottleneck_dim = 32
 warmup_epochs = 1
-min_lr = 0.0001
+min_lr = 1e-7
 checkpoint_every = 1
 """
 
 
 class LoopGaps:
-    """Longest gap between ticks of a 50 ms QTimer: how long the GUI thread was busy.
+    """Gaps between ticks of a 50 ms QTimer: how long the GUI thread could not respond.
 
     Records, per gap, the wall-clock time and the GUI thread's own CPU time
     (``time.thread_time``): on a machine loaded by other processes the wall-clock gap also
@@ -114,6 +114,7 @@ class LoopGaps:
     def __init__(self, interval_ms: int = 50):
         from qtpy.QtCore import QTimer
 
+        self.interval_ms = interval_ms
         self.timer = QTimer()
         self.timer.setInterval(interval_ms)
         self.timer.timeout.connect(self._tick)
@@ -134,18 +135,62 @@ class LoopGaps:
         self.timer.stop()
         self._tick()
 
-    def _longest(self, column: int) -> float:
+    def _gaps(self, column: int):
         import numpy as np
 
-        t = np.asarray(self.ticks)
-        return float(np.diff(t[:, column]).max() * 1000) if len(t) > 1 else 0.0
+        t = np.asarray(self.ticks).reshape(-1, 2)
+        return np.diff(t[:, column]) * 1000
+
+    @property
+    def gaps_ms(self):
+        """Every wall-clock gap between two ticks (ms)."""
+        return self._gaps(0)
 
     @property
     def longest_ms(self) -> float:
         """Longest wall-clock gap between ticks."""
-        return self._longest(0)
+        gaps = self._gaps(0)
+        return float(gaps.max()) if len(gaps) else 0.0
 
     @property
     def longest_cpu_ms(self) -> float:
         """Most CPU time the GUI thread spent between two ticks."""
-        return self._longest(1)
+        gaps = self._gaps(1)
+        return float(gaps.max()) if len(gaps) else 0.0
+
+    def count_over(self, ms: float) -> int:
+        """How many wall-clock gaps were longer than ``ms``."""
+        return int((self._gaps(0) > ms).sum())
+
+    def summary(self) -> str:
+        import numpy as np
+
+        gaps = self._gaps(0)
+        if not len(gaps):
+            return "no ticks"
+        return (f"{len(gaps)} gaps, median {np.median(gaps):.0f} ms, p95 "
+                f"{np.percentile(gaps, 95):.0f} ms, max {gaps.max():.0f} ms, "
+                f"{self.count_over(100)} over 100 ms; GUI thread CPU max "
+                f"{self.longest_cpu_ms:.0f} ms")
+
+
+def wait_quiet(qtbot, quiet_ms: int = 500, gap_ms: float = 100, timeout: int = 20_000) -> None:
+    """Wait until the event loop ran ``quiet_ms`` without a gap over ``gap_ms``.
+
+    Docks just added paint for the first time (matplotlib canvases, vispy) and settle
+    their layout; a latency measurement starts after that, not during it.
+    """
+    import time
+
+    gaps = LoopGaps().start()
+    t0 = time.perf_counter()
+
+    def quiet() -> bool:
+        ticks = [t for t, _ in gaps.ticks]
+        recent = [b - a for a, b in zip(ticks, ticks[1:]) if b > ticks[-1] - quiet_ms / 1000]
+        return ticks[-1] - t0 > quiet_ms / 1000 and max(recent, default=1) * 1000 < gap_ms
+
+    try:
+        qtbot.waitUntil(quiet, timeout=timeout)
+    finally:
+        gaps.stop()

@@ -37,6 +37,7 @@ class ScatterMap:
     def draw(self, xy: np.ndarray, labels: pd.Series, names: list[str], title: str) -> None:
         """Scatter ``xy`` coloured by ``labels`` (categorical or numeric)."""
         import matplotlib
+        from matplotlib.lines import Line2D
 
         if self.colorbar is not None:
             self.colorbar.remove()
@@ -57,10 +58,13 @@ class ScatterMap:
             colour = {c: cmap(i % 20) for i, c in enumerate(cats)}
             self.collection = self.ax.scatter(xy[:, 0], xy[:, 1], s=30, picker=True, pickradius=5,
                                               c=[colour[v] for v in labels.astype(str)])
-            for c in cats:  # legend entries without drawing points twice
-                self.ax.scatter([], [], color=colour[c], label=c, s=20)
+            # legend entries without drawing points twice (plain markers: cheaper to lay
+            # out than empty scatters, which the legend draws as collections)
+            handles = [Line2D([], [], marker="o", linestyle="None", markersize=4.5,
+                              color=colour[c], label=c) for c in cats]
             # beside the map, every entry: the layout makes room for it
-            self.ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+            self.ax.legend(handles=handles, fontsize=6, loc="upper left",
+                           bbox_to_anchor=(1.01, 1.0),
                            ncol=1 + (len(cats) - 1) // 20, markerscale=0.8, frameon=False,
                            borderaxespad=0.0, handletextpad=0.2)
         self.ax.set_title(title, fontsize=9)
@@ -107,11 +111,19 @@ class ScatterMap:
 
 
 class LossPlot:
-    """Loss and learning-rate curves on a matplotlib canvas (redrawn at most 4x a second).
+    """Loss and learning-rate curves on a matplotlib canvas, cheap to update while training.
 
-    Lines are updated in place and the layout is fixed, so a redraw costs a few ms of the
-    GUI thread (no re-layout, no new artists).
+    A full draw of the two axes (ticks, labels, legend) costs 50-100 ms of the GUI thread
+    on a small CPU, so it happens only when the axes change: a new channel, or a curve
+    leaving its axis range, which then grows with a margin (the x range is the run's
+    steps from the first event). In between, the curves are animated artists blitted
+    onto the cached background at most 4 times a second (a few ms).
     """
+
+    #: Seconds between two updates of the curves.
+    INTERVAL = 0.25
+    #: Share of the data's span added on each side when an axis range grows.
+    MARGIN = 0.25
 
     def __init__(self):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
@@ -126,22 +138,37 @@ class LossPlot:
         self.ax_loss.set_ylabel("loss")
         self.ax_lr.set_ylabel("learning rate")
         self.ax_lr.set_xlabel("step")
+        self.ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # 1e-4, not 0.0001
         self.ax_loss.tick_params(labelbottom=False)
         self.series: dict[str, tuple[list, list, list]] = {}
         self._lines: dict[str, tuple] = {}
+        self._total = 0          # the run's steps (x range), from the events
+        self._background = None  # the canvas without the curves, after each full draw
         self._last = 0.0
+        #: Full draws of the figure (for tests: updates between them are blits).
+        self.full_draws = 0
+        self.canvas.mpl_connect("draw_event", self._on_draw)
+        self.canvas.mpl_connect("resize_event", lambda _e: self._full_draw())
         self.clear()
 
     def clear(self) -> None:
+        """No curves (nothing is redrawn when there were none: Start costs no full draw)."""
+        drawn = bool(self._lines) or not hasattr(self, "_fitted")
         self.series.clear()
         for loss_line, lr_line in self._lines.values():
             loss_line.remove()
             lr_line.remove()
         self._lines.clear()
+        self._total = 0
+        self._fitted = {}  # axes -> the y range fitted to the curves
         legend = self.ax_loss.get_legend()
         if legend is not None:
             legend.remove()
-        self.redraw()
+        if drawn:
+            for ax in (self.ax_loss, self.ax_lr):
+                ax.set_xlim(0, 1)
+                ax.set_ylim(0, 1)
+            self._full_draw()
 
     def add(self, event: Progress) -> None:
         """Plot a training step (events without a loss, e.g. start-up notes, are skipped)."""
@@ -152,21 +179,76 @@ class LossPlot:
         steps.append(event.step)
         loss.append(float(event.info.get("loss", float("nan"))))
         lr.append(float(event.info.get("lr", float("nan"))))
-        if time.perf_counter() - self._last > 0.25:
+        self._total = max(self._total, int(event.total or 0))
+        if time.perf_counter() - self._last > self.INTERVAL:
             self.redraw()
 
     def redraw(self) -> None:
+        """Show the series: blit the curves, or draw everything when the axes must change."""
         self._last = time.perf_counter()
+        full = False
         for channel, (steps, loss, lr) in self.series.items():
             if channel not in self._lines:
-                (a,) = self.ax_loss.plot([], [], label=channel, lw=1)
-                (b,) = self.ax_lr.plot([], [], label=channel, lw=1)
+                (a,) = self.ax_loss.plot([], [], label=channel, lw=1, animated=True)
+                (b,) = self.ax_lr.plot([], [], label=channel, lw=1, animated=True)
                 self._lines[channel] = (a, b)
                 self.ax_loss.legend(fontsize="small")
+                full = True
             loss_line, lr_line = self._lines[channel]
             loss_line.set_data(steps, loss)
             lr_line.set_data(steps, lr)
-        for ax in (self.ax_loss, self.ax_lr):
-            ax.relim()
-            ax.autoscale_view()
+        full |= self._fit_ranges()
+        if full or self._background is None:
+            self._full_draw()
+        else:
+            self.canvas.restore_region(self._background)
+            self._draw_curves()
+            self.canvas.blit(self.figure.bbox)
+
+    def _fit_ranges(self) -> bool:
+        """Grow an axis range that no longer holds its curves; True when one changed."""
+        steps = [s for series in self.series.values() for s in series[0]]
+        if not steps:
+            return False
+        changed = False
+        right = max(self._total, max(steps))  # the run's steps, else the data's
+        if self.ax_loss.get_xlim() != (0, right):
+            self.ax_loss.set_xlim(0, right)  # shared with ax_lr
+            changed = True
+        for ax, column in ((self.ax_loss, 1), (self.ax_lr, 2)):
+            values = np.array([v for series in self.series.values() for v in series[column]])
+            values = values[np.isfinite(values)]
+            if not len(values):
+                continue
+            lo, hi = float(values.min()), float(values.max())
+            fitted = self._fitted.get(ax)
+            if fitted is not None and fitted[0] <= lo and hi <= fitted[1]:
+                continue
+            pad = self.MARGIN * ((hi - lo) or abs(hi) or 1.0)
+            bottom, top = lo - pad, hi + pad
+            if fitted is not None:  # only the side passed grows, by the whole range at least
+                grow = fitted[1] - fitted[0]
+                bottom = fitted[0] if lo >= fitted[0] else min(bottom, fitted[0] - grow)
+                top = fitted[1] if hi <= fitted[1] else max(top, fitted[1] + grow)
+            if lo >= 0 > bottom:
+                bottom = 0.0  # a positive curve keeps y >= 0
+            self._fitted[ax] = (bottom, top)
+            ax.set_ylim(*self._fitted[ax])
+            changed = True
+        return changed
+
+    def _full_draw(self) -> None:
+        """Everything but the curves now; they are drawn on top in ``_on_draw``."""
+        self._background = None
         self.canvas.draw_idle()
+
+    def _on_draw(self, _event) -> None:
+        """After a full draw (also a resize): keep the background, draw the curves on it."""
+        self.full_draws += 1
+        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._draw_curves()
+
+    def _draw_curves(self) -> None:
+        for loss_line, lr_line in self._lines.values():
+            self.ax_loss.draw_artist(loss_line)
+            self.ax_lr.draw_artist(lr_line)

@@ -75,6 +75,11 @@ class WorkerDock(QWidget):
         self._saved = settings.load_settings()
         self.status_label = QLabel(status_text)
         self.status_label.setWordWrap(True)
+        # Two lines kept for the status, and the progress bar's room kept while it is hidden:
+        # a changing message or the bar appearing never resizes the panel's canvases, whose
+        # every resize is a full matplotlib redraw on the GUI thread.
+        self.status_label.setAlignment(Qt.AlignLeft | Qt.AlignTop)
+        self.status_label.setMinimumHeight(2 * self.status_label.fontMetrics().lineSpacing())
         self.body = QWidget()
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -85,6 +90,9 @@ class WorkerDock(QWidget):
         self.progress_bar = QProgressBar()
         self.progress_bar.setToolTip("Progress of the task this panel is running")
         self.progress_bar.setTextVisible(True)
+        policy = self.progress_bar.sizePolicy()
+        policy.setRetainSizeWhenHidden(True)
+        self.progress_bar.setSizePolicy(policy)
         self.progress_bar.hide()
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)

@@ -147,13 +147,14 @@ class EvaluateWidget(WorkerDock):
         self.tabs.addTab(self.numbers, "Numbers")
         self.tabs.addTab(self.per_moa, "Per MoA")
         self.tabs.addTab(confusion_tab, "Confusion")
-        self.tabs.setMinimumHeight(420)
+        # A fixed height: a longer status line never resizes (so fully redraws) the map.
+        self.tabs.setFixedHeight(460)
         exports = QHBoxLayout()
         exports.addWidget(QLabel("Export:"))
         for b in (self.export_profiles_button, self.export_figures_button, self.export_results_button):
             exports.addWidget(b)
         self.stack(self.inputs_label, form, hrow(self.run_button, self.cancel_button),
-                   self.status_label, (self.tabs, 1), exports)
+                   self.status_label, self.tabs, exports, 1)
 
         self.colour_combo.currentTextChanged.connect(lambda _t: self._draw_map())
         self.confusion_combo.currentTextChanged.connect(lambda _t: self._draw_confusion())

@@ -13,6 +13,9 @@ Widgets pass arrays, paths and configs into the generator — never widgets or l
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from typing import Any, Callable, Generator
 
 from napari.qt.threading import GeneratorWorker, create_worker
@@ -43,8 +46,34 @@ class DiskError(OSError):
     """A file-system failure of a background task, worded as path, cause and fix."""
 
 
+#: How much lower than the GUI thread a worker runs (Linux nice steps).
+WORKER_NICENESS = 5
+_GUI_NICE = os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+
+
+def yield_cpu_to_gui() -> None:
+    """Run the calling worker thread, and the threads it starts, below the GUI thread.
+
+    On a machine with few cores, training or embedding fills every core (torch's OpenMP
+    threads, started by the worker thread, inherit its priority) and the GUI thread,
+    which needs a few ms now and then, waits its turn behind them: the window stutters.
+    Linux gives each thread its own nice value; the worker takes the GUI thread's plus
+    ``WORKER_NICENESS`` (an absolute value: a pooled thread reused by the next task does
+    not sink further). Elsewhere, or when refused, nothing changes. Only work that
+    competes with the GUI slows down; an idle GUI leaves the worker every core.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                       min(19, _GUI_NICE + WORKER_NICENESS))
+    except OSError:
+        pass
+
+
 def _drive(gen: Generator[Progress, Any, Any]):
-    """Re-yield a core generator so that napari sees a generator function."""
+    """Re-yield a core generator so that napari sees a generator function (below the GUI)."""
+    yield_cpu_to_gui()
     return (yield from gen)
 
 
