@@ -12,6 +12,7 @@ Usage::
     python benchmarks/demo_seeds.py /tmp/scratch --seeds 21 22 23 --init random  # from scratch
     python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 22 23 --summary-only
     python benchmarks/demo_seeds.py /tmp/e20 --seeds 51 52 53 --preset cpu-hires --epochs 20
+    python benchmarks/demo_seeds.py /tmp/dmso --seeds 71 72 73 --preset cpu-hires --dmso together
     OMP_NUM_THREADS=1 python benchmarks/demo_seeds.py /tmp/seeds --seeds 21 --preset cpu
 
 Seeds run one after the other (each demo uses the machine's cores); a finished seed's
@@ -44,7 +45,8 @@ def previous_cpu_preset():
                    normalize="zscore", embed_windows="", embed_crop=80)
 
 
-def run_seed(out: Path, seed: int, preset: str, init: str = "", epochs: int = 0) -> dict:
+def run_seed(out: Path, seed: int, preset: str, init: str = "", epochs: int = 0,
+             dmso: str = "") -> dict:
     from napari_wsdino.core.pipeline import run_demo
     from napari_wsdino.core.progress import run_to_end
 
@@ -55,6 +57,8 @@ def run_seed(out: Path, seed: int, preset: str, init: str = "", epochs: int = 0)
     overrides = {"init": init} if init else {}
     if epochs:
         overrides["epochs"] = epochs
+    if dmso:
+        overrides["dmso"] = dmso
     summary = run_to_end(run_demo(out / f"seed_{seed}", preset, seed=seed, device="cpu",
                                   **overrides))
     return {"seed": seed, "wall_s": round(time.perf_counter() - t0, 1), "skipped": summary["skipped"],
@@ -106,6 +110,9 @@ def main(argv=None) -> None:
                     "'random' for the cpu preset from scratch)")
     ap.add_argument("--epochs", type=int, default=0,
                     help="fine-tuning epochs (default: the preset's)")
+    ap.add_argument("--dmso", default="", help="DMSO fields in WS-DINO's pairs: exclude (the "
+                    "default), plate, or together (one cross-week group: the pairs that do "
+                    "cross batches)")
     ap.add_argument("--summary-only", action="store_true",
                     help="summarise the seeds' finished folders, run nothing")
     args = ap.parse_args(argv)
@@ -116,7 +123,7 @@ def main(argv=None) -> None:
             res = json.loads((args.out / f"seed_{seed}" / "results.json").read_text())
             runs.append({"seed": seed, "results": res["results"]})
         else:
-            runs.append(run_seed(args.out, seed, args.preset, args.init, args.epochs))
+            runs.append(run_seed(args.out, seed, args.preset, args.init, args.epochs, args.dmso))
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "results"}), flush=True)
     summary = summarise(runs)
     (args.out / "summary.json").write_text(json.dumps({"runs": runs, **summary}, indent=2))

@@ -33,7 +33,7 @@ from napari_wsdino.core.embed import embed_cache
 from napari_wsdino.core.evaluation import evaluate_profiles
 from napari_wsdino.core.metadata import load_metadata
 from napari_wsdino.core.modelset import ModelSet
-from napari_wsdino.core.pipeline import _classical_profiles
+from napari_wsdino.core.pipeline import classical_profiles
 from napari_wsdino.core.preprocess import preprocess
 from napari_wsdino.core.presets import embed_settings, headline, resolve_preset
 from napari_wsdino.core.pretrained import DEFAULT_INIT
@@ -104,7 +104,7 @@ def main() -> None:
                   "classical": None}
         for name, ms in models.items():
             out = root / f"profiles_{name}.parquet"
-            prof = run_to_end(_classical_profiles(meta, cache, out) if ms is None else
+            prof = run_to_end(classical_profiles(meta, cache, out) if ms is None else
                               embed_cache(cache, ms, out, device="cpu", **embed))
             r = headline(evaluate_profiles(prof, tvn="paper", drop_constant=True,
                                            nscb_multibatch="exempt"))

@@ -191,14 +191,20 @@ def test_tubulin_texture_stabilisers_vs_destabilisers(specs):
 
 
 def test_dose_response_is_monotone(specs):
-    doses = {}
-    for s in specs:
-        if s["compound"] == "AZ258":
-            doses[s["concentration"]] = s["dose"]
-    conc = sorted(doses)
+    from napari_wsdino.core.synth import replica_config
+
+    def doses(specs):
+        return {s["concentration"]: s["dose"] for s in specs if s["compound"] == "AZ258"}
+
+    v2 = doses(specs)
+    conc = sorted(v2)
     assert len(conc) >= 3
-    assert all(doses[a] < doses[b] for a, b in zip(conc, conc[1:]))
-    assert doses[conc[0]] < 0.6 < doses[conc[-1]]
+    assert all(v2[a] < v2[b] for a, b in zip(conc, conc[1:]))
+    # v1: the lowest doses are weak (EC50 30 % up the tested range); v2 moves every EC50
+    # 0.4 log10 units down (dose_shift -0.4), so every dose acts more strongly.
+    v1 = doses(field_specs("mini", 1, seed=0, config=replica_config("v1")))
+    assert v1[conc[0]] < 0.6 < v1[conc[-1]]
+    assert all(v2[c] > v1[c] for c in conc)
 
 
 def test_illumination_vignetting_is_per_plate_and_correctable():
@@ -255,19 +261,25 @@ def test_core_imports_no_gui():
     assert out.stdout.strip() == "[]"
 
 
-#: sha256 over (relative path, pixel bytes) of every TIFF of the ``mini_replica`` fixture
-#: (mini, 64 x 80, seed 0), from the renderer before it was split into stages and given
-#: the Cell Painting stains: refactors must not move a pixel of the BBBC021 replica.
-MINI_PIXELS_SHA256 = "4af241e2de9dbfe2ffc585726b80667cc2c9959074826424ed743e9e38b649d1"
+#: sha256 over (relative path, pixel bytes) of every TIFF of the v1 replica (mini, 64 x 80,
+#: seed 0), from the renderer before it was split into stages and given the Cell Painting
+#: stains: refactors must not move a pixel of it, and ``--replica v1`` must keep
+#: reproducing it after v2 became the default (issue 27).
+MINI_V1_PIXELS_SHA256 = "4af241e2de9dbfe2ffc585726b80667cc2c9959074826424ed743e9e38b649d1"
 
 
-def test_bbbc021_replica_pixels_pinned(mini_replica):
+def test_v1_replica_pixels_pinned(tmp_path):
     import hashlib
 
+    from napari_wsdino.core.synth import replica_config
+
+    out = make_replica(tmp_path / "v1", "mini", size=(64, 80), seed=0, workers=1,
+                       config=replica_config("v1"))
     digest = hashlib.sha256()
-    files = sorted(mini_replica.rglob("*.tif"))
+    files = sorted(out.rglob("*.tif"))
     for f in files:
-        digest.update(str(f.relative_to(mini_replica)).encode())
+        digest.update(str(f.relative_to(out)).encode())
         digest.update(np.ascontiguousarray(read_tiff(f)).tobytes())
     assert len(files) == 3 * 292
-    assert digest.hexdigest() == MINI_PIXELS_SHA256
+    assert digest.hexdigest() == MINI_V1_PIXELS_SHA256
+    assert json.loads((out / "replica.json").read_text())["replica"] == "v1"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from napari_wsdino._napari.layers import field_layer_data
 from napari_wsdino.core.metadata import load_metadata
-from napari_wsdino.core.synth import make_replica
+from napari_wsdino.core.synth import default_config, make_replica
 
 if TYPE_CHECKING:
     from napari.types import LayerDataTuple
@@ -43,7 +43,9 @@ def sample_replica(root: str | Path | None = None, layout: str = "bbbc021") -> P
     root = Path(root) if root is not None else cache_dir()
     h, w = SAMPLE_SIZE
     name = SAMPLE_SUBSET if layout == "bbbc021" else layout  # old folder names stay valid
-    target = root / f"sample_replica_{name}_s{SAMPLE_SITES}_{h}x{w}_seed{SAMPLE_SEED}"
+    version = default_config(layout).version
+    suffix = "" if version == "v1" else f"_{version}"  # a v1 sample is never shown as v2
+    target = root / f"sample_replica_{name}_s{SAMPLE_SITES}_{h}x{w}_seed{SAMPLE_SEED}{suffix}"
     if (target / _DONE).exists():
         return target
     root.mkdir(parents=True, exist_ok=True)

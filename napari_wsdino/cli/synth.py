@@ -2,7 +2,10 @@
 
 Write a synthetic replica of BBBC021: the real plates, weeks, wells, sites, treatments and
 file names, with generated MCF-7 images (DAPI, Tubulin, Actin), MoA phenotypes with
-dose-response, and week/plate nuisance. With --layout cellpainting: a small JUMP-style
+dose-response, and week/plate nuisance, plus truth.parquet: every field's ground-truth
+profile (the cells' biology before imaging; `wsdino evaluate DATA/truth.parquet` scores
+the ceiling). --replica v1 writes the first replica's files (numbers made before
+2026-12-07); the version is recorded in DATA/replica.json. With --layout cellpainting: a small JUMP-style
 Cell Painting screen instead (load_data.csv, five stains DNA/ER/RNA/AGP/Mito, 3 sources as
 batches with their own stain and illumination shifts, 2 plates each, one compound of each
 of 12 MoAs per source plus DMSO, 192 fields at 2 sites). Results on it are 'synthetic
@@ -17,8 +20,9 @@ from __future__ import annotations
 import inspect
 
 from napari_wsdino.cli._common import command, drive
-from napari_wsdino.core.metadata import LAYOUTS as SCREEN_LAYOUTS
-from napari_wsdino.core.synth import DEFAULT_SIZE, LAYOUTS, SUBSETS, SynthConfig, write_replica
+from napari_wsdino.core.metadata import LAYOUTS as SCREEN_LAYOUTS, DataError
+from napari_wsdino.core.synth import (DEFAULT_REPLICA, DEFAULT_SIZE, LAYOUTS, REPLICA_VERSIONS,
+                                      SUBSETS, SynthConfig, replica_config, write_replica)
 
 
 def _default(name: str):
@@ -32,6 +36,10 @@ def add_parser(sub) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default=layout,
                    help="; ".join(f"{name}: {SCREEN_LAYOUTS[name].display_name}" for name in LAYOUTS)
                    + f" (default {layout})")
+    p.add_argument("--replica", choices=REPLICA_VERSIONS, default=None,
+                   help=f"replica version (default {DEFAULT_REPLICA}; v1: the first replica, "
+                   "whose week effect is mostly a change of drug response; bbbc021 layout "
+                   "only, the cellpainting replica has one version)")
     p.add_argument("--subset", choices=SUBSETS, default=subset,
                    help="full: 3,848 fields; replicate1: 1,368; mini: 292 (default); "
                    "bbbc021 layout only")
@@ -43,21 +51,27 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
     p.add_argument("--workers", type=int, default=None,
                    help="processes (default: all cores for large subsets)")
-    p.add_argument("--batch-strength", type=float, default=SynthConfig.batch_strength,
+    p.add_argument("--batch-strength", type=float, default=None,
                    help="scale of batch effects (BBBC021 weeks, Cell Painting sources); "
-                   "0 turns them off")
-    p.add_argument("--phenotype-strength", type=float, default=SynthConfig.phenotype_strength,
-                   help="scale of every MoA phenotype; lower is harder")
+                   f"0 turns them off (default {SynthConfig.batch_strength})")
+    p.add_argument("--phenotype-strength", type=float, default=None,
+                   help="scale of every MoA phenotype; lower is harder (default: the "
+                   "version's calibrated value)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    config = SynthConfig(batch_strength=args.batch_strength,
-                         phenotype_strength=args.phenotype_strength)
+    if args.layout == "cellpainting" and args.replica not in (None, "v1"):
+        raise DataError("The Cell Painting replica has one version (v1); leave --replica out "
+                        "with --layout cellpainting.")
+    version = args.replica or (DEFAULT_REPLICA if args.layout == "bbbc021" else "v1")
+    knobs = {k: v for k, v in (("batch_strength", args.batch_strength),
+                               ("phenotype_strength", args.phenotype_strength)) if v is not None}
+    config = replica_config(version, **knobs)
     out = drive(write_replica(args.out, args.subset, args.sites, tuple(args.size), args.seed,
                               args.workers, config, args.layout), quiet=args.quiet)
     what = args.subset if args.layout == "bbbc021" else args.layout
-    print(f"Synthetic replica ({what}, seed {args.seed}) written to {out}. "
+    print(f"Synthetic replica {version} ({what}, seed {args.seed}) written to {out}. "
           f"Open it with: napari {out}")
     return 0

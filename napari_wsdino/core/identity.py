@@ -26,6 +26,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from napari_wsdino.core.synth import read_replica_info
+
 IDENTITY_VERSION = 1
 #: Fields whose files are sampled, spread evenly over the table.
 SAMPLE_FIELDS = 4
@@ -56,13 +58,28 @@ def table_digest(table: pd.DataFrame, channels: Sequence[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def replica_version(table: pd.DataFrame, channels: Sequence[str]) -> str | None:
+    """The synthetic replica version of a field table's data (its ``replica.json``, found
+    a few folders above the first image), or ``None`` for other data."""
+    for channel in channels:
+        column = f"path_{channel}"
+        if column in table and len(table):
+            for folder in list(Path(str(table[column].iloc[0])).parents)[:4]:
+                info = read_replica_info(folder)
+                if info is not None:
+                    return str(info.get("replica"))
+            return None
+    return None
+
+
 def dataset_identity(table: pd.DataFrame, channels: Sequence[str],
                      n_fields: int = SAMPLE_FIELDS) -> dict:
     """The identity a cache records for the dataset (table) it was made from.
 
     Returns ``{"version", "id", "table", "sample"}``: ``id`` a short digest of the whole,
     ``sample`` one entry per sampled field and channel (plate, well, site, channel, file
-    name, digest). Files that cannot be read are left out of the sample.
+    name, digest). Files that cannot be read are left out of the sample. A synthetic
+    replica adds ``"replica"``: its version (``v1``, ``v2``), part of the ``id`` too.
 
     Example
     -------
@@ -84,8 +101,12 @@ def dataset_identity(table: pd.DataFrame, channels: Sequence[str],
                                "file": Path(str(path)).name, "digest": digest})
     tdigest = table_digest(table, channels)
     whole = tdigest + "|" + ",".join(s["digest"] for s in sample)
-    return {"version": IDENTITY_VERSION, "id": hashlib.sha256(whole.encode()).hexdigest()[:16],
-            "table": tdigest, "sample": sample}
+    replica = replica_version(table, channels)
+    if replica is not None:
+        whole += f"|replica {replica}"
+    ident = {"version": IDENTITY_VERSION, "id": hashlib.sha256(whole.encode()).hexdigest()[:16],
+             "table": tdigest, "sample": sample}
+    return ident if replica is None else {**ident, "replica": replica}
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,12 @@ def check_dataset(identity: dict | None, table: pd.DataFrame,
         return DatasetCheck(None, "the cache records no dataset identity (matched by plate, "
                                   "well and site only)")
     t = table.reset_index(drop=True)
+    recorded = identity.get("replica")
+    if recorded is not None:
+        here = replica_version(t, channels)
+        if here != recorded:
+            return DatasetCheck(False, f"the cache was made from synthetic replica {recorded}, "
+                                       f"this dataset is {'replica ' + here if here else 'not that replica'}")
     where = {(str(p), str(w), int(s)): i for i, (p, w, s) in
              enumerate(zip(t.plate, t.well, t.site))}
     checked = 0

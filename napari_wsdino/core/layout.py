@@ -81,4 +81,5 @@ def demo_paths(out: PathLikeStr) -> dict[str, Path]:
             "baseline_profiles": out / "profiles_random_init.parquet",
             "init_profiles": out / "profiles_init_only.parquet",
             "classical_profiles": out / "profiles_classical.parquet",
+            "truth_profiles": out / "data" / "truth.parquet",
             "results": out / "results.json", "report": out / "report.html"}

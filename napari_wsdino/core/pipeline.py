@@ -133,7 +133,8 @@ def run_demo(
     # The models compared: WS-DINO, plain DINO at the same budget (unless WS-DINO is plain
     # DINO already), the initial weights alone (when there are some), a random-init ViT of
     # the same architecture, and the classical profile.
-    compared = _compared_models(weak_label, cache.channels, config.init)
+    compared = _compared_models(weak_label, cache.channels, config.init,
+                                truth=demo.paths["truth_profiles"].exists())
     yield from _train_stage(demo, cache, config, compared)
     yield from _embed_stage(demo, meta, cache, config, compared)
     evaluated = yield from _evaluate_stage(demo, cache, config, compared)
@@ -158,6 +159,7 @@ class _Demo:
     state: dict
     settings: dict
     paths: dict[str, Path]
+    replica: str
     skipped: list[str] = field(default_factory=list)
 
     def done(self, stage: str) -> bool:
@@ -179,7 +181,7 @@ def _open_demo(out, preset, weak_label, seed, device, workers, recipe, layout,
     """Resolve the preset and recipe, check the machine, and open (or resume) ``out``."""
     from napari_wsdino.core.recipes import check_init, get_recipe, resolve
 
-    from napari_wsdino.core.synth import LAYOUTS as REPLICA_LAYOUTS
+    from napari_wsdino.core.synth import LAYOUTS as REPLICA_LAYOUTS, default_config
 
     if layout not in REPLICA_LAYOUTS:
         raise DataError(f"Unknown replica layout {layout!r}; choose one of "
@@ -192,8 +194,11 @@ def _open_demo(out, preset, weak_label, seed, device, workers, recipe, layout,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out)
+    replica = default_config(layout).version
     settings = json.loads(json.dumps(
         {"preset": asdict(preset), "weak_label": weak_label, "seed": seed,
+         # The replica's version: a v1 folder is never resumed as v2 (issue 27).
+         **({"replica": replica} if layout == DEFAULT_LAYOUT else {}),
          **({"recipe": recipe} if recipe != "default" else {}),
          **({"layout": layout} if layout != DEFAULT_LAYOUT else {})}))
     if state.get("settings") not in (None, settings):
@@ -203,19 +208,20 @@ def _open_demo(out, preset, weak_label, seed, device, workers, recipe, layout,
         )
     state["settings"] = settings
     return _Demo(out, preset, resolve(recipe), recipe, layout, seed, device, workers, state,
-                 settings, demo_paths(out))
+                 settings, demo_paths(out), replica)
 
 
 def _replica_stage(demo: _Demo):
     from napari_wsdino.core.metadata import load_metadata
-    from napari_wsdino.core.synth import write_replica
+    from napari_wsdino.core.synth import replica_config, write_replica
 
     p = demo.preset
     if not demo.done("replica"):
         # The Cell Painting replica has one design ("mini"); the preset's subset is BBBC021's.
         subset = p.subset if demo.layout == DEFAULT_LAYOUT else "mini"
         yield from write_replica(demo.paths["data"], subset, p.sites, p.image_size,
-                                 seed=demo.seed, workers=demo.workers, layout=demo.layout)
+                                 seed=demo.seed, workers=demo.workers, layout=demo.layout,
+                                 config=replica_config(demo.replica))
         demo.mark("replica")
     return load_metadata(demo.paths["data"], demo.layout)
 
@@ -264,7 +270,9 @@ def _embed_stage(demo: _Demo, meta, cache, config, compared):
     settings = embed_settings(demo.preset, demo.stages, demo.recipe)
     for model in compared:
         if model.kind == "classical":
-            yield from _classical_profiles(meta, cache, demo.paths[model.profiles])
+            yield from classical_profiles(meta, cache, demo.paths[model.profiles])
+            continue
+        if model.kind == "truth":  # written with the replica
             continue
         yield from embed_cache(cache, _model_set(demo, cache, config, model),
                                demo.paths[model.profiles], device=demo.device, **settings)
@@ -285,12 +293,12 @@ def _evaluate_stage(demo: _Demo, cache, config, compared):
         res = _evaluate(ProfileTable.read(demo.paths[model.profiles]), demo.stages)
         evaluated[model.profiles] = res
         row = {"model": model.name, "weak_label": model.weak_label, **headline(res)}
-        if model.kind != "classical":
+        if model.kind not in ("classical", "truth"):
             row.update(_attention_scores(cache, _model_set(demo, cache, config, model)))
         rows.append(row)
         yield Progress("evaluate", i + 1, n, f"{model.name}: NSC {row['nsc']:.2f}")
     demo.paths["results"].write_text(json.dumps(
-        {"data": "synthetic replica", "results": rows, "metrics": METRIC_NOTES,
+        {"data": "synthetic replica", "replica": demo.replica, "results": rows, "metrics": METRIC_NOTES,
          "reading": READING_NOTE,
          "weak_label": weak_label_note(cache.table, demo.settings["weak_label"]),
          "detail": {k: v.to_dict() for k, v in evaluated.items()}}, indent=2))
@@ -337,20 +345,26 @@ READING_NOTE = (
 )
 
 
+#: The demo's row of the replica's own per-field biology (``truth.parquet``): the ceiling.
+GROUND_TRUTH_ROW = "ground truth (the replica's cell biology, no imaging)"
+
+
 @dataclass(frozen=True)
 class ComparedModel:
     """One row of the demo's comparison: its name, weak label, run key and profiles key."""
 
     name: str
     weak_label: str
-    kind: str                # "trained" | "init-only" | "random" | "classical"
+    kind: str                # "trained" | "init-only" | "random" | "classical" | "truth"
     run: str | None          # key in paths of the run folder (trained models)
     profiles: str            # key in paths of the profile table
 
 
-def _compared_models(weak_label: str, channels, init: str = "") -> list[ComparedModel]:
+def _compared_models(weak_label: str, channels, init: str = "",
+                     truth: bool = False) -> list[ComparedModel]:
     """The demo's rows; the classical row names its feature count on ``channels``. With
-    initial weights (``init``), an "init-only" row shows them before any fine-tuning."""
+    initial weights (``init``), an "init-only" row shows them before any fine-tuning; with
+    ``truth`` (a BBBC021 replica's ``truth.parquet``), the ground-truth row comes last."""
     from napari_wsdino.core.classical import feature_names
     from napari_wsdino.core.model import RANDOM_INIT
 
@@ -369,10 +383,12 @@ def _compared_models(weak_label: str, channels, init: str = "") -> list[Compared
     n = len(feature_names(list(channels)))
     rows.append(ComparedModel(f"classical profile ({n} features)", "none", "classical", None,
                               "classical_profiles"))
+    if truth:
+        rows.append(ComparedModel(GROUND_TRUTH_ROW, "none", "truth", None, "truth_profiles"))
     return rows
 
 
-def _classical_profiles(meta, cache, path: Path):
+def classical_profiles(meta, cache, path: Path):
     """The hand-crafted profile of the cached fields, from the raw images (a generator)."""
     from napari_wsdino.core.classical import feature_names, iter_dataset_features
     from napari_wsdino.core.embed import write_profiles

@@ -19,9 +19,11 @@ Example
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
+from dataclasses import asdict
 from pathlib import Path
 from typing import Generator
 
@@ -39,11 +41,15 @@ from napari_wsdino.core.synth.design import (
 )
 from napari_wsdino.core.synth.phenotypes import (
     AXES,
+    DEFAULT_REPLICA,
     MOA_PHENOTYPES,
+    REPLICA_VERSIONS,
+    V1_CONFIG,
     SynthConfig,
     batch_nuisance,
     batch_response,
     plate_nuisance,
+    replica_config,
     stable_seed,
     treatment_vector,
 )
@@ -54,17 +60,26 @@ from napari_wsdino.core.synth.render import (  # noqa: F401  (illumination, pixe
     render_field,
 )
 from napari_wsdino.core.synth import cellpainting
+from napari_wsdino.core.synth.truth import TRUTH_FEATURES, TRUTH_FILE, truth_matrix
 
 __all__ = [
     "AXES",
+    "DEFAULT_REPLICA",
     "DEFAULT_SITES",
     "LAYOUTS",
     "MOA_PHENOTYPES",
+    "REPLICA_FILE",
+    "REPLICA_VERSIONS",
     "SUBSETS",
     "SynthConfig",
+    "TRUTH_FEATURES",
+    "TRUTH_FILE",
+    "default_config",
     "field_specs",
     "make_replica",
+    "read_replica_info",
     "render_spec",
+    "replica_config",
     "select_subset",
     "write_replica",
 ]
@@ -74,16 +89,59 @@ DEFAULT_SIZE = (256, 320)
 LAYOUTS = ("bbbc021", "cellpainting")
 #: Fields per task sent to a worker process.
 CHUNK = 12
+#: What a replica folder says about itself: version, layout, subset, size, seed, knobs.
+REPLICA_FILE = "replica.json"
+
+
+def default_config(layout: str = "bbbc021") -> SynthConfig:
+    """The calibrated knobs of a layout's replica: ``v2`` for BBBC021; the Cell Painting
+    replica exists in one version, calibrated on ``v1``'s knobs."""
+    return SynthConfig() if layout == "bbbc021" else V1_CONFIG
+
+
+def read_replica_info(root: str | Path) -> dict | None:
+    """The :data:`REPLICA_FILE` record of a replica folder; ``None`` for other data
+    (a real screen) or a replica written before records existed (``v1``)."""
+    path = Path(root) / REPLICA_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _write_record(out: Path, layout: str, subset: str, sites, size, seed: int,
+                  config: SynthConfig) -> None:
+    info = {"data": "synthetic replica", "replica": config.version, "layout": layout,
+            "subset": subset, "sites": sites, "size": list(size), "seed": int(seed),
+            "config": asdict(config)}
+    (out / REPLICA_FILE).write_text(json.dumps(info, indent=1))
+
+
+def _write_truth(out: Path, specs: list[dict], size, seed: int, config: SynthConfig) -> None:
+    """``OUT/truth.parquet``: every field's ground-truth profile (:mod:`.truth`)."""
+    from napari_wsdino.core.metadata import load_metadata
+    from napari_wsdino.core.profiles import ProfileTable
+
+    table = load_metadata(out, check_files=False).table
+    keys = [(s["plate"], s["well"], s["site"]) for s in specs]
+    order = {k: i for i, k in enumerate(keys)}
+    rows = [order[(p, w, int(si))] for p, w, si in zip(table.plate, table.well, table.site)]
+    X = truth_matrix(specs, size, seed, config)[rows]
+    ProfileTable.from_fields(table, X, list(TRUTH_FEATURES)).write(out / TRUTH_FILE)
 
 
 def field_specs(subset: str = "mini", sites: int | None = None, seed: int = 0,
-                config: SynthConfig = SynthConfig()) -> list[dict]:
+                config: SynthConfig | None = None) -> list[dict]:
     """One plain dict per field of a subset: where it goes and what it shows.
 
     Keys: ``plate, batch, well, site, compound, concentration, moa, files`` (the
     channel files relative to the replica root, DAPI/Tubulin/Actin order), ``vec``
     and ``dose`` (see :func:`.phenotypes.treatment_vector`).
     """
+    config = default_config() if config is None else config
     raw, _, table = bundled_design()
     keep = select_subset(table, subset, sites)
     conc_by_compound = table.groupby("compound").concentration.unique().to_dict()
@@ -115,10 +173,13 @@ def field_specs(subset: str = "mini", sites: int | None = None, seed: int = 0,
 
 
 def render_spec(spec: dict, size: tuple[int, int], seed: int,
-                config: SynthConfig = SynthConfig(), _illum_cache: dict | None = None) -> np.ndarray:
+                config: SynthConfig | None = None, _illum_cache: dict | None = None) -> np.ndarray:
     """Render the ``(C, H, W)`` uint16 image of one field spec (deterministic): three
-    BBBC021 channels, or five stains for a ``layout="cellpainting"`` spec."""
+    BBBC021 channels, or five stains for a ``layout="cellpainting"`` spec (``config``:
+    the layout's :func:`default_config` when left out)."""
     size = (int(size[0]), int(size[1]))
+    if config is None:
+        config = default_config(spec.get("layout", "bbbc021"))
     if spec.get("layout") == "cellpainting":
         return cellpainting.render_cellpainting_spec(spec, size, seed, config, _illum_cache)
     plate = plate_nuisance(spec["plate"], seed, config)
@@ -168,7 +229,7 @@ def _write_design(out: Path, layout: str, subset: str, sites: int | None, seed: 
 
 def write_replica(out: str | Path, subset: str = "mini", sites: int | None = None,
                   size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, workers: int | None = None,
-                  config: SynthConfig = SynthConfig(), layout: str = "bbbc021",
+                  config: SynthConfig | None = None, layout: str = "bbbc021",
                   ) -> Generator[Progress, None, Path]:
     """Write a synthetic replica; a generator of progress events.
 
@@ -178,6 +239,8 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     ``OUT/load_data.csv``, ``OUT/layout.json`` and
     ``OUT/images/<source>/<plate>/<Phenix name>.tiff``, one file per stain (DNA, ER,
     RNA, AGP, Mito); 3 sources x 2 plates x 16 wells x ``sites`` (default 2).
+    Both write ``OUT/replica.json`` (version, layout, subset, size, seed, knobs); BBBC021
+    also ``OUT/truth.parquet``, every field's ground-truth profile (:mod:`.truth`).
     The files depend only on ``(layout, subset, sites, size, seed, config)``:
     byte-identical across runs and worker counts.
 
@@ -199,7 +262,9 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
         Processes (default: 1 below :data:`PARALLEL_PIXELS` pixels in all, else every
         core up to 8).
     config
-        Difficulty knobs (:class:`SynthConfig`).
+        Version and difficulty knobs (:class:`SynthConfig`; default
+        :func:`default_config` of the layout: ``v2`` for BBBC021;
+        ``replica_config("v1")`` writes the first replica's files).
     layout
         ``"bbbc021"`` or ``"cellpainting"`` (:data:`LAYOUTS`).
 
@@ -222,7 +287,12 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     size = (int(size[0]), int(size[1]))
     if min(size) < 32:
         raise DataError(f"Image size {size} is too small; use at least 32 x 32 pixels.")
+    config = default_config(layout) if config is None else config
+    if layout == "cellpainting" and config.version != "v1":
+        raise DataError("The Cell Painting replica exists in one version (v1); leave the "
+                        "replica version out with --layout cellpainting.")
     specs = _write_design(out, layout, subset, sites, seed, config)
+    _write_record(out, layout, subset, sites, size, seed, config)
     total = len(specs)
     workers = _default_workers(total, size) if workers is None else max(1, int(workers))
     name = subset if layout == "bbbc021" else layout
@@ -244,12 +314,14 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
             finally:
                 for fut in futures:
                     fut.cancel()
+    if layout == "bbbc021":
+        _write_truth(out, specs, size, seed, config)
     return out
 
 
 def make_replica(out: str | Path, subset: str = "mini", sites: int | None = None,
                  size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, workers: int | None = None,
-                 config: SynthConfig = SynthConfig(), callback=None,
+                 config: SynthConfig | None = None, callback=None,
                  layout: str = "bbbc021") -> Path:
     """Run :func:`write_replica` to its end and return the output folder.
 

@@ -36,7 +36,8 @@ from napari_wsdino.core.metadata import (
     DataError,
     get_layout,
 )
-from napari_wsdino.core.synth.phenotypes import (MOA_PHENOTYPES, SynthConfig, batch_nuisance,
+from napari_wsdino.core.synth.phenotypes import (MOA_PHENOTYPES, V1_CONFIG, SynthConfig,
+                                                 batch_nuisance,
                                                  batch_response, plate_nuisance, stable_seed,
                                                  treatment_vector)
 from napari_wsdino.core.synth.render import cached_illumination, render_cellpainting
@@ -113,7 +114,7 @@ def load_data(sites: int | None = None) -> pd.DataFrame:
 
 
 def cellpainting_specs(sites: int | None = None, seed: int = 0,
-                       config: SynthConfig = SynthConfig()) -> tuple[list[dict], pd.DataFrame]:
+                       config: SynthConfig = V1_CONFIG) -> tuple[list[dict], pd.DataFrame]:
     """One spec per field (as :func:`napari_wsdino.core.synth.field_specs`) and the CSV rows."""
     rows = load_data(sites)
     cache: dict = {}
@@ -148,7 +149,7 @@ def source_plate_nuisance(source: str, plate: str, seed: int, config: SynthConfi
 
 
 def render_cellpainting_spec(spec: dict, size: tuple[int, int], seed: int,
-                             config: SynthConfig = SynthConfig(),
+                             config: SynthConfig = V1_CONFIG,
                              _illum_cache: dict | None = None) -> np.ndarray:
     """Render the ``(5, H, W)`` uint16 image of one Cell Painting field spec."""
     plate = source_plate_nuisance(spec["batch"], spec["plate"], seed, config)

@@ -10,7 +10,7 @@ compound's tested range, so the lowest doses are the hard ones.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -79,12 +79,25 @@ MOA_PHENOTYPES: dict[str, dict[str, float]] = {
 }
 
 
+#: Replica versions: ``v1`` (2026-11-25, the week's drug response dominates the batch
+#: effect) and ``v2`` (2026-12-07, calibrated against BBBC021 on profiles no training
+#: touches: a mostly technical week effect, visible on DMSO; docs/replica.md).
+REPLICA_VERSIONS = ("v1", "v2")
+DEFAULT_REPLICA = "v2"
+
+
 @dataclass(frozen=True)
 class SynthConfig:
-    """Difficulty knobs of the replica (defaults are the calibrated ones).
+    """Difficulty knobs of the replica (defaults: the calibrated ``v2`` replica).
+
+    :func:`replica_config` gives each version's calibrated knobs; ``SynthConfig()`` is
+    ``replica_config("v2")``.
 
     Attributes
     ----------
+    version
+        Replica version (:data:`REPLICA_VERSIONS`); ``v1`` reproduces the files of the
+        first replica byte for byte with :data:`V1_CONFIG`.
     phenotype_strength
         Multiplies every MoA effect (0: all treatments look like DMSO).
     compound_twist
@@ -108,18 +121,70 @@ class SynthConfig:
         Multiplies the mean number of cells per field.
     density_jitter
         Field-to-field log-normal spread of cell density.
+    stain_sd, background_sd
+        Log-sd of the week's stain gain and background, per channel.
+    focus, focus_sd
+        Mean and sd of the week's defocus blur, in full-resolution camera pixels.
+    exposure_sd
+        Log-sd of the week's exposure (photons per grey level: the week's noise level).
+    gamma_sd
+        Log-sd of the week's stain response curve per channel (signal to the power gamma:
+        staining that saturates or is uneven in a week; no per-plate scaling undoes it).
+    drift
+        Multiplies the week's biological drifts (cell and nuclear size, density, fibre
+        contrast, chromatin texture).
+    natural_variation
+        Per-cell sd of every phenotype axis around the treatment's value (cell-to-cell
+        biology; 0 in ``v1``).
     """
 
-    phenotype_strength: float = 1.0
+    version: str = DEFAULT_REPLICA
+    phenotype_strength: float = 1.3
     compound_twist: float = 0.35
-    dose_shift: float = 0.0
-    responder_fraction: float = 0.85
+    dose_shift: float = -0.4
+    responder_fraction: float = 0.9
     batch_strength: float = 1.0
-    batch_response: float = 1.0
+    batch_response: float = 0.3
     illumination_strength: float = 1.0
     noise: float = 1.0
     density: float = 1.0
     density_jitter: float = 0.25
+    stain_sd: float = 0.4
+    background_sd: float = 0.45
+    focus: float = 1.2
+    focus_sd: float = 1.5
+    exposure_sd: float = 0.4
+    gamma_sd: float = 0.0
+    drift: float = 1.0
+    natural_variation: float = 0.05
+
+    def __post_init__(self):
+        if self.version not in REPLICA_VERSIONS:
+            raise ValueError(f"Unknown replica version {self.version!r}; choose one of "
+                             f"{', '.join(REPLICA_VERSIONS)}.")
+
+
+#: The first replica's knobs (every number computed before 2026-12-07 used them).
+V1_CONFIG = SynthConfig(
+    version="v1", phenotype_strength=1.0, compound_twist=0.35, dose_shift=0.0,
+    responder_fraction=0.85, batch_strength=1.0, batch_response=1.0, illumination_strength=1.0,
+    noise=1.0, density=1.0, density_jitter=0.25, stain_sd=0.3, background_sd=0.35, focus=0.9,
+    focus_sd=0.6, exposure_sd=0.0, gamma_sd=0.0, drift=1.0, natural_variation=0.0)
+#: The v2 replica's calibrated knobs (benchmarks/calibrate_replica.py, docs/replica.md).
+V2_CONFIG = SynthConfig(version="v2")
+_VERSION_CONFIGS = {"v1": V1_CONFIG, "v2": V2_CONFIG}
+
+
+def replica_config(version: str = DEFAULT_REPLICA, **knobs) -> SynthConfig:
+    """A version's calibrated knobs, with ``knobs`` changed.
+
+    >>> replica_config("v1").batch_response
+    1.0
+    """
+    if version not in _VERSION_CONFIGS:
+        raise ValueError(f"Unknown replica version {version!r}; choose one of "
+                         f"{', '.join(REPLICA_VERSIONS)}.")
+    return replace(_VERSION_CONFIGS[version], **knobs)
 
 
 def stable_seed(seed: int, *keys) -> np.random.SeedSequence:
@@ -185,17 +250,25 @@ def batch_nuisance(batch: str, seed: int, config: SynthConfig, channels: int = 3
     """
     rng = np.random.default_rng(stable_seed(seed, "batch", batch))
     b = config.batch_strength
-    return {
-        "gain": np.exp(rng.normal(0.0, 0.3 * b, channels)),
-        "background": np.exp(rng.normal(0.0, 0.35 * b, channels)),
-        "blur": max(0.0, 0.9 + rng.normal(0.0, 0.6 * b)),  # in full-resolution px
-        "cell_size": rng.normal(0.0, 0.1 * b),
-        "nuc_size": rng.normal(0.0, 0.07 * b),
-        "tub_fibre": rng.normal(0.0, 0.25 * b),
-        "act_fibre": rng.normal(0.0, 0.3 * b),
-        "density": rng.normal(0.0, 0.15 * b),
-        "texture": np.exp(rng.normal(0.0, 0.2 * b)),
+    d = b * config.drift
+    out = {
+        "gain": np.exp(rng.normal(0.0, config.stain_sd * b, channels)),
+        "background": np.exp(rng.normal(0.0, config.background_sd * b, channels)),
+        "blur": max(0.0, config.focus + rng.normal(0.0, config.focus_sd * b)),  # full-res px
+        "cell_size": rng.normal(0.0, 0.1 * d),
+        "nuc_size": rng.normal(0.0, 0.07 * d),
+        "tub_fibre": rng.normal(0.0, 0.25 * d),
+        "act_fibre": rng.normal(0.0, 0.3 * d),
+        "density": rng.normal(0.0, 0.15 * d),
+        "texture": np.exp(rng.normal(0.0, 0.2 * d)),
     }
+    if config.exposure_sd > 0:  # v2: drawn apart, so v1's draws stay as they were
+        more = np.random.default_rng(stable_seed(seed, "exposure", batch))
+        out["exposure"] = float(np.exp(more.normal(0.0, config.exposure_sd * b)))
+    if config.gamma_sd > 0:
+        more = np.random.default_rng(stable_seed(seed, "gamma", batch))
+        out["gamma"] = np.exp(more.normal(0.0, config.gamma_sd * b, channels))
+    return out
 
 
 def batch_response(vec: np.ndarray, batch: str, moa: str, seed: int, config: SynthConfig) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_wsdino.core.synth.phenotypes import _IX, SynthConfig
+from napari_wsdino.core.synth.phenotypes import _IX, V1_CONFIG, SynthConfig
 
 FULL_SHAPE = (1024, 1280)
 MIN_SCALE = 0.2
@@ -139,7 +139,7 @@ class _Cells(dict):
     __setattr__ = dict.__setitem__
 
 
-def _cells(rng, shape, vec, dose, batch, config) -> _Cells:
+def cells(rng, shape, vec, dose, batch, config) -> _Cells:
     """How many cells, their states, sizes, positions and outlines (units -> pixels)."""
     h, w = shape
     s = pixel_scale(shape)
@@ -151,7 +151,10 @@ def _cells(rng, shape, vec, dose, batch, config) -> _Cells:
     responder = rng.random(n) < config.responder_fraction * dose
     effect = np.where(responder, rng.uniform(0.7, 1.0, n), 0.2 * dose)
     E = effect[:, None] * vec[None, :]
-    c = _Cells(n=n, s=s, shape=shape, col=lambda a: E[:, _IX[a]])
+    if config.natural_variation > 0:  # v2: cell-to-cell biology around the treatment's value
+        E = E + rng.normal(0.0, config.natural_variation, E.shape)
+    c = _Cells(n=n, s=s, shape=shape, col=lambda a: E[:, _IX[a]], E=E, area=area,
+               responder=responder)
     col = c.col
     c.mitotic = rng.random(n) < np.clip(0.03 + col("mitotic"), 0, 0.97)
     c.rosette = c.mitotic & (rng.random(n) < np.clip(col("rosette"), 0, 1))
@@ -206,7 +209,7 @@ def _territories(c: _Cells) -> tuple[np.ndarray, np.ndarray]:
 
 def _cells_and_pixels(rng, shape, vec, dose, batch, config) -> tuple[_Cells, _Cells]:
     """Cells, territories, and the foreground pixels with their cell and textures."""
-    c = _cells(rng, shape, vec, dose, batch, config)
+    c = cells(rng, shape, vec, dose, batch, config)
     label, best = _territories(c)
     h, w = shape
     fg = np.flatnonzero(label)
@@ -355,6 +358,9 @@ def _camera(rng, channels: np.ndarray, batch: dict, plate: dict, illum, config: 
     """Optics and camera: blur, illumination, stain gain and background, shot and read noise."""
     shape = channels.shape[1:]
     s = pixel_scale(shape)
+    if "gamma" in batch:  # v2: the week's stain response curve (signal of a DMSO nucleus ~1)
+        for c in range(len(channels)):
+            channels[c] = np.clip(channels[c], 0, None) ** batch["gamma"][c]
     blur = np.sqrt((1.0 * s) ** 2 + (batch["blur"] * s) ** 2 + 0.25)
     for c in range(len(channels)):
         channels[c] = ndi.gaussian_filter(channels[c], blur, mode="nearest")
@@ -363,7 +369,7 @@ def _camera(rng, channels: np.ndarray, batch: dict, plate: dict, illum, config: 
     gain = (batch["gain"] * plate["gain"])[:, None, None]
     expected = gain * illum * (amplitude[:, None, None] * channels
                                + (background * batch["background"])[:, None, None])
-    k = PHOTONS_PER_ADU / max(config.noise, 1e-3)
+    k = PHOTONS_PER_ADU * batch.get("exposure", 1.0) / max(config.noise, 1e-3)
     counts = rng.poisson(np.clip(expected, 0, None) * k) / k
     counts += CAMERA_OFFSET + rng.normal(0.0, READ_NOISE * config.noise, counts.shape)
     return np.clip(np.round(counts), 0, 65535).astype(np.uint16)
@@ -376,7 +382,7 @@ CP_BACKGROUND = np.array([160.0, 210.0, 230.0, 200.0, 190.0])
 
 def render_cellpainting(rng: np.random.Generator, shape: tuple[int, int], vec: np.ndarray,
                         dose: float, batch: dict, plate: dict, illum: np.ndarray | None = None,
-                        config: SynthConfig = SynthConfig()) -> np.ndarray:
+                        config: SynthConfig = V1_CONFIG) -> np.ndarray:
     """Render one Cell Painting field; ``(5, H, W)`` uint16 (DNA, ER, RNA, AGP, Mito).
 
     The same cells, nuclei and MoA phenotypes as :func:`render_field`: DNA is the
