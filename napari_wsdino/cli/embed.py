@@ -27,7 +27,8 @@ from napari_wsdino.cli._common import command, drive, writing
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,
-                                      POOLINGS, WINDOWS, check_profiles_out, embed_cache)
+                                      POOLINGS, WINDOWS, embed_cache)
+from napari_wsdino.core.embed.parts import check_profiles_out
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import DEFAULT_ARCH, CheckpointError
 from napari_wsdino.core.modelset import ModelSet, describe, parse_model_specs

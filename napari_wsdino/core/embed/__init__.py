@@ -47,14 +47,12 @@ from napari_wsdino.core.embed.crops import (DEFAULT_CROP, MAX_CELLS, MEDIANS, OF
 from napari_wsdino.core.embed.features import (POOLINGS, embed_channel, embed_fields,
                                                feature_names, l2_normalise, pooled_features,
                                                profile_table)
-from napari_wsdino.core.embed.parts import (PARTS_FORMAT, check_profiles_out, parts_folder,
-                                            write_profiles)
+from napari_wsdino.core.embed.parts import PARTS_FORMAT, parts_folder, write_profiles
 from napari_wsdino.core.embed.runner import DEFAULT_BATCH, DEFAULT_CHUNK, embed_cache
 
 __all__ = [
     "DEFAULT_BATCH", "DEFAULT_CHUNK", "DEFAULT_CROP", "MAX_CELLS", "MEDIANS", "OFFICIAL_SHAPE",
     "OFFICIAL_WINDOWS", "PARTS_FORMAT", "POOLINGS", "WINDOWS", "cell_crops", "centre_crops",
-    "check_profiles_out",
     "crop_geometry", "embed_cache", "embed_channel", "embed_fields", "feature_names",
     "l2_normalise", "median_of_four", "official_windows", "parts_folder", "pooled_features",
     "profile_table", "write_profiles",
