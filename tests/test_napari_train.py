@@ -181,3 +181,56 @@ def test_stop_midway_and_resume(make_napari_viewer, qtbot, cache, tmp_path):
     qtbot.mouseClick(widget.stop_button, Qt.LeftButton)
     qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
     assert seen[0] == stopped_at + 1 and widget.status == TaskStatus.STOPPED
+
+
+def test_architecture_and_preset_survive_a_restart(make_napari_viewer, qtbot):
+    """Issue 28: the panel reopened with the first architecture beside the tiny-ViT preset.
+
+    Qt rewrote the editable architecture box from its first item when the item tooltips
+    were set; the choice is also remembered when made, not only at Start.
+    """
+    from napari_wsdino.core.presets import DEFAULT_PRESET
+    from napari_wsdino._napari.train_widget import ARCHS, preset_config
+
+    viewer = make_napari_viewer()
+    widget = TrainWidget(viewer)  # nothing remembered: the default preset, all of it
+    default = preset_config(DEFAULT_PRESET)
+    assert widget.preset_combo.currentData() == DEFAULT_PRESET
+    assert (widget.arch_combo.currentText(), widget.init_edit.text()) == (default.arch,
+                                                                           default.init)
+    assert widget.global_spin.value() == default.global_size
+
+    widget.preset_combo.setCurrentIndex(widget.preset_combo.findData("cpu"))
+    arch = "wsdino_vit_nano_patch8"
+    assert arch in ARCHS and ARCHS.index(arch) > 0  # not the item Qt fell back to
+    widget.arch_combo.setCurrentIndex(widget.arch_combo.findText(arch))  # as a user picks
+    init = widget.init_edit.text()
+    widget.close()
+    widget.deleteLater()
+
+    again = TrainWidget(viewer)  # a new session: same config dir
+    assert again.preset_combo.currentData() == "cpu"
+    assert again.arch_combo.currentText() == arch
+    assert again.arch_combo.currentIndex() == again.arch_combo.findText(arch)
+    assert again.init_edit.text() == init == "replica-dino-pico8-cells"
+
+    # a timm name typed into the box (not an item) survives too
+    again.arch_combo.lineEdit().setText("vit_tiny_patch16_224")
+    again.arch_combo.lineEdit().editingFinished.emit()
+    again.close()
+    assert TrainWidget(viewer).arch_combo.currentText() == "vit_tiny_patch16_224"
+
+
+def test_status_line_never_reads_nan():
+    """The first steps have no speed yet (NaN): the status leaves it out."""
+    from napari_wsdino.core.progress import Progress
+    from napari_wsdino._napari.train_widget import _describe_step
+
+    info = {"channel": "DAPI", "epoch": 1, "loss": 10.5, "images_per_s": float("nan"),
+            "eta_s": float("nan")}
+    first = _describe_step(Progress("train", 1, 8, "DAPI epoch 1/2 nan img/s", info), 2)
+    assert first == "DAPI epoch 1/2 loss 10.5000 (step 1/8)"
+    later = _describe_step(Progress("train", 3, 8, "", {**info, "images_per_s": 12.3,
+                                                         "eta_s": 4.2}), 2)
+    assert later == "DAPI epoch 1/2 loss 10.5000 12 img/s (step 3/8, ETA 4 s)"
+    assert "nan" not in _describe_step(Progress("train", 2, 8, "", {**info, "loss": float("nan")}))

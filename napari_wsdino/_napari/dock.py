@@ -274,14 +274,35 @@ def combo(items: Iterable[str], current: str | None = None, *,
     box.setEditable(editable)
     box.addItems(list(items))
     if current is not None:
-        box.setCurrentText(str(current))
+        select_text(box, str(current))
     return box
 
 
+def select_text(box: QComboBox, text: str) -> None:
+    """Show ``text``: its item when the box has one, else (an editable box) as typed.
+
+    An editable box's ``setCurrentText`` only sets the edit text and leaves the current
+    item where it was (the first), so the next change to that item's data puts the
+    item's text back over the user's choice.
+    """
+    index = box.findText(text)
+    if index >= 0:
+        box.setCurrentIndex(index)
+    box.setCurrentText(text)
+
+
 def item_tips(box: QComboBox, tips: Iterable[str]) -> None:
-    """A tooltip per item of a combo box, in item order."""
-    for i, text in enumerate(tips):
-        box.setItemData(i, text, Qt.ToolTipRole)
+    """A tooltip per item of a combo box, in item order (an editable box keeps its text).
+
+    Qt rewrites an editable box's text from its current item whenever that item's data
+    changes: without the restore, a remembered name that is not an item (or not the
+    current one) would be replaced by the first item's.
+    """
+    text = box.currentText()
+    for i, tip_text in enumerate(tips):
+        box.setItemData(i, tip_text, Qt.ToolTipRole)
+    if box.isEditable() and box.currentText() != text:
+        box.setCurrentText(text)
 
 
 def data_combo(items: Iterable[tuple[str, Any]], current: Any = None) -> QComboBox:

@@ -11,6 +11,7 @@ Load models panel is ready to load it.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,14 +25,15 @@ from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT, arch_patch_size
 from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
-from napari_wsdino.core.presets import PRESET_TITLES, PRESETS, preset_for
+from napari_wsdino.core.presets import DEFAULT_PRESET, PRESET_TITLES, PRESETS, preset_for
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
 from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config, train_channels
 from napari_wsdino._napari.canvases import LossPlot  # noqa: F401 - importable from here too
 from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.dock import (
-    WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, item_tips, spin,
+    WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, item_tips,
+    select_text, spin,
 )
 
 if TYPE_CHECKING:
@@ -140,7 +142,11 @@ class TrainWidget(WorkerDock):
         self._stop = threading.Event()
         self._shape: tuple[int, int] | None = None
         self._table = None       # the cache's field table, for what the weak label can teach
-        get, d = self.saved, TrainConfig()  # remembered values, else core's defaults
+        # Remembered values, else the remembered (or default) preset's: a fresh panel shows
+        # one consistent set (the default preset's architecture with its weights).
+        get = self.saved
+        preset = get("preset", DEFAULT_PRESET)
+        d = preset_config(preset)
 
         self.cache_edit = QLineEdit(str(self.state.cache_path or get("cache", "")))
         self.cache_edit.setPlaceholderText("preprocessed cache folder (2 Preprocess)")
@@ -152,8 +158,7 @@ class TrainWidget(WorkerDock):
                                  lambda: self._pick_dir(self.run_edit, "Run folder"))
         self.channel_boxes: dict[str, QCheckBox] = {}
         self.channels_row = QHBoxLayout()
-        self.preset_combo = data_combo(((t, n) for n, t in PRESET_TITLES.items()),
-                                       get("preset", "gpu"))
+        self.preset_combo = data_combo(((t, n) for n, t in PRESET_TITLES.items()), preset)
         self.weak_combo = data_combo(((w.title, w.name) for w in WEAK_LABEL_INFO.values()),
                                      get("weak_label", d.weak_label))
         self.arch_combo = combo(ARCHS, get("arch", d.arch), editable=True)
@@ -188,7 +193,8 @@ class TrainWidget(WorkerDock):
         self.run_label = QLabel("")
         self.run_label.setWordWrap(True)
         self.plot = LossPlot()
-        self.plot.canvas.setMinimumHeight(220)
+        # A fixed height: a longer status line never resizes (so fully redraws) the plot.
+        self.plot.canvas.setFixedHeight(260)
 
         form = QFormLayout()
         add_row(form, "Cache", edit_row(self.cache_edit, self.cache_browse),
@@ -227,12 +233,17 @@ class TrainWidget(WorkerDock):
                 "Optional TOML (as wsdino train writes) with every other setting; "
                 "replaces the preset")
         self.stack(form, advanced, hrow(self.start_button, self.stop_button, self.resume_button),
-                   self.run_label, self.status_label, (self.plot.canvas, 1))
+                   self.run_label, self.status_label, self.plot.canvas, 1)
 
         self._set_channels(self._channels(), get("channels", None))
         self.cache_edit.editingFinished.connect(lambda: self._cache_picked(self.cache_edit.text()))
         self.run_edit.editingFinished.connect(self._describe_run)
         self.preset_combo.currentIndexChanged.connect(lambda _i: self.apply_preset())
+        # A preset or architecture chosen is remembered at once, not only at Start: the
+        # next session shows the same pair (an architecture with its preset's weights).
+        self.preset_combo.currentIndexChanged.connect(lambda _i: self._remember_form())
+        self.arch_combo.currentIndexChanged.connect(lambda _i: self._remember_form())
+        self.arch_combo.lineEdit().editingFinished.connect(self._remember_form)
         self.weak_combo.currentIndexChanged.connect(lambda _i: self._describe_weak_label())
         self.state.cache_changed.connect(self._on_cache)
         self.state.model_changed.connect(self._on_run)
@@ -309,13 +320,17 @@ class TrainWidget(WorkerDock):
     def apply_preset(self) -> None:
         """Fill the form with the chosen preset's settings."""
         cfg = preset_config(self.preset_combo.currentData())
-        self.arch_combo.setCurrentText(cfg.arch)
+        select_text(self.arch_combo, cfg.arch)
         self.init_edit.setText(cfg.init)     # the cpu preset's: the bundled weights
         for box, value in ((self.epochs_spin, cfg.epochs), (self.batch_spin, cfg.batch_size),
                            (self.lr_spin, cfg.lr), (self.global_spin, cfg.global_size),
                            (self.local_spin, cfg.local_size), (self.crops_spin, cfg.local_crops),
                            (self.outdim_spin, cfg.out_dim)):
             box.setValue(value)
+
+    def _remember_form(self) -> None:
+        """Remember the preset and the form's training settings for the next session."""
+        self.remember({"preset": self.preset_combo.currentData(), **self.values()})
 
     def _describe_run(self) -> None:
         run = self.run_edit.text().strip()
@@ -405,8 +420,8 @@ class TrainWidget(WorkerDock):
         self.start_task(
             train_channels(cache, config, run, channels, resume=resume, stop=self._stop.is_set),
             f"{'Continuing' if resume else 'Starting'} {', '.join(channels)}…",
-            on_progress=self._plot_step, describe=_describe_step, on_done=self._finished,
-            stop=self._stop.set, desc="Training",
+            on_progress=self._plot_step, describe=lambda e: _describe_step(e, config.epochs),
+            on_done=self._finished, stop=self._stop.set, desc="Training",
         )
 
     def stop(self) -> None:
@@ -433,8 +448,29 @@ class TrainWidget(WorkerDock):
         self._describe_run()
 
 
-def _describe_step(event: Progress) -> str:
-    """The status line of a training event: message, step and ETA."""
-    eta = event.info.get("eta_s")
-    eta_text = f", ETA {eta:.0f} s" if isinstance(eta, (int, float)) and eta == eta else ""
-    return f"{event.message} (step {event.step}/{event.total}{eta_text})"
+def _describe_step(event: Progress, epochs: int | None = None) -> str:
+    """The status line of a training event: channel, epoch, loss, speed, step and ETA.
+
+    Built from the event's numbers, each shown only when known: the first steps have no
+    speed yet (NaN), which the line leaves out rather than reading "nan img/s".
+    """
+    info = event.info
+    if "loss" not in info:  # a start-up note
+        return f"{event.message} (step {event.step}/{event.total})"
+    of = f"/{epochs}" if epochs else ""
+    parts = [f"{info.get('channel', '')} epoch {info.get('epoch', '?')}{of}".strip(),
+             f"loss {_number(info['loss'], '.4f')}"]
+    rate = info.get("images_per_s")
+    if _finite(rate) and rate > 0:
+        parts.append(f"{rate:.0f} img/s")
+    eta = info.get("eta_s")
+    eta_text = f", ETA {eta:.0f} s" if _finite(eta) else ""
+    return f"{' '.join(parts)} (step {event.step}/{event.total}{eta_text})"
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _number(value, fmt: str) -> str:
+    return format(value, fmt) if _finite(value) else "–"
