@@ -982,3 +982,10 @@ def test_case_h_embed_crop_zero(tiny_cache, tmp_path, capsys):
                          "0", "--out", tmp_path / "p.parquet", "--quiet"], capsys)
     assert code == 2
     _one_line_error(err, "--crop is a side in pixels, at least 1")
+
+
+def test_case_h_preprocess_size_too_small(screen, tmp_path, capsys):
+    code, _, err = _cli(_preprocess_args(screen, tmp_path / "c") + ["--size", "1", "1"], capsys)
+    assert code == 2
+    _one_line_error(err, "--size 1 1 is too small", "at least 16 px")
+    assert not (tmp_path / "c").exists()

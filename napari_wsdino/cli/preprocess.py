@@ -35,7 +35,8 @@ def add_parser(sub) -> None:
     p.add_argument("data", help="dataset folder (holding BBBC021_v1_image.csv) or image CSV")
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder to write")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
-                   help="output size (default: half the input size, as the paper)")
+                   help="output size, at least 16 px a side (default: half the input size, "
+                   "as the paper)")
     d = PreprocessSettings()
     p.add_argument("--clip", type=float, default=d.clip, metavar="V",
                    help="clip at V raw 16-bit counts after illumination correction "
@@ -96,6 +97,10 @@ def _warn_unreadable(gen, stream):
         yield event
 
 
+#: The smallest side ``--size`` accepts: a crop of two patches of the smallest ViTs.
+MIN_SIDE = 16
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity, e.g. a batch job's share)."""
     try:
@@ -127,6 +132,10 @@ def run(args) -> int:
             normalize=args.normalize,
             illumination=args.illumination,
         )
+        if args.size and min(args.size) < MIN_SIDE and min(args.size) > 0:
+            raise ValueError(
+                f"--size {args.size[0]} {args.size[1]} is too small to learn from: each side "
+                f"must be at least {MIN_SIDE} px (two 8-px ViT patches), e.g. --size 256 320")
     except ValueError as exc:
         raise DataError(f"Invalid preprocessing option: {exc}") from None
     meta = load_metadata(args.data, layout_from_args(args), drop_missing=args.drop_missing,
