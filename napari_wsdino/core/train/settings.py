@@ -405,22 +405,12 @@ def _as_type(key: str, kind, value):
         return _as_bool(key, value)
     if kind is str:
         return "" if value is None else str(value)
-    if kind is float:
-        if _is_number(value):
-            return float(value)
-        try:
-            return float(value) if isinstance(value, str) else _fail()
-        except ValueError:
-            raise ValueError(f"{key} must be a number, not {value!r}") from None
-    if kind is int:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        try:
-            return int(value) if isinstance(value, str) else _fail()
-        except ValueError:
-            raise ValueError(f"{key} must be a whole number, not {value!r}") from None
+    if kind in (int, float):
+        number = _as_number(value, kind)
+        if number is None:
+            what = "a number" if kind is float else "a whole number"
+            raise ValueError(f"{key} must be {what}, not {value!r}")
+        return number
     # tuple[float, float]: a scale range
     if (isinstance(value, (list, tuple)) and len(value) == 2
             and all(_is_number(v) for v in value)):
@@ -428,8 +418,21 @@ def _as_type(key: str, kind, value):
     raise ValueError(f"{key} must be two numbers [low, high], e.g. [0.1, 0.2], not {value!r}")
 
 
-def _fail():
-    raise ValueError
+def _as_number(value, kind) -> int | float | None:
+    """``value`` as an ``int`` or ``float`` (from a number or its text), or ``None``;
+    a whole float is an int (TOML's ``10.0``), no other float is."""
+    if isinstance(value, str):
+        try:
+            value = int(value) if kind is int else float(value)
+        except ValueError:
+            return None
+    if not _is_number(value):
+        return None
+    if kind is float:
+        return float(value)
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return value
 
 
 def _type_problems(config: TrainConfig) -> list[tuple[str, str]]:
@@ -477,7 +480,7 @@ def _value_problems(c: TrainConfig) -> list[tuple]:
     need(c.epochs <= MAX_EPOCHS, "epochs",
          f"epochs must be at most {MAX_EPOCHS:,}, not {c.epochs:,}: such a run would not end")
     need(c.seed < 2**63, "seed", f"seed must be below 2**63, not {c.seed}")
-    if any(k in floats and not math.isfinite(getattr(c, k)) for k in c.to_dict()):
+    if any(not math.isfinite(getattr(c, k)) for k in floats):
         return problems  # nan and inf compare false: said once above
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "input_std"):
         need(getattr(c, name) > 0, name,
@@ -489,7 +492,7 @@ def _value_problems(c: TrainConfig) -> list[tuple]:
              f"{name} must lie in [0, 1], not {getattr(c, name)}")
     need(0 <= c.drop_path_rate < 1, "drop_path_rate",
          f"drop_path_rate must lie in [0, 1), not {c.drop_path_rate}")
-    if c.lr >= 0:  # lr 0 keeps the weights (a test of the data path)
+    if c.lr >= 0:  # a negative lr is said above; lr 0 keeps the weights (tests use it)
         need(c.min_lr <= c.lr, ("min_lr", "lr"),
              f"min_lr ({c.min_lr}) must not exceed the peak lr ({c.lr}): the learning rate "
              "would climb; lower min_lr or raise lr")
