@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from napari_wsdino.cli._common import command, drive
+from napari_wsdino.cli._common import command, drive, writing
 from napari_wsdino.core.presets import PRESETS
 from napari_wsdino.core.pretrained import DEFAULT_INIT
 from napari_wsdino.core.report import SYNTHETIC_LABEL
@@ -56,13 +56,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     overrides = {"epochs": args.epochs} if args.epochs else {}
-    result = drive(run_study(args.cache, args.out, labels, seeds=args.seeds, init=args.init,
-                             preset=args.preset, eval_every=args.eval_every, last_k=args.last,
-                             holdout_folds=args.holdout_folds, device=args.device,
-                             recipe=args.recipe,
-                             channels=args.channels.split(",") if args.channels else None,
-                             **overrides))
-    paths = study_report(result, args.data_label)
+    with writing(args.out, "this study"):  # a second study on --out is refused
+        result = drive(run_study(args.cache, args.out, labels, seeds=args.seeds, init=args.init,
+                                 preset=args.preset, eval_every=args.eval_every,
+                                 last_k=args.last, holdout_folds=args.holdout_folds,
+                                 device=args.device, recipe=args.recipe,
+                                 channels=args.channels.split(",") if args.channels else None,
+                                 **overrides))
+        paths = study_report(result, args.data_label)
     if args.json:
         print(json.dumps(result.rows, indent=2))
         return 0
