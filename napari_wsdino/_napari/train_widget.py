@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qtpy.QtWidgets import (
-    QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit,
+    QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QVBoxLayout,
+    QWidget,
 )
 
 from napari_wsdino.core import layout
@@ -29,7 +30,7 @@ from napari_wsdino.core.presets import DEFAULT_PRESET, PRESET_TITLES, PRESETS, p
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
 from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config, train_channels
-from napari_wsdino._napari.canvases import LossPlot  # noqa: F401 - importable from here too
+from napari_wsdino._napari.canvases import LossPlot
 from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.dock import (
     WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, item_tips,
@@ -192,9 +193,13 @@ class TrainWidget(WorkerDock):
         self.weak_note.setWordWrap(True)
         self.run_label = QLabel("")
         self.run_label.setWordWrap(True)
-        self.plot = LossPlot()
-        # A fixed height: a longer status line never resizes (so fully redraws) the plot.
-        self.plot.canvas.setFixedHeight(260)
+        # The curves' canvas is made when first needed (matplotlib's import and a figure
+        # cost seconds on a small CPU: not while the panel opens), in a box of fixed height
+        # (a longer status line never resizes, so fully redraws, the plot).
+        self._plot: LossPlot | None = None
+        self.plot_box = QWidget()
+        self.plot_box.setFixedHeight(260)
+        QVBoxLayout(self.plot_box).setContentsMargins(0, 0, 0, 0)
 
         form = QFormLayout()
         add_row(form, "Cache", edit_row(self.cache_edit, self.cache_browse),
@@ -233,7 +238,7 @@ class TrainWidget(WorkerDock):
                 "Optional TOML (as wsdino train writes) with every other setting; "
                 "replaces the preset")
         self.stack(form, advanced, hrow(self.start_button, self.stop_button, self.resume_button),
-                   self.run_label, self.status_label, self.plot.canvas, 1)
+                   self.run_label, self.status_label, self.plot_box, 1)
 
         self._set_channels(self._channels(), get("channels", None))
         self.cache_edit.editingFinished.connect(lambda: self._cache_picked(self.cache_edit.text()))
@@ -328,6 +333,14 @@ class TrainWidget(WorkerDock):
                            (self.outdim_spin, cfg.out_dim)):
             box.setValue(value)
 
+    @property
+    def plot(self) -> LossPlot:
+        """The loss and learning-rate curves (made on first use)."""
+        if self._plot is None:
+            self._plot = LossPlot()
+            self.plot_box.layout().addWidget(self._plot.canvas)
+        return self._plot
+
     def _remember_form(self) -> None:
         """Remember the preset and the form's training settings for the next session."""
         self.remember({"preset": self.preset_combo.currentData(), **self.values()})
@@ -335,7 +348,7 @@ class TrainWidget(WorkerDock):
     def _describe_run(self) -> None:
         run = self.run_edit.text().strip()
         summary = run_summary(run, self.channel_boxes) if run else ""
-        if summary and not self.plot.series and not self.running:
+        if summary and (self._plot is None or not self._plot.series) and not self.running:
             self._plot_log(run)
         self.run_label.setText(
             f"Run folder holds: {summary}. Continue resumes it, or extends it to the Epochs above."
