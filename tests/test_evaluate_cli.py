@@ -161,3 +161,17 @@ def test_k_above_the_treatments_warns(profile_file, capsys):
     err = capsys.readouterr().err
     (warning,) = [ln for ln in err.splitlines() if ln.startswith("warning: --k 1000")]
     assert "103 treatments" in warning and "use k below 103" in warning
+
+
+def test_many_features_over_few_dmso_fields_warn(profiles, tmp_path, capsys, monkeypatch):
+    """Issue 30 (weak): a wide table is whitened with a warning of its cost."""
+    from napari_wsdino.cli import evaluate as cli_evaluate
+
+    monkeypatch.setattr(cli_evaluate, "WIDE", 8)
+    path = profiles.write(tmp_path / "wide.parquet")
+    assert main(["evaluate", str(path), "--quiet", "--tvn", "paper"]) == 0
+    err = capsys.readouterr().err
+    (warning,) = [ln for ln in err.splitlines() if ln.startswith("warning: 16 features")]
+    assert "16 x 16 covariance" in warning and "--tvn per-channel or none" in warning
+    assert main(["evaluate", str(path), "--quiet", "--tvn", "none"]) == 0
+    assert "warning: 16 features" not in capsys.readouterr().err

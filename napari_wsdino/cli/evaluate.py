@@ -75,6 +75,23 @@ def write_outputs(result: EvaluationResult, out: str | Path) -> list[Path]:
     return write_evaluation(result, out)
 
 
+#: Features above which a whitening TVN is warned about (its covariance is F x F).
+WIDE = 2_000
+
+
+def _size_warning(profiles: ProfileTable, tvn: str) -> str | None:
+    """A warning when whitening ``profiles`` is slow and ill-posed: many more features
+    than DMSO fields to estimate their F x F covariance from."""
+    n, dmso = profiles.n_features, int(profiles.is_control().sum())
+    if n <= WIDE or not TVN_METHODS[tvn].whiten or TVN_METHODS[tvn].per_channel:
+        return None
+    gb = 3 * 8 * n * n / 1e9  # covariance, its eigenvectors and the whitening matrix
+    few = " (fewer fields than features: it is shrunk, not estimated)" if dmso < n else ""
+    return (f"{n:,} features whitened from {dmso:,} DMSO fields (--tvn {tvn}): a {n:,} x {n:,} "
+            f"covariance{few}, about {gb:.1f} GB and minutes of CPU; reduce the features "
+            "first (e.g. PCA) or use --tvn per-channel or none.")
+
+
 def _k_warnings(ks, n_treatments: int) -> list[str]:
     """k values with no meaning for ``n_treatments``: more neighbours than there are."""
     over = sorted(k for k in set(ks) if k >= n_treatments)
@@ -96,6 +113,9 @@ def run(args) -> int:
              if getattr(args, k, None) is not None}
     settings = evaluate_settings(args.recipe, **given)
     profiles = ProfileTable.read(args.profiles)
+    warning = _size_warning(profiles, settings.tvn)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     result = drive(
         iter_evaluate(profiles, settings.tvn, shrinkage=args.shrinkage, ks=args.k,
                       nscb=not args.no_nscb, unannotated=args.unannotated,
