@@ -103,7 +103,9 @@ def add_parser(sub) -> None:
         description="Train one ViT per channel with DINO (--weak-label none) or WS-DINO "
         "(local crops from another field of the same treatment / compound / MoA). "
         f"Defaults are the paper's: {d.arch}, {d.epochs} epochs, batch {d.batch_size}, "
-        f"lr {d.lr}. Writes RUN/<channel>/checkpoint.pth, config.toml and log.jsonl.",
+        f"lr {d.lr}. Writes RUN/<channel>/checkpoint.pth, config.toml and log.jsonl. Every "
+        "setting is checked (type, range, order) before any work, and one process at a time "
+        "writes a channel folder: a second 'wsdino train' on it is refused, naming the first.",
         epilog="Multi-GPU: torchrun --nproc_per_node 4 --no-python wsdino train CACHE ...",
     )
     p.add_argument("cache", nargs="?", help="preprocessed cache folder (wsdino preprocess)")
