@@ -991,3 +991,16 @@ def test_case_h_preprocess_size_too_small(screen, tmp_path, capsys):
     assert code == 2
     _one_line_error(err, "--size 1 1 is too small", "at least 16 px")
     assert not (tmp_path / "c").exists()
+
+
+def test_case_c_rerunning_preprocess_over_a_damaged_cache_says_so(screen, tmp_path, capsys):
+    """The obvious repair no longer reports the cache complete: it names the damaged file
+    (preprocess does not rebuild it in place yet: the message says to delete and rerun)."""
+    out = tmp_path / "cache"
+    code, _, _ = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 0
+    images = out / "images_DAPI.npy"
+    images.write_bytes(images.read_bytes()[:-100])
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 2
+    _one_line_error(err, str(images), "is truncated", f"delete {out} and rerun 'wsdino preprocess")
