@@ -93,13 +93,6 @@ def iter_fields(
                 report.errors.append(exc)
 
 
-def check_readable(paths: Iterable[str | Path]) -> list[Path]:
-    """Return the paths that cannot be opened as TIFF (header check, no pixel read),
-    hold no single 2-D plane, or differ in size or pixel type from most of the others
-    (what preprocessing leaves out); :func:`image_problems` says why."""
-    return [p for p, _ in image_problems(paths)]
-
-
 def image_problems(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
     """``(path, reason)`` for each file preprocessing would leave out, from the TIFF
     headers alone: unreadable or truncated, not one 2-D plane (RGB, stacks), or of a

@@ -488,7 +488,3 @@ def describe(models: ModelSet) -> str:
     return "\n".join(
         f"  {c:<10} {m.arch:<24} {m.embed_dim:>5}-d  {m.source}" for c, m in models.models.items()
     )
-
-
-def summary_json(models: ModelSet) -> str:
-    return json.dumps(models.summary())
