@@ -178,6 +178,10 @@ def test_resume_with_other_settings_is_refused_or_restarted(cache, models, tmp_p
     gen.close()
     with pytest.raises(DataError, match="crop"):
         run_to_end(embed_cache(cache, models, out, crop=32, chunk_size=2))
+    # the paper-code numerics are part of what a chunk depends on; timm / auto are the default
+    with pytest.raises(DataError, match=r"\(pos_embed, precision\)"):
+        run_to_end(embed_cache(cache, models, out, crop=16, chunk_size=2, precision="fp32",
+                               pos_embed="dino"))
     table = run_to_end(embed_cache(cache, models, out, crop=32, chunk_size=2, resume=False))
     assert len(table) == 5 and out.exists()
 

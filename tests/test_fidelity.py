@@ -175,7 +175,8 @@ def test_embed_and_evaluate_cli_follow_the_recipe(tmp_path, capsys):
     models = ModelSet.random("test_vit", cache.channels, seed=0)
     expected = np.concatenate(
         [embed.embed_channel(m.model, cache.images(c)[:], patch=m.patch_size,
-                             normalise=m.normalise, windows="official", median="lower")
+                             normalise=m.normalise, windows="official", median="lower",
+                             pos_embed="dino")
          for c, m in models.models.items()], axis=1)
     assert np.allclose(profiles.features, expected, atol=1e-5)
     assert not np.allclose(np.linalg.norm(profiles.features, axis=1), 1.0)  # raw CLS

@@ -199,3 +199,24 @@ def test_print_config_says_what_each_precision_is_and_why(capsys):
     assert "dino = DINO's interpolate_pos_encoding" in out
     with pytest.raises(ValueError, match="pos_embed must be one of"):
         recipes.resolve(embed={"pos_embed": "nearest"})
+
+
+def test_paper_code_trains_and_embeds_with_dinos_position_interpolation(tmp_path):
+    from napari_wsdino.core.embed import embed_cache
+    from napari_wsdino.core.model import pos_embed_mode
+    from napari_wsdino.core.modelset import ModelSet
+    from napari_wsdino.core.progress import run_to_end
+    from napari_wsdino.core.train.setup import build_models
+
+    config = TrainConfig(**{**recipes.get_recipe("paper-code").train, "init_parts": "backbone"},
+                         arch="test_vit", out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    student, teacher = build_models(config)
+    assert pos_embed_mode(student.backbone) == pos_embed_mode(teacher.backbone) == "dino"
+    assert pos_embed_mode(build_models(config.replace(pos_embed="timm"))[0].backbone) == "timm"
+    cache = make_cache(tmp_path / "cache")
+    models = ModelSet.random("test_vit", cache.channels, seed=0)
+    e = recipes.resolve("paper-code").embed
+    kw = dict(windows=e.windows, median=e.median, l2=e.l2, crop=32)
+    ours = run_to_end(embed_cache(cache, models, **kw))
+    dino = run_to_end(embed_cache(cache, models, precision=e.precision, pos_embed=e.pos_embed, **kw))
+    assert not np.allclose(ours.features, dino.features)

@@ -157,7 +157,9 @@ def run(args) -> int:
                 embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
                             chunk_size=args.chunk_size, device=args.device,
                             resume=not args.overwrite, windows=settings.windows,
-                            median=settings.median, l2=settings.l2, pooling=args.pooling), seen),
+                            median=settings.median, l2=settings.l2,
+                            precision=settings.precision, pos_embed=settings.pos_embed,
+                            pooling=args.pooling), seen),
                 quiet=args.quiet or not main,
             )
     except CheckpointError as exc:

@@ -172,7 +172,8 @@ def embed_settings(preset: Preset, stages, recipe: str = "default") -> dict:
     windows = (preset.embed_windows if preset.embed_windows and recipe == "default"
                else stages.embed.windows)
     return {"crop": preset.embed_crop, "pooling": preset.embed_pooling, "windows": windows,
-            "median": stages.embed.median, "l2": stages.embed.l2}
+            "median": stages.embed.median, "l2": stages.embed.l2,
+            "precision": stages.embed.precision, "pos_embed": stages.embed.pos_embed}
 
 
 def headline(result) -> dict:

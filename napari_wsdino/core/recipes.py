@@ -60,8 +60,8 @@ NUMERICS_NOTES = {
     "train": ["precision: auto = bf16 autocast and TF32 matmuls on CUDA (this package's "
               "default: faster, less memory), fp32 on CPU; fp32 = fp32 throughout, TF32 off "
               "(the official code, --use_fp16 False)",
-              "position embedding in training: timm's under every recipe (no train setting "
-              "for DINO's interpolation yet: docs/fidelity.md)"],
+              "pos_embed: timm = timm's antialiased resize (this package's default); dino = "
+              "DINO's interpolate_pos_encoding for the 96 px local crops (the official code)"],
     "embed": ["precision: auto = bf16 autocast on CUDA (this package's default: faster), "
               "fp32 on CPU; fp32 = the official code's fp32 evaluation",
               "pos_embed: timm = timm's resize of the position embedding, antialiased (this "
@@ -152,7 +152,7 @@ register_recipe(Recipe(
     "paper-code",
     "the official WS-DINO code element by element (docs/fidelity.md)",
     train={"min_lr": 3e-6, "precision": "fp32", "init_parts": "full",
-           "epoch_split": "replicate"},
+           "epoch_split": "replicate", "pos_embed": "dino"},
     preprocess={**INPUT_SCALING["divide"], "borders": "in-image"},
     embed={"windows": "official", "median": "lower", "l2": False, "precision": "fp32",
            "pos_embed": "dino"},

@@ -328,7 +328,7 @@ def _embed_eval(plan: _StudyPlan, models, path: Path, restrict=None):
     same = (old.get("models", {}).get("fingerprint") == models.fingerprint()
             and all(old.get(k, d) == emb[k] for k, d in
                     (("windows", "centre"), ("median", "mean-middle"), ("l2", True),
-                     ("pooling", "cls"))))
+                     ("pooling", "cls"), ("precision", "auto"), ("pos_embed", "timm"))))
     if same:
         profiles = ProfileTable.read(path)
     else:

@@ -62,7 +62,8 @@ def _table_hash(table: pd.DataFrame) -> str:
 
 
 def parts_manifest(models, crops: dict, table: pd.DataFrame, rows: np.ndarray, *, pooling: str,
-                   windows: str, median: str, l2: bool, chunk_size: int) -> dict:
+                   windows: str, median: str, l2: bool, chunk_size: int,
+                   precision: str = "auto", pos_embed: str | None = None) -> dict:
     """What a chunk depends on; a resume is refused when any of it changed."""
     return {
         "format": PARTS_FORMAT,
@@ -74,6 +75,8 @@ def parts_manifest(models, crops: dict, table: pd.DataFrame, rows: np.ndarray, *
         "median": median,
         "l2": bool(l2),
         "chunk_size": chunk_size,
+        **({"precision": precision} if precision != "auto" else {}),
+        **({"pos_embed": pos_embed} if pos_embed not in (None, "timm") else {}),
         "n_fields": len(rows),
         "fields": _table_hash(table),
         "rows": hashlib.sha1(rows.tobytes()).hexdigest(),
@@ -87,7 +90,8 @@ def _prepare_parts(parts: Path, manifest: dict, resume: bool) -> None:
         if resume and old == manifest:
             return
         if resume and old is not None:
-            changed = sorted(k for k in manifest if old.get(k) != manifest[k])
+            changed = sorted(k for k in manifest.keys() | old.keys()
+                             if old.get(k) != manifest.get(k))
             raise DataError(
                 f"{parts} holds an unfinished embedding with different settings "
                 f"({', '.join(changed)}). Delete it, or rerun without resuming "

@@ -56,6 +56,8 @@ class _Plan:
     windows: str
     median: str
     l2: bool
+    precision: str = "auto"
+    pos_embed: str | None = None
     nuclei: object = None  # the nuclear stain's images, for cell crops
     parts: Path | None = None
 
@@ -77,7 +79,8 @@ class _Plan:
     def manifest(self) -> dict:
         return parts_manifest(self.models, self.crops, self.table, self.rows, pooling=self.pooling,
                               windows=self.windows, median=self.median, l2=self.l2,
-                              chunk_size=self.chunk_size)
+                              chunk_size=self.chunk_size, precision=self.precision,
+                              pos_embed=self.pos_embed)
 
 
 def _check_settings(cache: Cache, windows: str, median: str, pooling: str, nuclei_channel: str) -> None:
@@ -93,7 +96,7 @@ def _check_settings(cache: Cache, windows: str, median: str, pooling: str, nucle
 
 
 def _make_plan(cache, models, out, indices, *, crop, batch_size, chunk_size, device, pooling,
-               windows, median, l2, nuclei_channel) -> _Plan:
+               windows, median, l2, nuclei_channel, precision="auto", pos_embed=None) -> _Plan:
     dev = torch.device(device)
     models.to(dev)
     table = cache.table if indices is None else cache.table.iloc[list(indices)]
@@ -103,7 +106,8 @@ def _make_plan(cache, models, out, indices, *, crop, batch_size, chunk_size, dev
     crops = crop_sides(models, tuple(cache.shape), crop, windows)
     return _Plan(cache, models, table, rows, crops, feature_names(models, pooling), dev, crop,
                  max(int(batch_size), 1), max(int(chunk_size), 1), pooling, windows, median,
-                 bool(l2), nuclei=cache.images(nuclei_channel) if windows == "cells" else None,
+                 bool(l2), precision, pos_embed,
+                 nuclei=cache.images(nuclei_channel) if windows == "cells" else None,
                  parts=parts_folder(out) if out is not None else None)
 
 
@@ -128,7 +132,8 @@ def _embed_batch(plan: _Plan, arrays: dict, sel: np.ndarray) -> np.ndarray:
         centres = nuclei_centres(plan.nuclei, sel, max_centres=MAX_CELLS)
     feats = np.concatenate(
         [embed_channel(m.model, batch[c], plan.crop, m.patch_size, plan.device, m.normalise,
-                       plan.pooling, plan.windows, plan.median, centres)
+                       plan.pooling, plan.windows, plan.median, centres, plan.precision,
+                       plan.pos_embed)
          for c, m in plan.models.models.items()], axis=1)
     return l2_normalise(feats) if plan.l2 else feats
 
@@ -174,6 +179,8 @@ def _embed_chunks(plan: _Plan, mine: Sequence[int]):
 def _provenance(plan: _Plan) -> dict:
     return {"models": plan.models.summary(), "crop": plan.crops, "pooling": plan.pooling,
             "windows": plan.windows, "median": plan.median, "l2": plan.l2, "n_fields": plan.n,
+            "precision": plan.precision,
+            **({"pos_embed": plan.pos_embed} if plan.pos_embed is not None else {}),
             "cache": str(plan.cache.path),
             "method": ("mean over nucleus-centred cell crops" if plan.windows == "cells"
                        else "median of four crops")
@@ -215,6 +222,8 @@ def embed_cache(
     median: str = "mean-middle",
     l2: bool = True,
     nuclei_channel: str = "",
+    precision: str = "auto",
+    pos_embed: str | None = None,
 ) -> Generator[Progress, None, object]:
     """Embed every field of a preprocessed cache; yields progress, returns the profiles.
 
@@ -250,6 +259,9 @@ def embed_cache(
         With ``windows="cells"``: the DNA channel whose nuclei centre the cell crops
         (``crop`` is then the cell crop's side); empty (default) = the cache's first
         channel, the DNA stain in BBBC021 (DAPI) and Cell Painting (DNA) alike.
+    precision, pos_embed
+        ``"auto"`` (bf16 autocast on CUDA) or ``"fp32"``; ``"timm"`` or ``"dino"`` position
+        interpolation (``None``: the models' own). See :func:`embed_channel`.
 
     Returns
     -------
@@ -274,7 +286,8 @@ def embed_cache(
     try:
         plan = _make_plan(cache, models, out, indices, crop=crop, batch_size=batch_size,
                           chunk_size=chunk_size, device=dev, pooling=pooling, windows=windows,
-                          median=median, l2=l2, nuclei_channel=nuclei_channel)
+                          median=median, l2=l2, nuclei_channel=nuclei_channel,
+                          precision=precision, pos_embed=pos_embed)
         return (yield from _run(plan, info, out, resume))
     finally:
         distributed.teardown(info)

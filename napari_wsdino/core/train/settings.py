@@ -38,6 +38,8 @@ N_GLOBAL = 2
 CROP_CENTRES = ("uniform", "nuclei")
 INIT_PARTS = ("backbone", "full")
 EPOCH_SPLITS = ("shard", "replicate")
+#: How the position embedding meets crops of another size (core.model.POS_EMBED_MODES).
+POS_EMBEDS = ("timm", "dino")
 #: Devices offered (any torch device name, e.g. ``cuda:1``, is accepted).
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -109,7 +111,9 @@ class TrainConfig:
     Views: 2 global crops of ``global_size`` 224 px from ``global_scale`` (0.1, 0.2) of
     the area, ``local_crops`` 8 of ``local_size`` 96 px from ``local_scale``
     (0.04, 0.08), square, bicubic, flips with ``flip_p`` 0.5; inputs normalised as
-    ``(x - input_mean) / input_std``.
+    ``(x - input_mean) / input_std``. ``pos_embed``: how the position embedding meets the
+    96 px crops (timm = timm's antialiased resize; dino = DINO's ``interpolate_pos_encoding``,
+    the official code's, under ``paper-code``).
 
     Run: ``seed``, ``checkpoint_every`` N epochs (and at the end), ``snapshot_every``
     (0 = off: teacher-only copies ``teacher_epochNNNN.pth`` for best-epoch studies),
@@ -176,6 +180,9 @@ class TrainConfig:
     # Multi-GPU epochs: "shard" (each process a share of the fields) or "replicate" (each
     # process draws the whole dataset, as WS-DINO's sampler without DistributedSampler).
     epoch_split: str = "shard"
+    # Position embedding at other crop sizes: "timm" (antialiased resize) or "dino" (DINO's
+    # interpolate_pos_encoding, as the official code).
+    pos_embed: str = "timm"
 
     def __post_init__(self):
         problems = _type_problems(self)
@@ -457,7 +464,8 @@ def _value_problems(c: TrainConfig) -> list[tuple]:
 
     choices = {"weak_label": WEAK_LABELS, "dmso": DMSO_MODES, "crop_centres": CROP_CENTRES,
                "teacher_centering": CENTERINGS, "precision": PRECISIONS,
-               "init_parts": INIT_PARTS, "epoch_split": EPOCH_SPLITS, "preload": PRELOADS}
+               "init_parts": INIT_PARTS, "epoch_split": EPOCH_SPLITS, "preload": PRELOADS,
+               "pos_embed": POS_EMBEDS}
     for name, allowed in choices.items():
         need(getattr(c, name) in allowed, name,
              f"{name} must be one of {', '.join(allowed)}, not {getattr(c, name)!r}")

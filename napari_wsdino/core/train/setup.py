@@ -68,13 +68,14 @@ def build_models(config: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrappe
     get their own saved backbone and head (the heads must fit).
     """
     torch.manual_seed(config.seed)
-    backbone = create_backbone(config.arch, in_chans=1, drop_path_rate=config.drop_path_rate)
+    backbone = create_backbone(config.arch, in_chans=1, drop_path_rate=config.drop_path_rate,
+                               pos_embed=config.pos_embed)
     embed_dim = backbone.num_features
     head = DINOHead(embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
                     use_bn=False, norm_last_layer=config.norm_last_layer)
     student = MultiCropWrapper(backbone, head)
     teacher = MultiCropWrapper(
-        create_backbone(config.arch, in_chans=1, drop_path_rate=0.0),
+        create_backbone(config.arch, in_chans=1, drop_path_rate=0.0, pos_embed=config.pos_embed),
         DINOHead(embed_dim, config.out_dim, config.hidden_dim, config.bottleneck_dim,
                  use_bn=False, norm_last_layer=config.norm_last_layer),
     )
