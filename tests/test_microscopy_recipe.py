@@ -88,12 +88,84 @@ def test_cls_mean_pooling_keeps_the_cls_part_and_adds_the_token_mean():
     assert feats.shape == (2, 128) and len(feature_names(models, "cls+mean")) == 128
 
 
-def test_training_with_cell_centred_rotated_jittered_views(tmp_path):
-    cache = make_cache(tmp_path / "cache")
-    cfg = tiny_config(epochs=1, crop_centres="nuclei", rotate90=True, intensity_jitter=0.2)
+NUCLEI = ((12, 14), (16, 50), (46, 20), (50, 52))     # (y, x) of every field's nuclei
+
+
+def _nuclei_cache(path):
+    """Fields with the same four nuclei (DAPI) and a compound-dependent texture (Actin)."""
+    from napari_wsdino.core.cache import write_cache
+    from tests.train_helpers import structured_images, tiny_table
+
+    table = tiny_table(6)
+    rng = np.random.default_rng(1)
+    dapi = np.stack([_blobs(NUCLEI, shape=(64, 64), r=3) * rng.uniform(0.6, 1.0)
+                     for _ in range(len(table))])
+    actin = structured_images(table, 64)["Actin"]
+    return write_cache(path, table, {"DAPI": dapi, "Actin": actin}, {"test": True})
+
+
+def _box_holds_a_nucleus(boxes) -> np.ndarray:
+    """Per box: does it contain one of NUCLEI (with the jitter of 0.25 x side, it must)."""
+    x0, y0, side = (t.numpy().ravel() for t in (boxes.x0, boxes.y0, boxes.side))
+    inside = [(x0 <= x) & (x <= x0 + side) & (y0 <= y) & (y <= y0 + side) for y, x in NUCLEI]
+    return np.any(inside, axis=0)
+
+
+def test_training_with_cell_centred_rotated_jittered_views(tmp_path, monkeypatch):
+    import napari_wsdino.core.train as train_module
+    from napari_wsdino.core import views
+
+    boxes, jittered = [], []
+    real_boxes, real_jitter = views.sample_boxes, train_module.jitter_intensity
+
+    def record_boxes(*args, **kwargs):
+        boxes.append(real_boxes(*args, **kwargs))
+        return boxes[-1]
+
+    def record_jitter(vs, strength, generator=None):
+        out = real_jitter(vs, strength, generator)
+        jittered.append(([v.clone() for v in vs], out))
+        return out
+
+    monkeypatch.setattr(views, "sample_boxes", record_boxes)
+    monkeypatch.setattr(train_module, "jitter_intensity", record_jitter)
+    cache = _nuclei_cache(tmp_path / "cache")
+    cfg = tiny_config(epochs=1, channel="Actin", nuclei_channel="DAPI", crop_centres="nuclei",
+                      rotate90=True, intensity_jitter=0.2)
     path = run_to_end(train(cache, cfg, tmp_path / "run"))
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["finished"] and ckpt["config"]["crop_centres"] == "nuclei"
+    monkeypatch.undo()
+
+    # Cell-centred: every crop of the run (global and local) holds a nucleus of its
+    # field; uniform crops of the same sizes often hold none.
+    assert len(boxes) >= 2 and all(_box_holds_a_nucleus(b).all() for b in boxes)
+    g = torch.Generator().manual_seed(0)
+    uniform = views.sample_boxes(64, 8, 64, 64, (0.04, 0.08), g)
+    assert _box_holds_a_nucleus(uniform).mean() < 0.8
+    # Rotated: all four quarter turns are drawn, and a drawn turn turns the crop exactly.
+    turns = torch.cat([b.rot90.ravel() for b in boxes])
+    assert set(turns.tolist()) == {0, 1, 2, 3}
+    img = torch.arange(36.0).reshape(1, 1, 6, 6)
+    zero, no = torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.bool)
+    for k in range(4):
+        whole = views.CropBoxes(zero, zero, torch.full((1, 1), 6.0), no, no,
+                                torch.full((1, 1), k))
+        assert torch.allclose(views.crop_resize(img, whole, 6)[0][0, 0],
+                              torch.rot90(img[0, 0], k), atol=1e-4)
+    # Jittered: each view of each image gets its own gain exp(N(0, 0.2)) and offset —
+    # an exact affine map of the un-jittered view, with gains spread as asked.
+    gains = []
+    for before, after in jittered:
+        for v, w in zip(before, after):
+            x, y = v.flatten(1).double(), w.flatten(1).double()
+            xc, yc = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+            gain = (xc * yc).sum(1) / (xc * xc).sum(1)
+            assert torch.allclose(yc, gain[:, None] * xc, atol=1e-4)
+            gains.append(gain)
+    log_gain = torch.cat(gains).log()
+    assert len(log_gain) >= 90 and 0.12 < float(log_gain.std()) < 0.28
+
     # A cache without the nuclear stain is refused with the setting to change.
     bad = cfg.replace(nuclei_channel="Hoechst")
     with pytest.raises(TrainingError, match="nuclei_channel"):
@@ -152,13 +224,37 @@ def test_cell_windows_average_nucleus_centred_crops(tmp_path):
                                nuclei_channel="Hoechst"))
 
 
-def test_sinkhorn_centring_trains_and_balances_targets(tmp_path):
-    from napari_wsdino.core.dino import sinkhorn_knopp
+def test_sinkhorn_centring_trains_and_balances_targets(tmp_path, monkeypatch):
+    import json
 
-    q = sinkhorn_knopp(torch.randn(64, 16) * 5)
-    assert torch.allclose(q.sum(1), torch.ones(64), atol=1e-4)
-    assert q.sum(0).std() < 0.5 * q.sum(0).mean()       # spread over the prototypes
+    from napari_wsdino.core import dino
+
+    targets = []
+    real = dino.sinkhorn_knopp
+
+    def record(logits, iterations=3):
+        targets.append((logits.detach().clone(), real(logits, iterations)))
+        return targets[-1][1]
+
+    monkeypatch.setattr(dino, "sinkhorn_knopp", record)
     cache = make_cache(tmp_path / "cache")
-    path = run_to_end(train(cache, tiny_config(epochs=1, teacher_centering="sinkhorn"),
-                            tmp_path / "run"))
+    events = []
+    path = run_to_end(train(cache, tiny_config(epochs=2, teacher_centering="sinkhorn"),
+                            tmp_path / "run"), events.append)
+    monkeypatch.undo()
     assert torch.load(path, weights_only=True)["finished"]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").open()]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    # The loss used Sinkhorn targets at every step, made from the teacher's real outputs.
+    assert len(targets) == events[-1].total >= 4
+    for logits, q in targets:
+        n, k = q.shape
+        assert (n, k) == (2 * 8, 256)
+        assert torch.allclose(q.sum(1), torch.ones(n), atol=1e-4)      # one target per view
+        # Balanced: every prototype gets between half and 1.5 times its n / k share of
+        # the batch's mass (3 iterations, as DINOv2), while the plain softmax of the same
+        # teacher outputs gives some prototype over 5 times its share (26-64 seen).
+        mass = q.sum(0) / (n / k)
+        soft = torch.softmax(logits, dim=1).sum(0) / (n / k)
+        assert float((mass - 1).abs().max()) < 0.5 and float(soft.max()) > 5
+        assert float(mass.std()) < 0.1 * float(soft.std())
