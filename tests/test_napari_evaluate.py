@@ -110,12 +110,19 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     assert "another compound" in meaning["NSC"] and "batch" in meaning["NSCB"]
     assert "precision" in meaning["mAP (NSC)"] and "Ledoit-Wolf" in meaning["TVN"]
 
-    # clicking it opens a field of that treatment in the viewer
-    before = state.field_index
+    # clicking it opens a field of that treatment in the viewer, from a field of another
+    import tifffile
+
+    table = state.metadata.table
+    before = int(np.flatnonzero(table.treatment.to_numpy() != treatment)[0])
+    state.field_index = before
+    assert viewer.layers["DAPI"].metadata["treatment"] != treatment
     qtbot.mouseClick(scatter.canvas, Qt.LeftButton, pos=pos)
+    shown = state.field_index
+    assert shown != before and table.treatment[shown] == treatment
     assert viewer.layers["DAPI"].metadata["treatment"] == treatment
-    assert state.metadata.table.treatment[state.field_index] == treatment
-    assert (state.field_index != before) or (state.metadata.table.treatment[before] == treatment)
+    np.testing.assert_array_equal(np.asarray(viewer.layers["DAPI"].data, np.float64),
+                                  tifffile.imread(table.path_DAPI[shown]).astype(np.float64))
 
     widget.colour_combo.setCurrentText("compound")
     legend = [t.get_text() for t in scatter.ax.get_legend().get_texts()]
