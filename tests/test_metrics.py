@@ -345,10 +345,16 @@ def test_nscb_official_multibatch_rule_matches_the_published_loop():
     exempt = evaluate_profiles(profiles, tvn="none")
 
     treat = official.treatments.meta
-    codes = metrics.median_batch_codes(
+    # Batch codes by hand, as the published script numbers them: batches in natural
+    # order (Week1 = 0, Week2 = 1, Week10 = 2), a treatment's code the median over its plates.
+    week = {"Week1": 0, "Week2": 1, "Week10": 2}
+    by_hand = {f"{comp}@1": float(np.median([week[plates[p]] for p in on]))
+               for comp, _, on in spec}
+    assert by_hand["taxol@1"] == 1.0 and by_hand["s2@1"] == 2.0 and by_hand["d3@1"] == 1.0
+    codes = [by_hand[t] for t in treat["Metadata_Treatment"]]
+    assert metrics.median_batch_codes(
         [r["Metadata_Treatment"] for r in rows], [r["Metadata_Batch"] for r in rows],
-        treat["Metadata_Treatment"])
-    assert dict(zip(treat["Metadata_Treatment"], codes))["taxol@1"] == 1.0
+        treat["Metadata_Treatment"]).tolist() == codes
     ref = _official_nscb(pd.DataFrame({"treatment": treat["Metadata_Treatment"],
                                        "compound": treat["Metadata_Compound"], "code": codes}),
                          official.treatments.features)
