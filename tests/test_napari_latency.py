@@ -4,18 +4,21 @@ A 50 ms QTimer ticks on the GUI thread while the Train and Evaluate panels run t
 task; a gap between two ticks is a time the window could not respond. The test always
 asserts, whatever else the machine runs:
 
-* the GUI thread's own CPU time between two ticks stays under ``CPU_LIMIT_MS`` (150 ms):
-  nothing slow runs on the GUI thread (a full redraw of a dock's matplotlib figure costs
-  50-100 ms on a small CPU, and happens only when an axis range grows or a task ends);
-* no wall-clock gap exceeds ``MAX_GAP_MS`` (500 ms), and at most ``SLOW_BUDGET`` gaps
-  (plus 5 % of the ticks) exceed ``SLOW_MS`` (100 ms).
+* ``CPU_LIMIT_MS`` (200 ms): the GUI thread's own CPU time between two ticks. The
+  slowest thing left on it, a full redraw of a dock's matplotlib figure (when an axis
+  range of the loss plot grows, or the evaluation's map), costs 50-100 ms on an idle
+  2-core machine and up to about twice that when the other hyperthread is busy.
+* ``MAX_GAP_MS`` (800 ms): no wall-clock gap is longer, and at most ``SLOW_BUDGET`` gaps
+  (plus 2 % of the ticks) exceed ``SLOW_MS`` (100 ms).
 
-The wall-clock limits are set for a busy 2-core machine: the tests run under
-``nice -n 10`` beside other jobs, so the GUI thread waits for a core as well as for its
-own work; there the longest gap measured was 200-450 ms (benchmarks/RESULTS.md, "GUI
-event-loop gaps (issue 28)"), on an idle machine it is under 100 ms. A regression that
-blocks the GUI thread (a plot redrawn on every step, a worker holding the GIL in a long
-Python loop) shows as a gap of a second or more.
+The wall-clock limits are set for a 2-core machine shared with other jobs (load average
+6-10, the tests under ``nice -n 10``): there the longest gap measured after the fixes of
+issue 28 was 190-520 ms, the median 50 ms (the timer's own period). Most of a long gap
+is waiting for a core, or for the GIL held by a worker that itself waits for a core
+(the summary prints the gap less the run-queue wait, to tell them apart). Before those
+fixes (a plot fully redrawn on every step, canvases re-rendered on every layout change)
+the same machine showed gaps of 0.6-1.3 s, 3-13 % of them over 100 ms, and 140-250 ms
+of GUI-thread CPU.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from napari_helpers import TINY_TRAIN_TOML, LoopGaps, wait_quiet, write_tiny_cac
 from napari_wsdino.core.modelset import ModelSet
 from napari_wsdino._napari.state import TaskStatus, state_for
 
-CPU_LIMIT_MS = 150   # the GUI thread's own work between two ticks
-MAX_GAP_MS = 500     # the longest wall-clock gap, on a busy 2-core machine
+CPU_LIMIT_MS = 200   # the GUI thread's own work between two ticks
+MAX_GAP_MS = 800     # the longest wall-clock gap, on a busy 2-core machine
 SLOW_MS = 100        # a gap a user may notice ...
-SLOW_BUDGET = 8      # ... allowed this often (+ 5 % of the ticks): first events, redraws
+SLOW_BUDGET = 6      # ... allowed this often (+ 2 % of the ticks): first events, redraws
 COMPOUNDS = ("taxol", "docetaxel", "ALLN", "MG-132", "DMSO")
 
 
@@ -51,7 +54,7 @@ def _run(qtbot, dock, button, timeout=300_000) -> LoopGaps:
 
 def _check(name: str, gaps: LoopGaps) -> None:
     slow = gaps.count_over(SLOW_MS)
-    budget = SLOW_BUDGET + len(gaps.ticks) // 20
+    budget = SLOW_BUDGET + len(gaps.ticks) // 50
     assert gaps.longest_cpu_ms < CPU_LIMIT_MS, f"{name}: {gaps.summary()}"
     assert gaps.longest_ms < MAX_GAP_MS, f"{name}: {gaps.summary()}"
     assert slow <= budget, f"{name}: {slow} gaps over {SLOW_MS} ms > {budget}; {gaps.summary()}"

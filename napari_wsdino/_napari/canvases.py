@@ -128,6 +128,7 @@ class LossPlot:
     def __init__(self):
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
 
         self.figure = Figure(figsize=(4, 3))
         self.figure.subplots_adjust(left=0.2, right=0.97, top=0.96, bottom=0.14, hspace=0.15)
@@ -139,6 +140,8 @@ class LossPlot:
         self.ax_lr.set_ylabel("learning rate")
         self.ax_lr.set_xlabel("step")
         self.ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # 1e-4, not 0.0001
+        for axis in (self.ax_loss.yaxis, self.ax_lr.yaxis, self.ax_lr.xaxis):
+            axis.set_major_locator(MaxNLocator(nbins=4))  # fewer labels: a cheaper full draw
         self.ax_loss.tick_params(labelbottom=False)
         self.series: dict[str, tuple[list, list, list]] = {}
         self._lines: dict[str, tuple] = {}

@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QVBoxLayout,
     QWidget,
@@ -332,6 +333,18 @@ class TrainWidget(WorkerDock):
                            (self.local_spin, cfg.local_size), (self.crops_spin, cfg.local_crops),
                            (self.outdim_spin, cfg.out_dim)):
             box.setValue(value)
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt override
+        """Once the panel is on screen, make its plot (not while it opens)."""
+        super().showEvent(event)
+        if self._plot is None:
+            QTimer.singleShot(0, self._make_plot)
+
+    def _make_plot(self) -> None:
+        try:
+            self.plot  # noqa: B018 - made on first use
+        except RuntimeError:  # the panel was closed meanwhile
+            pass
 
     @property
     def plot(self) -> LossPlot:
