@@ -25,8 +25,8 @@ from napari_wsdino.cli._common import drive
 OPTIONS = (
     "weak_label", "dmso", "arch", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
     "init", "init_parts", "epoch_split", "device", "local_crops", "global_size", "local_size",
-    "out_dim", "checkpoint_every", "seed", "precision", "center_momentum", "student_temp",
-    "teacher_temp",
+    "out_dim", "checkpoint_every", "snapshot_every", "seed", "precision", "center_momentum",
+    "student_temp", "teacher_temp",
 )
 
 
@@ -68,6 +68,10 @@ def _option_specs() -> dict[str, dict]:
         "local_size": dict(help="side of the local crops, px"),
         "out_dim": dict(help="DINO head outputs"),
         "checkpoint_every": dict(metavar="N", help="write a checkpoint every N epochs"),
+        "snapshot_every": dict(metavar="N",
+                               help="also keep a teacher snapshot every N epochs "
+                               "(CHANNEL/teacher_epochNNNN.pth; the paper: 5, each one "
+                               "evaluated, as wsdino study does); 0 = none"),
         "precision": dict(choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU"),
         "center_momentum": dict(help="0.8 (paper code) or 0.9 (DINO)"),
         "student_temp": dict(help="0.07 (paper code) or 0.1 (DINO)"),

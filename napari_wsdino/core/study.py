@@ -1,10 +1,12 @@
 """The paper's study protocol on any cache: init-only vs DINO vs WS-DINO per weak label.
 
-For each weak label and seed, one model per channel is trained with the same budget;
-teacher snapshots every ``eval_every`` epochs are embedded and evaluated, and the table
-reports, per model, the mean and spread of NSC / NSCB / mAP over seeds and over the last
-``last_k`` evaluated epochs. The paper's "best epoch" number (the epoch of highest NSC,
-after Janssens et al. 2021) is reported too, marked as selected with the MoA labels.
+For each weak label and seed, one model per channel is trained with the same budget; a
+teacher snapshot is kept every ``eval_every`` epochs (the paper: every 5) and every one is
+embedded and evaluated. The table reports, per model, the mean and spread of NSC / NSCB /
+mAP over seeds and the last ``last_k`` snapshots, and the paper's two numbers: the best
+epoch by NSC (its Table 1, after Janssens et al. 2021; marked as selected with the MoA
+labels, which are also the test labels) and the mean over every evaluated epoch (its
+Table 2). :attr:`StudyResult.per_epoch` holds NSC / NSCB against epoch.
 
 MoA as a weak label leaks the evaluation label. The honest variant, ``holdout_folds=K``,
 splits the annotated compounds into K folds; for each fold, the MoA labels of that fold's
@@ -51,23 +53,69 @@ class StudyResult:
     rows
         Summary table: one row per model (baseline, each weak label, holdout).
     evaluations
-        Every evaluation: model, label, seed, epoch, nsc, nscb, map_nsc, map_nscb.
+        Every evaluation: model, label, seed, epoch, nsc, nscb, map_nsc, map_nscb, and
+        ``last`` (one of the last ``last_k`` snapshots).
     out
         The study folder.
+    per_epoch
+        NSC / NSCB / mAP against epoch: one dict per (model, label, epoch), averaged over
+        seeds (held-out folds: pooled).
     """
 
     rows: list[dict]
     evaluations: list[dict]
     out: Path
     notes: list[str] = field(default_factory=list)
+    per_epoch: list[dict] = field(default_factory=list)
 
 
-def snapshot_epochs(epochs: int, eval_every: int, last_k: int) -> list[int]:
-    """The epochs evaluated: the last ``last_k`` multiples of ``eval_every`` up to ``epochs``."""
-    every = [e for e in range(eval_every, epochs + 1, eval_every)]
-    if not every or every[-1] != epochs:
-        every.append(epochs)
-    return every[-last_k:]
+#: How the best epoch is flagged: chosen on the labels it is scored with (the paper says so).
+SELECTED = "selected with MoA labels"
+
+
+def snapshot_epochs(epochs: int, every: int) -> list[int]:
+    """The epochs with a teacher snapshot, every one evaluated: each multiple of ``every``
+    up to ``epochs``, and ``epochs`` itself.
+
+    >>> snapshot_epochs(12, 5)
+    [5, 10, 12]
+    """
+    snaps = list(range(every, epochs + 1, every))
+    if not snaps or snaps[-1] != epochs:
+        snaps.append(epochs)
+    return snaps
+
+
+def _mean_std(values) -> tuple[float | None, float | None]:
+    vals = np.array([np.nan if v is None else v for v in values], dtype=float)
+    if not np.isfinite(vals).any():
+        return None, None
+    return float(np.nanmean(vals)), float(np.nanstd(vals))
+
+
+def epoch_curve(evals: list[dict]) -> list[dict]:
+    """NSC / NSCB / mAP per evaluated epoch, each the mean over seeds, in epoch order."""
+    by_epoch: dict[int, list[dict]] = {}
+    for e in evals:
+        if e.get("epoch") is not None:
+            by_epoch.setdefault(e["epoch"], []).append(e)
+    return [{"epoch": epoch, "n": len(group),
+             **{m: _mean_std([e.get(m) for e in group])[0] for m in ("nsc", "nscb", "map_nsc")}}
+            for epoch, group in sorted(by_epoch.items())]
+
+
+def _epoch_columns(curve: list[dict]) -> dict:
+    """The paper's two numbers from a curve: best epoch by NSC (Table 1; NSCB breaks ties)
+    and the mean over every evaluated epoch (Table 2)."""
+    scored = [p for p in curve if p.get("nsc") is not None]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda p: (p["nsc"], p.get("nscb") or 0.0))
+    return {"best_epoch": f"{best['epoch']} ({SELECTED})", "best_epoch_nsc": best["nsc"],
+            "best_epoch_nscb": best.get("nscb"),
+            "nsc_over_epochs": _mean_std([p["nsc"] for p in curve])[0],
+            "nscb_over_epochs": _mean_std([p.get("nscb") for p in curve])[0],
+            "n_epochs": len(curve)}
 
 
 def compound_folds(table: pd.DataFrame, k: int, seed: int = 0) -> list[list[str]]:
@@ -86,20 +134,15 @@ def _hide_moa(cache: Cache, compounds: Sequence[str]) -> Cache:
     return replace(cache, table=table)
 
 
-def _summary(evals: list[dict], model: str, label: str) -> dict:
-    sel = [e for e in evals if e["model"] == model and e["label"] == label and e.get("last")]
+def _summary(evals: list[dict], model: str, label: str) -> tuple[dict, list[dict]]:
+    """A model's summary row and its curve against epoch."""
     allr = [e for e in evals if e["model"] == model and e["label"] == label]
+    sel = [e for e in allr if e.get("last")]
     row = {"model": model, "weak_label": label, "n_evals": len(sel)}
     for m in ("nsc", "nscb", "map_nsc"):
-        vals = np.array([np.nan if e.get(m) is None else e[m] for e in sel], dtype=float)
-        row[f"{m}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
-        row[f"{m}_std"] = float(np.nanstd(vals)) if np.isfinite(vals).any() else None
-    if allr and any(e.get("epoch") for e in allr):
-        best = max(allr, key=lambda e: (e["nsc"], e.get("nscb") or 0))
-        row["best_epoch_nsc"] = best["nsc"]
-        row["best_epoch_nscb"] = best.get("nscb")
-        row["best_epoch"] = f"{best.get('epoch')} (selected with MoA labels)"
-    return row
+        row[f"{m}_mean"], row[f"{m}_std"] = _mean_std([e.get(m) for e in sel])
+    curve = epoch_curve(allr)
+    return {**row, **_epoch_columns(curve)}, curve
 
 
 def run_study(
@@ -142,9 +185,11 @@ def run_study(
         (:func:`~napari_wsdino.core.presets.preset_for`: ``cpu-hires`` for the default demo's
         320 x 400 cache, ``cpu`` from 64 px, ``gpu`` from 448 px).
     eval_every
-        Epochs between evaluated teacher snapshots (default: a fifth of the epochs).
+        Epochs between teacher snapshots, every one evaluated (the paper: 5; default: a
+        fifth of the epochs).
     last_k
-        Evaluated epochs per run averaged in the summary.
+        The last snapshots per run averaged in the mean ± sd columns (0: all). The best
+        epoch and the mean over epochs take every snapshot.
     holdout_folds
         K > 1 adds the honest MoA variant: compound-fold cross-validation.
     channels
@@ -184,7 +229,8 @@ class _StudyPlan:
     stages: object          # the recipe's resolved Settings
     embed: dict             # embed_cache keyword arguments (crop, pooling, windows ...)
     device: str
-    epochs_eval: list[int]
+    epochs_eval: list[int]  # every snapshot
+    last_epochs: list[int]  # the last ``last_k`` of them
     notes: list[str]
 
 
@@ -215,12 +261,21 @@ def _plan_study(cache, out, preset, init, recipe, device, channels, embed_crop, 
     embed = embed_settings(p, stages, recipe)
     embed["crop"] = embed_crop or p.embed_crop
     base = TrainConfig(device=device, **{**p.train, **r.train, **train_overrides, "init": init})
+    if (eval_every is not None and eval_every < 0) or last_k < 0:
+        raise DataError(f"--snapshot-every and --last are counts of epochs (>= 0), not "
+                        f"{eval_every} and {last_k}.")
     eval_every = eval_every or max(1, base.epochs // 5)
-    epochs_eval = snapshot_epochs(base.epochs, eval_every, last_k)
+    epochs_eval = snapshot_epochs(base.epochs, eval_every)
+    last_epochs = epochs_eval[-last_k:] if last_k else list(epochs_eval)
     base = base.replace(snapshot_every=eval_every)
-    notes = [f"preset {p.name}: {base.arch}, {base.epochs} epochs, evaluated epochs {epochs_eval}, "
-             f"channels {', '.join(channels)}"]
-    return _StudyPlan(cache, out, channels, base, stages, embed, device, epochs_eval, notes)
+    notes = [f"preset {p.name}: {base.arch}, {base.epochs} epochs, snapshots every "
+             f"{eval_every} epochs, all evaluated: {epochs_eval}; mean ± sd over epochs "
+             f"{last_epochs}; channels {', '.join(channels)}",
+             f"best epoch: the snapshot of highest NSC (mean over seeds), {SELECTED}, the "
+             "labels it is scored with, as the paper notes for its Table 1; over epochs: the "
+             "mean over every evaluated snapshot, as its Table 2"]
+    return _StudyPlan(cache, out, channels, base, stages, embed, device, epochs_eval,
+                      last_epochs, notes)
 
 
 def _baselines(plan: _StudyPlan):
@@ -267,41 +322,47 @@ def _train_and_evaluate(plan: _StudyPlan, label: str, seed: int, fold):
                                      restrict=None if fold is None else fold[1])
         evals.append({"model": model, "label": label if fold is None else "moa (held out)",
                       "seed": seed, "fold": None if fold is None else fold[0], "epoch": epoch,
-                      "last": True, **res})
+                      "last": epoch in plan.last_epochs, **res})
     return evals
 
 
 def _summarise(plan: _StudyPlan, evals: list[dict]) -> StudyResult:
     """One summary row per (model, label), in first-seen order; writes the JSON files."""
     seen = list(dict.fromkeys((e["model"], e["label"]) for e in evals))
-    rows = [_holdout_summary(evals, model, label) if label == "moa (held out)"
-            else _summary(evals, model, label) for model, label in seen]
+    rows, per_epoch = [], []
+    for model, label in seen:
+        row, curve = (_holdout_summary if label == "moa (held out)" else _summary)(
+            evals, model, label)
+        rows.append(row)
+        per_epoch += [{"model": model, "weak_label": label, **p} for p in curve]
     (plan.out / "evaluations.json").write_text(json.dumps(evals, indent=2, default=str))
-    (plan.out / "summary.json").write_text(
-        json.dumps({"rows": rows, "notes": plan.notes}, indent=2, default=str))
-    return StudyResult(rows=rows, evaluations=evals, out=plan.out, notes=plan.notes)
+    (plan.out / "summary.json").write_text(json.dumps(
+        {"rows": rows, "per_epoch": per_epoch, "notes": plan.notes}, indent=2, default=str))
+    return StudyResult(rows=rows, evaluations=evals, out=plan.out, notes=plan.notes,
+                       per_epoch=per_epoch)
 
 
-def _holdout_summary(evals, model, label) -> dict:
-    """Pool the held-out treatments of all folds, per evaluated epoch, then average."""
+def _holdout_summary(evals, model, label) -> tuple[dict, list[dict]]:
+    """Pool the held-out treatments of all folds, per evaluated epoch, then average (the
+    last snapshots for mean ± sd, every one for the best epoch and the mean over epochs)."""
     sel = [e for e in evals if e["model"] == model and e["label"] == label]
     by_epoch: dict[int, list[dict]] = {}
     for e in sel:
         by_epoch.setdefault(e["epoch"], []).append(e)
-    accs = {"nsc": [], "nscb": []}
-    for epoch, group in by_epoch.items():
-        for m in accs:
-            hits = sum(e[f"{m}_hits"] for e in group)
+    curve = []
+    for epoch, group in sorted(by_epoch.items()):
+        point = {"epoch": epoch, "n": len(group), "last": all(e.get("last") for e in group)}
+        for m in ("nsc", "nscb"):
             n = sum(e[f"n_{m}"] for e in group)
-            if n:
-                accs[m].append(hits / n)
-    row = {"model": model, "weak_label": label, "n_evals": len(by_epoch)}
-    for m, vals in accs.items():
-        row[f"{m}_mean"] = float(np.mean(vals)) if vals else None
-        row[f"{m}_std"] = float(np.std(vals)) if vals else None
+            point[m] = sum(e[f"{m}_hits"] for e in group) / n if n else None
+        curve.append({**point, "map_nsc": None})
+    last = [p for p in curve if p.pop("last")]
+    row = {"model": model, "weak_label": label, "n_evals": len(last)}
+    for m in ("nsc", "nscb"):
+        row[f"{m}_mean"], row[f"{m}_std"] = _mean_std([p[m] for p in last])
     row["map_nsc_mean"] = None
     row["map_nsc_std"] = None
-    return row
+    return {**row, **_epoch_columns(curve)}, curve
 
 
 def _snapshot(channel_folder: Path, epoch: int, final: int) -> Path:
@@ -358,8 +419,45 @@ def _restricted(nb, compounds) -> dict:
     return out
 
 
+def epoch_figure(result: StudyResult):
+    """NSC and NSCB against epoch, one line per trained model, the best epoch by NSC
+    starred; the models without epochs (baselines) as dashed levels."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4))
+    axes = {m: fig.add_subplot(1, 2, i + 1) for i, m in enumerate(("nsc", "nscb"))}
+    curves: dict[tuple, list[dict]] = {}
+    for p in result.per_epoch:
+        curves.setdefault((p["model"], p["weak_label"]), []).append(p)
+    for (model, _), curve in curves.items():
+        best = max((p for p in curve if p["nsc"] is not None), key=lambda p: p["nsc"],
+                   default=None)
+        for m, ax in axes.items():
+            line, = ax.plot([p["epoch"] for p in curve],
+                            [np.nan if p[m] is None else p[m] for p in curve],
+                            marker=".", label=model)
+            if best is not None and best[m] is not None:
+                ax.plot([best["epoch"]], [best[m]], marker="*", ms=11, color=line.get_color())
+    for r in result.rows:
+        if (r["model"], r["weak_label"]) not in curves:
+            for m, ax in axes.items():
+                if r.get(f"{m}_mean") is not None:
+                    ax.axhline(r[f"{m}_mean"], ls="--", lw=1, color="grey")
+                    ax.annotate(r["model"], (0, r[f"{m}_mean"]), xycoords=("axes fraction",
+                                "data"), fontsize=6, color="grey", va="bottom")
+    for m, ax in axes.items():
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{m.upper()} (mean over seeds)")
+        ax.set_ylim(0, 1)
+    axes["nsc"].legend(fontsize=7)
+    fig.suptitle(f"Every snapshot; star = best epoch by NSC ({SELECTED})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def study_report(result: StudyResult, data_label: str) -> dict[str, Path]:
-    """Write ``report.html`` / ``.json`` / ``.csv`` for a study (bar chart + table)."""
+    """Write ``report.html`` / ``.json`` / ``.csv`` for a study: the table, a bar chart,
+    NSC / NSCB against epoch and the training curves."""
     from napari_wsdino.core.figures import bar_figure, png_bytes, read_log, training_curves_figure
     from napari_wsdino.core.report import Report, write_report
 
@@ -367,6 +465,10 @@ def study_report(result: StudyResult, data_label: str) -> dict[str, Path]:
              "map_nsc": r.get("map_nsc_mean")} for r in result.rows]
     figures = {"NSC / NSCB / mAP per model (mean over seeds and last epochs)":
                png_bytes(bar_figure(bars, title="study"))}
+    sections = {"Every evaluation": result.evaluations}
+    if result.per_epoch:
+        figures["NSC / NSCB against epoch (every snapshot)"] = png_bytes(epoch_figure(result))
+        sections = {"NSC / NSCB against epoch (mean over seeds)": result.per_epoch, **sections}
     logs = {}
     for run in sorted(p for p in result.out.iterdir()
                       if p.is_dir() and not p.name.startswith("baseline")):
@@ -375,7 +477,6 @@ def study_report(result: StudyResult, data_label: str) -> dict[str, Path]:
     if logs:
         figures["Training curves"] = png_bytes(training_curves_figure(logs))
     report = Report(title="napari-wsdino study: the WS-DINO protocol", data_label=data_label,
-                    rows=result.rows, figures=figures,
-                    sections={"Every evaluation": result.evaluations}, notes=result.notes,
+                    rows=result.rows, figures=figures, sections=sections, notes=result.notes,
                     settings={"out": str(result.out)})
     return write_report(report, result.out)
