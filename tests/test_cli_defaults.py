@@ -56,7 +56,8 @@ def expected() -> dict[str, dict[str, object]]:
     from napari_wsdino.core.presets import PRESETS
     from napari_wsdino.core.sampler import WEAK_LABELS
     from napari_wsdino.core.study import run_study
-    from napari_wsdino.core.synth import DEFAULT_SIZE, LAYOUTS, SUBSETS, SynthConfig, write_replica
+    from napari_wsdino.core.synth import (DEFAULT_SIZE, LAYOUTS, REPLICA_VERSIONS, SUBSETS,
+                                          write_replica)
 
     pre = fields_of(PreprocessSettings)
     fetch = fields_of(FetchOptions)
@@ -73,8 +74,9 @@ def expected() -> dict[str, dict[str, object]]:
             "sites": Core(param(write_replica, "sites")),
             "size": Core(DEFAULT_SIZE), "seed": Core(param(write_replica, "seed")),
             "workers": Core(param(write_replica, "workers")),
-            "batch_strength": Core(SynthConfig.batch_strength),
-            "phenotype_strength": Core(SynthConfig.phenotype_strength)},
+            # the replica version's calibrated knobs (v2 for bbbc021, v1 for cellpainting)
+            "replica": Core(DEFER, REPLICA_VERSIONS),
+            "batch_strength": Core(DEFER), "phenotype_strength": Core(DEFER)},
         "preprocess": {
             "data": CLI, "out": CLI, "quiet": CLI, "layout": layout, "shard": CLI, "merge": CLI,
             "drop_missing": Core(param(load_metadata, "drop_missing")),

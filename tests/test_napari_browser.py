@@ -136,8 +136,9 @@ def test_synthetic_sample_button(make_napari_viewer, qtbot, tmp_path, monkeypatc
     # a finished sample already in the cache folder is reused, not rewritten
     monkeypatch.setenv("WSDINO_CACHE", str(tmp_path / "cache"))
     h, w = sample_data.SAMPLE_SIZE
+    # the folder names the replica version (v2): a v1 sample is never shown as v2
     folder = tmp_path / "cache" / (f"sample_replica_{sample_data.SAMPLE_SUBSET}_s"
-                                   f"{sample_data.SAMPLE_SITES}_{h}x{w}_seed{sample_data.SAMPLE_SEED}")
+                                   f"{sample_data.SAMPLE_SITES}_{h}x{w}_seed{sample_data.SAMPLE_SEED}_v2")
     write_tiny_dataset(folder, plates=1, wells=2, sites=1)
     (folder / ".complete").write_text("ok\n")
     assert sample_data.sample_replica() == folder

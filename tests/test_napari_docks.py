@@ -148,7 +148,11 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     items = lambda box: [box.itemText(i) for i in range(box.count())]  # noqa: E731
     data = lambda box: [box.itemData(i) for i in range(box.count())]  # noqa: E731
 
-    train, cfg = dock("3a Train"), TrainConfig()
+    from napari_wsdino._napari.train_widget import preset_config
+    from napari_wsdino.core.presets import DEFAULT_PRESET
+
+    # A fresh panel shows the default preset's settings (TrainConfig's, with its overrides).
+    train, cfg = dock("3a Train"), preset_config(DEFAULT_PRESET)
     assert data(train.weak_combo) == list(WEAK_LABEL_INFO)
     assert items(train.weak_combo) == [w.title for w in WEAK_LABEL_INFO.values()]
     assert train.weak_combo.itemData(0, Qt.ToolTipRole) == WEAK_LABEL_INFO["none"].help

@@ -34,10 +34,15 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
     assert results["data"] == "synthetic replica"
     rows = {r["model"]: r for r in results["results"]}
     names = list(rows)
-    # WS-DINO, plain DINO at the same budget, the initial weights alone, the random-init ViT
-    # and the classical profile.
-    for part in ("WS-DINO", "DINO (none)", "init-only", "random-init", "classical"):
+    # WS-DINO, plain DINO at the same budget, the initial weights alone, the random-init ViT,
+    # the classical profile and the replica's ground truth (its cells' biology: the ceiling).
+    for part in ("WS-DINO", "DINO (none)", "init-only", "random-init", "classical",
+                 "ground truth"):
         assert sum(part in n for n in names) == 1, (part, names)
+    assert results["replica"] == "v2" and "replica of BBBC021 (v2)" in html
+    truth = next(r for n, r in rows.items() if "ground truth" in n)
+    assert truth["nsc"] >= 0.85 and truth["nsc"] > max(r["nsc"] for n, r in rows.items()
+                                                         if "ground truth" not in n)
     assert "fine-tuned from the initial weights replica-dino-pico8-cells" in html
     init_only = pd.read_parquet(demo_dir / "profiles_init_only.parquet")
     random_init = pd.read_parquet(demo_dir / "profiles_random_init.parquet")
@@ -48,9 +53,9 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
         assert 0.0 <= r["nsc"] <= 1.0 and 0.0 <= r["nscb"] <= 1.0
         # The mini replica keeps all 103 treatments, 92 of them NSCB-eligible.
         assert r["n_nsc"] == 103 and r["n_nscb"] == 92
-    for name, r in rows.items():  # attention on cells for every ViT, none for classical
+    for name, r in rows.items():  # attention on cells for every ViT, none for the others
         has = all(f"attention_{ch}" in r for ch in ("DAPI", "Tubulin", "Actin"))
-        assert has == ("classical" not in name)
+        assert has == ("classical" not in name and "ground truth" not in name)
         if has:
             assert 0.0 < r["attention_DAPI"] < 20.0
     assert set(results["metrics"]) >= {"nsc", "nscb", "map_nsc", "attention_on_cells"}
@@ -83,7 +88,14 @@ def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
 
 
 def test_demo_refuses_other_settings_in_same_folder(demo_dir, capsys):
-    assert main(["demo", str(demo_dir), "--preset", "test", "--weak-label", "moa"]) != 0
+    stages = (demo_dir / "stages.json").read_text()
+    capsys.readouterr()
+    assert main(["demo", str(demo_dir), "--preset", "test", "--weak-label", "moa"]) == 2
+    err = capsys.readouterr().err
+    assert f"wsdino demo: error: {demo_dir} holds a demo run with other settings (" in err
+    assert "'weak_label': 'compound'" in err                    # what the folder was made with
+    assert "Use a new output folder, or delete this one to start over." in err
+    assert (demo_dir / "stages.json").read_text() == stages     # the folder left as it was
 
 
 def test_study_two_labels_table(demo_dir, tmp_path, capsys):
@@ -180,5 +192,12 @@ def test_demo_on_five_channel_cell_painting_layout(cellpainting_demo):
     assert json.loads((out / "stages.json").read_text())["settings"]["layout"] == "cellpainting"
 
 
-def test_demo_refuses_another_layout_in_the_same_folder(cellpainting_demo):
-    assert main(["demo", str(cellpainting_demo), "--preset", "test", "--device", "cpu"]) != 0
+def test_demo_refuses_another_layout_in_the_same_folder(cellpainting_demo, capsys):
+    stages = (cellpainting_demo / "stages.json").read_text()
+    capsys.readouterr()
+    assert main(["demo", str(cellpainting_demo), "--preset", "test", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{cellpainting_demo} holds a demo run with other settings (" in err
+    assert "'layout': 'cellpainting'" in err
+    assert "Use a new output folder, or delete this one to start over." in err
+    assert (cellpainting_demo / "stages.json").read_text() == stages

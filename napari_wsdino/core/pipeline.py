@@ -441,7 +441,8 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
         attention_grid_figure(attention_examples(cache, paths["run"], per_moa=1, max_panels=6)))
     per_moa = [{"moa": m, **v} for m, v in result.to_dict()["per_moa"].items()]
     report = Report(
-        title=f"napari-wsdino demo: WS-DINO on the synthetic replica of {screen}",
+        title=f"napari-wsdino demo: WS-DINO on the synthetic replica of {screen}"
+              + (f" ({settings['replica']})" if settings.get("replica") else ""),
         data_label=SYNTHETIC_LABEL,
         rows=results["results"],
         sections={"Per-MoA accuracy (WS-DINO)": per_moa},
