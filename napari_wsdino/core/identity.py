@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import json
+
 import numpy as np
 import pandas as pd
-
-from napari_wsdino.core.synth import read_replica_info
 
 IDENTITY_VERSION = 1
 #: Fields whose files are sampled, spread evenly over the table.
@@ -34,6 +34,22 @@ SAMPLE_FIELDS = 4
 #: Bytes of each sampled file that are hashed (with its size).
 SAMPLE_BYTES = 1 << 20
 KEY_COLUMNS = ("plate", "well", "site", "compound", "concentration")
+#: What a synthetic replica folder says about itself (``core.synth`` writes it): version,
+#: layout, subset, size, seed and knobs.
+REPLICA_FILE = "replica.json"
+
+
+def read_replica_info(root: str | Path) -> dict | None:
+    """The :data:`REPLICA_FILE` record of a replica folder; ``None`` for other data (a real
+    screen) or a replica written before records existed (``v1``)."""
+    path = Path(root) / REPLICA_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def file_digest(path: str | Path, nbytes: int = SAMPLE_BYTES) -> str | None:

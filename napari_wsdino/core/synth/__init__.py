@@ -29,6 +29,7 @@ from typing import Generator
 
 import numpy as np
 
+from napari_wsdino.core.identity import REPLICA_FILE, read_replica_info
 from napari_wsdino.core.imageio import write_tiff
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.progress import Progress, run_to_end
@@ -89,27 +90,12 @@ DEFAULT_SIZE = (256, 320)
 LAYOUTS = ("bbbc021", "cellpainting")
 #: Fields per task sent to a worker process.
 CHUNK = 12
-#: What a replica folder says about itself: version, layout, subset, size, seed, knobs.
-REPLICA_FILE = "replica.json"
 
 
 def default_config(layout: str = "bbbc021") -> SynthConfig:
     """The calibrated knobs of a layout's replica: ``v2`` for BBBC021; the Cell Painting
     replica exists in one version, calibrated on ``v1``'s knobs."""
     return SynthConfig() if layout == "bbbc021" else V1_CONFIG
-
-
-def read_replica_info(root: str | Path) -> dict | None:
-    """The :data:`REPLICA_FILE` record of a replica folder; ``None`` for other data
-    (a real screen) or a replica written before records existed (``v1``)."""
-    path = Path(root) / REPLICA_FILE
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
 
 
 def _write_record(out: Path, layout: str, subset: str, sites, size, seed: int,
