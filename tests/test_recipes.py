@@ -39,13 +39,38 @@ def test_print_config_paper_code_shows_every_official_element(capsys):
 
 
 def test_default_recipe_is_the_unchanged_behaviour(capsys):
+    # The default recipe written out: the WS-DINO paper's hyper-parameters (Cross-Zamirski
+    # et al. 2022, DINO's ViT-S/8) and this package's own choices. Changing a value here
+    # changes what `wsdino train` does with no flags: do it on purpose, in this list.
+    train = {
+        "channel": "", "weak_label": "compound", "dmso": "exclude", "balance": True,
+        "arch": "vit_small_patch8_224", "init": "", "drop_path_rate": 0.1,
+        "out_dim": 65536, "hidden_dim": 2048, "bottleneck_dim": 256,
+        "norm_last_layer": False, "freeze_last_layer": 1,
+        "student_temp": 0.07, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04,
+        "warmup_teacher_temp_epochs": 0, "center_momentum": 0.8, "momentum_teacher": 0.99,
+        "lr": 4e-06, "min_lr": 1e-06, "warmup_epochs": 10, "weight_decay": 0.0,
+        "clip_grad": 0.0, "batch_size": 16, "epochs": 400,
+        "local_crops": 8, "global_size": 224, "local_size": 96,
+        "global_scale": [0.1, 0.2], "local_scale": [0.04, 0.08], "flip_p": 0.5,
+        "input_mean": 0.0, "input_std": 1.0, "seed": 0,
+        "checkpoint_every": 10, "snapshot_every": 0,
+        "device": "auto", "precision": "auto", "preload": "auto", "compile": False,
+        "crop_centres": "uniform", "nuclei_channel": "", "rotate90": False,
+        "intensity_jitter": 0.0, "teacher_centering": "centre",
+        "init_parts": "backbone", "epoch_split": "shard", "pos_embed": "timm",
+    }
     cfg = _printed(capsys)
-    assert cfg["train"] == tomllib.loads(TrainConfig().to_toml())["train"]
-    assert cfg["train"]["min_lr"] == 1e-6 and cfg["train"]["precision"] == "auto"
-    assert cfg["preprocess"]["normalize"] == PreprocessSettings().normalize == "zscore"
-    assert cfg["preprocess"]["borders"] == "reflect"
-    assert (cfg["embed"]["windows"], cfg["embed"]["median"]) == ("centre", "mean-middle")
-    assert (cfg["evaluate"]["tvn"], cfg["evaluate"]["nscb_multibatch"]) == ("paper", "exempt")
+    assert cfg["recipe"] == "default"
+    assert cfg["train"] == train
+    # A TrainConfig made in code, with no recipe named, trains the same way.
+    assert tomllib.loads(TrainConfig().to_toml())["train"] == train
+    assert cfg["preprocess"] == {"clip": 10000.0, "filter_size": 320.0, "normalize": "zscore",
+                                 "illumination": "fast", "borders": "reflect"}
+    assert PreprocessSettings().normalize == "zscore"
+    assert cfg["embed"] == {"crop": 224, "windows": "centre", "median": "mean-middle",
+                            "l2": True, "precision": "auto", "pos_embed": "timm"}
+    assert cfg["evaluate"] == {"tvn": "paper", "nscb_multibatch": "exempt"}
 
 
 def test_flags_and_files_win_over_the_recipe(capsys, tmp_path):
