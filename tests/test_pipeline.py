@@ -39,7 +39,7 @@ def test_demo_report_holds_table_figures_and_json(demo_dir):
     for part in ("WS-DINO", "DINO (none)", "init-only", "random-init", "classical",
                  "ground truth"):
         assert sum(part in n for n in names) == 1, (part, names)
-    assert results["replica"] == "v2" and "replica of BBBC021 (v2)" in html
+    assert results["replica"] == "v2" and "synthetic replica v2 of BBBC021" in html
     truth = next(r for n, r in rows.items() if "ground truth" in n)
     assert truth["nsc"] >= 0.85 and truth["nsc"] > max(r["nsc"] for n, r in rows.items()
                                                          if "ground truth" not in n)

@@ -144,8 +144,7 @@ class TrainWidget(WorkerDock):
         self._stop = threading.Event()
         self._shape: tuple[int, int] | None = None
         self._table = None       # the cache's field table, for what the weak label can teach
-        # Remembered values, else the remembered (or default) preset's: a fresh panel shows
-        # one consistent set (the default preset's architecture with its weights).
+        # Remembered values, else the remembered (or default) preset's: one consistent set.
         get = self.saved
         preset = get("preset", DEFAULT_PRESET)
         d = preset_config(preset)
@@ -194,9 +193,8 @@ class TrainWidget(WorkerDock):
         self.weak_note.setWordWrap(True)
         self.run_label = QLabel("")
         self.run_label.setWordWrap(True)
-        # The curves' canvas is made when first needed (matplotlib's import and a figure
-        # cost seconds on a small CPU: not while the panel opens), in a box of fixed height
-        # (a longer status line never resizes, so fully redraws, the plot).
+        # The curves' canvas is made when first needed (matplotlib costs seconds on a small
+        # CPU), in a fixed-height box (a longer status line never resizes and redraws it).
         self._plot: LossPlot | None = None
         self.plot_box = QWidget()
         self.plot_box.setFixedHeight(260)
@@ -245,8 +243,7 @@ class TrainWidget(WorkerDock):
         self.cache_edit.editingFinished.connect(lambda: self._cache_picked(self.cache_edit.text()))
         self.run_edit.editingFinished.connect(self._describe_run)
         self.preset_combo.currentIndexChanged.connect(lambda _i: self.apply_preset())
-        # A preset or architecture chosen is remembered at once, not only at Start: the
-        # next session shows the same pair (an architecture with its preset's weights).
+        # A preset or architecture is remembered when chosen: the next session shows the pair.
         self.preset_combo.currentIndexChanged.connect(lambda _i: self._remember_form())
         self.arch_combo.currentIndexChanged.connect(lambda _i: self._remember_form())
         self.arch_combo.lineEdit().editingFinished.connect(self._remember_form)

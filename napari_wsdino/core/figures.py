@@ -182,3 +182,39 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def umap_figures(treatments) -> dict[str, bytes]:
+    """UMAPs of treatment profiles coloured by MoA and by batch."""
+    from napari_wsdino.core.projection import project_2d
+
+    xy = project_2d(treatments.features)
+    meta = treatments.meta
+    figs = {"UMAP of treatment profiles by MoA": png_bytes(
+        umap_figure(xy, meta["Metadata_MoA"], "treatments by MoA"))}
+    if "Metadata_Batch" in meta:
+        first = meta["Metadata_Batch"].astype(str).str.split(",").str[0]
+        figs["UMAP of treatment profiles by batch"] = png_bytes(
+            umap_figure(xy, first, "treatments by (first) batch"))
+    return figs
+
+
+def attention_examples(cache, run: Path, per_moa: int = 1, max_panels: int = 6,
+                       channel: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(title, image, mean attention) for the top dose field of a few MoAs."""
+    from napari_wsdino.core.attention import channel_attention_maps
+    from napari_wsdino.core.modelset import ModelSet
+
+    channel = channel or cache.channels[0]
+    models = ModelSet.from_run(run, [channel])
+    t = cache.table
+    panels = []
+    for moa, grp in t.groupby("moa", sort=True):
+        top = grp[grp.concentration == grp.concentration.max()]
+        for idx in top.index[:per_moa]:
+            img = np.asarray(cache.images(channel)[idx], dtype=np.float32)
+            maps = channel_attention_maps(models[channel], img)
+            panels.append((f"{moa} · {t.treatment[idx]} · {channel}", img, maps.mean))
+        if len(panels) >= max_panels:
+            break
+    return panels

@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generator
 
-import numpy as np
-
 from napari_wsdino.core.layout import demo_paths, log_path
 from napari_wsdino.core.metadata import LAYOUTS, DataError
 from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
@@ -423,8 +421,9 @@ def _evaluate(profiles, stages=None):
 
 def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, preset: Preset,
                        settings: dict, screen: str = LAYOUTS[DEFAULT_LAYOUT].display_name) -> None:
-    from napari_wsdino.core.figures import (attention_grid_figure, confusion_figure, per_moa_figure,
-                                            png_bytes, read_log, training_curves_figure)
+    from napari_wsdino.core.figures import (attention_examples, attention_grid_figure,
+                                            confusion_figure, per_moa_figure, png_bytes, read_log,
+                                            training_curves_figure, umap_figures)
     from napari_wsdino.core.report import SYNTHETIC_LABEL, Report, write_report
 
     figures = {
@@ -441,8 +440,8 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
         attention_grid_figure(attention_examples(cache, paths["run"], per_moa=1, max_panels=6)))
     per_moa = [{"moa": m, **v} for m, v in result.to_dict()["per_moa"].items()]
     report = Report(
-        title=f"napari-wsdino demo: WS-DINO on the synthetic replica of {screen}"
-              + (f" ({settings['replica']})" if settings.get("replica") else ""),
+        title=f"napari-wsdino demo: WS-DINO on the synthetic replica "
+              f"{settings.get('replica', '')} of {screen}".replace("  ", " "),
         data_label=SYNTHETIC_LABEL,
         rows=results["results"],
         sections={"Per-MoA accuracy (WS-DINO)": per_moa},
@@ -471,40 +470,3 @@ def _init_note(preset: Preset) -> list[str]:
             "the paper fine-tunes DINO-pretrained weights; the init-only row is those "
             "weights before any fine-tuning, so the gap between it and the trained rows is "
             "what this run's training added."]
-
-
-def umap_figures(treatments) -> dict[str, bytes]:
-    """UMAPs of treatment profiles coloured by MoA and by batch."""
-    from napari_wsdino.core.figures import png_bytes, umap_figure
-    from napari_wsdino.core.projection import project_2d
-
-    xy = project_2d(treatments.features)
-    meta = treatments.meta
-    figs = {"UMAP of treatment profiles by MoA": png_bytes(
-        umap_figure(xy, meta["Metadata_MoA"], "treatments by MoA"))}
-    if "Metadata_Batch" in meta:
-        first = meta["Metadata_Batch"].astype(str).str.split(",").str[0]
-        figs["UMAP of treatment profiles by batch"] = png_bytes(
-            umap_figure(xy, first, "treatments by (first) batch"))
-    return figs
-
-
-def attention_examples(cache, run: Path, per_moa: int = 1, max_panels: int = 6,
-                       channel: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(title, image, mean attention) for the top dose field of a few MoAs."""
-    from napari_wsdino.core.attention import channel_attention_maps
-    from napari_wsdino.core.modelset import ModelSet
-
-    channel = channel or cache.channels[0]
-    models = ModelSet.from_run(run, [channel])
-    t = cache.table
-    panels = []
-    for moa, grp in t.groupby("moa", sort=True):
-        top = grp[grp.concentration == grp.concentration.max()]
-        for idx in top.index[:per_moa]:
-            img = np.asarray(cache.images(channel)[idx], dtype=np.float32)
-            maps = channel_attention_maps(models[channel], img)
-            panels.append((f"{moa} · {t.treatment[idx]} · {channel}", img, maps.mean))
-        if len(panels) >= max_panels:
-            break
-    return panels

@@ -213,6 +213,28 @@ def _write_design(out: Path, layout: str, subset: str, sites: int | None, seed: 
     return specs
 
 
+def _write_fields(out: Path, specs: list[dict], size, seed: int, config: SynthConfig,
+                  workers: int) -> Generator[Progress, None, None]:
+    """Render and write every field, in chunks, in this process or in ``workers``."""
+    total, done = len(specs), 0
+    chunks = [specs[i:i + CHUNK] for i in range(0, total, CHUNK)]
+    if workers == 1:
+        for chunk in chunks:
+            done += _write_chunk(str(out), chunk, size, seed, config)
+            yield Progress("synth", done, total, f"{chunk[-1]['plate']} {chunk[-1]['well']}")
+        return
+    # spawn: safe from GUI threads, and results never depend on the start method.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_write_chunk, str(out), c, size, seed, config) for c in chunks]
+        try:
+            for fut in as_completed(futures):
+                done += fut.result()
+                yield Progress("synth", done, total, f"{done} fields written")
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
 def write_replica(out: str | Path, subset: str = "mini", sites: int | None = None,
                   size: tuple[int, int] = DEFAULT_SIZE, seed: int = 0, workers: int | None = None,
                   config: SynthConfig | None = None, layout: str = "bbbc021",
@@ -283,23 +305,7 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     workers = _default_workers(total, size) if workers is None else max(1, int(workers))
     name = subset if layout == "bbbc021" else layout
     yield Progress("synth", 0, total, f"{name}: {total} fields at {size[0]}x{size[1]}")
-    done = 0
-    chunks = [specs[i:i + CHUNK] for i in range(0, total, CHUNK)]
-    if workers == 1:
-        for chunk in chunks:
-            done += _write_chunk(str(out), chunk, size, seed, config)
-            yield Progress("synth", done, total, f"{chunk[-1]['plate']} {chunk[-1]['well']}")
-    else:
-        # spawn: safe from GUI threads, and results never depend on the start method.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_write_chunk, str(out), c, size, seed, config) for c in chunks]
-            try:
-                for fut in as_completed(futures):
-                    done += fut.result()
-                    yield Progress("synth", done, total, f"{done} fields written")
-            finally:
-                for fut in futures:
-                    fut.cancel()
+    yield from _write_fields(out, specs, size, seed, config, workers)
     if layout == "bbbc021":
         _write_truth(out, specs, size, seed, config)
     return out

@@ -139,9 +139,9 @@ class SynthConfig:
     """
 
     version: str = DEFAULT_REPLICA
-    phenotype_strength: float = 1.3
+    phenotype_strength: float = 1.2
     compound_twist: float = 0.35
-    dose_shift: float = -0.4
+    dose_shift: float = -0.3
     responder_fraction: float = 0.9
     batch_strength: float = 1.0
     batch_response: float = 0.3
@@ -152,8 +152,8 @@ class SynthConfig:
     stain_sd: float = 0.4
     background_sd: float = 0.45
     focus: float = 1.2
-    focus_sd: float = 1.5
-    exposure_sd: float = 0.4
+    focus_sd: float = 1.2
+    exposure_sd: float = 0.3
     gamma_sd: float = 0.0
     drift: float = 1.0
     natural_variation: float = 0.05
