@@ -142,7 +142,7 @@ def _core_cycle_edges() -> dict[tuple[str, str], list[int]]:
 # left out). Two cycles, both through recipes, the module that combines the stages:
 #   recipes -(l.95, in a function)-> embed -(l.44)-> embed.crops -(l.17, DEFAULT_CROP)-> recipes
 #   recipes -(l.182/210/229, in functions)-> train -(l.71)-> train.settings
-#           -(l.342, in a function: train_defaults)-> recipes
+#           -(l.338, in a function: train_defaults)-> recipes
 # The edges inside embed and train are listed because the cycle passes through their
 # __init__. The fix (issue 31): stage settings live with the stage, recipes imports the
 # stages and never the reverse, train takes recipe defaults as an argument.

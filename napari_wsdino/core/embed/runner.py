@@ -282,12 +282,18 @@ def embed_cache(
     if out is not None:
         out = check_profiles_out(out)  # before any field: a name the writer refuses
     models.check_channels(cache.channels)
+    return (yield from _embed_in_job(
+        cache, models, out, indices, device, resume, crop=crop, batch_size=batch_size,
+        chunk_size=chunk_size, pooling=pooling, windows=windows, median=median, l2=l2,
+        nuclei_channel=nuclei_channel, precision=precision, pos_embed=pos_embed))
+
+
+def _embed_in_job(cache, models, out, indices, device: str, resume: bool, **settings):
+    """Join the ``torchrun`` job (if any) on ``device``, plan this embedding with the
+    settings of :func:`embed_cache` and run it; leave the job however it ends."""
     dev, info = _join(device)
     try:
-        plan = _make_plan(cache, models, out, indices, crop=crop, batch_size=batch_size,
-                          chunk_size=chunk_size, device=dev, pooling=pooling, windows=windows,
-                          median=median, l2=l2, nuclei_channel=nuclei_channel,
-                          precision=precision, pos_embed=pos_embed)
+        plan = _make_plan(cache, models, out, indices, device=dev, **settings)
         return (yield from _run(plan, info, out, resume))
     finally:
         distributed.teardown(info)
