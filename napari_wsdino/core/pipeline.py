@@ -440,8 +440,8 @@ def _write_demo_report(out: Path, paths: dict, results: dict, result, cache, pre
         attention_grid_figure(attention_examples(cache, paths["run"], per_moa=1, max_panels=6)))
     per_moa = [{"moa": m, **v} for m, v in result.to_dict()["per_moa"].items()]
     report = Report(
-        title=f"napari-wsdino demo: WS-DINO on the synthetic replica "
-              f"{settings.get('replica', '')} of {screen}".replace("  ", " "),
+        title=" ".join(filter(None, ["napari-wsdino demo: WS-DINO on the synthetic replica",
+                                     settings.get("replica"), f"of {screen}"])),
         data_label=SYNTHETIC_LABEL,
         rows=results["results"],
         sections={"Per-MoA accuracy (WS-DINO)": per_moa},

@@ -31,7 +31,8 @@ import numpy as np
 
 from napari_wsdino.core.identity import REPLICA_FILE, read_replica_info
 from napari_wsdino.core.imageio import write_tiff
-from napari_wsdino.core.metadata import CHANNELS, DataError
+from napari_wsdino.core.metadata import CHANNELS, DataError, load_metadata
+from napari_wsdino.core.profiles import ProfileTable
 from napari_wsdino.core.progress import Progress, run_to_end
 from napari_wsdino.core.synth.design import (
     DEFAULT_SITES,
@@ -108,9 +109,6 @@ def _write_record(out: Path, layout: str, subset: str, sites, size, seed: int,
 
 def _write_truth(out: Path, specs: list[dict], size, seed: int, config: SynthConfig) -> None:
     """``OUT/truth.parquet``: every field's ground-truth profile (:mod:`.truth`)."""
-    from napari_wsdino.core.metadata import load_metadata
-    from napari_wsdino.core.profiles import ProfileTable
-
     table = load_metadata(out, check_files=False).table
     keys = [(s["plate"], s["well"], s["site"]) for s in specs]
     order = {k: i for i, k in enumerate(keys)}
