@@ -3,11 +3,16 @@
 Shared by the reader (which returns layer-data tuples) and the plate browser
 (which replaces the data of existing layers in place, so the user's zoom, layer
 order and visibility survive a change of field). Only the field's own channel
-files are read.
+files are read. The canvas shows one dataset: :func:`show_field` leaves one field
+layer per channel, of the dataset it shows. Every layer records the dataset
+(``source``) and field it shows in ``layer.metadata``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +31,7 @@ CHANNEL_COLORMAPS = {"DAPI": "blue", "Tubulin": "green", "Actin": "red",
 FALLBACK_COLORMAPS = ("blue", "green", "red", "magenta", "cyan", "yellow")
 ROLE = "wsdino_role"
 FIELD_ROLE = "field"
+ATTENTION_ROLE = "attention"
 ROW_KEYS = ("plate", "batch", "well", "site", "replicate", "compound", "concentration",
             "treatment", "moa")
 
@@ -97,31 +103,84 @@ def field_layer_data(metadata: Metadata, index: int, source: Any = None) -> list
     return out
 
 
+def same_source(a: Any, b: Any) -> bool:
+    """Do two dataset sources (folder or image CSV, as str or Path) name the same path?"""
+    return a is not None and b is not None and Path(str(a)) == Path(str(b))
+
+
+def is_field_layer(layer) -> bool:
+    """A field layer this plugin made (one stain of one field)."""
+    return layer.metadata.get(ROLE) == FIELD_ROLE and "channel" in layer.metadata
+
+
 def field_layers(viewer: "napari.viewer.Viewer") -> dict[str, "napari.layers.Image"]:
-    """The viewer's field layers by channel (layers this plugin made)."""
-    return {
-        layer.metadata["channel"]: layer
-        for layer in viewer.layers
-        if layer.metadata.get(ROLE) == FIELD_ROLE and "channel" in layer.metadata
-    }
+    """The viewer's field layers by channel (layers this plugin made; the newest of a channel)."""
+    return {layer.metadata["channel"]: layer for layer in viewer.layers if is_field_layer(layer)}
+
+
+def remove_layers(viewer: "napari.viewer.Viewer", layers) -> None:
+    """Remove ``layers`` from the viewer in one batch where napari offers one (0.9 does): its
+    canvas then cleans up once (a full garbage collection) instead of once per layer."""
+    layers = [layer for layer in layers if layer in viewer.layers]
+    if not layers:
+        return
+    batch = getattr(viewer.layers, "batched_update", contextlib.nullcontext)
+    with batch():
+        for layer in layers:
+            viewer.layers.remove(layer)
+
+
+def _keepers(viewer: "napari.viewer.Viewer", channels, source: Any) -> dict[str, Any]:
+    """One field layer per channel to show the new field in: ``source``'s own (File > Open
+    just added them) before another dataset's, the newest first."""
+    keep: dict[str, Any] = {}
+    for layer in reversed(list(viewer.layers)):
+        meta = layer.metadata
+        if not is_field_layer(layer) or meta["channel"] not in channels:
+            continue
+        old = keep.get(meta["channel"])
+        if old is None or (same_source(meta.get("source"), source)
+                           and not same_source(old.metadata.get("source"), source)):
+            keep[meta["channel"]] = layer
+    return keep
+
+
+def _plain_name(layer, channel: str, source: Any) -> str:
+    """The channel's name for a layer taking another dataset's field; for one of the same
+    dataset, its name less napari's " [1]" (added while a layer of that name was there)."""
+    if same_source(layer.metadata.get("source"), source):
+        return re.sub(r" \[\d+\]$", "", layer.name)
+    return channel
 
 
 def show_field(viewer: "napari.viewer.Viewer", metadata: Metadata, index: int,
                source: Any = None) -> list["napari.layers.Image"]:
-    """Show field ``index``: replace the data of existing field layers, or add them."""
-    existing = field_layers(viewer)
+    """Show field ``index`` with one field layer per channel, updated in place.
+
+    The canvas shows one dataset: field layers of another source, of a channel this
+    dataset lacks, or a second layer of a channel (File > Open adds "DAPI [1]" beside
+    "DAPI") are removed. The layer kept per channel takes the field's data, contrast and
+    metadata in place, so zoom, layer order and visibility survive; missing ones are added.
+    """
+    tuples = field_layer_data(metadata, index, source)  # read first: a failed read changes nothing
+    source = tuples[0][1]["metadata"]["source"] if tuples else source
+    keep = _keepers(viewer, metadata.channels, source)
+    remove_layers(viewer, [la for la in viewer.layers
+                           if is_field_layer(la) and la not in keep.values()])
     shown = []
-    for data, kwargs, _ in field_layer_data(metadata, index, source):
+    for data, kwargs, _ in tuples:
         channel = kwargs["metadata"]["channel"]
-        layer = existing.get(channel)
+        layer = keep.get(channel)
         if layer is None:
             shown.append(viewer.add_image(data, **kwargs))
             continue
+        name = _plain_name(layer, channel, source)
         lo, hi = kwargs["contrast_limits"]
         full = (min(float(data.min()), lo), max(float(data.max()), hi))
         layer.data = data
         layer.contrast_limits_range = full
         layer.contrast_limits = (lo, hi)
         layer.metadata = kwargs["metadata"]
+        layer.name = name
         shown.append(layer)
     return shown

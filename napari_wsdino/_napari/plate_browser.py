@@ -20,7 +20,8 @@ from napari_wsdino.core.imageio import ImageReadError
 from napari_wsdino.core.metadata import DataError, Metadata, load_metadata
 from napari_wsdino.core.progress import Progress
 from napari_wsdino._napari import settings
-from napari_wsdino._napari.layers import FIELD_ROLE, ROLE, show_field
+from napari_wsdino._napari.layers import (FIELD_ROLE, ROLE, field_layers, is_field_layer,
+                                          same_source, show_field)
 from napari_wsdino._napari.dock import WorkerDock, add_row, button, edit_row, hrow, tip
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class PlateBrowser(WorkerDock):
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer, "No dataset loaded.")
         self._index: FieldIndex | None = None
+        self._inserted: dict | None = None  # metadata of a field layer the reader just added
 
         self.path_edit = tip(QLineEdit(str(settings.recall(LAST_FOLDER, ""))),
                              "A dataset folder or its image CSV: BBBC021 layout "
@@ -101,6 +103,12 @@ class PlateBrowser(WorkerDock):
         if self.state.metadata is not None:  # a dataset was opened before this dock
             self._on_metadata(self.state.metadata)
             self._sync_controls(self.state.field_index)
+        else:  # File > Open before this dock: its newest field becomes the dataset
+            for layer in reversed(list(self.viewer.layers)):
+                if is_field_layer(layer) and layer.metadata.get("source"):
+                    self._adopt(layer.metadata["source"],
+                                int(layer.metadata.get("field_index", 0)))
+                    break
 
     # -- opening -----------------------------------------------------------------
     def _browse(self) -> None:
@@ -155,17 +163,29 @@ class PlateBrowser(WorkerDock):
                                            desc="Synthetic sample", owner=self)
 
     def _on_layer_inserted(self, event) -> None:
-        """A field opened by the reader (File > Open) becomes the browser's dataset."""
+        """A field opened by the reader (File > Open, Open Sample) becomes the browser's dataset."""
         meta = getattr(event.value, "metadata", {}) or {}
         if meta.get(ROLE) != FIELD_ROLE or not meta.get("source"):
             return
-        # Deferred: the reader inserts its layers one by one; let it finish first.
-        QTimer.singleShot(0, lambda: self._adopt(meta["source"], int(meta.get("field_index", 0))))
+        # Deferred, once: the reader inserts its layers one by one; let it finish first.
+        pending, self._inserted = self._inserted, meta
+        if pending is None:
+            QTimer.singleShot(0, self._adopt_inserted)
+
+    def _adopt_inserted(self) -> None:
+        meta, self._inserted = self._inserted, None
+        if meta is not None:
+            self._adopt(meta["source"], int(meta.get("field_index", 0)))
 
     def _adopt(self, source: str, field_index: int) -> None:
-        """Open ``source`` unless it already is the current dataset."""
-        if self.state.source is None or str(self.state.source) != source:
+        """Open ``source`` unless it already is the current dataset; either way the canvas
+        is left with one set of field layers, showing the field just opened."""
+        if not same_source(self.state.source, source):
             self.open(source, field_index)
+        elif field_index != self.state.field_index:
+            self.state.field_index = field_index
+        elif len(field_layers(self.viewer)) != sum(map(is_field_layer, self.viewer.layers)):
+            self._on_field(field_index)  # the same field opened again: drop the duplicates
 
     # -- state → controls ----------------------------------------------------------
     def _on_metadata(self, metadata: Metadata | None) -> None:
