@@ -211,21 +211,24 @@ class WorkerDock(QWidget):
         self.set_running(False)
         self.status_label.setText(f"{self.failed_text}: {exc}")
 
-    def run_task(self, gen: Generator[Progress, Any, Any], **kwargs) -> Any:
+    def run_task(self, gen: Generator[Progress, Any, Any], *,
+                 on_progress: Callable[[Progress], None] | None = None, **kwargs) -> Any:
         """Start ``gen`` in a worker (``start_worker`` arguments) with the dock's progress bar."""
-        self.worker = start_worker(gen, owner=self, **kwargs)
         bar = self.progress_bar
-        bar.setRange(0, 0)  # busy until the first event says how much there is
-        bar.setFormat("starting…")
-        bar.show()
 
         def _progress(event):
-            if isinstance(event, Progress) and event.total:
+            # Through start_worker's own callback: not called once the dock is closed.
+            if event.total:
                 bar.setRange(0, int(event.total))
                 bar.setValue(min(int(event.step), int(event.total)))
                 bar.setFormat(f"%p%  {event.step}/{event.total}")
+            if on_progress is not None:
+                on_progress(event)
 
-        self.worker.yielded.connect(_progress)
+        self.worker = start_worker(gen, owner=self, on_progress=_progress, **kwargs)
+        bar.setRange(0, 0)  # busy until the first event says how much there is
+        bar.setFormat("starting…")
+        bar.show()
         self.worker.finished.connect(bar.hide)
         return self.worker
 
