@@ -1,4 +1,4 @@
-"""One dataset on the canvas (issue 28)."""
+"""One dataset on the canvas, and no attention overlay left on another field (issue 28)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ from napari_helpers import write_tiny_dataset
 
 from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import load_metadata
+from napari_wsdino.core.modelset import ModelSet
+from napari_wsdino._napari import settings
+from napari_wsdino._napari.attention_widget import AttentionWidget
 from napari_wsdino._napari.layers import FIELD_ROLE, ROLE
-from napari_wsdino._napari.state import state_for
+from napari_wsdino._napari.state import TaskStatus, state_for
 
+ARCH = "test_vit"  # patch 16, 2 heads in timm's test config
 BBBC021 = ["DAPI", "Tubulin", "Actin"]
 
 
@@ -121,3 +125,81 @@ def _tiny_sample(cache, sample_data):
     (folder / ".complete").write_text("ok\n")
     assert sample_data.sample_replica() == folder
     return folder
+
+
+def _attention(viewer):
+    return [layer for layer in viewer.layers if layer.metadata.get(ROLE) == "attention"]
+
+
+def _shown_on(viewer, state):
+    """Every attention layer on the canvas shows the field and dataset in view."""
+    key = state.metadata.field_key(state.field_index)
+    return all(layer.metadata["field"] == key and layer.metadata["source"] == str(state.source)
+               and layer.metadata["field_index"] == state.field_index
+               for layer in _attention(viewer))
+
+
+def test_no_stale_attention_after_next_or_map_click(make_napari_viewer, qtbot, tmp_path):
+    data = write_tiny_dataset(tmp_path / "bbbc", plates=1, wells=2, sites=2, shape=(64, 96))
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    browser = _dock(viewer, "1 Data - plate browser")
+    attention = _dock(viewer, "4 Attention")
+    assert attention.auto_check.isChecked()  # following the field is the default
+    browser.open(data)
+    state.models = ModelSet.random(ARCH, ("DAPI",), seed=0)
+    attention.max_side_spin.setValue(48)
+
+    def compute():
+        qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
+        qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE, timeout=20_000)
+        assert len(_attention(viewer)) == 3 and _shown_on(viewer, state)
+
+    # "Update when the field changes" off: Next and a map click remove the overlay at once
+    attention.auto_check.setChecked(False)
+    compute()
+    mask = viewer.layers["attention mask [DAPI]"]
+    assert mask.locked and mask.metadata["source"] == str(data)
+    qtbot.mouseClick(browser.next_button, Qt.LeftButton)
+    assert state.field_index == 1 and _attention(viewer) == []
+    assert "Attention of Week" in attention.status_label.text()
+    assert "removed" in attention.status_label.text()
+    compute()
+    state.field_index = 3  # what a click on the Evaluate map does
+    assert _attention(viewer) == []
+    # a result that arrives after the view moved on is dropped
+    qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
+    state.field_index = 2
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE, timeout=20_000)
+    assert _attention(viewer) == [] and "not shown" in attention.status_label.text()
+
+    # on: removed at once as well, then recomputed for the field now in view
+    attention.auto_check.setChecked(True)
+    compute()
+    qtbot.mouseClick(browser.next_button, Qt.LeftButton)
+    assert _attention(viewer) == [] and attention.status == TaskStatus.RUNNING
+    assert state.metadata.field_key(3) in attention.status_label.text()
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE and bool(_attention(viewer)),
+                    timeout=20_000)
+    assert len(_attention(viewer)) == 3 and _shown_on(viewer, state)
+    # two map clicks while a job runs: the last field's maps, never the first's
+    state.field_index = 0
+    assert attention.status == TaskStatus.RUNNING
+    state.field_index = 1
+    assert _attention(viewer) == [] and "follows" in attention.status_label.text()
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE and bool(_attention(viewer)),
+                    timeout=40_000)
+    assert len(_attention(viewer)) == 3 and _shown_on(viewer, state)
+    assert state.field_index == 1
+
+    # another dataset: the overlay leaves with the old dataset's field, then follows
+    other = write_tiny_dataset(tmp_path / "other", plates=1, wells=2, sites=1, seed=4)
+    browser.open(other)
+    assert _attention(viewer) == []
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE and bool(_attention(viewer)),
+                    timeout=20_000)
+    assert _shown_on(viewer, state) and _attention(viewer)[0].metadata["source"] == str(other)
+
+    # a remembered choice is kept
+    settings.remember_many({"attention.auto": False})
+    assert not AttentionWidget(viewer).auto_check.isChecked()

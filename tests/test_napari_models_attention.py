@@ -142,7 +142,11 @@ def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, 
     state.cache_path = tmp_path / "cache"
     attention.auto_check.setChecked(True)
     browser.well_combo.setCurrentIndex(1)  # automatic update on field change
-    qtbot.waitUntil(lambda: mean.metadata["field"] == meta.field_key(1), timeout=20_000)
+    qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE
+                    and "attention mean [Tubulin]" in viewer.layers, timeout=20_000)
+    layers = _attention_layers(viewer)  # the old field's layers left: these are new ones
+    heads, mean = layers["attention heads [Tubulin]"], layers["attention mean [Tubulin]"]
+    assert mean.metadata["field"] == meta.field_key(1)
     assert mean.data.shape == (32, 48) and heads.data.shape == (2, 32, 48)
     np.testing.assert_allclose(mean.scale, (96 / 32, 128 / 48))
     _same_pixel_edges(mean, viewer.layers["DAPI"])

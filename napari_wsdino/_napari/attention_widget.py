@@ -7,6 +7,11 @@ and DINO's thresholded mean as a contour. The model sees the *preprocessed* fiel
 when a cache holding it is loaded (what it was trained on); otherwise the raw
 field, downscaled to at most ``max_side`` pixels and divided by its 99.9th
 percentile. Maps are scaled back onto the raw image either way.
+
+The layers record the dataset (``source``) and field (``field``, ``field_index``) they
+show. They never stay on another field: when the field or dataset changes they are
+removed at once, and with "Update when the field changes" (on by default) recomputed
+for the new field; a result that arrives for a field no longer shown is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.progress import Progress
-from napari_wsdino._napari.layers import cache_row, on_raw_grid
+from napari_wsdino._napari.layers import (ATTENTION_ROLE, ROLE, cache_row, on_raw_grid,
+                                          remove_layers)
 from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, double_spin, spin, tip
 
 if TYPE_CHECKING:
@@ -112,7 +118,8 @@ class AttentionWidget(WorkerDock):
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer, "Load models (3b Load models) and open a dataset.")
-        self._pending = False
+        self._pending = False  # the field changed while a job ran: recompute when it ends
+        self._job: tuple[str, str] = ("", "")  # (source, field key) of the last job started
         self._cache: Cache | None = None
         get = self.saved
 
@@ -123,8 +130,9 @@ class AttentionWidget(WorkerDock):
         self.opacity_spin = double_spin(0.0, 1.0, get("opacity", 0.5), step=0.1)
         self.max_side_spin = spin(32, 4096, get("max_side", 640))
         self.auto_check = tip(QCheckBox("Update when the field changes"),
-                              "Recompute the maps whenever the plate browser shows another field")
-        self.auto_check.setChecked(bool(get("auto", False)))
+                              "Recompute the maps shown whenever the plate browser shows another "
+                              "field; unticked, they are removed (never left on another field)")
+        self.auto_check.setChecked(bool(get("auto", True)))
         self.compute_button = button("Show attention", "Compute the loaded model's last-block "
                                      "attention for the field in view (in the background) and "
                                      "lay it over the image", self.compute)
@@ -171,13 +179,48 @@ class AttentionWidget(WorkerDock):
             self._cache = None
             self.status_label.setText(f"Cache not used: {exc}")
 
+    def _current(self) -> tuple[str, str] | None:
+        """(source, field key) of the field in view, or ``None`` without a dataset."""
+        metadata = self.state.metadata
+        if metadata is None or not len(metadata.table):
+            return None
+        return str(self.state.source), metadata.field_key(self.state.field_index)
+
     def _on_field(self, _index: int) -> None:
-        """Automatic mode: recompute for the new field (after the running job)."""
-        if self.auto_check.isChecked() and self.state.models is not None:
-            if self.running:
+        """Field or dataset changed: attention of another field leaves the canvas now; in
+        automatic mode the maps shown follow (after the running job)."""
+        now = self._current()
+        stale = [layer for layer in self.viewer.layers
+                 if layer.metadata.get(ROLE) == ATTENTION_ROLE and _shows(layer) != now]
+        remove_layers(self.viewer, stale)
+        elsewhere = self.running and self._job != now  # a job for a field no longer in view
+        if not stale and not elsewhere:
+            return
+        new = now[1] if now is not None else "no dataset"
+        if now is not None and self.auto_check.isChecked() and self.state.models is not None:
+            if not self.running:
+                self.compute()  # its status line names the field now computed
+            elif elsewhere:
                 self._pending = True
-            else:
-                self.compute()
+                self.status_label.setText(f"The view moved to {new}: its attention follows "
+                                          f"when the running computation (of {self._job[1]}) ends.")
+            return
+        moved = f"the view moved to {new}"
+        if stale:
+            moved = f"Attention of {stale[0].metadata.get('field', 'another field')} removed: {moved}"
+        running = (f"; the running computation of {self._job[1]} will not be shown"
+                   if elsewhere else "")
+        again = ("" if self.running and not elsewhere
+                 else " Show attention computes it for this field.")
+        self.status_label.setText(f"{moved[0].upper()}{moved[1:]}{running}.{again}")
+
+    def task_failed(self, exc: BaseException) -> None:
+        self._pending = False
+        super().task_failed(exc)
+
+    def task_stopped(self) -> None:
+        self._pending = False
+        super().task_stopped()
 
     # -- compute ---------------------------------------------------------------------
     def compute(self) -> None:
@@ -204,20 +247,40 @@ class AttentionWidget(WorkerDock):
             note += f"; the models were trained on another dataset ({trained.reason})"
         index = self.state.field_index
         key = metadata.field_key(index)
+        job = self._job = (str(self.state.source), key)
         self.start_task(
             attention_job(entry.model, metadata, index, channel, cache,
                           self.max_side_spin.value(), self.mode_combo.currentText(),
                           self.keep_spin.value()),
             f"Computing {channel} attention of {key}…",
-            on_done=lambda out: self._show(*out, channel, key, note), desc="Attention",
+            on_done=lambda out: self._finished(out, channel, job, index, note),
+            desc="Attention",
         )
 
+    def _finished(self, out: tuple, channel: str, job: tuple[str, str], index: int,
+                  note: str) -> None:
+        """Show a job's maps if its field is still the one in view; else drop them (and,
+        in automatic mode, compute the field now in view)."""
+        pending, self._pending = self._pending, False
+        if job == self._current():
+            self._show(*out, channel, job, index, note)
+        elif pending:
+            self.compute()
+        else:
+            now = self._current()
+            self.status_label.setText(
+                f"{channel} attention of {job[1]} not shown: the view moved to "
+                f"{now[1] if now else 'no dataset'} while it was computed.")
+
     def _show(self, maps: AttentionMaps, source: FieldImage, outline: list,
-              cells: CellAttention, channel: str, key: str, note: str = "") -> None:
+              cells: CellAttention, channel: str, job: tuple[str, str], index: int,
+              note: str = "") -> None:
         """Add or update the three attention layers."""
         cmap, opacity = self.colormap_combo.currentText(), self.opacity_spin.value()
+        key = job[1]
         common = {"scale": source.scale, "translate": source.translate,
-                  "metadata": {"wsdino_role": "attention", "channel": channel, "field": key}}
+                  "metadata": {ROLE: ATTENTION_ROLE, "channel": channel, "field": key,
+                               "field_index": int(index), "source": job[0]}}
         # Additive blending from the map's low percentile: little attention adds nothing,
         # so the cells show through where the model does not look.
         self._put("image", f"attention heads [{channel}]", maps.heads,
@@ -238,11 +301,8 @@ class AttentionWidget(WorkerDock):
             " The heads layer is hidden: show it and use the slider to walk the heads."
         )
         self.last_cells = cells
-        if self._pending:
-            self._pending = False
-            self.compute()
 
-    def _put(self, kind: str, name: str, data: np.ndarray, kwargs: dict) -> None:
+    def _put(self, kind: str, name: str, data: np.ndarray, kwargs: dict) -> "napari.layers.Layer":
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
             layer.data = data
@@ -252,23 +312,23 @@ class AttentionWidget(WorkerDock):
                 lo, hi = kwargs["contrast_limits"]
                 layer.contrast_limits_range = (min(float(data.min()), lo), hi)
                 layer.contrast_limits = (lo, hi)
-            return
-        kwargs = {k: v for k, v in kwargs.items()}
+            return layer
         if kind == "image":
-            self.viewer.add_image(data, name=name, **kwargs)
-        else:
-            self.viewer.add_labels(data, name=name, **kwargs)
+            return self.viewer.add_image(data, name=name, **kwargs)
+        return self.viewer.add_labels(data, name=name, **kwargs)
 
     def _put_outline(self, name: str, outline: np.ndarray, common: dict) -> None:
-        """The mask as a thin cyan outline in an Image layer: nothing there can be painted."""
-        self._put("image", name, outline,
-                  dict(colormap="cyan", blending="additive", opacity=1.0,
-                       contrast_limits=(0.0, 1.0), interpolation2d="nearest", **common))
+        """The mask as a thin cyan outline in an Image layer (nothing there can be painted),
+        locked (napari >= 0.5: not deleted by mistake; the panel replaces it itself)."""
+        layer = self._put("image", name, outline,
+                          dict(colormap="cyan", blending="additive", opacity=1.0,
+                               contrast_limits=(0.0, 1.0), interpolation2d="nearest", **common))
+        layer.locked = True
 
     def _restyle(self, *_):
         """Colormap / opacity apply to the attention layers already shown."""
         for layer in self.viewer.layers:
-            if layer.metadata.get("wsdino_role") == "attention" and layer.name.startswith(
+            if layer.metadata.get(ROLE) == ATTENTION_ROLE and layer.name.startswith(
                     ("attention heads", "attention mean")):
                 layer.colormap = self.colormap_combo.currentText()
                 layer.opacity = self.opacity_spin.value()
@@ -279,6 +339,12 @@ class AttentionWidget(WorkerDock):
             "colormap": self.colormap_combo.currentText(), "opacity": self.opacity_spin.value(),
             "max_side": self.max_side_spin.value(), "auto": self.auto_check.isChecked(),
         })
+
+
+def _shows(layer) -> tuple[str, str] | None:
+    """(source, field key) an attention layer shows (``None`` when it does not say)."""
+    meta = layer.metadata
+    return (meta["source"], meta["field"]) if "source" in meta and "field" in meta else None
 
 
 def _limits(maps: np.ndarray) -> tuple[float, float]:
