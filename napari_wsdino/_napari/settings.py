@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from napari_wsdino.core.fsio import atomic_write_text
+
 ENV_VAR = "NAPARI_WSDINO_CONFIG_DIR"
 SETTINGS_FILE = "settings.json"
 
@@ -49,9 +51,7 @@ def save_settings(settings: dict[str, Any]) -> None:
     path = settings_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2, default=str))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(settings, indent=2, default=str))
     except OSError:
         pass  # settings are a convenience: a read-only home must not break the GUI
 

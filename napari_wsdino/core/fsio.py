@@ -5,7 +5,8 @@ because of the disk (full, read-only, not ours, a file where a folder should be)
 the user needs the path, the cause and the fix on one line, not ``OSError`` or a
 PyTorch ``enforce fail`` traceback. :func:`describe_os_error` finds the OS error in an
 exception (also one raised *during* another, as ``torch.save`` does) and words it;
-:func:`atomic_write` and :func:`remove_on_failure` keep half-written files off the disk.
+:func:`atomic_write` (and :func:`atomic_write_text`, for small text and JSON files) and
+:func:`remove_on_failure` keep half-written files off the disk.
 
 Example
 -------
@@ -209,6 +210,19 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
             if err is not None and (err.filename is None or err.filename == str(tmp)):
                 raise OSError(err.errno, err.strerror, str(path)) from exc  # name the target
             raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_write`: the one writer of the
+    package's small text and JSON files (configs, logs, state records).
+
+    >>> import tempfile, pathlib
+    >>> atomic_write_text(pathlib.Path(tempfile.mkdtemp()) / "a.json", "{}").read_text()
+    '{}'
+    """
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+    return Path(path)
 
 
 #: The advisory lock file a writer keeps in an output folder while it works.

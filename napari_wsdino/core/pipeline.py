@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generator
 
+from napari_wsdino.core.fsio import atomic_write_text
 from napari_wsdino.core.layout import demo_paths, log_path
 from napari_wsdino.core.metadata import LAYOUTS, DataError
 from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
@@ -49,9 +50,7 @@ def _load_state(out: Path) -> dict:
 
 def _mark(out: Path, state: dict, stage: str, **info: Any) -> None:
     state[stage] = {"done": True, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2, default=str))
-    tmp.replace(out / STATE_FILE)
+    atomic_write_text(out / STATE_FILE, json.dumps(state, indent=2, default=str))
 
 
 def _check_device(preset: Preset, device: str) -> None:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.metrics import NSCB_MULTIBATCH
 from napari_wsdino.core.preprocess import PreprocessSettings
+from napari_wsdino.core.tomlfmt import toml_value
 from napari_wsdino.core.tvn import DEFAULT_TVN
 from napari_wsdino.core.tvn import METHODS as TVN_METHODS
 
@@ -179,9 +180,7 @@ class Settings:
 
     def to_toml(self) -> str:
         """The resolved settings as a TOML document, one table per stage."""
-        from napari_wsdino.core.train import _toml_value
-
-        lines = ["# napari-wsdino resolved settings", f"recipe = {_toml_value(self.recipe)}"]
+        lines = ["# napari-wsdino resolved settings", f"recipe = {toml_value(self.recipe)}"]
         scaling = next((k for k, v in INPUT_SCALING.items()
                         if all(getattr(self.preprocess, f) == x for f, x in v.items())), "other")
         for name in ("train", "preprocess", "embed", "evaluate"):
@@ -193,7 +192,7 @@ class Settings:
                 if value is None:  # TOML has no null: an unset value is left out
                     lines.append(f"# {key} = (unset)")
                 else:
-                    lines.append(f"{key} = {_toml_value(value)}")
+                    lines.append(f"{key} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
 

@@ -52,7 +52,7 @@ from napari_wsdino.core.model import pick_device
 from napari_wsdino.core.progress import Progress
 
 # Every name of the former single module stays importable from here, private ones
-# included (recipes, tests and benchmarks use some of them).
+# included (tests and benchmarks use some of them).
 from napari_wsdino.core.train.checkpoint import (  # noqa: F401
     CHECKPOINT_VERSION,
     _check_resume,
@@ -82,8 +82,6 @@ from napari_wsdino.core.train.settings import (  # noqa: F401
     TrainConfig,
     TrainingError,
     _as_bool,
-    _atomic_write_text,
-    _toml_value,
     config_file_values,
     resolve_config,
     resume_conflicts,

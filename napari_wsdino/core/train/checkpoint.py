@@ -23,13 +23,12 @@ import numpy as np
 import torch
 
 from napari_wsdino.core import distributed
-from napari_wsdino.core.fsio import atomic_write
+from napari_wsdino.core.fsio import atomic_write, atomic_write_text
 from napari_wsdino.core.layout import snapshot_path
 from napari_wsdino.core.model import CHECKPOINT_FORMAT, CheckpointError, read_checkpoint
 from napari_wsdino.core.train.settings import (
     TrainConfig,
     TrainingError,
-    _atomic_write_text,
     _differ_message,
     resume_conflicts,
 )
@@ -96,7 +95,7 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _check_resume(ckpt, config, fingerprint, steps_per_epoch, path) -> None:

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, get_type_hints
 
-from napari_wsdino.core.fsio import atomic_write
+from napari_wsdino.core.fsio import atomic_write_text
 from napari_wsdino.core.layout import CHECKPOINT_FILE, CONFIG_FILE
 from napari_wsdino.core.model import DEFAULT_ARCH
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL
+from napari_wsdino.core.tomlfmt import toml_value
 
 # The choice lists, ranges and checks (validate.py), importable from here as before.
 from napari_wsdino.core.train.validate import (  # noqa: F401
@@ -184,13 +183,11 @@ class TrainConfig:
         """The config as a TOML document (a ``[train]`` table)."""
         lines = ["# napari-wsdino training config", "[train]"]
         for key, value in self.to_dict().items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        _atomic_write_text(path, self.to_toml())
-        return path
+        return atomic_write_text(path, self.to_toml())
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
@@ -362,34 +359,8 @@ def _differ_message(path, diff) -> str:
             "Resume with the saved config.toml, or start a new run folder.")
 
 
-
-
 @functools.cache
 def _hints() -> dict:
     return get_type_hints(TrainConfig)
-
-
-
-
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # JSON string escapes are valid TOML basic strings
-
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with atomic_write(path, "w") as fh:
-        fh.write(text)
 
 
