@@ -39,6 +39,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from napari_wsdino.core.embed.settings import (  # noqa: F401  (importable from here as before)
+    DEFAULT_CROP, PRECISIONS, EmbedSettings)
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.metrics import NSCB_MULTIBATCH
 from napari_wsdino.core.preprocess import PreprocessSettings
@@ -48,12 +50,6 @@ from napari_wsdino.core.tvn import METHODS as TVN_METHODS
 
 if TYPE_CHECKING:  # torch-free at import: `wsdino evaluate` lists the recipes without torch
     from napari_wsdino.core.train import TrainConfig
-
-#: The paper's crop side (``core.embed.DEFAULT_CROP`` reads it from here).
-DEFAULT_CROP = 224
-
-#: Precisions of training (``TrainConfig.precision``) and embedding.
-PRECISIONS = ("auto", "fp32", "bf16")
 
 #: What each precision and position-embedding choice is, and why a recipe takes it: the
 #: comments of ``--print-config``.
@@ -79,33 +75,6 @@ INPUT_SCALING = {
 
 class InitRequired(DataError):
     """A recipe or preset that needs initial weights was started without them."""
-
-
-@dataclass(frozen=True)
-class EmbedSettings:
-    """How fields become profiles (:func:`napari_wsdino.core.embed.embed_cache`)."""
-
-    crop: int = DEFAULT_CROP
-    windows: str = "centre"
-    median: str = "mean-middle"
-    l2: bool = True
-    precision: str = "auto"
-    pos_embed: str = "timm"
-
-    def __post_init__(self):
-        from napari_wsdino.core.embed import MEDIANS, WINDOWS
-        from napari_wsdino.core.model import POS_EMBED_MODES
-
-        if self.windows not in WINDOWS:
-            raise ValueError(f"windows must be one of {', '.join(WINDOWS)}, not {self.windows!r}.")
-        if self.median not in MEDIANS:
-            raise ValueError(f"median must be one of {', '.join(MEDIANS)}, not {self.median!r}.")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
-                             f"not {self.precision!r}.")
-        if self.pos_embed not in POS_EMBED_MODES:
-            raise ValueError(f"pos_embed must be one of {', '.join(POS_EMBED_MODES)}, "
-                             f"not {self.pos_embed!r}.")
 
 
 @dataclass(frozen=True)

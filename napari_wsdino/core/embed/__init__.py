@@ -27,8 +27,11 @@ in ``OUT.parts/`` and a rerun skips them.
 The package's modules, one job each (every name is importable from here):
 :mod:`~napari_wsdino.core.embed.crops` (where the crops are),
 :mod:`~napari_wsdino.core.embed.features` (crops to profiles),
-:mod:`~napari_wsdino.core.embed.parts` (``OUT.parts/`` and the profile file) and
-:mod:`~napari_wsdino.core.embed.runner` (:func:`embed_cache`).
+:mod:`~napari_wsdino.core.embed.parts` (``OUT.parts/`` and the profile file),
+:mod:`~napari_wsdino.core.embed.runner` (:func:`embed_cache`) and
+:mod:`~napari_wsdino.core.embed.settings` (the choice lists, the defaults and
+:class:`EmbedSettings`). Importing the package or its settings loads no torch; the names
+that need it load it on first use.
 
 Example
 -------
@@ -41,19 +44,45 @@ Example
 
 from __future__ import annotations
 
-from napari_wsdino.core.embed.crops import (DEFAULT_CROP, MAX_CELLS, MEDIANS, OFFICIAL_SHAPE,
-                                            OFFICIAL_WINDOWS, WINDOWS, cell_crops, centre_crops,
-                                            crop_geometry, median_of_four, official_windows)
-from napari_wsdino.core.embed.features import (POOLINGS, embed_channel, embed_fields,
-                                               feature_names, l2_normalise, pooled_features,
-                                               profile_table)
 from napari_wsdino.core.embed.parts import PARTS_FORMAT, parts_folder, write_profiles
-from napari_wsdino.core.embed.runner import DEFAULT_BATCH, DEFAULT_CHUNK, embed_cache
+from napari_wsdino.core.embed.settings import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP,
+                                               MAX_CELLS, MEDIANS, POOLINGS, WINDOWS,
+                                               EmbedSettings)
 
 __all__ = [
     "DEFAULT_BATCH", "DEFAULT_CHUNK", "DEFAULT_CROP", "MAX_CELLS", "MEDIANS", "OFFICIAL_SHAPE",
-    "OFFICIAL_WINDOWS", "PARTS_FORMAT", "POOLINGS", "WINDOWS", "cell_crops", "centre_crops",
-    "crop_geometry", "embed_cache", "embed_channel", "embed_fields", "feature_names",
-    "l2_normalise", "median_of_four", "official_windows", "parts_folder", "pooled_features",
-    "profile_table", "write_profiles",
+    "OFFICIAL_WINDOWS", "PARTS_FORMAT", "POOLINGS", "WINDOWS", "EmbedSettings", "cell_crops",
+    "centre_crops", "crop_geometry", "embed_cache", "embed_channel", "embed_fields",
+    "feature_names", "l2_normalise", "median_of_four", "official_windows", "parts_folder",
+    "pooled_features", "profile_table", "write_profiles",
 ]
+
+#: The names of the modules that need torch, imported on first use (PEP 562): the settings
+#: above load without torch, for :mod:`napari_wsdino.core.recipes` and torch-free commands.
+_TORCH_NAMES = {
+    "crops": ("OFFICIAL_SHAPE", "OFFICIAL_WINDOWS", "cell_crops", "centre_crops",
+              "crop_geometry", "median_of_four", "official_windows"),
+    "features": ("embed_channel", "embed_fields", "feature_names", "l2_normalise",
+                 "pooled_features", "profile_table"),
+    "runner": ("embed_cache",),
+}
+
+
+def __getattr__(name: str):
+    """A name of ``_TORCH_NAMES`` (or one of its modules), imported now."""
+    if name in _TORCH_NAMES:  # a module not imported yet: ``embed.runner``
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    if not any(name in names for names in _TORCH_NAMES.values()):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from napari_wsdino.core.embed import crops, features, runner  # torch
+
+    modules = {"crops": crops, "features": features, "runner": runner}
+    for module, names in _TORCH_NAMES.items():
+        globals().update({n: getattr(modules[module], n) for n in names})
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -13,19 +13,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from napari_wsdino.core.embed.settings import (  # noqa: F401  (importable from here as before)
+    DEFAULT_CROP, MAX_CELLS, MEDIANS, WINDOWS)
 from napari_wsdino.core.metadata import DataError
-from napari_wsdino.core.recipes import DEFAULT_CROP  # noqa: F401  (the paper's 224, written once)
 
-#: Where the four crops come from: ``centre`` (four quadrants of the centre square) or
-#: ``official`` (the fixed windows of WS-DINO's published evaluation, ``Eval_BBBC021.py``).
-#: ``cells``: one crop centred on every nucleus of the field (up to :data:`MAX_CELLS`, found
-#: on the DNA channel), their embeddings averaged: a population profile, as single-cell
-#: DINO works build theirs.
-WINDOWS = ("centre", "official", "cells")
-MAX_CELLS = 64
-#: Median of the four crop embeddings: ``mean-middle`` (numpy's, the mean of the two
-#: middle values) or ``lower`` (``torch.median``'s lower middle value, the published code's).
-MEDIANS = ("mean-middle", "lower")
 #: The official windows ``(top, left, height, width)`` on 512 x 640 fields: x 64-320 and
 #: 320-544, y 32-256 and 256-480 (the left two are 256 px wide, the right two 224).
 OFFICIAL_SHAPE = (512, 640)

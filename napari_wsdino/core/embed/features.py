@@ -13,16 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from napari_wsdino.core.embed.crops import (DEFAULT_CROP, WINDOWS, cell_crops, centre_crops,
-                                            median_of_four, official_windows)
+from napari_wsdino.core.embed.crops import (cell_crops, centre_crops, median_of_four,
+                                            official_windows)
+from napari_wsdino.core.embed.settings import DEFAULT_CROP, POOLINGS, WINDOWS
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import autocast_dtype, pos_embed_as
 from napari_wsdino.core.modelset import ModelSet
 from napari_wsdino.core.profiles import ProfileTable
-
-#: What a crop's embedding is: the CLS token (the paper), or the CLS token followed by
-#: the mean of the patch tokens (richer for small models trained briefly).
-POOLINGS = ("cls", "cls+mean")
 
 
 def embed_autocast(device: torch.device | str, precision: str = "auto"):

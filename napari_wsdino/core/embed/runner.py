@@ -23,19 +23,18 @@ import torch
 
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import Cache
-from napari_wsdino.core.embed.crops import DEFAULT_CROP, MAX_CELLS, MEDIANS, WINDOWS, crop_sides
-from napari_wsdino.core.embed.features import (POOLINGS, embed_channel, feature_names,
-                                               l2_normalise, profile_table)
+from napari_wsdino.core.embed.crops import crop_sides
+from napari_wsdino.core.embed.features import (embed_channel, feature_names, l2_normalise,
+                                               profile_table)
 from napari_wsdino.core.embed.parts import (_prepare_parts, check_profiles_out, load_chunk,
                                             parts_folder, parts_manifest, save_chunk, shard_chunks,
                                             write_profiles)
+from napari_wsdino.core.embed.settings import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP,
+                                               MAX_CELLS, MEDIANS, POOLINGS, WINDOWS)
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import pick_device
 from napari_wsdino.core.modelset import ModelSet
 from napari_wsdino.core.progress import Progress
-
-DEFAULT_BATCH = 16
-DEFAULT_CHUNK = 256
 
 
 @dataclass
