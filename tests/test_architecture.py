@@ -139,22 +139,12 @@ def _core_cycle_edges() -> dict[tuple[str, str], list[int]]:
 
 
 # Import edges of core that lie on a cycle today (importer -> imported; type-only imports
-# left out). One cycle, through recipes, the module that combines the stages:
-#   recipes -(in functions)-> train -> train.settings -(in a function: train_defaults)-> recipes
-# The edges inside train are listed because the cycle passes through its __init__. The
-# fix (issue 31): recipes imports the stages and never the reverse (the embed cycle went
-# so: DEFAULT_CROP and EmbedSettings live in embed/settings.py), train takes recipe
-# defaults as an argument.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
-    (f"{CORE}.recipes", f"{CORE}.train"),
-    (f"{CORE}.train", f"{CORE}.train.checkpoint"),
-    (f"{CORE}.train", f"{CORE}.train.settings"),
-    (f"{CORE}.train", f"{CORE}.train.setup"),
-    (f"{CORE}.train.checkpoint", f"{CORE}.train.settings"),
-    (f"{CORE}.train.setup", f"{CORE}.train.checkpoint"),
-    (f"{CORE}.train.setup", f"{CORE}.train.settings"),
-    (f"{CORE}.train.settings", f"{CORE}.recipes"),
-}
+# left out): none. The two cycles there were, both through recipes (the module that
+# combines the stages), were broken in issue 31 by the STYLE rule: stage settings live with
+# the stage (DEFAULT_CROP and EmbedSettings in embed/settings.py, torch-free), recipes
+# imports the stages and never the reverse, and train takes recipe defaults as an argument
+# (train.resolve_config(defaults=...), passed by recipes.resolve_train). Keep it empty.
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
 
 
 def test_walker_resolves_relative_function_level_and_type_only_imports(tmp_path):

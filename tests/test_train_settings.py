@@ -1,5 +1,6 @@
 """Training settings: the registries (weak labels, architectures) and the one merge rule
-(:func:`napari_wsdino.core.train.resolve_config`) the CLI and the Train panel share."""
+(:func:`napari_wsdino.core.train.resolve_config`) the CLI and the Train panel share, with a
+recipe's defaults under it (:func:`napari_wsdino.core.recipes.resolve_train`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import timm
 
 from napari_wsdino.core.model import ARCHITECTURES, CPU_ARCHS, DEFAULT_ARCH, arch_patch_size
 from napari_wsdino.core.model import create_backbone
+from napari_wsdino.core.recipes import resolve_train, train_defaults
 from napari_wsdino.core.sampler import (
     DEFAULT_WEAK_LABEL,
     WEAK_LABEL_INFO,
@@ -52,16 +54,22 @@ def test_architecture_registry_names_buildable_vits_with_their_patch_size():
 
 # -- resolve_config ---------------------------------------------------------------------
 def test_layers_recipe_then_base_file_then_overrides(tmp_path):
-    assert resolve_config() == TrainConfig()
-    assert resolve_config(recipe="paper-code").min_lr == 3e-6
+    assert resolve_config() == resolve_train() == TrainConfig()
+    assert resolve_train("paper-code").min_lr == 3e-6
+    # the recipe's defaults reach train as an argument: train never reads a recipe
+    assert resolve_config(defaults=train_defaults("paper-code")) == resolve_train("paper-code")
+    assert resolve_config(defaults={"min_lr": 3e-6}) == TrainConfig(min_lr=3e-6)
     base = tmp_path / "base.toml"
     base.write_text("[train]\nepochs = 7\nlr = 0.001\n")
-    config = resolve_config(base, {"lr": 0.5, "channel": "Actin"}, recipe="paper-code")
+    config = resolve_train("paper-code", base, {"lr": 0.5, "channel": "Actin"})
     # the file's keys over the recipe, the overrides over the file, the rest the recipe's
     assert (config.epochs, config.lr, config.channel, config.min_lr) == (7, 0.5, "Actin", 3e-6)
     # a TrainConfig as base is taken whole (the recipe does not show through)
-    config = resolve_config(TrainConfig(epochs=9), {"seed": 3}, recipe="paper-code")
+    config = resolve_train("paper-code", TrainConfig(epochs=9), {"seed": 3})
     assert config == TrainConfig(epochs=9, seed=3)
+    # a message names the recipe whose default it was
+    with pytest.raises(SettingError, match=r"\(from the paper-code recipe's defaults, --lr\)"):
+        resolve_train("paper-code", overrides={"lr": 1e-6}, sources={"lr": "--lr"})
     with pytest.raises(ValueError, match="Unknown training settings"):
         resolve_config(overrides={"learning_rate": 1})
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -151,8 +151,9 @@ def parse_set(items: list[str]) -> dict:
 
 def build_config(args, resume_from: Path | None = None, channel: str | None = None):
     """Recipe < --config (or, resuming ``resume_from``, its saved config) < --set < options,
-    by :func:`napari_wsdino.core.train.resolve_config` (the panels' rule too)."""
-    from napari_wsdino.core.train import resolve_config
+    by :func:`napari_wsdino.core.train.resolve_config` (the panels' rule too), given the
+    recipe's defaults by :func:`napari_wsdino.core.recipes.resolve_train`."""
+    from napari_wsdino.core.recipes import resolve_train
 
     overrides = parse_set(args.set)
     sources = {k: f"--set {k}" for k in overrides}
@@ -164,8 +165,8 @@ def build_config(args, resume_from: Path | None = None, channel: str | None = No
     if channel is not None:
         overrides["channel"] = channel
         sources["channel"] = "--channel"
-    return resolve_config(args.config, overrides, resume_from=resume_from,
-                          recipe=getattr(args, "recipe", "default"), sources=sources)
+    return resolve_train(getattr(args, "recipe", "default"), args.config, overrides,
+                         resume_from=resume_from, sources=sources)
 
 
 def print_config(args) -> int:

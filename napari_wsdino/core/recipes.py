@@ -22,7 +22,14 @@ A recipe changes defaults only; every element stays its own option (a flag or a
     docs/fidelity.md lists each element with the test that pins it.
 
 :func:`resolve` gives the :class:`Settings` of a recipe plus overrides, and
-:meth:`Settings.to_toml` prints them (``wsdino train --print-config``).
+:meth:`Settings.to_toml` prints them (``wsdino train --print-config``);
+:func:`resolve_train` gives one training run's settings, the recipe's defaults under a
+config file, a resumed run's saved settings and explicit overrides.
+
+This module combines the stages: it imports their settings (each stage's own, with its
+defaults and checks: :class:`~napari_wsdino.core.preprocess.PreprocessSettings`,
+:class:`~napari_wsdino.core.train.TrainConfig`,
+:class:`~napari_wsdino.core.embed.EmbedSettings`) and no stage imports it.
 
 Example
 -------
@@ -49,6 +56,9 @@ from napari_wsdino.core.tvn import DEFAULT_TVN
 from napari_wsdino.core.tvn import METHODS as TVN_METHODS
 
 if TYPE_CHECKING:  # torch-free at import: `wsdino evaluate` lists the recipes without torch
+    from pathlib import Path
+    from typing import Mapping
+
     from napari_wsdino.core.train import TrainConfig
 
 #: What each precision and position-embedding choice is, and why a recipe takes it: the
@@ -175,7 +185,7 @@ def resolve(recipe: str = DEFAULT_RECIPE, *, train: dict | None = None,
     >>> resolve("paper-code", evaluate={"tvn": "paper"}).evaluate.tvn
     'paper'
     """
-    from napari_wsdino.core.train import TrainConfig
+    from napari_wsdino.core.train import TrainConfig  # torch: not at import (wsdino evaluate)
 
     r = get_recipe(recipe)
     return Settings(
@@ -194,9 +204,28 @@ def evaluate_settings(recipe: str = DEFAULT_RECIPE, **overrides) -> EvaluateSett
 
 def train_defaults(recipe: str = DEFAULT_RECIPE) -> dict:
     """TrainConfig values of a recipe (all fields), for layering under user settings."""
-    from napari_wsdino.core.train import TrainConfig
+    from napari_wsdino.core.train import TrainConfig  # torch: not at import (wsdino evaluate)
 
     return TrainConfig.from_dict(get_recipe(recipe).train).to_dict()
+
+
+def resolve_train(recipe: str = DEFAULT_RECIPE, base: TrainConfig | str | Path | None = None,
+                  overrides: Mapping | None = None, *, resume_from: str | Path | None = None,
+                  sources: Mapping[str, str] | None = None) -> TrainConfig:
+    """One channel's training settings with ``recipe``'s defaults as the bottom layer:
+    :func:`napari_wsdino.core.train.resolve_config` (its layers and resume rule, the CLI's
+    and the panels') given :func:`train_defaults`.
+
+    Example
+    -------
+    >>> resolve_train("paper-code", overrides={"epochs": 3}).min_lr
+    3e-06
+    """
+    from napari_wsdino.core.train import resolve_config  # torch: not at import (wsdino evaluate)
+
+    return resolve_config(base, overrides, resume_from=resume_from,
+                          defaults=train_defaults(recipe),
+                          defaults_source=f"the {recipe} recipe's defaults", sources=sources)
 
 
 def check_init(init: str, needed: bool, what: str) -> None:

@@ -3,9 +3,11 @@
 Every default, choice list and range of a training run is written once: the defaults
 here, the choice lists, ranges and their checks in :mod:`~napari_wsdino.core.train.validate`
 (importable from here too); the CLI's options and the Train panel read them.
-:func:`resolve_config` layers a recipe's defaults, a base config (or a run's saved one when
-resuming) and explicit overrides, and applies the resume rule: a resumed run may change
-only its length and settings that do not change the maths (:data:`RESUMABLE_CHANGES`).
+:func:`resolve_config` layers the defaults it is given (a recipe's, from
+:mod:`~napari_wsdino.core.recipes`, which combines the stages: this stage never reads a
+recipe itself), a base config (or a run's saved one when resuming) and explicit overrides,
+and applies the resume rule: a resumed run may change only its length and settings that do
+not change the maths (:data:`RESUMABLE_CHANGES`).
 
 Example
 -------
@@ -53,6 +55,9 @@ RESUMABLE_CHANGES = {"device", "checkpoint_every", "snapshot_every", "preload", 
 #: Channel settings where an empty value means the cache's first channel (the DNA stain:
 #: DAPI in BBBC021, DNA in Cell Painting), filled in by :func:`with_cache_channels`.
 CACHE_CHANNEL_FIELDS = ("channel", "nuclei_channel")
+#: Where :func:`resolve_config`'s bottom layer comes from, in its messages, when it is
+#: given no ``defaults``: TrainConfig's own, which the default recipe leaves unchanged.
+DEFAULTS_SOURCE = "the default recipe's defaults"
 
 
 class TrainingError(RuntimeError):
@@ -267,12 +272,13 @@ def resolve_config(
     overrides: Mapping | None = None,
     *,
     resume_from: str | Path | None = None,
-    recipe: str = "default",
+    defaults: Mapping | None = None,
+    defaults_source: str = DEFAULTS_SOURCE,
     sources: Mapping[str, str] | None = None,
 ) -> TrainConfig:
     """The settings of one channel's run: the one merge rule of the CLI and the panels.
 
-    Layers, lowest first: the ``recipe``'s defaults; ``base`` — a :class:`TrainConfig`
+    Layers, lowest first: ``defaults``; ``base`` — a :class:`TrainConfig`
     (all of it) or a TOML / YAML file (the keys it names) — or, when there is no base and
     ``resume_from`` holds a saved ``config.toml``, that saved config (all of it);
     then ``overrides`` (the options given, ``--set`` pairs, widget values).
@@ -286,14 +292,18 @@ def resolve_config(
     ----------
     base
         Settings under the overrides; ``None``: the saved config when resuming, else
-        the recipe's defaults.
+        ``defaults``.
     overrides
         TrainConfig fields to set, e.g. ``{"epochs": 20, "channel": "Actin"}``.
     resume_from
         The channel folder (``run/<channel>``, :func:`napari_wsdino.core.layout.channel_dir`)
         to resume; ``None`` for a new run.
-    recipe
-        :mod:`napari_wsdino.core.recipes` name whose training defaults are the bottom layer.
+    defaults
+        TrainConfig fields under everything else: a recipe's
+        (:func:`napari_wsdino.core.recipes.resolve_train` passes them); ``None``:
+        TrainConfig's own defaults.
+    defaults_source
+        What ``defaults`` are, for messages (``"the paper-code recipe's defaults"``).
     sources
         Where each override came from (``{"lr": "--lr", "seed": "--set seed"}``), for the
         message that refuses an invalid value; unnamed ones read "the given settings".
@@ -316,7 +326,9 @@ def resolve_config(
     saved = None
     if resume_from is not None and (Path(resume_from) / CONFIG_FILE).exists():
         saved = TrainConfig.load(Path(resume_from) / CONFIG_FILE)
-    values, where = _layered_values(recipe, base, saved, resume_from, overrides, sources)
+    bottom = TrainConfig.from_dict(dict(defaults or {})).to_dict()
+    values, where = _layered_values(bottom, defaults_source, base, saved, resume_from, overrides,
+                                    sources)
     try:
         config = TrainConfig.from_dict(values)
     except SettingError as exc:
@@ -328,14 +340,12 @@ def resolve_config(
     return config
 
 
-def _layered_values(recipe: str, base, saved: TrainConfig | None, resume_from,
-                    overrides: Mapping | None, sources: Mapping[str, str] | None
+def _layered_values(bottom: dict, bottom_source: str, base, saved: TrainConfig | None,
+                    resume_from, overrides: Mapping | None, sources: Mapping[str, str] | None
                     ) -> tuple[dict, dict[str, str]]:
     """:func:`resolve_config`'s layers merged, lowest first, and where each key was set."""
-    from napari_wsdino.core.recipes import train_defaults  # recipes imports this module
-
-    values = train_defaults(recipe)
-    where = dict.fromkeys(values, f"the {recipe} recipe's defaults")
+    values = dict(bottom)
+    where = dict.fromkeys(values, bottom_source)
     if isinstance(base, TrainConfig):
         values = base.to_dict()
         where = dict.fromkeys(values, "the given config")
