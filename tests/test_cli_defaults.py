@@ -81,7 +81,9 @@ def expected() -> dict[str, dict[str, object]]:
             "data": CLI, "out": CLI, "quiet": CLI, "layout": layout, "shard": CLI, "merge": CLI,
             "drop_missing": Core(param(load_metadata, "drop_missing")),
             "size": Core(DEFER), "clip": Core(pre["clip"]), "filter_size": Core(pre["filter_size"]),
-            "normalize": Core(pre["normalize"], NORMALIZATIONS),
+            # --preset: a preset's size and normalisation (core.presets.preprocess_settings)
+            "preset": Core(DEFER, tuple(PRESETS)),
+            "normalize": Core(DEFER, NORMALIZATIONS),  # PreprocessSettings' or the preset's
             "illumination": Core(pre["illumination"], ILLUMINATION_METHODS),
             "workers": Core(param(preprocess, "workers")),
             "unannotated": Core(param(load_metadata, "unannotated"), UNANNOTATED)},
@@ -90,9 +92,11 @@ def expected() -> dict[str, dict[str, object]]:
             "channels": CLI, "student": CLI, "overwrite": CLI, "export_safetensors": CLI,
             "quiet": CLI, "arch": Core(DEFER),
             "seed": Core(param(ModelSet.random, "seed")),
-            "crop": Core(param(embed_cache, "crop")), "recipe": recipe,
+            # crop and pooling: embed_cache's, or the --preset's (core.presets.embed_settings)
+            "preset": Core(DEFER, tuple(PRESETS)),
+            "crop": Core(DEFER), "recipe": recipe,
             "windows": Core(DEFER, WINDOWS), "median": Core(DEFER, MEDIANS), "l2": Core(DEFER),
-            "pooling": Core(param(embed_cache, "pooling"), POOLINGS),
+            "pooling": Core(DEFER, POOLINGS),
             "batch_size": Core(param(embed_cache, "batch_size")),
             "chunk_size": Core(param(embed_cache, "chunk_size")),
             "device": Core(param(embed_cache, "device"))},

@@ -46,10 +46,12 @@ def test_walkthrough_sample_to_compare(make_napari_viewer, qtbot):
     assert prep.status == TaskStatus.RUNNING and not prep.progress_bar.isHidden()
     _wait_done(qtbot, prep)
     cache = prep.cache
-    assert state.cache_path == cache.path and cache.shape == (32, 40)
+    # the recipe proposed for 64 x 80 fields: the test preset (48 x 64, plate normalisation)
+    assert state.preset == "test" and prep.norm_combo.currentText() == "plate"
+    assert state.cache_path == cache.path and cache.shape == (48, 64)
     assert state.check_cache(cache).same is True
 
-    # 3a Train, opened now: cache, run folder and a preset that fits 32 x 40 px fields
+    # 3a Train, opened now: cache, run folder and the workflow's preset
     train = _dock(viewer, "3a Train")
     run = cache.path.parent / "runs" / "compound"
     assert train.cache_edit.text() == str(cache.path) and train.run_edit.text() == str(run)

@@ -76,6 +76,20 @@ class ScatterMap:
         self.annotation.set_in_layout(False)  # a hover label never moves the map
         self.canvas.draw()
 
+    def clear(self, message: str = "") -> None:
+        """An empty map (with ``message`` in its middle): nothing to hover or click."""
+        if self.colorbar is not None:
+            self.colorbar.remove()
+            self.colorbar = None
+        self.ax.clear()
+        self.names, self.collection, self.annotation = [], None, None
+        self.ax.set_xticks([])
+        self.ax.set_yticks([])
+        if message:
+            self.ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=8,
+                         wrap=True, transform=self.ax.transAxes)
+        self.canvas.draw_idle()
+
     def point_at(self, event) -> int | None:
         """Index of the point under a matplotlib mouse event, if any."""
         if self.collection is None or event.inaxes is not self.ax:

@@ -37,6 +37,7 @@ from napari_wsdino.core.evaluate_workflow import (  # noqa: F401 - importable fr
 )
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.figures import confusion_figure, per_moa_figure, save_figure
+from napari_wsdino.core.presets import PRESETS, describe_preset
 from napari_wsdino.core.profiles import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, TREATMENT, WELL
 from napari_wsdino.core.projection import METHODS as PROJECTIONS
 from napari_wsdino.core.train import DEVICES
@@ -89,7 +90,8 @@ class EvaluateWidget(WorkerDock):
         self.inputs_label.setWordWrap(True)
         self.tvn_combo = combo(METHODS, get("tvn", DEFAULT_TVN))
         item_tips(self.tvn_combo, (TVN_HELP[method] for method in METHODS))
-        self.crop_spin = spin(8, 2048, get("crop", DEFAULT_CROP))
+        # The recipe's crop (set by _describe_inputs); a value typed here is stated as a change.
+        self.crop_spin = spin(8, 2048, DEFAULT_CROP)
         self.device_combo = combo(DEVICES, get("device", DEVICES[0]))
         self.level_combo = combo(LEVELS, get("level", "treatments"))
         self.method_combo = combo(PROJECTIONS, get("method", PROJECTIONS[0]))
@@ -132,7 +134,9 @@ class EvaluateWidget(WorkerDock):
         form = QFormLayout()
         add_row(form, "TVN", self.tvn_combo, f"TVN: {MEANINGS['TVN']}. {DEFAULT_TVN}: {TVN_HELP[DEFAULT_TVN]}")
         add_row(form, "Crop px", self.crop_spin,
-                "Side of the four centre crops embedded per field (their median is the profile)")
+                "Side of the crops embedded per field: the recipe's (2 Preprocess) unless "
+                "changed here (four centre crops and their median, or one crop per nucleus "
+                "averaged, as the recipe says)")
         add_row(form, "Device", self.device_combo, "auto uses the GPU when there is one")
         add_row(form, "Map of", self.level_combo, "One point per treatment, or per well")
         add_row(form, "Map method", self.method_combo,
@@ -158,23 +162,63 @@ class EvaluateWidget(WorkerDock):
 
         self.colour_combo.currentTextChanged.connect(lambda _t: self._draw_map())
         self.confusion_combo.currentTextChanged.connect(lambda _t: self._draw_confusion())
-        self.state.cache_changed.connect(lambda _p: self._describe_inputs())
+        self.state.cache_changed.connect(lambda _p: self._describe_inputs(recipe_changed=True))
         self.state.models_changed.connect(lambda _m: self._describe_inputs())
-        self.state.metadata_changed.connect(lambda _m: self._describe_inputs())
+        self.state.metadata_changed.connect(self._on_dataset)
+        self.state.preset_changed.connect(lambda _n: self._describe_inputs(recipe_changed=True))
+        self.crop_spin.valueChanged.connect(lambda _v: self._describe_inputs())
         self.tabs.currentChanged.connect(lambda _i: self._draw_confusion())
-        self._describe_inputs()
+        self._describe_inputs(recipe_changed=True)
         self.set_running(False)
         _preload()
         if isinstance(self.state.results, Evaluation):  # evaluated before this dock opened
             self._show(self.state.results)
 
     # -- inputs --------------------------------------------------------------------------
-    def _describe_inputs(self) -> None:
+    def recipe(self) -> tuple[str, str]:
+        """The preset this panel embeds with and why (the workflow's, else the one that fits
+        the cache)."""
+        path, shape = self.state.cache_path, None
+        if path is not None:
+            if getattr(self, "_shape_of", (None,))[0] != path:
+                try:
+                    self._shape_of = (path, open_cache(path).shape)
+                except DataError:
+                    self._shape_of = (path, None)
+            shape = self._shape_of[1]
+        return self.state.recipe_for(shape)
+
+    def _describe_inputs(self, recipe_changed: bool = False) -> None:
         cache, models = self.state.cache_path, self.state.models
+        name, why = self.recipe()
+        preset = PRESETS[name]
+        if recipe_changed:
+            with _signals_blocked(self.crop_spin):
+                self.crop_spin.setValue(preset.embed_crop)
+        crop = self.crop_spin.value()
+        changed = (f"; Crop px changed here to {crop} (recipe: {preset.embed_crop}): profiles "
+                   "will differ from the demo's" if crop != preset.embed_crop else "")
         self.inputs_label.setText(
             f"Cache: {cache or '– (2 Preprocess)'}\n"
-            f"Models: {f'{models.kind}, ' + ', '.join(models.channels) if models else '– (3b Load models)'}"
+            f"Models: {f'{models.kind}, ' + ', '.join(models.channels) if models else '– (3b Load models)'}\n"
+            f"Recipe ({why}): {describe_preset(preset)}{changed}."
         )
+
+    def _on_dataset(self, _metadata) -> None:
+        """Another dataset: results shown here were of the previous one; clear them."""
+        self._describe_inputs()
+        if self.evaluation is None or self.running:
+            return
+        self.evaluation = None
+        _fill(self.numbers, [])
+        _fill(self.per_moa, [])
+        self.confusion_figure.clear()
+        self.confusion_canvas.draw_idle()
+        self._confusion_drawn = None
+        self.map.clear("Another dataset was opened: evaluate it to see its map.")
+        self.status_label.setText("Another dataset was opened in 1 Data: the results of the "
+                                  "previous one were cleared (6 Compare keeps them).")
+        self.set_running(False)
 
     def run(self) -> None:
         """Embed + evaluate + map in a worker."""
@@ -207,6 +251,7 @@ class EvaluateWidget(WorkerDock):
                   "level": self.level_combo.currentText(),
                   "method": self.method_combo.currentText()}
         self.remember({**values, "colour": self.colour_combo.currentText()})
+        values["preset"] = self.recipe()[0]
         self.start_task(evaluate_job(cache, models, **values),
                         f"Embedding {len(cache)} fields…", describe=lambda e: e.message,
                         on_done=self._done, desc="Evaluate")
@@ -231,9 +276,10 @@ class EvaluateWidget(WorkerDock):
         self.evaluation = evaluation
         self.set_running(False)
         r = evaluation.result
-        self.status_label.setText(f"NSC {_fmt(r.nsc)}, NSCB {_fmt(r.nscb)} on {r.n_treatments} "
-                                  f"treatments ({r.n_fields} fields). {' '.join(r.notes)}"
-                                  + self._model_note)
+        self.status_label.setText(
+            f"NSC {_fmt(r.nsc)}, NSCB {_fmt(r.nscb)} on {r.n_treatments} treatments "
+            f"({r.n_fields} fields; recipe {evaluation.preset or 'custom'}). "
+            + " ".join([*evaluation.notes, *r.notes, *why_lines(r)]) + self._model_note)
         rows = [("NSC", _fmt(r.nsc), MEANINGS["NSC"]), ("NSCB", _fmt(r.nscb), MEANINGS["NSCB"]),
                 ("mAP (NSC)", _fmt(r.map_nsc), MEANINGS["mAP"] + ", NSC candidates"),
                 ("mAP (NSCB)", _fmt(r.map_nscb), MEANINGS["mAP"] + ", NSCB candidates"),
@@ -372,6 +418,31 @@ class EvaluateWidget(WorkerDock):
             fmt = "svg" if path.lower().endswith(".svg") or "svg" in chosen.lower() else "png"
             files = self.export_figures(Path(path).with_suffix(""), fmt)
             self.status_label.setText(f"{len(files)} figures written to {files[0].parent}.")
+
+
+def why_lines(result) -> list[str]:
+    """A short reason where a number surprises a reader (issue 28)."""
+    out = []
+    nsc, nscb = result.nsc, result.nscb
+    if nsc is not None and nscb is not None and nscb > nsc:
+        out.append(f"Why NSCB > NSC: NSCB scores only the {result.n_nscb} treatments with a "
+                   f"candidate in another batch (NSC: {result.n_nsc}), so the two are measured "
+                   "on different treatments; on ~100 treatments one run moves either by "
+                   "0.05-0.1.")
+    return out
+
+
+class _signals_blocked:
+    """``with _signals_blocked(widget):`` set a value without emitting its signals."""
+
+    def __init__(self, widget):
+        self.widget = widget
+
+    def __enter__(self):
+        self._was = self.widget.blockSignals(True)
+
+    def __exit__(self, *exc):
+        self.widget.blockSignals(self._was)
 
 
 def _preload() -> None:

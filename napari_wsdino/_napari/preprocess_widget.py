@@ -24,15 +24,18 @@ from napari_wsdino.core.preprocess import (
     PreprocessSettings,
     preprocess,
 )
+from napari_wsdino.core.presets import (PRESET_TITLES, PRESETS, describe_preset, preprocess_settings,
+                                        preset_for_fields)
 from napari_wsdino._napari.layers import cache_row, contrast_for, on_raw_grid, read_channel
 from napari_wsdino._napari.dock import (
-    WorkerDock, add_row, button, combo, double_spin, edit_row, hrow, spin, tip,
+    WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, spin, tip,
 )
 
 if TYPE_CHECKING:
     import napari
 
 PREFIX = "preprocess."
+CUSTOM_TITLE = "custom (the fields below)"
 GAP = 16  # pixels between the comparison panels
 ROLE = "preprocess-compare"
 
@@ -77,6 +80,12 @@ class PreprocessWidget(WorkerDock):
 
         self.dataset_label = QLabel("Open a dataset in 1 Data first.")
         self.dataset_label.setWordWrap(True)
+        # The recipe of the whole workflow (shared state): Train and Evaluate follow it.
+        self.preset_combo = data_combo(
+            [(CUSTOM_TITLE, "")] + [(t, n) for n, t in PRESET_TITLES.items()],
+            self.state.preset or get("preset", ""))
+        self.recipe_label = QLabel("")
+        self.recipe_label.setWordWrap(True)
         self.out_edit = QLineEdit(get("out", ""))
         self.out_edit.setPlaceholderText("cache folder (new, or one to resume / reuse)")
         self.out_browse = button("…", "Choose the cache folder", self._browse)
@@ -104,6 +113,11 @@ class PreprocessWidget(WorkerDock):
         self.follow_check.setChecked(True)
 
         form = QFormLayout()
+        add_row(form, "Recipe", self.preset_combo,
+                "The preset this workflow runs, as 'wsdino demo --preset' does: it sets the size "
+                "and normalisation here, the training settings (3 Train) and the embedding "
+                "(4 Evaluate). 'custom': the fields below, as you set them")
+        form.addRow(self.recipe_label)
         add_row(form, "Cache folder", edit_row(self.out_edit, self.out_browse),
                 "Where the preprocessed images go (new, or a cache of this dataset to resume "
                 "or reuse)")
@@ -128,6 +142,12 @@ class PreprocessWidget(WorkerDock):
         self.state.metadata_changed.connect(self._on_metadata)
         self.state.field_changed.connect(self._on_field)
         self.state.cache_changed.connect(self._on_cache)
+        self.state.preset_changed.connect(self._on_preset)
+        self.preset_combo.activated.connect(lambda _i: self._preset_picked())
+        for box in (self.height_spin, self.width_spin, self.clip_spin):
+            box.valueChanged.connect(lambda _v: self._describe_recipe())
+        self.norm_combo.currentTextChanged.connect(lambda _t: self._describe_recipe())
+        self._on_preset(self.state.preset)
         self._on_metadata(self.state.metadata)
         self._on_cache(self.state.cache_path)
         self.set_running(False)
@@ -142,10 +162,63 @@ class PreprocessWidget(WorkerDock):
                                    f"{s['plates']} plates, channels {', '.join(metadata.channels)}.")
         self.channel_combo.clear()
         self.channel_combo.addItems(list(metadata.channels))
+        self._propose_preset(metadata)
         if not self.out_edit.text().strip() and self.state.source is not None:
             src = Path(self.state.source)
             base = src if src.is_dir() else src.parent
             self.out_edit.setText(str(base.parent / f"{base.name}_cache"))
+
+    def _preset_picked(self) -> None:
+        """The user chose a recipe here: it becomes the workflow's (Train, Evaluate follow)."""
+        self.remember({"preset": self.preset_combo.currentData()})
+        self.state.preset = self.preset_combo.currentData() or None
+        self._apply_preset()
+
+    def _propose_preset(self, metadata) -> None:
+        """No recipe chosen yet (here or before): the preset that fits the raw fields."""
+        if self.state.preset is not None or self.saved("preset") is not None:
+            return
+        try:
+            shape = read_channel(metadata, 0, metadata.channels[0]).shape
+        except (OSError, ValueError, IndexError):
+            return
+        self.state.preset = preset_for_fields(shape)  # fills the fields via _on_preset
+
+    def _on_preset(self, name: str | None) -> None:
+        """The workflow's recipe changed (here or in 3 Train): show it, fill the fields."""
+        index = self.preset_combo.findData(name or "")
+        if index != self.preset_combo.currentIndex():
+            self.preset_combo.setCurrentIndex(index)
+        self._apply_preset()
+
+    def _apply_preset(self) -> None:
+        name = self.preset_combo.currentData()
+        if name:
+            ps = preprocess_settings(PRESETS[name])
+            self.height_spin.setValue(ps.size[0])
+            self.width_spin.setValue(ps.size[1])
+            self.clip_spin.setValue(ps.clip)
+            self.norm_combo.setCurrentText(ps.normalize)
+        self._describe_recipe()
+
+    def _describe_recipe(self) -> None:
+        """What the chosen recipe runs, and every field set otherwise than it says."""
+        name = self.preset_combo.currentData()
+        if not name:
+            self.recipe_label.setText("Custom settings: Train and Evaluate use the preset "
+                                      "that fits the cache, and say which.")
+            return
+        try:
+            ps, mine = preprocess_settings(PRESETS[name]), self.prep_settings()
+        except ValueError as exc:
+            self.recipe_label.setText(f"Recipe {name}; the fields below are invalid: {exc}")
+            return
+        changed = [f"{k} {getattr(mine, k)} (recipe: {getattr(ps, k)})"
+                   for k in ("size", "clip", "normalize") if getattr(mine, k) != getattr(ps, k)]
+        self.recipe_label.setText(
+            f"Recipe {describe_preset(PRESETS[name])}."
+            + (f" Changed here: {'; '.join(changed)}: profiles will differ from the "
+               "demo's." if changed else ""))
 
     def _on_cache(self, path) -> None:
         if path is not None and (self.cache is None or Path(self.cache.path) != Path(path)):

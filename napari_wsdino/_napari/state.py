@@ -27,6 +27,7 @@ from psygnal import Signal
 
 from napari_wsdino.core.identity import DatasetCheck, check_dataset
 from napari_wsdino.core.metadata import Metadata
+from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS, preset_for
 
 if TYPE_CHECKING:
     import napari
@@ -84,6 +85,12 @@ class WsdinoState:
     evaluations
         Every evaluation of this session, one per model set label (the latest kept), so
         a panel opened later (Compare) shows what was computed before it opened.
+    preset
+        The recipe this workflow runs: a name of ``core.presets.PRESETS`` (what
+        ``wsdino demo --preset`` / ``wsdino preprocess --preset`` / ``wsdino embed
+        --preset`` run), or ``None`` until one is chosen; then panels use the preset that
+        fits the cache (``core.presets.preset_for``) and say so. Preprocess, Train and
+        Evaluate take their settings from it (:meth:`recipe_for`).
 
     The workflow runs dataset -> cache -> run (``model_path``) -> model set -> evaluations;
     each panel reads these when it opens and follows the signals while it is open.
@@ -96,6 +103,7 @@ class WsdinoState:
     model_changed = Signal(object)
     models_changed = Signal(object)
     results_changed = Signal(object)
+    preset_changed = Signal(object)
 
     def __init__(self) -> None:
         self._metadata: Metadata | None = None
@@ -107,6 +115,7 @@ class WsdinoState:
         self._results: Any = None
         self.evaluations: list[Any] = []
         self._checks: dict[tuple, DatasetCheck] = {}
+        self._preset: str | None = None
 
     # -- dataset -----------------------------------------------------------------
     @property
@@ -169,6 +178,27 @@ class WsdinoState:
             self.evaluations = [e for e in self.evaluations
                                 if getattr(e, "label", None) != label] + [value]
         self.results_changed.emit(value)
+
+    @property
+    def preset(self) -> str | None:
+        return self._preset
+
+    @preset.setter
+    def preset(self, name: str | None) -> None:
+        if name is not None and name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose from {', '.join(PRESETS)}.")
+        if name != self._preset:
+            self._preset = name
+            self.preset_changed.emit(name)
+
+    def recipe_for(self, shape=None) -> tuple[str, str]:
+        """The preset to run and why: ``(name, reason)``. The chosen :attr:`preset`, else
+        the one whose crops fit a cache of ``shape`` (H, W), else the demo's default."""
+        if self._preset is not None:
+            return self._preset, "chosen"
+        if shape is not None:
+            return preset_for(shape), f"fits the {shape[0]} x {shape[1]} cache"
+        return DEFAULT_PRESET, "the default"
 
     # -- dataset identity ----------------------------------------------------------
     def check_cache(self, cache) -> DatasetCheck:

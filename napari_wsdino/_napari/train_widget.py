@@ -146,7 +146,7 @@ class TrainWidget(WorkerDock):
         self._table = None       # the cache's field table, for what the weak label can teach
         # Remembered values, else the remembered (or default) preset's: one consistent set.
         get = self.saved
-        preset = get("preset", DEFAULT_PRESET)
+        preset = self.state.preset or get("preset", DEFAULT_PRESET)
         d = preset_config(preset)
 
         self.cache_edit = QLineEdit(str(self.state.cache_path or get("cache", "")))
@@ -248,6 +248,11 @@ class TrainWidget(WorkerDock):
         self.arch_combo.currentIndexChanged.connect(lambda _i: self._remember_form())
         self.arch_combo.lineEdit().editingFinished.connect(self._remember_form)
         self.weak_combo.currentIndexChanged.connect(lambda _i: self._describe_weak_label())
+        # The workflow's recipe (shared with 2 Preprocess and 4 Evaluate): a preset picked
+        # here becomes it, and one picked there is shown here.
+        self.preset_combo.activated.connect(
+            lambda _i: setattr(self.state, "preset", self.preset_combo.currentData()))
+        self.state.preset_changed.connect(self._on_preset)
         self.state.cache_changed.connect(self._on_cache)
         self.state.model_changed.connect(self._on_run)
         self.set_running(False)
@@ -291,11 +296,19 @@ class TrainWidget(WorkerDock):
             self.run_edit.setText(str(layout.default_run_dir(path, self.weak_combo.currentData())))
         self._cache_picked(path)
 
+    def _on_preset(self, name) -> None:
+        """The workflow's recipe changed (2 Preprocess): fill the form with it."""
+        index = self.preset_combo.findData(name)
+        if name is not None and index >= 0 and index != self.preset_combo.currentIndex():
+            self.preset_combo.setCurrentIndex(index)  # applies it
+
     def _cache_picked(self, _path) -> None:
-        """Channels of the cache, and the preset whose crops fit its fields."""
+        """Channels of the cache, and the workflow's recipe (else the preset whose crops
+        fit its fields)."""
         self._set_channels(self._channels())
         if self._shape is not None:
-            index = self.preset_combo.findData(preset_for(self._shape))
+            name, _why = self.state.recipe_for(self._shape)
+            index = self.preset_combo.findData(name)
             if index != self.preset_combo.currentIndex():
                 self.preset_combo.setCurrentIndex(index)  # applies it
         self._describe_weak_label()

@@ -55,10 +55,17 @@ def add_parser(sub) -> None:
     p.add_argument("--student", action="store_true",
                    help="use the student weights of our checkpoints (default: teacher)")
     p.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
-    p.add_argument("--crop", type=int, default=DEFAULT_CROP,
+    p.add_argument("--crop", type=int,
                    help=f"side of each of the four centre crops, px (default {DEFAULT_CROP}, "
-                   "as the paper), or of each cell crop with --windows cells; clamped to the "
-                   "field and to a multiple of the patch size")
+                   "as the paper; with --preset, the preset's), or of each cell crop with "
+                   "--windows cells; clamped to the field and to a multiple of the patch size")
+    from napari_wsdino.core.presets import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="embed as 'wsdino demo --preset' does (its --crop, --pooling and "
+                   "--windows; cpu, cpu-hires: one crop per nucleus, CLS+mean), so the "
+                   "profiles equal the demo's and the napari Evaluate panel's with that "
+                   "recipe; options given explicitly win")
     from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
 
     p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
@@ -73,7 +80,7 @@ def add_parser(sub) -> None:
                    help="median of the four crops: mean-middle (numpy) or lower (torch.median)")
     p.add_argument("--l2", action=argparse.BooleanOptionalAction, default=None,
                    help="L2-normalise each profile (default recipe: yes; paper-code: no)")
-    p.add_argument("--pooling", choices=POOLINGS, default=POOLINGS[0],
+    p.add_argument("--pooling", choices=POOLINGS,
                    help="each crop's embedding: cls (the CLS token, the paper; default) or "
                    "cls+mean (CLS followed by the mean patch token; the cpu demo's choice)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
@@ -110,7 +117,27 @@ def embed_settings(args):
 
     given = {k: getattr(args, k) for k in ("windows", "median", "l2")
              if getattr(args, k, None) is not None}
-    return resolve(getattr(args, "recipe", "default"), embed={"crop": args.crop, **given}).embed
+    crop = args.crop if args.crop is not None else DEFAULT_CROP
+    return resolve(getattr(args, "recipe", "default"), embed={"crop": crop, **given}).embed
+
+
+def embed_kwargs(args) -> dict:
+    """``embed_cache`` keyword arguments: a ``--preset``'s embedding (the demo's and the
+    Evaluate panel's, ``core.presets.embed_settings``) or the recipe's, with the options
+    given on top."""
+    from napari_wsdino.core.presets import PRESETS, embed_settings as preset_embedding
+    from napari_wsdino.core.recipes import resolve
+
+    recipe = getattr(args, "recipe", "default")
+    if getattr(args, "preset", ""):
+        out = preset_embedding(PRESETS[args.preset], resolve(recipe), recipe)
+        out.update({k: getattr(args, k) for k in ("crop", "windows", "median", "l2", "pooling")
+                    if getattr(args, k, None) is not None})
+        return out
+    s = embed_settings(args)
+    return {"crop": s.crop, "windows": s.windows, "median": s.median, "l2": s.l2,
+            "precision": s.precision, "pos_embed": s.pos_embed,
+            "pooling": args.pooling or POOLINGS[0]}
 
 
 def _noting_ranks(gen, seen: dict):
@@ -139,9 +166,9 @@ def run(args) -> int:
     main = single or int(os.environ.get("RANK", "0")) == 0
     seen: dict = {}
     try:
-        settings = embed_settings(args)
+        settings = embed_kwargs(args)
         check_profiles_out(args.out)
-        if args.crop < 1:
+        if args.crop is not None and args.crop < 1:
             raise DataError(f"--crop is a side in pixels, at least 1 (default {DEFAULT_CROP}), "
                             f"not {args.crop}.")  # before the cache, the models and hours of embedding
         cache = open_cache(args.cache)
@@ -154,12 +181,9 @@ def run(args) -> int:
         # one writer per --out and its OUT.parts/ (a torchrun job's ranks share it)
         with writing(args.out, "these profiles") if single else nullcontext():
             profiles = drive(_noting_ranks(
-                embed_cache(cache, models, args.out, crop=args.crop, batch_size=args.batch_size,
+                embed_cache(cache, models, args.out, batch_size=args.batch_size,
                             chunk_size=args.chunk_size, device=args.device,
-                            resume=not args.overwrite, windows=settings.windows,
-                            median=settings.median, l2=settings.l2,
-                            precision=settings.precision, pos_embed=settings.pos_embed,
-                            pooling=args.pooling), seen),
+                            resume=not args.overwrite, **settings), seen),
                 quiet=args.quiet or not main,
             )
     except CheckpointError as exc:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 import sys
 
 from napari_wsdino.cli._common import (add_layout_option, command, drive, is_terminal,
                                        layout_from_args, writing)
 from napari_wsdino.core.metadata import UNANNOTATED, DataError, load_metadata
+from napari_wsdino.core.presets import PRESETS, preprocess_settings
 from napari_wsdino.core.preprocess import (
     DEFAULT_WORKERS,
     ILLUMINATION_METHODS,
@@ -36,7 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder to write")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                    help="output size, at least 16 px a side (default: half the input size, "
-                   "as the paper)")
+                   "as the paper; with --preset, the preset's cache size)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="take --size and --normalize from a preset's recipe, as 'wsdino demo' "
+                   "does (" + "; ".join(_preset_line(v) for v in PRESETS.values())
+                   + "); options given explicitly win. 'wsdino embed --preset' and the napari "
+                   "panels take the same preset's embedding")
     d = PreprocessSettings()
     p.add_argument("--clip", type=float, default=d.clip, metavar="V",
                    help="clip at V raw 16-bit counts after illumination correction "
@@ -44,8 +51,9 @@ def add_parser(sub) -> None:
     p.add_argument("--filter-size", type=float, default=d.filter_size, metavar="F",
                    help="illumination median-filter size at the 1024x1280 scale "
                    f"(default {d.filter_size:g}, the paper's; scaled to the image size)")
-    p.add_argument("--normalize", choices=NORMALIZATIONS, default=d.normalize,
-                   help="zscore: each image to mean 0 / std 1 (default); paper: "
+    p.add_argument("--normalize", choices=NORMALIZATIONS,
+                   help="zscore: each image to mean 0 / std 1 (default; with --preset, the "
+                   "preset's); paper: "
                    "divide by the clip value; plate: each plate's fields to mean 0 / std 1 "
                    "together, per channel (keeps treatment differences within a plate); "
                    "none: keep counts")
@@ -73,6 +81,11 @@ def add_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_layout_option(p)
     p.set_defaults(func=run)
+
+
+def _preset_line(preset) -> str:
+    ps = preprocess_settings(preset)
+    return f"{preset.name}: {ps.size[0]} x {ps.size[1]}, {ps.normalize}"
 
 
 def _shard_arg(text: str) -> Shard:
@@ -129,9 +142,13 @@ def run(args) -> int:
             size=tuple(args.size) if args.size else None,
             clip=args.clip if args.clip and args.clip > 0 else None,
             filter_size=args.filter_size,
-            normalize=args.normalize,
+            normalize=args.normalize or PreprocessSettings().normalize,
             illumination=args.illumination,
         )
+        if args.preset:  # the preset's size and normalisation unless given
+            recipe = preprocess_settings(PRESETS[args.preset])
+            settings = replace(settings, size=tuple(args.size) if args.size else recipe.size,
+                               normalize=args.normalize or recipe.normalize)
         if args.size and min(args.size) < MIN_SIDE and min(args.size) > 0:
             raise ValueError(
                 f"--size {args.size[0]} {args.size[1]} is too small to learn from: each side "

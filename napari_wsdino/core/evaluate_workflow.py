@@ -23,7 +23,7 @@ from napari_wsdino.core.cache import Cache
 from napari_wsdino.core.evaluation import EvaluationResult, iter_evaluate
 from napari_wsdino.core.fsio import file_set_state, output_lock, write_file_set
 from napari_wsdino.core.layout import profiles_path
-from napari_wsdino.core.profiles import MOA, PLATE, TREATMENT, WELL, ProfileTable
+from napari_wsdino.core.profiles import BATCH, MOA, PLATE, TREATMENT, WELL, ProfileTable
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.projection import project_2d
 
@@ -44,6 +44,10 @@ class Evaluation:
     profiles_path: Path | None
     names: list[str] = field(default_factory=list)
     confusion: dict[str, pd.DataFrame] = field(default_factory=dict)
+    #: The preset whose embedding ran (empty: none, the panel's crop alone), and every
+    #: change the run made to what was asked (a crop clamped to the field ...).
+    preset: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 def profiles_path_for(cache: Cache, models) -> Path:
@@ -71,8 +75,45 @@ def point_names(points: ProfileTable, level: str) -> list[str]:
             zip(meta[PLATE], meta[WELL], meta[TREATMENT], meta[MOA])]
 
 
-def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, crop: int,
-                 device: str, level: str, method: str, label: str | None = None
+def recipe_embedding(preset: str = "", crop: int | None = None) -> dict:
+    """``embed_cache`` settings of a preset, as ``wsdino demo`` and ``wsdino embed --preset``
+    embed (:func:`~napari_wsdino.core.presets.embed_settings` under the default recipe);
+    ``crop`` given wins. No preset: the package's defaults with ``crop``."""
+    from napari_wsdino.core.presets import PRESETS, embed_settings
+    from napari_wsdino.core.recipes import resolve
+
+    settings = embed_settings(PRESETS[preset], resolve()) if preset else {}
+    if crop:
+        settings["crop"] = int(crop)
+    return settings
+
+
+def embedding_notes(cache: Cache, models, settings: dict, preset: str = "") -> list[str]:
+    """What a user should know before reading the numbers: a crop clamped to the field
+    or the patch size, a cache normalised otherwise than the preset says."""
+    from napari_wsdino.core.embed.crops import DEFAULT_CROP, crop_sides
+    from napari_wsdino.core.presets import PRESETS, preprocess_settings
+
+    notes = []
+    windows, crop = settings.get("windows", "centre"), settings.get("crop", DEFAULT_CROP)
+    if windows != "official":
+        sides = set(crop_sides(models, tuple(cache.shape), crop, windows).values())
+        if sides != {crop}:
+            notes.append(f"Crop px {crop} does not fit the {cache.shape[0]} x {cache.shape[1]} "
+                         f"fields and the models' patches: embedded at "
+                         f"{', '.join(str(s) for s in sorted(sides))} px.")
+    if preset:
+        want = preprocess_settings(PRESETS[preset]).normalize
+        have = (cache.settings.get("settings") or {}).get("normalize")
+        if have is not None and have != want:
+            notes.append(f"The cache was normalised '{have}'; the {preset} recipe normalises "
+                         f"'{want}' (2 Preprocess): profiles differ from the demo's.")
+    return notes
+
+
+def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str,
+                 crop: int | None = None, device: str, level: str, method: str,
+                 label: str | None = None, preset: str = ""
                  ) -> Generator[Progress, None, Evaluation]:
     """Embed, evaluate and project, as one progress generator.
 
@@ -88,11 +129,16 @@ def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, cro
     out
         Profiles file (Parquet); default beside the cache (:func:`profiles_path_for`).
     tvn, crop, device
-        TVN method (``core.tvn.METHODS``), crop side in px, torch device or ``"auto"``.
+        TVN method (``core.tvn.METHODS``), crop side in px (default: the preset's), torch
+        device or ``"auto"``.
     level, method
         Map points (:data:`LEVELS`) and projection (``"umap"`` or ``"pca"``).
     label
         Name of the model set in the results; default :func:`model_set_label`.
+    preset
+        Embed as this preset does (``core.presets.PRESETS``; windows, pooling, crop), so the
+        profiles equal ``wsdino embed --preset`` 's and the demo's; empty: the package's
+        defaults with ``crop``.
 
     Returns
     -------
@@ -111,8 +157,13 @@ def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, cro
     yield Progress("evaluate", 0, 1, "checking the model set")
     label = label or model_set_label(models)
     out = out or profiles_path_for(cache, models)
-    profiles = yield from embed_cache(cache, models, out, crop=crop, device=device)
-    result = yield from iter_evaluate(profiles, tvn)
+    settings = recipe_embedding(preset, crop)
+    notes = embedding_notes(cache, models, settings, preset)
+    profiles = yield from embed_cache(cache, models, out, device=device, **settings)
+    batches = profiles.meta[BATCH].astype(str).nunique() if BATCH in profiles.meta else 0
+    if batches < 2:  # NSCB needs another batch to match in
+        notes.append("One batch only: NSC alone (NSCB needs fields of two batches or more).")
+    result = yield from iter_evaluate(profiles, tvn, nscb=batches >= 2)
     points = result.treatments if level == "treatments" else aggregate_wells(profiles)
     yield Progress("evaluate", 0, 1, f"{method.upper()} of {len(points)} {level}")
     xy = project_2d(points.features, method=method)
@@ -120,7 +171,7 @@ def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str, cro
     if result.confusion_nscb is not None:
         confusion["NSCB"] = labelled_confusion(result.confusion_nscb)
     return Evaluation(label, profiles, result, points, np.asarray(xy), level, out,
-                      point_names(points, level), confusion)
+                      point_names(points, level), confusion, preset, notes)
 
 
 def evaluation_files(result: EvaluationResult) -> dict:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Generator
 
@@ -33,7 +33,8 @@ from napari_wsdino.core.fsio import atomic_write_text
 from napari_wsdino.core.layout import demo_paths, log_path
 from napari_wsdino.core.metadata import LAYOUTS, DataError
 from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
-    DEFAULT_PRESET, PRESETS, Preset, embed_settings, headline, resolve_preset)
+    DEFAULT_PRESET, PRESETS, Preset, embed_settings, headline, preprocess_settings,
+    resolve_preset)
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, weak_label_note
 from napari_wsdino.core.progress import Progress
 
@@ -228,9 +229,7 @@ def _preprocess_stage(demo: _Demo, meta):
     from napari_wsdino.core.preprocess import preprocess
 
     if not demo.done("preprocess"):
-        ps = replace(demo.stages.preprocess, size=demo.preset.cache_size, clip=10000.0)
-        if demo.preset.normalize and demo.recipe == "default":
-            ps = replace(ps, normalize=demo.preset.normalize)
+        ps = preprocess_settings(demo.preset, demo.stages.preprocess, demo.recipe)
         yield from preprocess(meta, demo.paths["cache"], ps, workers=demo.workers)
         demo.mark("preprocess")
     return open_cache(demo.paths["cache"])

@@ -10,7 +10,7 @@ overrides, embedding crop / pooling / windows). :data:`PRESETS` is the only list
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.pretrained import DEFAULT_INIT
@@ -30,6 +30,18 @@ def preset_for(shape) -> str:
     """The preset whose crops fit a cache of ``shape`` (H, W) px (:data:`PRESET_FOR_SIDE`)."""
     side = min(shape)
     return next(name for limit, name in PRESET_FOR_SIDE if side >= limit)
+
+
+def preset_for_fields(shape) -> str:
+    """The preset to propose for raw fields of ``shape`` (H, W) px: the largest whose cache
+    size fits in them (never an upsampling one), else ``test``. BBBC021's 1024 x 1280
+    fields get ``gpu``, the sample's 256 x 320 ``cpu``, a 320 x 400 replica ``cpu-hires``."""
+    h, w = (int(v) for v in shape[:2])
+    for _side, name in PRESET_FOR_SIDE:
+        ch, cw = PRESETS[name].cache_size
+        if ch <= h and cw <= w:
+            return name
+    return "test"
 
 
 @dataclass(frozen=True)
@@ -164,6 +176,34 @@ def resolve_preset(preset: str | Preset, **overrides) -> Preset:
     if overrides:
         preset = Preset(**{**asdict(preset), "train": {**preset.train, **overrides}})
     return preset
+
+
+def preprocess_settings(preset: Preset, base=None, recipe: str = "default"):
+    """The :class:`~napari_wsdino.core.preprocess.PreprocessSettings` a preset runs: the
+    recipe's (``base``; default: the package's), the preset's cache size, a clip at 10,000
+    counts, and with the default recipe the preset's normalisation. ``wsdino demo``,
+    ``wsdino preprocess --preset`` and the Preprocess panel all take them from here.
+
+    >>> preprocess_settings(PRESETS["cpu"]).normalize
+    'plate'
+    """
+    from napari_wsdino.core.preprocess import PreprocessSettings
+
+    ps = replace(base if base is not None else PreprocessSettings(),
+                 size=tuple(preset.cache_size), clip=10000.0)
+    if preset.normalize and recipe == "default":
+        ps = replace(ps, normalize=preset.normalize)
+    return ps
+
+
+def describe_preset(preset: Preset, recipe: str = "default") -> str:
+    """One line on what a preset runs, for panels and logs ("cpu: 160 x 200 cache, ...")."""
+    norm = preset.normalize if preset.normalize and recipe == "default" else "the recipe's"
+    windows = preset.embed_windows if preset.embed_windows and recipe == "default" else "centre"
+    crops = (f"one {preset.embed_crop}-px crop per nucleus, averaged" if windows == "cells"
+             else f"four {preset.embed_crop}-px centre crops, median")
+    return (f"{preset.name}: {preset.cache_size[0]} x {preset.cache_size[1]} cache, {norm} "
+            f"normalisation; profiles from {crops}, {preset.embed_pooling} pooling")
 
 
 def embed_settings(preset: Preset, stages, recipe: str = "default") -> dict:
