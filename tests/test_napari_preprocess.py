@@ -91,3 +91,49 @@ def test_preprocess_cancel_resume_and_compare(make_napari_viewer, qtbot, tmp_pat
     state.cache_path = None
     qtbot.mouseClick(other.use_button, Qt.LeftButton)
     assert state.cache_path == cache.path
+
+
+def test_compare_layers_leave_with_their_field_or_dataset(make_napari_viewer, qtbot, tmp_path):
+    """The comparison records its dataset and field; Next with Follow unchecked and another
+    dataset opened both remove it: never a comparison of another field on the canvas."""
+    from napari_wsdino.core.metadata import load_metadata
+    from napari_wsdino.core.preprocess import preprocess
+    from napari_wsdino.core.progress import run_to_end
+    from napari_wsdino._napari.preprocess_widget import ROLE
+
+    first = write_tiny_dataset(tmp_path / "first", plates=1, wells=2, sites=1, shape=(32, 40))
+    second = write_tiny_dataset(tmp_path / "second", plates=1, wells=2, sites=1,
+                                shape=(32, 40), seed=3)
+    cache = run_to_end(preprocess(load_metadata(first), tmp_path / "cache",
+                                  make_settings(16, 20, 0, 40, "zscore", "fast"), workers=1))
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    browser = viewer.window.add_plugin_dock_widget("napari-wsdino", "1 Data - plate browser")[1]
+    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "2 Preprocess")[1]
+    browser.open(first)
+    widget.out_edit.setText(str(cache.path))
+    qtbot.mouseClick(widget.use_button, Qt.LeftButton)
+
+    def compared():
+        return [layer for layer in viewer.layers if layer.metadata.get("wsdino_role") == ROLE]
+
+    qtbot.mouseClick(widget.compare_button, Qt.LeftButton)
+    assert len(compared()) == 3
+    key = state.metadata.field_key(0)
+    assert {(l.metadata["source"], l.metadata["field"]) for l in compared()} == {(str(first), key)}
+    # Follow checked: Next moves the comparison to the next field
+    qtbot.mouseClick(browser.next_button, Qt.LeftButton)
+    assert {l.metadata["field"] for l in compared()} == {state.metadata.field_key(1)} != {key}
+    # Follow unchecked: Next removes it
+    widget.follow_check.setChecked(False)
+    qtbot.mouseClick(browser.prev_button, Qt.LeftButton)
+    assert state.field_index == 0 and compared() == []
+
+    # another dataset opened: the first one's comparison leaves (Follow on or off)
+    for follow in (False, True):
+        browser.open(first)
+        widget.follow_check.setChecked(follow)
+        qtbot.mouseClick(widget.compare_button, Qt.LeftButton)
+        assert len(compared()) == 3
+        browser.open(second)
+        assert state.source == second and compared() == [], follow

@@ -5,7 +5,9 @@ worker with napari's progress bar; Cancel stops at the next plate step and a lat
 Run resumes from the next unfinished plate. When the cache is complete it becomes
 the shared state's cache (Train, Attention and Evaluate use it). "Compare" lays
 the current field's raw image, its plate's illumination function and the
-corrected image side by side, to the right of the field.
+corrected image side by side, to the right of the field; those layers record their
+dataset and field, follow the field (or leave when it changes) and leave when another
+dataset opens.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from napari_wsdino.core.preprocess import (
 )
 from napari_wsdino.core.presets import (PRESET_TITLES, PRESETS, describe_preset, preprocess_settings,
                                         preset_for_fields)
-from napari_wsdino._napari.layers import cache_row, contrast_for, on_raw_grid, read_channel
+from napari_wsdino._napari.layers import (cache_row, contrast_for, on_raw_grid, read_channel,
+                                          remove_layers)
 from napari_wsdino._napari.dock import (
     WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, spin, tip,
 )
@@ -109,7 +112,8 @@ class PreprocessWidget(WorkerDock):
                                      "Lay the raw image, its plate's illumination function and "
                                      "the corrected image beside the field", self.compare)
         self.follow_check = tip(QCheckBox("Follow the current field"),
-                                "Keep the comparison on the field the plate browser shows")
+                                "Keep the comparison on the field the plate browser shows; "
+                                "unchecked, it is removed when the field changes")
         self.follow_check.setChecked(True)
 
         form = QFormLayout()
@@ -139,7 +143,7 @@ class PreprocessWidget(WorkerDock):
                    hrow(self.run_button, self.cancel_button, self.use_button),
                    self.status_label, compare, self.compare_button, self.follow_check, 1)
 
-        self.state.metadata_changed.connect(self._on_metadata)
+        self.state.metadata_changed.connect(self._on_dataset)
         self.state.field_changed.connect(self._on_field)
         self.state.cache_changed.connect(self._on_cache)
         self.state.preset_changed.connect(self._on_preset)
@@ -167,6 +171,11 @@ class PreprocessWidget(WorkerDock):
             src = Path(self.state.source)
             base = src if src.is_dir() else src.parent
             self.out_edit.setText(str(base.parent / f"{base.name}_cache"))
+
+    def _on_dataset(self, metadata) -> None:
+        """Another dataset opened: the comparison showed the previous one's field; remove it."""
+        remove_layers(self.viewer, self._compare_layers().values())
+        self._on_metadata(metadata)
 
     def _preset_picked(self) -> None:
         """The user chose a recipe here: it becomes the workflow's (Train, Evaluate follow)."""
@@ -228,9 +237,18 @@ class PreprocessWidget(WorkerDock):
                 self.cache = None
 
     def _on_field(self, _index) -> None:
-        """Keep the comparison panels on the field in view."""
-        if self.follow_check.isChecked() and self._compare_layers():
+        """Keep the comparison panels on the field in view (Follow), or remove them: never a
+        comparison of another field beside the field in view."""
+        layers = self._compare_layers()
+        if layers and self.follow_check.isChecked():
             self.compare()
+            layers = self._compare_layers()
+        metadata = self.state.metadata
+        now = ((str(self.state.source), metadata.field_key(self.state.field_index))
+               if metadata is not None and len(metadata.table) else None)
+        remove_layers(self.viewer, [layer for layer in layers.values()
+                                    if (layer.metadata.get("source"),
+                                        layer.metadata.get("field")) != now])
 
     def _browse(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Cache folder", self.out_edit.text())
@@ -331,7 +349,8 @@ class PreprocessWidget(WorkerDock):
         for k, (panel, data, scale, shift, cmap) in enumerate(panels, start=1):
             translate = (shift[0], shift[1] + k * (w + GAP))
             meta = {"wsdino_role": ROLE, "panel": panel, "channel": channel,
-                    "plate": images["plate"], "field": metadata.field_key(self.state.field_index)}
+                    "plate": images["plate"], "source": str(self.state.source),
+                    "field": metadata.field_key(self.state.field_index)}
             limits = contrast_for(data)
             layer = existing.get(panel)
             if layer is None:
