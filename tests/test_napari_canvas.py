@@ -153,7 +153,7 @@ def test_no_stale_attention_after_next_or_map_click(make_napari_viewer, qtbot, t
     def compute():
         qtbot.mouseClick(attention.compute_button, Qt.LeftButton)
         qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE, timeout=20_000)
-        assert len(_attention(viewer)) == 3 and _shown_on(viewer, state)
+        assert len(_attention(viewer)) == 4 and _shown_on(viewer, state)
 
     # "Update when the field changes" off: Next and a map click remove the overlay at once
     attention.auto_check.setChecked(False)
@@ -181,7 +181,7 @@ def test_no_stale_attention_after_next_or_map_click(make_napari_viewer, qtbot, t
     assert state.metadata.field_key(3) in attention.status_label.text()
     qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE and bool(_attention(viewer)),
                     timeout=20_000)
-    assert len(_attention(viewer)) == 3 and _shown_on(viewer, state)
+    assert len(_attention(viewer)) == 4 and _shown_on(viewer, state)
     # two map clicks while a job runs: the last field's maps, never the first's
     state.field_index = 0
     assert attention.status == TaskStatus.RUNNING
@@ -189,7 +189,7 @@ def test_no_stale_attention_after_next_or_map_click(make_napari_viewer, qtbot, t
     assert _attention(viewer) == [] and "follows" in attention.status_label.text()
     qtbot.waitUntil(lambda: attention.status == TaskStatus.DONE and bool(_attention(viewer)),
                     timeout=40_000)
-    assert len(_attention(viewer)) == 3 and _shown_on(viewer, state)
+    assert len(_attention(viewer)) == 4 and _shown_on(viewer, state)
     assert state.field_index == 1
 
     # another dataset: the overlay leaves with the old dataset's field, then follows

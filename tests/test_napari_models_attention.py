@@ -153,7 +153,13 @@ def test_attention_layers_over_raw_and_cached_fields(make_napari_viewer, qtbot, 
     assert "cache" in attention.status_label.text()
     attention.opacity_spin.setValue(0.3)
     assert mean.opacity == pytest.approx(0.3)
-    assert len(_attention_layers(viewer)) == 3
+    # heads, mean, mask and the grey channel the model saw (the cache's image) under them
+    assert len(_attention_layers(viewer)) == 4
+    grey = _attention_layers(viewer)["attention input [Tubulin]"]
+    np.testing.assert_array_equal(grey.data, images["Tubulin"][1].astype(np.float16))  # as cached
+    assert grey.colormap.name == "gray" and grey.metadata["field"] == meta.field_key(1)
+    names = [layer.name for layer in viewer.layers]
+    assert names.index("attention input [Tubulin]") < names.index("attention mean [Tubulin]")
 
 
 def test_cache_of_another_dataset_is_refused(make_napari_viewer, qtbot, tmp_path):

@@ -28,8 +28,8 @@ from napari_wsdino.core.cache import Cache, open_cache
 from napari_wsdino.core.imageio import read_tiff
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.progress import Progress
-from napari_wsdino._napari.layers import (ATTENTION_ROLE, ROLE, cache_row, on_raw_grid,
-                                          remove_layers)
+from napari_wsdino._napari.layers import (ATTENTION_ROLE, ROLE, cache_row, contrast_for,
+                                          on_raw_grid, remove_layers)
 from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, double_spin, spin, tip
 
 if TYPE_CHECKING:
@@ -78,18 +78,25 @@ def field_image(metadata, index: int, channel: str, cache: Cache | None = None,
     return FieldImage(image, scale, translate, "raw field (no cache holds it)")
 
 
-def mask_outline(mask: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+def mask_outline(mask: np.ndarray, shape: tuple[int, int] | None = None,
+                 smooth: float = 0.0) -> np.ndarray:
     """The one-pixel inner boundary of a binary mask (``uint8``, 1 on the outline).
 
     With ``shape`` (the raw field's), the mask is first brought onto that pixel grid, so
-    the line is one *raw* pixel wide however small the image the model saw.
+    the line is one *raw* pixel wide however small the image the model saw. With
+    ``smooth`` (pixels of that grid, e.g. half a patch), the mask is blurred by a Gaussian
+    of that width and cut at one half first: a smooth contour instead of patch steps.
     """
+    from skimage.filters import gaussian
     from skimage.segmentation import find_boundaries
     from skimage.transform import resize
 
     mask = np.asarray(mask, dtype=bool)
     if shape is not None and tuple(shape) != mask.shape:
-        mask = resize(mask, shape, order=0, preserve_range=True, anti_aliasing=False).astype(bool)
+        mask = resize(mask.astype(np.float32), shape, order=1, preserve_range=True,
+                      anti_aliasing=False) > 0.5
+    if smooth > 0 and mask.any():
+        mask = gaussian(mask.astype(np.float32), sigma=float(smooth), preserve_range=True) > 0.5
     return find_boundaries(mask, mode="inner").astype(np.uint8)
 
 
@@ -104,7 +111,10 @@ def attention_job(model, metadata, index: int, channel: str, cache: Cache | None
     maps = attention_maps(model, source.image, mode=mode, keep=keep)
     yield Progress("attention", 2, 3, "outlining the mask")
     raw_shape = tuple(int(round(n * f)) for n, f in zip(source.image.shape, source.scale))
-    outline = mask_outline(maps.mean_threshold, raw_shape)
+    # Smoothed over half a patch (on the raw grid): DINO's mask drawn as a contour, not as
+    # the patch-sized steps of the grid it was computed on.
+    outline = mask_outline(maps.mean_threshold, raw_shape,
+                           smooth=0.5 * maps.patch_size * float(source.scale[0]))
     cells = attention_on_cells(maps, source.image)
     yield Progress("attention", 3, 3, "done")
     return maps, source, outline, cells
@@ -281,8 +291,13 @@ class AttentionWidget(WorkerDock):
         common = {"scale": source.scale, "translate": source.translate,
                   "metadata": {ROLE: ATTENTION_ROLE, "channel": channel, "field": key,
                                "field_index": int(index), "source": job[0]}}
+        # As DINO's figures: the channel the model saw, in grey, under the heat maps (it
+        # hides the colour field layers while shown; untick it to see them again).
+        self._put("image", f"attention input [{channel}]", source.image,
+                  dict(colormap="gray", blending="translucent", opacity=1.0,
+                       contrast_limits=contrast_for(source.image), **common))
         # Additive blending from the map's low percentile: little attention adds nothing,
-        # so the cells show through where the model does not look.
+        # so the grey cells show through where the model does not look.
         self._put("image", f"attention heads [{channel}]", maps.heads,
                   dict(colormap=cmap, opacity=opacity, blending="additive",
                        contrast_limits=_limits(maps.heads), visible=False, **common))
@@ -298,7 +313,9 @@ class AttentionWidget(WorkerDock):
             f" patch grid ({source.origin}{note}). Attention on cells: {cells.score:.2f} "
             f"(heads {', '.join(f'{h:.2f}' for h in cells.per_head)}; 1 = spread evenly, above 1"
             f" = on the {channel} foreground, which covers {100 * cells.share:.0f}% of the field)."
-            " The heads layer is hidden: show it and use the slider to walk the heads."
+            " The channel is shown in grey under the maps (the 'attention input' layer: hide"
+            " it for the colour field); the heads layer is hidden: show it and use the slider"
+            " to walk the heads."
         )
         self.last_cells = cells
 
