@@ -217,3 +217,23 @@ def wait_quiet(qtbot, quiet_ms: int = 500, gap_ms: float = 100, timeout: int = 2
         qtbot.waitUntil(quiet, timeout=timeout)
     finally:
         gaps.stop()
+
+
+def write_tiny_run(run: Path, weak_label: str = "compound", seed: int = 0,
+                   channels=("DAPI", "Tubulin", "Actin")) -> Path:
+    """A training run folder, ``RUN/<channel>/checkpoint.pth``, of random ``test_vit``
+    teachers whose checkpoints record their channel and weak label as ours do."""
+    import torch
+
+    from napari_wsdino.core.layout import checkpoint_path
+    from napari_wsdino.core.model import CHECKPOINT_FORMAT, create_backbone
+
+    for i, channel in enumerate(channels):
+        torch.manual_seed(seed * 100 + i)
+        sd = {f"backbone.{k}": v for k, v in create_backbone("test_vit", in_chans=1).state_dict().items()}
+        path = checkpoint_path(run, channel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"format": CHECKPOINT_FORMAT, "channel": channel, "weak_label": weak_label,
+                    "config": {"arch": "test_vit", "weak_label": weak_label},
+                    "teacher": sd, "student": sd}, path)
+    return Path(run)

@@ -49,3 +49,32 @@ def test_evaluate_workflow_imports_no_qt_or_napari():
             " if m in sys.modules])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_evaluation_is_named_by_run_weak_label_and_time(tmp_path):
+    from datetime import datetime
+
+    from napari_helpers import write_tiny_run
+
+    from napari_wsdino.core.evaluate_workflow import display_name
+
+    run = write_tiny_run(tmp_path / "runs" / "compound_e30", weak_label="moa")
+    models = ModelSet.from_run(run)
+    assert (models.origin, models.weak_label) == ("compound_e30", "moa")
+    # the same run through --model files (a checkpoint file, a channel folder) is named alike
+    files = ModelSet.from_files({"DAPI": run / "DAPI" / "checkpoint.pth", "Tubulin": run / "Tubulin",
+                                 "Actin": run})
+    assert (files.origin, files.weak_label) == ("compound_e30", "moa")
+    assert ModelSet.random("test_vit", ("DAPI",), seed=3).origin == "random (seed 3)"
+    cache = write_tiny_cache(tmp_path / "cache", per_compound=4, size=32, compounds=COMPOUNDS)
+    before = datetime.now().replace(microsecond=0)
+    ev = run_to_end(evaluate_job(cache, models, tvn="paper", crop=16, device="cpu",
+                                 level="treatments", method="pca"))
+    assert ev.display_fields()["run"] == "compound_e30" and ev.weak_label == "moa"
+    assert before <= datetime.fromisoformat(ev.evaluated_at) <= datetime.now()
+    when = datetime.fromisoformat(ev.evaluated_at)
+    assert ev.display_name == f"compound_e30 · weak label MoA · {when:%H:%M}"
+    assert ev.label.startswith("trained (test_vit, test_vit, test_vit) ")  # identity unchanged
+    # another day: the date instead of the time
+    assert display_name("r", "none", "2026-01-02T09:30:00", now=datetime(2026, 1, 3)) == \
+        "r · weak label none (plain DINO) · 2026-01-02"

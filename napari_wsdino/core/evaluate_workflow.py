@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Generator
 
@@ -26,6 +27,7 @@ from napari_wsdino.core.layout import profiles_path
 from napari_wsdino.core.profiles import BATCH, MOA, PLATE, TREATMENT, WELL, ProfileTable
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.projection import project_2d
+from napari_wsdino.core.sampler import WEAK_LABEL_INFO
 
 #: What a map point stands for.
 LEVELS = ("treatments", "wells")
@@ -48,6 +50,21 @@ class Evaluation:
     #: change the run made to what was asked (a crop clamped to the field ...).
     preset: str = ""
     notes: list[str] = field(default_factory=list)
+    #: How a person tells evaluations apart (:func:`display_name`): the model set's run
+    #: folder or weights (``ModelSet.origin``), its weak label, and when it was evaluated
+    #: (ISO local time). :attr:`label` stays the set's identity (kind, architectures, hash).
+    run: str = ""
+    weak_label: str = ""
+    evaluated_at: str = ""
+
+    def display_fields(self) -> dict[str, str]:
+        """``run``, ``weak_label``, ``evaluated_at``: what results files and Compare show."""
+        return {"run": self.run, "weak_label": self.weak_label,
+                "evaluated_at": self.evaluated_at}
+
+    @property
+    def display_name(self) -> str:
+        return display_name(self.run or self.label, self.weak_label, self.evaluated_at)
 
 
 def profiles_path_for(cache: Cache, models) -> Path:
@@ -58,6 +75,34 @@ def profiles_path_for(cache: Cache, models) -> Path:
 def model_set_label(models) -> str:
     """How a model set is named in results and in Compare (hashes its weights: slow)."""
     return f"{models.kind} ({', '.join(models.archs.values())}) {models.fingerprint()[:6]}"
+
+
+def display_name(run: str, weak_label: str = "", evaluated_at: str = "",
+                 now: datetime | None = None) -> str:
+    """An evaluation as a person tells it apart: run folder (or weights), weak label, and
+    when it was evaluated (``HH:MM`` today, else the date).
+
+    Example
+    -------
+    >>> display_name("compound_e30", "compound", "2026-03-02T14:05:00",
+    ...              now=datetime(2026, 3, 2, 18, 0))
+    'compound_e30 · weak label compound · 14:05'
+    >>> display_name("random (seed 0)", "", "2026-03-01T14:05:00", now=datetime(2026, 3, 2))
+    'random (seed 0) · 2026-03-01'
+    """
+    parts = [run]
+    if weak_label:
+        titles = [WEAK_LABEL_INFO[w].title if w in WEAK_LABEL_INFO else w
+                  for w in weak_label.split("/")]
+        parts.append(f"weak label {'/'.join(titles)}")
+    try:
+        when = datetime.fromisoformat(evaluated_at) if evaluated_at else None
+    except ValueError:
+        when = None
+    if when is not None:
+        today = (now or datetime.now()).date()
+        parts.append(when.strftime("%H:%M") if when.date() == today else when.date().isoformat())
+    return " · ".join(parts)
 
 
 def labelled_confusion(matrix: pd.DataFrame) -> pd.DataFrame:
@@ -171,7 +216,10 @@ def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str,
     if result.confusion_nscb is not None:
         confusion["NSCB"] = labelled_confusion(result.confusion_nscb)
     return Evaluation(label, profiles, result, points, np.asarray(xy), level, out,
-                      point_names(points, level), confusion, preset, notes)
+                      point_names(points, level), confusion, preset, notes,
+                      run=getattr(models, "origin", ""),
+                      weak_label=getattr(models, "weak_label", ""),
+                      evaluated_at=datetime.now().isoformat(timespec="seconds"))
 
 
 def evaluation_files(result: EvaluationResult) -> dict:

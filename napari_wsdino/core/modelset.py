@@ -80,6 +80,9 @@ class ChannelModel:
     dataset_id
         Identity of the dataset the model was trained on (:mod:`napari_wsdino.core.identity`,
         recorded by our training checkpoints); None when unknown.
+    weak_label
+        The weak label it was trained with (``core.sampler.WEAK_LABELS``; our checkpoints
+        record it); None when unknown.
     """
 
     channel: str
@@ -89,6 +92,7 @@ class ChannelModel:
     input_mean: float = 0.0
     input_std: float = 1.0
     dataset_id: dict | None = None
+    weak_label: str | None = None
 
     def normalise(self, x):
         """Apply the training-time input normalisation (no copy when it is the identity)."""
@@ -121,10 +125,15 @@ class ModelSet:
         ``{channel: ChannelModel}``, in the order embeddings are concatenated.
     kind
         ``"trained"``, ``"files"``, ``"random"`` or ``"init-only"``.
+    origin
+        What a person calls the set: the run folder's name, the weights' names
+        (:func:`weights_name`), ``random (seed N)``, ``init-only <weights>``; set by the
+        constructors, empty when unknown.
     """
 
     models: dict[str, ChannelModel]
     kind: str = "files"
+    origin: str = field(default="", compare=False)
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -184,6 +193,12 @@ class ModelSet:
                 f"{list(available)} (no {missing}). A model only runs on the channel it "
                 "was trained for; check the channel names of --model and of the cache."
             )
+
+    @property
+    def weak_label(self) -> str:
+        """The weak label the models were trained with (``"a/b"`` when they differ; empty
+        when none records one)."""
+        return "/".join(dict.fromkeys(m.weak_label for m in self.models.values() if m.weak_label))
 
     def dataset_identity(self) -> dict | None:
         """The identity of the dataset these models were trained on, when they record one."""
@@ -261,7 +276,7 @@ class ModelSet:
                 "channels, or embed only the channels it has (--channels)."
             )
         models = {c: load_channel_model(c, channel_dir(run, c), which=which) for c in channels}
-        return cls(models, kind="trained")
+        return cls(models, kind="trained", origin=weights_name(run))
 
     @classmethod
     def from_files(
@@ -287,7 +302,8 @@ class ModelSet:
         """
         models = {c: load_channel_model(c, p, arch=arch, which=which) for c, p in files.items()}
         kind = "trained" if all(m.source.startswith("wsdino") for m in models.values()) else "files"
-        return cls(models, kind=kind)
+        origin = ", ".join(dict.fromkeys(weights_name(p) for p in files.values()))
+        return cls(models, kind=kind, origin=origin)
 
     @classmethod
     def random(
@@ -305,7 +321,7 @@ class ModelSet:
                 torch.manual_seed(int(seed) * 1000 + i)
                 model = create_backbone(arch, in_chans=1)
             models[channel] = ChannelModel(channel, model, arch, f"random(seed={seed})")
-        return cls(models, kind="random")
+        return cls(models, kind="random", origin=f"random (seed {seed})")
 
     @classmethod
     def init_only(
@@ -326,7 +342,7 @@ class ModelSet:
             entry = load_channel_model(channel, weights_file, arch=arch, any_channel=True)
             entry.source = f"init-only {entry.source}"
             models[channel] = entry
-        return cls(models, kind="init-only")
+        return cls(models, kind="init-only", origin=f"init-only {weights_name(weights_file)}")
 
     # -- export -------------------------------------------------------------------------
 
@@ -355,6 +371,7 @@ class ModelSet:
                 "source": entry.source,
                 "input_mean": repr(float(entry.input_mean)),
                 "input_std": repr(float(entry.input_std)),
+                "weak_label": entry.weak_label or "",
             })
             written.append(path)
         return written
@@ -376,6 +393,26 @@ def run_channels(run: str | Path) -> list[str]:
     found = {p.parent.name for p in Path(run).glob(f"*/{CHECKPOINT_FILE}")}
     order = list(dict.fromkeys(c for preset in LAYOUTS.values() for c in preset.layout.channels))
     return [c for c in order if c in found] + sorted(found - set(order))
+
+
+def weights_name(path: str | Path) -> str:
+    """The name a person knows weights by: a bundled or official name as given, the run
+    folder of our checkpoints (``RUN``, ``RUN/<channel>``, ``RUN/<channel>/checkpoint.pth``),
+    else the file's name.
+
+    Example
+    -------
+    >>> weights_name("runs/compound/DAPI/checkpoint.pth"), weights_name("replica-dino-pico8")
+    ('compound', 'replica-dino-pico8')
+    """
+    from napari_wsdino.core.pretrained import bundled_arch
+
+    if bundled_arch(path) is not None:
+        return str(path)
+    p = Path(path).absolute()
+    if p.name == CHECKPOINT_FILE or (p / CHECKPOINT_FILE).is_file():  # a channel's file or folder
+        p = p.parent.parent if p.name == CHECKPOINT_FILE else p.parent
+    return p.name
 
 
 def resolve_checkpoint(path: str | Path, channel: str) -> Path:
@@ -433,6 +470,7 @@ def load_channel_model(
         sd, meta = _read_safetensors(file)
         recorded_channel, recorded_arch = meta.get("channel"), meta.get("arch")
         norm = {k: float(meta[k]) for k in ("input_mean", "input_std") if k in meta}
+        norm["weak_label"] = meta.get("weak_label") or None
         source = f"safetensors {file}"
         weights: Mapping = sd
     else:
@@ -445,6 +483,8 @@ def load_channel_model(
         data = ckpt.get("data") if ours and isinstance(ckpt.get("data"), Mapping) else {}
         if isinstance(data.get("dataset_id"), Mapping):
             norm["dataset_id"] = dict(data["dataset_id"])
+        if ours:
+            norm["weak_label"] = ckpt.get("weak_label") or config.get("weak_label") or None
         if ours and which not in ckpt:
             raise CheckpointError(f"{file} holds no {which!r} weights.")
         source = f"wsdino {file} ({which})" if ours else f"{file}"
