@@ -73,6 +73,7 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     assert numbers["NSC"] == f"{ref.nsc:.1%}" and numbers["fields"] == "40"
     assert numbers["treatments (NSC)"] == str(ref.n_nsc)
     assert compare.table.rowCount() == 1 and compare.table.item(0, 1).text() == f"{ref.nsc:.1%}"
+    assert compare.table.item(0, 0).text().startswith("random (seed 0) · ")
     moas = {widget.per_moa.item(i, 0).text() for i in range(widget.per_moa.rowCount())}
     assert moas == set(ref.per_moa) and "Protein degradation" in moas
 
@@ -153,6 +154,9 @@ def test_evaluate_cancel_then_results_map_and_exports(make_napari_viewer, qtbot,
     qtbot.mouseClick(widget.export_results_button, Qt.LeftButton)
     data = json.loads(chosen["path"].read_text())
     assert data["nsc"] == pytest.approx(ref.nsc) and data["model_set"].startswith("random")
+    # ... with what 6 Compare names a row by: run (here the seed), weak label, when
+    assert (data["run"], data["weak_label"]) == ("random (seed 0)", "")
+    assert data["evaluated_at"] == ev.evaluated_at != ""
     chosen["path"] = tmp_path / "out" / "profiles.csv"
     qtbot.mouseClick(widget.export_profiles_button, Qt.LeftButton)
     assert len(ProfileTable.read(chosen["path"])) == 40
@@ -180,11 +184,13 @@ def test_compare_table_chart_and_persistence(qtbot, tmp_path, monkeypatch):
     qtbot.mouseClick(widget.add_button, Qt.LeftButton)
     widget.add_file(tmp_path / "WS-DINO compound.json")
     widget.add_file(tmp_path / "init-only.json")  # same label: replaced, not duplicated
-    assert [widget.table.item(i, 0).text() for i in range(2)] == ["WS-DINO compound", "init-only"]
+    # named by the file's model set and its time (files that do not say when: their mtime)
+    names = [widget.table.item(i, 0).text() for i in range(2)]
+    assert [n.split(" · ")[0] for n in names] == ["WS-DINO compound", "init-only"]
     assert widget.table.item(0, 1).text() == "90.0%" and widget.table.item(0, 2).text() == "–"
     ax = widget.figure.axes[0]
-    assert len(ax.patches) == 2 * 4 and [t.get_text() for t in ax.get_legend().get_texts()] == \
-        ["WS-DINO compound", "init-only"]
+    assert len(ax.patches) == 2 * 4
+    assert [t.get_text().replace("\n", " ") for t in widget.figure.legends[0].get_texts()] == names
     # rows survive a restart; removing and clearing work
     again = CompareWidget(Viewer())
     qtbot.addWidget(again)

@@ -377,9 +377,11 @@ class EvaluateWidget(WorkerDock):
         return self.evaluation.profiles.write(path)
 
     def export_results(self, path: str | Path) -> Path:
-        """The numbers as JSON (``wsdino evaluate --json`` keys plus the model set)."""
+        """The numbers as JSON (``wsdino evaluate --json`` keys plus the model set, its run
+        folder or weights, weak label and when it was evaluated: what 6 Compare names)."""
         path = Path(path)
-        data = {"model_set": self.evaluation.label, **self.evaluation.result.to_dict()}
+        data = {"model_set": self.evaluation.label, **self.evaluation.display_fields(),
+                **self.evaluation.result.to_dict()}
         path.write_text(json.dumps(data, indent=2))
         return path
 
