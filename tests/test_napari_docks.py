@@ -138,7 +138,7 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     from napari_wsdino.core.sampler import WEAK_LABEL_INFO
     from napari_wsdino.core.train import TrainConfig
     from napari_wsdino.core.attention import DEFAULT_KEEP, DISPLAY_MODE, MODES
-    from napari_wsdino.core.embed import DEFAULT_CROP
+    from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
     from napari_wsdino.core.projection import METHODS as PROJECTIONS
     from napari_wsdino.core.train import DEVICES
     from napari_wsdino.core.tvn import DEFAULT_TVN, METHODS
@@ -172,7 +172,8 @@ def test_panel_defaults_and_choices_are_the_cores(make_napari_viewer):
     evaluate = dock("5 Evaluate")
     assert items(evaluate.tvn_combo) == list(METHODS)
     assert evaluate.tvn_combo.currentText() == DEFAULT_TVN
-    assert evaluate.crop_spin.value() == DEFAULT_CROP
+    # no cache and no recipe chosen: the default preset's crop (core.presets)
+    assert evaluate.crop_spin.value() == PRESETS[DEFAULT_PRESET].embed_crop
     assert items(evaluate.device_combo) == list(DEVICES) and items(evaluate.method_combo) == list(
         PROJECTIONS)
     assert (evaluate.device_combo.currentText(), evaluate.method_combo.currentText()) == (

@@ -99,5 +99,6 @@ def test_walkthrough_sample_to_compare(make_napari_viewer, qtbot):
     # 6 Compare, opened after the evaluation: it is already there
     compare = _dock(viewer, "6 Compare model sets")
     assert compare.table.rowCount() == 1
-    assert compare.table.item(0, 0).text() == result.label
+    assert compare.table.item(0, 0).text() == result.display_name  # run · weak label · time
+    assert f"model set: {result.label}" in compare.table.item(0, 0).toolTip()
     assert compare.table.item(0, 1).text() == f"{result.result.nsc:.1%}"

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable
 
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
+    QDockWidget,
     QDoubleSpinBox,
     QFormLayout,
     QFrame,
     QHBoxLayout,
     QLabel,
     QLayout,
+    QMainWindow,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -100,10 +102,34 @@ class WorkerDock(QWidget):
         outer.addWidget(self.progress_bar)
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt override
-        """Scroll vertically only: the dock is never narrower than its controls."""
+        """Scroll vertically only: the dock is never narrower than its controls. The first
+        time, join the other WS-DINO panels as a tab (deferred until napari has docked it)."""
         bar = self.scroll.verticalScrollBar().sizeHint().width()
         self.scroll.setMinimumWidth(self.body.minimumSizeHint().width() + bar)
         super().showEvent(event)
+        if not getattr(self, "_tab_joined", False):
+            self._tab_joined = True
+            QTimer.singleShot(0, self._join_tabs)
+
+    def _join_tabs(self) -> None:
+        """Tab this panel's dock with the first other WS-DINO dock in the same area, so that
+        all panels together fit a 1280 x 720 window (stacked, they need 950 px of height)."""
+        try:
+            mine = _dock_of(self)
+            window = mine.parentWidget() if mine is not None else None
+        except RuntimeError:  # closed meanwhile
+            return
+        if mine is None or mine.isFloating() or not isinstance(window, QMainWindow):
+            return
+        area = window.dockWidgetArea(mine)
+        for other in window.findChildren(QDockWidget):
+            if (other is not mine and other.isVisible() and not other.isFloating()
+                    and window.dockWidgetArea(other) == area
+                    and other.findChild(WorkerDock) is not None):
+                window.tabifyDockWidget(other, mine)
+                mine.show()
+                mine.raise_()
+                return
 
     # -- layout and settings ---------------------------------------------------------
     def stack(self, *items: QWidget | QLayout | int) -> QVBoxLayout:
@@ -234,6 +260,14 @@ class WorkerDock(QWidget):
 
 
 # -- form helpers ----------------------------------------------------------------------
+def _dock_of(widget: QWidget):
+    """The ``QDockWidget`` holding ``widget`` (napari's dock of a plugin panel), or None."""
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
 def tip(widget: QWidget, text: str) -> QWidget:
     """Set a tooltip and return the widget (for building forms inline)."""
     widget.setToolTip(text)
