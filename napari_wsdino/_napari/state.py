@@ -147,12 +147,6 @@ class WsdinoState:
             self._field_index = index
             self.field_changed.emit(index)
 
-    def current_row(self):
-        """The metadata row of the current field (a pandas Series) or ``None``."""
-        if self._metadata is None or not len(self._metadata.table):
-            return None
-        return self._metadata.table.iloc[self._field_index]
-
     # -- products of later steps -------------------------------------------------
     cache_path = _EventedPath("cache_changed")
     model_path = _EventedPath("model_changed")

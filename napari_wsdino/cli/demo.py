@@ -17,6 +17,7 @@ from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.pipeline import DEFAULT_LAYOUT, run_demo
 from napari_wsdino.core.presets import DEFAULT_PRESET, PRESETS
 from napari_wsdino.core.pretrained import DEFAULT_INIT
+from napari_wsdino.core.recipes import DEFAULT_RECIPE
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, WEAK_LABELS, weak_label_help
 from napari_wsdino.core.screens import LAYOUTS as SCREEN_LAYOUTS
 from napari_wsdino.core.synth import LAYOUTS
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes for replica and preprocessing")
     from napari_wsdino.core.recipes import RECIPES
 
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="bundle of preprocessing, training, embedding and evaluation settings "
                    "(paper-code: the official WS-DINO code; docs/fidelity.md)")
     p.add_argument("--init", metavar="PATH|random",

@@ -32,6 +32,7 @@ from napari_wsdino.core.embed.parts import check_profiles_out
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.model import DEFAULT_ARCH, CheckpointError
 from napari_wsdino.core.modelset import ModelSet, describe, parse_model_specs
+from napari_wsdino.core.recipes import DEFAULT_RECIPE
 
 
 def add_parser(sub) -> None:
@@ -66,7 +67,7 @@ def add_parser(sub) -> None:
                    "--windows; cpu, cpu-hires: one crop per nucleus, CLS+mean), so the "
                    "profiles equal the demo's and the napari Evaluate panel's with that "
                    "recipe; options given explicitly win")
-    from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
+    from napari_wsdino.core.recipes import RECIPES
 
     p.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                    help="defaults of --windows/--median/--l2: default (centred quadrants, "
@@ -118,7 +119,7 @@ def embed_settings(args):
     given = {k: getattr(args, k) for k in ("windows", "median", "l2")
              if getattr(args, k, None) is not None}
     crop = args.crop if args.crop is not None else DEFAULT_CROP
-    return resolve(getattr(args, "recipe", "default"), embed={"crop": crop, **given}).embed
+    return resolve(getattr(args, "recipe", DEFAULT_RECIPE), embed={"crop": crop, **given}).embed
 
 
 def embed_kwargs(args) -> dict:
@@ -128,7 +129,7 @@ def embed_kwargs(args) -> dict:
     from napari_wsdino.core.presets import PRESETS, embed_settings as preset_embedding
     from napari_wsdino.core.recipes import resolve
 
-    recipe = getattr(args, "recipe", "default")
+    recipe = getattr(args, "recipe", DEFAULT_RECIPE)
     if getattr(args, "preset", ""):
         out = preset_embedding(PRESETS[args.preset], resolve(recipe), recipe)
         out.update({k: getattr(args, k) for k in ("crop", "windows", "median", "l2", "pooling")

@@ -20,6 +20,7 @@ import tomllib
 from pathlib import Path
 
 from napari_wsdino.cli._common import drive
+from napari_wsdino.core.recipes import DEFAULT_RECIPE
 
 #: TrainConfig fields offered as named options (``--weak-label`` ...); any other via --set.
 OPTIONS = (
@@ -97,7 +98,7 @@ def _add_config_options(p) -> None:
 
 
 def add_parser(sub) -> None:
-    from napari_wsdino.core.recipes import DEFAULT_RECIPE, RECIPES
+    from napari_wsdino.core.recipes import RECIPES
     from napari_wsdino.core.train import TrainConfig
 
     d = TrainConfig()
@@ -165,7 +166,7 @@ def build_config(args, resume_from: Path | None = None, channel: str | None = No
     if channel is not None:
         overrides["channel"] = channel
         sources["channel"] = "--channel"
-    return resolve_train(getattr(args, "recipe", "default"), args.config, overrides,
+    return resolve_train(getattr(args, "recipe", DEFAULT_RECIPE), args.config, overrides,
                          resume_from=resume_from, sources=sources)
 
 

@@ -35,6 +35,7 @@ from napari_wsdino.core.metadata import LAYOUTS, DataError
 from napari_wsdino.core.presets import (  # noqa: F401  (re-exported)
     DEFAULT_PRESET, PRESETS, Preset, embed_settings, headline, preprocess_settings,
     resolve_preset)
+from napari_wsdino.core.recipes import DEFAULT_RECIPE
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL, weak_label_note
 from napari_wsdino.core.progress import Progress
 
@@ -81,7 +82,7 @@ def run_demo(
     seed: int = 0,
     device: str = "auto",
     workers: int = 2,
-    recipe: str = "default",
+    recipe: str = DEFAULT_RECIPE,
     layout: str = DEFAULT_LAYOUT,
     **train_overrides,
 ) -> Generator[Progress, None, dict]:
@@ -197,7 +198,7 @@ def _open_demo(out, preset, weak_label, seed, device, workers, recipe, layout,
         {"preset": asdict(preset), "weak_label": weak_label, "seed": seed,
          # The replica's version: a v1 folder is never resumed as v2 (issue 27).
          **({"replica": replica} if layout == DEFAULT_LAYOUT else {}),
-         **({"recipe": recipe} if recipe != "default" else {}),
+         **({"recipe": recipe} if recipe != DEFAULT_RECIPE else {}),
          **({"layout": layout} if layout != DEFAULT_LAYOUT else {})}))
     if state.get("settings") not in (None, settings):
         raise DataError(

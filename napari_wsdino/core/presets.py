@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.pretrained import DEFAULT_INIT
+from napari_wsdino.core.recipes import DEFAULT_RECIPE
 
 #: The numbers a demo row and a study evaluation report, in this order.
 HEADLINE_METRICS = ("nsc", "nscb", "map_nsc", "map_nscb", "n_nsc", "n_nscb")
@@ -178,7 +179,7 @@ def resolve_preset(preset: str | Preset, **overrides) -> Preset:
     return preset
 
 
-def preprocess_settings(preset: Preset, base=None, recipe: str = "default"):
+def preprocess_settings(preset: Preset, base=None, recipe: str = DEFAULT_RECIPE):
     """The :class:`~napari_wsdino.core.preprocess.PreprocessSettings` a preset runs: the
     recipe's (``base``; default: the package's), the preset's cache size, a clip at 10,000
     counts, and with the default recipe the preset's normalisation. ``wsdino demo``,
@@ -191,25 +192,25 @@ def preprocess_settings(preset: Preset, base=None, recipe: str = "default"):
 
     ps = replace(base if base is not None else PreprocessSettings(),
                  size=tuple(preset.cache_size), clip=10000.0)
-    if preset.normalize and recipe == "default":
+    if preset.normalize and recipe == DEFAULT_RECIPE:
         ps = replace(ps, normalize=preset.normalize)
     return ps
 
 
-def describe_preset(preset: Preset, recipe: str = "default") -> str:
+def describe_preset(preset: Preset, recipe: str = DEFAULT_RECIPE) -> str:
     """One line on what a preset runs, for panels and logs ("cpu: 160 x 200 cache, ...")."""
-    norm = preset.normalize if preset.normalize and recipe == "default" else "the recipe's"
-    windows = preset.embed_windows if preset.embed_windows and recipe == "default" else "centre"
+    norm = preset.normalize if preset.normalize and recipe == DEFAULT_RECIPE else "the recipe's"
+    windows = preset.embed_windows if preset.embed_windows and recipe == DEFAULT_RECIPE else "centre"
     crops = (f"one {preset.embed_crop}-px crop per nucleus, averaged" if windows == "cells"
              else f"four {preset.embed_crop}-px centre crops, median")
     return (f"{preset.name}: {preset.cache_size[0]} x {preset.cache_size[1]} cache, {norm} "
             f"normalisation; profiles from {crops}, {preset.embed_pooling} pooling")
 
 
-def embed_settings(preset: Preset, stages, recipe: str = "default") -> dict:
+def embed_settings(preset: Preset, stages, recipe: str = DEFAULT_RECIPE) -> dict:
     """``embed_cache`` keyword arguments of a preset under a recipe: the recipe's windows,
     median and L2, with the preset's pooling, and its windows when the recipe is ours."""
-    windows = (preset.embed_windows if preset.embed_windows and recipe == "default"
+    windows = (preset.embed_windows if preset.embed_windows and recipe == DEFAULT_RECIPE
                else stages.embed.windows)
     return {"crop": preset.embed_crop, "pooling": preset.embed_pooling, "windows": windows,
             "median": stages.embed.median, "l2": stages.embed.l2,
