@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -144,6 +145,18 @@ def test_missing_columns_named(tmp_path, bundled_dir):
     moa.to_csv(tmp_path / MOA_CSV, index=False)
     with pytest.raises(DataError, match="moa"):
         load_metadata(tmp_path, layout=ScreenLayout(compound_column="Replicate"))
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_semicolon_or_tab_separated_csv_is_named_with_the_fix(tmp_path, bundled_dir, sep):
+    _write_dataset(tmp_path, bundled_dir, plates=1, per_plate=2)
+    pd.read_csv(tmp_path / IMAGE_CSV).to_csv(tmp_path / IMAGE_CSV, sep=sep, index=False)
+    with pytest.raises(DataError, match=re.escape(f"separated by {sep!r}")) as err:
+        load_metadata(tmp_path)
+    assert "comma" in str(err.value) and "lacks the column" not in str(err.value)
+    # the fix the message gives works
+    pd.read_csv(tmp_path / IMAGE_CSV, sep=sep).to_csv(tmp_path / IMAGE_CSV, index=False)
+    assert len(load_metadata(tmp_path).table) == 2
 
 
 def test_treatment_without_moa(tmp_path, bundled_dir):

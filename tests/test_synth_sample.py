@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from napari_wsdino._napari import sample_data
 
@@ -25,6 +26,17 @@ def test_sample_layers_and_cache(tmp_path, monkeypatch):
     assert dmso[0][1]["metadata"]["moa"] == "DMSO"
     assert (folder / "BBBC021_v1_image.csv").stat().st_mtime_ns == stamp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sample_")]
+
+
+def test_sample_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
+    from napari_wsdino.core.metadata import DataError
+
+    afile = tmp_path / "not_a_folder"
+    afile.write_text("x")
+    monkeypatch.setenv("WSDINO_CACHE", str(afile))
+    with pytest.raises(DataError, match="is a file, not a folder.*WSDINO_CACHE"):
+        sample_data.sample_replica()
+    assert afile.read_text() == "x"  # nothing written over it
 
 
 def test_manifest_lists_the_samples():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from napari_wsdino._napari.layers import field_layer_data
-from napari_wsdino.core.metadata import load_metadata
+from napari_wsdino.core.metadata import DataError, load_metadata
 from napari_wsdino.core.synth import default_config, make_replica
 
 if TYPE_CHECKING:
@@ -41,6 +41,11 @@ def sample_replica(root: str | Path | None = None, layout: str = "bbbc021") -> P
     """Path of the cached sample replica of ``layout`` (``"bbbc021"`` or
     ``"cellpainting"``), writing it first if needed (a few seconds)."""
     root = Path(root) if root is not None else cache_dir()
+    if root.exists() and not root.is_dir():
+        raise DataError(
+            f"The sample data folder {root} is a file, not a folder"
+            + (" ($WSDINO_CACHE names it)" if os.environ.get("WSDINO_CACHE") else "")
+            + ": point WSDINO_CACHE at a folder (or unset it to use ~/.cache/napari-wsdino).")
     h, w = SAMPLE_SIZE
     name = SAMPLE_SUBSET if layout == "bbbc021" else layout  # old folder names stay valid
     version = default_config(layout).version
