@@ -283,3 +283,23 @@ def test_v1_replica_pixels_pinned(tmp_path):
     assert len(files) == 3 * 292
     assert digest.hexdigest() == MINI_V1_PIXELS_SHA256
     assert json.loads((out / "replica.json").read_text())["replica"] == "v1"
+
+
+def test_a_size_too_large_for_memory_is_refused_before_writing(tmp_path, monkeypatch):
+    """``--size 10000 10000`` once got a worker killed at 5 GiB, leaving half a folder."""
+    import napari_wsdino.core.synth as synth
+
+    gib = 2 ** 30
+    monkeypatch.setattr(synth, "available_memory", lambda: 4 * gib)
+    out = tmp_path / "huge"
+    with pytest.raises(DataError, match=r"10000 x 10000 field needs about 18\.6 GiB.*--size"):
+        synth.make_replica(out, "mini", 1, (10000, 10000), workers=1)
+    assert not out.exists()
+    # Fewer processes when all of them would not fit; said in the first progress message.
+    events = []
+    one = synth.render_memory((512, 640))
+    monkeypatch.setattr(synth, "available_memory", lambda: int(2.6 * one / 0.8))
+    gen = synth.write_replica(tmp_path / "fits", "mini", 1, (512, 640), workers=8)
+    events.append(next(gen))
+    gen.close()
+    assert "2 of 8 processes" in events[0].message

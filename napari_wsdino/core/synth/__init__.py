@@ -192,6 +192,47 @@ def _default_workers(n_fields: int, size: tuple[int, int]) -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+#: Peak memory of rendering one field, per pixel of it (tracemalloc on three-stain fields
+#: of 128 x 160 to 1024 x 1280 px: 162-165 bytes; 2026-12-07), with room for the
+#: plate's illumination kept between fields; Cell Painting's five stains scale it by 5/3.
+RENDER_BYTES_PER_PIXEL = 200
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new work (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def render_memory(size: tuple[int, int], layout: str = "bbbc021") -> int:
+    """Estimated peak bytes one worker needs to render a field of ``size``."""
+    stains = 5 if layout == "cellpainting" else 3
+    return int(RENDER_BYTES_PER_PIXEL * size[0] * size[1] * stains / 3)
+
+
+def _fit_memory(size: tuple[int, int], layout: str, workers: int,
+                free: int | None) -> int:
+    """Workers that fit in ``free`` bytes (at most ``workers``); a clear error when not
+    even one does, before anything is written."""
+    need = render_memory(size, layout)
+    if free is None:
+        return workers
+    gib = 2.0 ** 30
+    if need > 0.8 * free:
+        raise DataError(
+            f"Rendering one {size[0]} x {size[1]} field needs about {need / gib:.1f} GiB of "
+            f"memory, more than the {0.8 * free / gib:.1f} GiB this machine can spare (80 % "
+            f"of the {free / gib:.1f} GiB free): use a smaller --size (BBBC021's camera is "
+            "1024 x 1280, the demo's replica 320 x 400).")
+    return max(1, min(workers, int(0.8 * free // need)))
+
+
 def _write_design(out: Path, layout: str, subset: str, sites: int | None, seed: int,
                   config: SynthConfig) -> list[dict]:
     """Write the replica's CSV files; returns the field specs to render."""
@@ -297,12 +338,17 @@ def write_replica(out: str | Path, subset: str = "mini", sites: int | None = Non
     if layout == "cellpainting" and config.version != "v1":
         raise DataError("The Cell Painting replica exists in one version (v1); leave the "
                         "replica version out with --layout cellpainting.")
+    free = available_memory()
+    _fit_memory(size, layout, 1, free)  # not even one field fits: say so before writing
     specs = _write_design(out, layout, subset, sites, seed, config)
     _write_record(out, layout, subset, sites, size, seed, config)
     total = len(specs)
-    workers = _default_workers(total, size) if workers is None else max(1, int(workers))
+    asked = _default_workers(total, size) if workers is None else max(1, int(workers))
+    workers = _fit_memory(size, layout, asked, free)
     name = subset if layout == "bbbc021" else layout
-    yield Progress("synth", 0, total, f"{name}: {total} fields at {size[0]}x{size[1]}")
+    fewer = (f"; {workers} of {asked} processes, as many as the free memory holds"
+             if workers < asked else "")
+    yield Progress("synth", 0, total, f"{name}: {total} fields at {size[0]}x{size[1]}{fewer}")
     yield from _write_fields(out, specs, size, seed, config, workers)
     if layout == "bbbc021":
         _write_truth(out, specs, size, seed, config)
