@@ -62,8 +62,10 @@ def main():
     # torch's triton before the canvas, as tests/conftest.py does (Mesa's LLVM clash)
     import timm  # noqa: F401
     import napari
+    from qtpy.QtCore import Qt
     from qtpy.QtWidgets import QApplication
 
+    from napari_wsdino._napari.dock import dock_of
     from napari_wsdino._napari.state import state_for
     from napari_wsdino.core import layout
 
@@ -86,9 +88,7 @@ def main():
     state.field_index = int(np.flatnonzero(meta.table.compound.values == "taxol")[-1])
     grab(viewer, app, "gui_plate_browser")
 
-    prep = add("2 Preprocess")
-    prep.height_spin.setValue(128)
-    prep.width_spin.setValue(160)
+    prep = add("2 Preprocess")  # the recipe proposed for 256 x 320 fields: the cpu preset
     prep.workers_spin.setValue(2)
     prep.run()
     wait(app, lambda: prep.status.value != "running")
@@ -100,7 +100,7 @@ def main():
     close(prep)
     close(browser)
 
-    train = add("3a Train")  # opened now: cache, run folder and a preset that fits
+    train = add("3a Train")  # opened now: cache, run folder and the workflow's recipe
     for channel, box in train.channel_boxes.items():
         box.setChecked(channel == "Tubulin")
     train.epochs_spin.setValue(4)
@@ -119,11 +119,13 @@ def main():
 
     attention = add("4 Attention")
     attention.channel_combo.setCurrentText("Tubulin")
-    attention.opacity_spin.setValue(0.45)
     attention.compute()
     wait(app, lambda: attention.status.value != "running")
-    evaluate = add("5 Evaluate", tabify=False)
-    evaluate.crop_spin.setValue(64)
+    evaluate = add("5 Evaluate")  # joins Attention as a tab; split them for the picture
+    for _ in range(10):
+        app.processEvents()
+    viewer.window._qt_window.splitDockWidget(dock_of(attention), dock_of(evaluate),
+                                             Qt.Vertical)
     evaluate.device_combo.setCurrentText("cpu")
     evaluate.method_combo.setCurrentText("umap")
     evaluate.run()

@@ -115,7 +115,7 @@ class WorkerDock(QWidget):
         """Tab this panel's dock with the first other WS-DINO dock in the same area, so that
         all panels together fit a 1280 x 720 window (stacked, they need 950 px of height)."""
         try:
-            mine = _dock_of(self)
+            mine = dock_of(self)
             window = mine.parentWidget() if mine is not None else None
         except RuntimeError:  # closed meanwhile
             return
@@ -260,7 +260,7 @@ class WorkerDock(QWidget):
 
 
 # -- form helpers ----------------------------------------------------------------------
-def _dock_of(widget: QWidget):
+def dock_of(widget: QWidget):
     """The ``QDockWidget`` holding ``widget`` (napari's dock of a plugin panel), or None."""
     parent = widget.parentWidget()
     while parent is not None and not isinstance(parent, QDockWidget):

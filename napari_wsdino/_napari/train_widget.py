@@ -456,7 +456,8 @@ class TrainWidget(WorkerDock):
         self.start_task(
             train_channels(cache, config, run, channels, resume=resume, stop=self._stop.is_set),
             f"{'Continuing' if resume else 'Starting'} {', '.join(channels)}…",
-            on_progress=self._plot_step, describe=lambda e: _describe_step(e, config.epochs),
+            on_progress=self._plot_step,
+            describe=lambda e: _describe_step(e, _epochs(config), channels),
             on_done=self._finished, stop=self._stop.set, desc="Training",
         )
 
@@ -484,11 +485,21 @@ class TrainWidget(WorkerDock):
         self._describe_run()
 
 
-def _describe_step(event: Progress, epochs: int | None = None) -> str:
+def _epochs(config) -> int | None:
+    """Epochs of a config, or of one channel's when each channel has its own (Continue)."""
+    if isinstance(config, dict):
+        return next(iter(config.values())).epochs if config else None
+    return config.epochs
+
+
+def _describe_step(event: Progress, epochs: int | None = None,
+                   channels: list[str] | None = None) -> str:
     """The status line of a training event: channel, epoch, loss, speed, step and ETA.
 
     Built from the event's numbers, each shown only when known: the first steps have no
-    speed yet (NaN), which the line leaves out rather than reading "nan img/s".
+    speed yet (NaN), which the line leaves out rather than reading "nan img/s". With
+    ``channels`` (trained in turn), the ETA is the whole run's: the channels still to come
+    are counted at the current channel's pace.
     """
     info = event.info
     if "loss" not in info:  # a start-up note
@@ -499,8 +510,14 @@ def _describe_step(event: Progress, epochs: int | None = None) -> str:
     rate = info.get("images_per_s")
     if _finite(rate) and rate > 0:
         parts.append(f"{rate:.0f} img/s")
-    eta = info.get("eta_s")
-    eta_text = f", ETA {eta:.0f} s" if _finite(eta) else ""
+    eta, later = info.get("eta_s"), 0
+    channels = list(channels or ())
+    if info.get("channel") in channels:
+        later = len(channels) - channels.index(info["channel"]) - 1
+    if _finite(eta) and later and event.total > event.step:
+        eta += later * eta * event.total / (event.total - event.step)
+    whole = f" for all {len(channels)} channels" if later else ""
+    eta_text = f", ETA {eta:.0f} s{whole}" if _finite(eta) else ""
     return f"{' '.join(parts)} (step {event.step}/{event.total}{eta_text})"
 
 
