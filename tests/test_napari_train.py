@@ -155,7 +155,8 @@ def test_defaults_fit_the_cache_or_name_the_setting(make_napari_viewer, qtbot, c
     qtbot.mouseClick(widget.start_button, Qt.LeftButton)
     assert widget.status == TaskStatus.IDLE
     text = widget.status_label.text()
-    assert "Global crop px = 224" in text and "at most 96" in text
+    assert "global_size = 224 (Global crop px)" in text and "at most 96" in text
+    assert "Or choose the preset 'quick test" in text  # the panel's hint after core's message
     assert any("Global crop px" in str(r.message) for r in notification_manager.records[before:])
 
 

@@ -39,6 +39,20 @@ def assert_same_state(a: dict, b: dict):
 
 
 # -- config ---------------------------------------------------------------------------
+def test_crops_that_do_not_fit_the_cache_are_refused_before_any_file(cache, tmp_path):
+    """Core's fit check (the CLI and the Train panel share it): 64 px fields take global
+    crops of at most 128 px, and crops are a multiple of the patch."""
+    from napari_wsdino.core.train import TrainingError, check_fit
+
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"global_size = 224 .* at most 128"):
+        run(cache, tiny_config(global_size=224), out)
+    assert not out.exists()
+    check_fit(tiny_config(global_size=128), cache.shape)  # the limit itself fits
+    with pytest.raises(TrainingError, match=r"local_size = 20 .* patch size 8: set it to 16"):
+        check_fit(tiny_config(arch="wsdino_vit_pico_patch8", local_size=20), cache.shape)
+
+
 def test_config_defaults_are_the_papers_and_round_trip(tmp_path):
     c = TrainConfig()
     assert (c.arch, c.drop_path_rate, c.out_dim, c.hidden_dim, c.bottleneck_dim) == (

@@ -25,12 +25,13 @@ from qtpy.QtWidgets import (
 from napari_wsdino.core import layout
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
-from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT, arch_patch_size
+from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT
 from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
 from napari_wsdino.core.presets import DEFAULT_PRESET, PRESET_TITLES, PRESETS, preset_for
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
-from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config, train_channels
+from napari_wsdino.core.train import (TrainConfig, TrainingError, resolve_config, train_channels,
+                                      check_fit as core_check_fit)
 from napari_wsdino._napari.canvases import LossPlot
 from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.dock import (
@@ -79,24 +80,17 @@ def make_train_config(values: dict[str, Any], base_file: str = "", preset: str =
     return resolve_config(base, changes)
 
 
-#: Patch size of an architecture name (registered, or timm's ``..._patchN_...``).
-patch_size = arch_patch_size
-
 
 def check_fit(config: TrainConfig, shape) -> None:
-    """Refuse settings that do not fit a cache of ``shape`` px, naming what to change."""
-    side = min(shape)
-    if side < config.global_size // 2:
-        raise ValueError(
-            f"Global crop px = {config.global_size} is too large for this cache's "
-            f"{shape[0]}x{shape[1]} px fields: set Global crop px (Advanced) to at most "
-            f"{2 * side}, or choose the preset '{PRESET_TITLES[preset_for(shape)]}'.")
-    patch = patch_size(config.arch)
-    for title, value in (("Global crop px", config.global_size),
-                         ("Local crop px", config.local_size)):
-        if patch and value % patch:
-            raise ValueError(f"{title} = {value} is not a multiple of {config.arch}'s patch "
-                             f"size {patch}: set it to {max(patch, value // patch * patch)}.")
+    """Core's fit check (:func:`napari_wsdino.core.train.check_fit`), plus the preset
+    whose crops fit such a cache when the global crop is too large."""
+    try:
+        core_check_fit(config, shape)
+    except TrainingError as exc:
+        if "too large" not in str(exc):
+            raise
+        raise TrainingError(f"{exc} Or choose the preset "
+                            f"'{PRESET_TITLES[preset_for(shape)]}'.") from None
 
 
 def run_summary(run: str | Path, channels) -> str:

@@ -95,6 +95,7 @@ from napari_wsdino.core.train.setup import (  # noqa: F401
     _params_groups,
     _patch_size,
     build_models,
+    check_fit,
     dataset_fingerprint,
     describe_data,
     setup_run,
@@ -106,7 +107,7 @@ __all__ = [
     "EPOCH_SPLITS", "INIT_PARTS", "LOG_FILE", "MAX_EPOCHS", "N_GLOBAL", "PRECISIONS",
     "PRELOADS", "RESUMABLE_CHANGES", "FieldSource", "SettingError", "TrainConfig",
     "TrainState", "TrainingError",
-    "build_models", "config_file_values", "dataset_fingerprint", "describe_data",
+    "build_models", "check_fit", "config_file_values", "dataset_fingerprint", "describe_data",
     "load_checkpoint", "resolve_config", "resume_conflicts", "save_checkpoint", "setup_run",
     "train", "train_channels", "train_one_epoch",
 ]
@@ -151,6 +152,7 @@ def train(
         Another process is training into ``out_dir`` (:func:`~napari_wsdino.core.fsio.output_lock`).
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    check_fit(config, cache.shape)  # before the lock, the models and any file
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_FILE
     try:

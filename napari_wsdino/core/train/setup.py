@@ -37,6 +37,7 @@ from napari_wsdino.core.model import (
     RANDOM_INIT,
     CheckpointError,
     allows_tf32,
+    arch_patch_size,
     autocast_dtype,
     create_backbone,
     dino_centre,
@@ -59,6 +60,24 @@ from napari_wsdino.core.views import Centres
 
 
 # -- models ---------------------------------------------------------------------------
+def check_fit(config: TrainConfig, shape) -> None:
+    """Refuse crop settings that do not fit a cache of ``shape`` (H, W) px, naming the
+    setting, its limit and the value to use (:class:`TrainingError`), before any work."""
+    side = min(int(v) for v in shape[:2])
+    if side < config.global_size // 2:
+        raise TrainingError(
+            f"global_size = {config.global_size} (Global crop px) is too large for this "
+            f"cache's {shape[0]}x{shape[1]} px fields: set it to at most {2 * side} (twice "
+            "the shorter side), or preprocess at a larger size.")
+    patch = arch_patch_size(config.arch)
+    for key, title, value in (("global_size", "Global crop px", config.global_size),
+                              ("local_size", "Local crop px", config.local_size)):
+        if patch and value % patch:
+            raise TrainingError(
+                f"{key} = {value} ({title}) is not a multiple of {config.arch}'s patch size "
+                f"{patch}: set it to {max(patch, value // patch * patch)}.")
+
+
 def build_models(config: TrainConfig) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student and teacher (same weights; the teacher without drop-path, frozen).
 
