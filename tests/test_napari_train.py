@@ -225,27 +225,27 @@ def test_architecture_and_preset_survive_a_restart(make_napari_viewer, qtbot):
 def test_status_line_never_reads_nan():
     """The first steps have no speed yet (NaN): the status leaves it out."""
     from napari_wsdino.core.progress import Progress
-    from napari_wsdino._napari.train_widget import _describe_step
+    from napari_wsdino._napari.train_status import describe_step
 
     info = {"channel": "DAPI", "epoch": 1, "loss": 10.5, "images_per_s": float("nan"),
             "eta_s": float("nan")}
-    first = _describe_step(Progress("train", 1, 8, "DAPI epoch 1/2 nan img/s", info), 2)
+    first = describe_step(Progress("train", 1, 8, "DAPI epoch 1/2 nan img/s", info), 2)
     assert first == "DAPI epoch 1/2 loss 10.5000 (step 1/8)"
-    later = _describe_step(Progress("train", 3, 8, "", {**info, "images_per_s": 12.3,
+    later = describe_step(Progress("train", 3, 8, "", {**info, "images_per_s": 12.3,
                                                          "eta_s": 4.2}), 2)
     assert later == "DAPI epoch 1/2 loss 10.5000 12 img/s (step 3/8, ETA 4 s)"
-    assert "nan" not in _describe_step(Progress("train", 2, 8, "", {**info, "loss": float("nan")}))
+    assert "nan" not in describe_step(Progress("train", 2, 8, "", {**info, "loss": float("nan")}))
 
 
 def test_one_eta_for_the_whole_run():
     """Channels train in turn: the ETA counts the ones still to come at this one's pace."""
     from napari_wsdino.core.progress import Progress
-    from napari_wsdino._napari.train_widget import _describe_step
+    from napari_wsdino._napari.train_status import describe_step
 
     info = {"channel": "DAPI", "epoch": 1, "loss": 1.0, "images_per_s": 10.0, "eta_s": 30.0}
     channels = ["DAPI", "Tubulin", "Actin"]
     # step 2 of 8, 30 s left for DAPI: 40 s a channel, two more channels: 30 + 80 s
-    line = _describe_step(Progress("train", 2, 8, "", info), 2, channels)
+    line = describe_step(Progress("train", 2, 8, "", info), 2, channels)
     assert line.endswith("(step 2/8, ETA 110 s for all 3 channels)")
-    last = _describe_step(Progress("train", 2, 8, "", {**info, "channel": "Actin"}), 2, channels)
+    last = describe_step(Progress("train", 2, 8, "", {**info, "channel": "Actin"}), 2, channels)
     assert last.endswith("(step 2/8, ETA 30 s)")

@@ -39,15 +39,14 @@ def assert_same_state(a: dict, b: dict):
 
 
 # -- config ---------------------------------------------------------------------------
-def test_crops_that_do_not_fit_the_cache_are_refused_before_any_file(cache, tmp_path):
-    """Core's fit check (the CLI and the Train panel share it): 64 px fields take global
-    crops of at most 128 px, and crops are a multiple of the patch."""
+def test_fit_check_names_the_setting_its_limit_and_the_value_to_use(cache):
+    """Core's fit check (the Train panel runs it before a run; the CLI leaves crops larger
+    than the field to the resize, as before): 64 px fields take global crops of at most
+    128 px, and crops are a multiple of the patch."""
     from napari_wsdino.core.train import TrainingError, check_fit
 
-    out = tmp_path / "run"
     with pytest.raises(TrainingError, match=r"global_size = 224 .* at most 128"):
-        run(cache, tiny_config(global_size=224), out)
-    assert not out.exists()
+        check_fit(tiny_config(global_size=224), cache.shape)
     check_fit(tiny_config(global_size=128), cache.shape)  # the limit itself fits
     with pytest.raises(TrainingError, match=r"local_size = 20 .* patch size 8: set it to 16"):
         check_fit(tiny_config(arch="wsdino_vit_pico_patch8", local_size=20), cache.shape)

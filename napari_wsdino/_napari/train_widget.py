@@ -11,7 +11,6 @@ Load models panel is ready to load it.
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,7 @@ from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
 from napari_wsdino.core.train import (TrainConfig, TrainingError, resolve_config, train_channels,
                                       check_fit as core_check_fit)
 from napari_wsdino._napari.canvases import LossPlot
+from napari_wsdino._napari.train_status import describe_step, epochs_of, run_summary
 from napari_wsdino._napari.state import TaskStatus
 from napari_wsdino._napari.dock import (
     WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, item_tips,
@@ -91,23 +91,6 @@ def check_fit(config: TrainConfig, shape) -> None:
             raise
         raise TrainingError(f"{exc} Or choose the preset "
                             f"'{PRESET_TITLES[preset_for(shape)]}'.") from None
-
-
-def run_summary(run: str | Path, channels) -> str:
-    """How far a run folder's channels are (from config.toml and log.jsonl; no weights read)."""
-    parts = []
-    for channel in channels:
-        config, log = layout.config_path(run, channel), layout.log_path(run, channel)
-        if not config.exists():
-            continue
-        try:
-            epochs = TrainConfig.load(config).epochs
-            lines = log.read_text().splitlines() if log.exists() else []
-            done = json.loads(lines[-1])["epoch"] if lines else 0
-        except (OSError, ValueError, KeyError):
-            continue
-        parts.append(f"{channel} {done}/{epochs} epochs")
-    return ", ".join(parts)
 
 
 def continue_config(run: str | Path, channels, epochs: int, device: str) -> TrainConfig:
@@ -451,7 +434,7 @@ class TrainWidget(WorkerDock):
             train_channels(cache, config, run, channels, resume=resume, stop=self._stop.is_set),
             f"{'Continuing' if resume else 'Starting'} {', '.join(channels)}…",
             on_progress=self._plot_step,
-            describe=lambda e: _describe_step(e, _epochs(config), channels),
+            describe=lambda e: describe_step(e, epochs_of(config), channels),
             on_done=self._finished, stop=self._stop.set, desc="Training",
         )
 
@@ -477,47 +460,3 @@ class TrainWidget(WorkerDock):
         self.state.model_path = None  # re-emit even when the same folder is trained again
         self.state.model_path = self._run
         self._describe_run()
-
-
-def _epochs(config) -> int | None:
-    """Epochs of a config, or of one channel's when each channel has its own (Continue)."""
-    if isinstance(config, dict):
-        return next(iter(config.values())).epochs if config else None
-    return config.epochs
-
-
-def _describe_step(event: Progress, epochs: int | None = None,
-                   channels: list[str] | None = None) -> str:
-    """The status line of a training event: channel, epoch, loss, speed, step and ETA.
-
-    Built from the event's numbers, each shown only when known: the first steps have no
-    speed yet (NaN), which the line leaves out rather than reading "nan img/s". With
-    ``channels`` (trained in turn), the ETA is the whole run's: the channels still to come
-    are counted at the current channel's pace.
-    """
-    info = event.info
-    if "loss" not in info:  # a start-up note
-        return f"{event.message} (step {event.step}/{event.total})"
-    of = f"/{epochs}" if epochs else ""
-    parts = [f"{info.get('channel', '')} epoch {info.get('epoch', '?')}{of}".strip(),
-             f"loss {_number(info['loss'], '.4f')}"]
-    rate = info.get("images_per_s")
-    if _finite(rate) and rate > 0:
-        parts.append(f"{rate:.0f} img/s")
-    eta, later = info.get("eta_s"), 0
-    channels = list(channels or ())
-    if info.get("channel") in channels:
-        later = len(channels) - channels.index(info["channel"]) - 1
-    if _finite(eta) and later and event.total > event.step:
-        eta += later * eta * event.total / (event.total - event.step)
-    whole = f" for all {len(channels)} channels" if later else ""
-    eta_text = f", ETA {eta:.0f} s{whole}" if _finite(eta) else ""
-    return f"{' '.join(parts)} (step {event.step}/{event.total}{eta_text})"
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _number(value, fmt: str) -> str:
-    return format(value, fmt) if _finite(value) else "–"

@@ -152,7 +152,6 @@ def train(
         Another process is training into ``out_dir`` (:func:`~napari_wsdino.core.fsio.output_lock`).
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    check_fit(config, cache.shape)  # before the lock, the models and any file
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_FILE
     try:
