@@ -126,12 +126,10 @@ def embed_kwargs(args) -> dict:
     """``embed_cache`` keyword arguments: a ``--preset``'s embedding (the demo's and the
     Evaluate panel's, ``core.presets.embed_settings``) or the recipe's, with the options
     given on top."""
-    from napari_wsdino.core.presets import PRESETS, embed_settings as preset_embedding
-    from napari_wsdino.core.recipes import resolve
+    from napari_wsdino.core.presets import preset_embedding
 
-    recipe = getattr(args, "recipe", DEFAULT_RECIPE)
     if getattr(args, "preset", ""):
-        out = preset_embedding(PRESETS[args.preset], resolve(recipe), recipe)
+        out = preset_embedding(args.preset, recipe=getattr(args, "recipe", DEFAULT_RECIPE))
         out.update({k: getattr(args, k) for k in ("crop", "windows", "median", "l2", "pooling")
                     if getattr(args, k, None) is not None})
         return out

@@ -24,6 +24,7 @@ from napari_wsdino.core.cache import Cache
 from napari_wsdino.core.evaluation import EvaluationResult, iter_evaluate
 from napari_wsdino.core.fsio import file_set_state, output_lock, write_file_set
 from napari_wsdino.core.layout import profiles_path
+from napari_wsdino.core.presets import preset_embedding
 from napari_wsdino.core.profiles import BATCH, MOA, PLATE, TREATMENT, WELL, ProfileTable
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.projection import project_2d
@@ -120,19 +121,6 @@ def point_names(points: ProfileTable, level: str) -> list[str]:
             zip(meta[PLATE], meta[WELL], meta[TREATMENT], meta[MOA])]
 
 
-def recipe_embedding(preset: str = "", crop: int | None = None) -> dict:
-    """``embed_cache`` settings of a preset, as ``wsdino demo`` and ``wsdino embed --preset``
-    embed (:func:`~napari_wsdino.core.presets.embed_settings` under the default recipe);
-    ``crop`` given wins. No preset: the package's defaults with ``crop``."""
-    from napari_wsdino.core.presets import PRESETS, embed_settings
-    from napari_wsdino.core.recipes import resolve
-
-    settings = embed_settings(PRESETS[preset], resolve()) if preset else {}
-    if crop:
-        settings["crop"] = int(crop)
-    return settings
-
-
 def embedding_notes(cache: Cache, models, settings: dict, preset: str = "") -> list[str]:
     """What a user should know before reading the numbers: a crop clamped to the field
     or the patch size, a cache normalised otherwise than the preset says."""
@@ -202,7 +190,7 @@ def evaluate_job(cache: Cache, models, out: Path | None = None, *, tvn: str,
     yield Progress("evaluate", 0, 1, "checking the model set")
     label = label or model_set_label(models)
     out = out or profiles_path_for(cache, models)
-    settings = recipe_embedding(preset, crop)
+    settings = preset_embedding(preset, crop)
     notes = embedding_notes(cache, models, settings, preset)
     profiles = yield from embed_cache(cache, models, out, device=device, **settings)
     batches = profiles.meta[BATCH].astype(str).nunique() if BATCH in profiles.meta else 0

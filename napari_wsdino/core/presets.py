@@ -217,6 +217,19 @@ def embed_settings(preset: Preset, stages, recipe: str = DEFAULT_RECIPE) -> dict
             "precision": stages.embed.precision, "pos_embed": stages.embed.pos_embed}
 
 
+def preset_embedding(preset: str = "", crop: int | None = None,
+                     recipe: str = DEFAULT_RECIPE) -> dict:
+    """``embed_cache`` settings of a preset by name under a recipe (:func:`embed_settings`),
+    as ``wsdino demo``, ``wsdino embed --preset`` and the Evaluate panel embed; ``crop``
+    given wins. No preset: only ``crop`` (the package's defaults for the rest)."""
+    from napari_wsdino.core.recipes import resolve  # resolve builds a TrainConfig: torch
+
+    settings = embed_settings(PRESETS[preset], resolve(recipe), recipe) if preset else {}
+    if crop:
+        settings["crop"] = int(crop)
+    return settings
+
+
 def headline(result) -> dict:
     """The :data:`HEADLINE_METRICS` of an :class:`~napari_wsdino.core.evaluation.EvaluationResult`."""
     d = result.to_dict()
