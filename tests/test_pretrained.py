@@ -10,6 +10,7 @@ import functools
 import http.server
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -133,15 +134,21 @@ def caches(tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def _loopback(folder):
-    """An HTTP server on 127.0.0.1 serving ``folder``; yields its address and the paths
-    asked for."""
+def _loopback(folder, delay=0.0):
+    """An HTTP server on 127.0.0.1 serving ``folder`` (``delay`` s between 64 kB chunks);
+    yields its address and the paths asked for."""
     hits = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
             super().do_GET()
+
+        def copyfile(self, source, outputfile):
+            while delay and (chunk := source.read(1 << 16)):
+                outputfile.write(chunk)
+                time.sleep(delay)
+            super().copyfile(source, outputfile)
 
         def log_message(self, *args):
             pass
@@ -247,3 +254,72 @@ def test_offline_the_message_names_the_file_and_where_to_put_it(caches, monkeypa
     message = str(err.value)
     assert "\n" not in message and "model.safetensors" in message
     assert str(caches / "hf" / HUB_REPO) in message and "--init" in message
+
+
+# -- the same fetch as a progress generator (the Load models panel's) ---------------------
+def _served_full(caches, size=3_000_000):
+    """A file of ``size`` bytes under the full checkpoint's name, to be served."""
+    served = caches / "served"
+    served.mkdir(exist_ok=True)
+    (served / FULL_FILE).write_bytes(np.random.default_rng(0).bytes(size))
+    return served
+
+
+def _partials(caches):
+    return [p.name for p in (caches / "torch").rglob("*") if p.is_file()]
+
+
+def test_download_official_reports_bytes_and_caches(caches, monkeypatch):
+    from napari_wsdino.core.pretrained import download_official
+
+    served = _served_full(caches)
+    with _loopback(served) as (address, hits):
+        _as_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}")
+        gen = download_official(FULL)
+        events = []
+        try:
+            while True:
+                events.append(next(gen))
+        except StopIteration as stop:
+            path = stop.value
+        assert path == caches / "torch" / "hub" / "checkpoints" / FULL_FILE
+        assert path.read_bytes() == (served / FULL_FILE).read_bytes()
+        assert events[-1].step == events[-1].total == 3_000_000
+        assert [e.step for e in events] == sorted(e.step for e in events)
+        assert events[-1].info["file"] == FULL_FILE and not events[-1].info["cached"]
+        # cached now: one event, no request
+        again = list(download_official(FULL))
+        assert len(again) == 1 and again[0].info["cached"] and hits == [f"/{FULL_FILE}"]
+    assert _partials(caches) == [FULL_FILE]
+
+
+def test_closing_download_official_stops_and_keeps_no_partial_file(caches, monkeypatch):
+    from napari_wsdino.core.pretrained import download_official
+
+    served = _served_full(caches)
+    with _loopback(served, delay=0.01) as (address, _hits):  # 3 MB in 0.5 s
+        _as_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}")
+        gen = download_official(FULL)
+        for event in gen:
+            if event.step > 0:
+                break
+        assert any(p.endswith(".partial") for p in _partials(caches))
+        gen.close()
+    assert _partials(caches) == [] and cached_official(FULL) is None
+
+
+def test_download_official_offline_names_the_file_and_where(caches, monkeypatch):
+    from napari_wsdino.core.pretrained import download_official
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _as_test_vit(monkeypatch, FULL, url=f"http://127.0.0.1:{port}/{FULL_FILE}")
+    with pytest.raises(CheckpointError) as err:
+        list(download_official(FULL, by_hand="choose that file by hand"))
+    message = str(err.value)
+    assert "\n" not in message and FULL_FILE in message and "--init" not in message
+    assert str(caches / "torch" / "hub" / "checkpoints" / FULL_FILE) in message
+    assert "choose that file by hand" in message and _partials(caches) == []
+    with pytest.raises(CheckpointError, match="model.safetensors"):  # hub offline
+        list(download_official("dino-vits8"))

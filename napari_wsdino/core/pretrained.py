@@ -18,7 +18,8 @@ downloaded on first use and cached by the ecosystem's own machinery (:data:`OFFI
 training checkpoint (student, teacher, heads, optimiser, loss centre) that WS-DINO starts
 from, from the address in facebookresearch/dino's README into torch.hub's cache
 (``TORCH_HOME``). Without network, and not cached, the error names the file and where to
-put it.
+put it. :func:`download_official` is the same fetch as a progress generator (bytes as they
+arrive; closing it stops the download and keeps no partial file): the Load models panel's.
 
 >>> resolve_weights("replica-dino-pico8-cells").name
 'replica_dino_pico8_cells.pth'
@@ -28,11 +29,17 @@ put it.
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Generator, Mapping
 
 from napari_wsdino.core.errors import CheckpointError
+from napari_wsdino.core.progress import Progress
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -76,7 +83,9 @@ class OfficialWeights:
 
     ``timm_tag``: the timm pretrained config whose Hugging Face hub file (``file``) is
     fetched with huggingface_hub (its cache, ``HF_HUB_CACHE``); without it, ``url`` is
-    fetched into torch.hub's checkpoint folder (``TORCH_HOME``) under ``file``.
+    fetched into torch.hub's checkpoint folder (``TORCH_HOME``) under ``file``. ``size``:
+    about how many bytes the download is (what a user is asked to agree to); ``title``: the
+    name panels show.
     """
 
     name: str
@@ -85,6 +94,8 @@ class OfficialWeights:
     url: str
     about: str
     timm_tag: str = ""
+    size: int = 0
+    title: str = ""
 
     def hub_repo(self) -> tuple[str, str | None]:
         """The Hugging Face repository and revision of ``timm_tag`` (timm's config)."""
@@ -115,13 +126,18 @@ OFFICIAL: dict[str, OfficialWeights] = {w.name: w for w in (
         "dino-vits8", "vit_small_patch8_224", "model.safetensors",
         "https://huggingface.co/timm/vit_small_patch8_224.dino/resolve/main/model.safetensors",
         "the official ImageNet DINO ViT-S/8 backbone (dino_deitsmall8_pretrain.pth as timm "
-        "publishes it)", timm_tag="vit_small_patch8_224.dino"),
+        "publishes it)", timm_tag="vit_small_patch8_224.dino",
+        size=86_700_000,  # 21.67 M float32 tensors
+        title="Official DINO ViT-S/8: backbone"),
     OfficialWeights(
         "dino-vits8-full", "vit_small_patch8_224", "dino_deitsmall8_pretrain_full_checkpoint.pth",
         "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/"
         "dino_deitsmall8_pretrain_full_checkpoint.pth",
         "the official ImageNet DINO ViT-S/8 full checkpoint (student, teacher, heads, "
-        "optimiser, centre), WS-DINO's start"),
+        "optimiser, centre), WS-DINO's start",
+        # estimated from its tensors' shapes (student and teacher with the 65536-d head,
+        # AdamW's two moments): 176 M float32; no session has had network to measure it
+        size=704_000_000, title="Official DINO ViT-S/8: full checkpoint (with head)"),
 )}
 
 
@@ -169,18 +185,156 @@ def fetch_official(name: str, progress: bool = True) -> Path:
         raise CheckpointError(_offline_advice(weights, exc)) from None
 
 
-def _offline_advice(weights: OfficialWeights, exc: Exception) -> str:
+def _offline_advice(weights: OfficialWeights, exc: Exception,
+                    by_hand: str | None = None) -> str:
+    """One line: why ``weights`` could not be downloaded, and where to put the file.
+    ``by_hand``: how to use a file downloaded elsewhere (default: the CLI's ``--init``)."""
     text = str(exc).strip()
     reason = type(exc).__name__ + (f": {text.splitlines()[0][:120].strip()}" if text else "")
+    asked = weights.name if by_hand else f"--init {weights.name}"
     if weights.timm_tag:
         repo, _ = weights.hub_repo()
+        use = by_hand or "give --init with that file's path"
         where = (f"run `hf download {repo} {weights.file}` where there is network and copy "
                  f"its cache folder to {weights.cache_path()}, or download {weights.url} and "
-                 "give --init with that file's path")
+                 f"{use}")
     else:
+        use = by_hand or "give --init with the file's path"
         where = (f"download {weights.url} where there is network and put it at "
-                 f"{weights.cache_path()} (or give --init with the file's path)")
-    return f"Cannot download {weights.file} for --init {weights.name} ({reason}): {where}."
+                 f"{weights.cache_path()} (or {use})")
+    return f"Cannot download {weights.file} for {asked} ({reason}): {where}."
+
+
+class DownloadCancelled(Exception):
+    """The download was stopped on request (:func:`download_official` closed)."""
+
+
+def download_official(name: str, *, poll: float = 0.2, by_hand: str | None = None,
+                      ) -> Generator[Progress, None, Path]:
+    """:func:`fetch_official` as a progress generator: the same caches, bytes reported.
+
+    Yields ``Progress("download", bytes done, bytes in all, ...)`` (``info``: ``file``,
+    ``url``, ``cached``) at least every ``poll`` seconds, so a worker's ``quit()`` is
+    seen even while the network is silent. Closing the generator stops the download at
+    its next chunk and removes the partial file; a cached file yields one event and no
+    network is used. Failures raise :class:`CheckpointError` naming the file and where
+    to put it (``by_hand``: how to use a file downloaded elsewhere; default the CLI's
+    ``--init``).
+
+    Example
+    -------
+    >>> from napari_wsdino.core.progress import run_to_end
+    >>> run_to_end(download_official("dino-vits8-full")).name    # doctest: +SKIP
+    'dino_deitsmall8_pretrain_full_checkpoint.pth'
+    """
+    weights = OFFICIAL[name]
+    info = {"file": weights.file, "url": weights.url, "cached": True}
+    cached = cached_official(name)
+    if cached is not None:
+        yield Progress("download", 1, 1, f"{weights.file} is cached", info)
+        return cached
+    info["cached"] = False
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    outcome: dict = {}
+
+    def report(done: int, total: int | None) -> None:
+        if stop.is_set():
+            raise DownloadCancelled(weights.file)
+        events.put((done, total))
+
+    def run() -> None:
+        try:
+            outcome["path"] = _download(weights, report)
+        except BaseException as exc:  # noqa: BLE001 - handed to the generator
+            outcome["error"] = exc
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=run, name=f"download {name}", daemon=True)
+    thread.start()
+    done, total = 0, weights.size
+    try:
+        while (item := _next_event(events, poll, (done, total))) is not None:
+            done, total = item[0], item[1] or total
+            yield Progress("download", done, total,
+                           f"{weights.file}: {_mb(done)} of {_mb(total)}", info)
+    finally:
+        if thread.is_alive():  # closed early: stop at the next chunk, which cleans up
+            stop.set()
+            thread.join(timeout=60)
+    error = outcome.get("error")
+    if error is not None:
+        raise CheckpointError(_offline_advice(weights, error, by_hand)) from None
+    return Path(outcome["path"])
+
+
+def _next_event(events: queue.Queue, poll: float, last: tuple[int, int]):
+    """The next ``(done, total)`` (or ``None``: finished); ``last`` again after ``poll`` s."""
+    try:
+        return events.get(timeout=poll)
+    except queue.Empty:
+        return last
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n else "? MB"
+
+
+def _download(weights: OfficialWeights, report: Callable[[int, int | None], None]) -> Path:
+    """Download ``weights`` into its cache, calling ``report(done, total)`` per chunk
+    (which raises to stop it); no partial file is left behind on any failure."""
+    if weights.timm_tag:
+        from huggingface_hub import hf_hub_download
+
+        repo, revision = weights.hub_repo()
+        # huggingface_hub writes to a temporary file it removes on failure, and reports
+        # through the tqdm class it is given
+        return Path(hf_hub_download(repo, weights.file, revision=revision,
+                                    tqdm_class=_relay_class(report)))
+    dest = weights.cache_path()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.partial")  # torch.hub's naming
+    try:
+        with urllib.request.urlopen(weights.url, timeout=60) as resp, open(part, "wb") as fh:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            done = 0
+            report(done, total)
+            while chunk := resp.read(1 << 20):
+                fh.write(chunk)
+                done += len(chunk)
+                report(done, total)
+        if total is not None and done != total:
+            raise OSError(f"the connection closed after {done} of {total} bytes")
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
+
+
+def _relay_class(report: Callable[[int, int | None], None]):
+    """A silent tqdm class that hands huggingface_hub's byte counts to ``report``."""
+    from tqdm.auto import tqdm
+
+    class Relay(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.done = kwargs.get("initial") or 0
+            report(self.done, kwargs.get("total"))
+
+        def update(self, n=1):
+            self.done += n or 0
+            report(self.done, self.total)
+
+        def update_transfer(self, n=1):  # hf_xet's network bytes: the file bytes count
+            pass
+
+        def set_transfer_postfix_str(self, *args, **kwargs):
+            pass
+
+    return Relay
 
 
 def resolve_weights(value: str | Path) -> Path:
