@@ -3,8 +3,10 @@
 Sources: a training run folder (``RUN/<channel>/checkpoint.pth``, what the Train
 panel writes), one weights file per channel (ours, timm's, official DINO's or
 ``.safetensors``), the same initial weights for every channel ("init only", the
-paper's ImageNet-DINO baseline), or random initialisation (the no-learning
-baseline). Loading runs in a worker; the result goes into the shared state.
+paper's ImageNet-DINO baseline), the official DINO ViT-S/8 weights by name (the
+same, downloaded once into the ecosystem's cache after the user agrees: bytes shown,
+Cancel keeps no partial file), or random initialisation (the no-learning baseline).
+Loading runs in a worker; the result goes into the shared state.
 """
 
 from __future__ import annotations
@@ -13,16 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generator
 
-from qtpy.QtWidgets import QFileDialog, QFormLayout, QLineEdit
+from qtpy.QtWidgets import QFileDialog, QFormLayout, QLabel, QLineEdit, QMessageBox
 
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
-from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
+from napari_wsdino.core.pretrained import (DEFAULT_INIT, OFFICIAL, cached_official,
+                                           download_official, weights_exist)
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core import layout
 from napari_wsdino.core.train import TrainConfig
-from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, data_combo, edit_row
+from napari_wsdino._napari.dock import (WorkerDock, add_row, button, combo, data_combo,
+                                        edit_row, hrow)
 
 if TYPE_CHECKING:
     import napari
@@ -31,11 +35,14 @@ SOURCES = {
     "run": "Training run folder",
     "files": "One weights file per channel",
     "init-only": "Same initial weights for every channel",
+    "official": "Official DINO ViT-S/8 (ImageNet; downloaded once)",
     "random": "Random initialisation (baseline)",
 }
 WHICH = ("teacher", "student")
 ARCHS = tuple(ARCHITECTURES)  # core.model's registry; the box is editable
 PREFIX = "models."
+#: How a file downloaded by hand is used, in the offline message.
+BY_HAND = "choose that file under 'Same initial weights for every channel'"
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ def make_config(source: str, channels, path: str = "", files: dict | None = None
         raise DataError(f"{SOURCES[source]}: choose a {'folder' if source == 'run' else 'file'} first.")
     if source in ("run", "init-only") and not weights_exist(path):
         raise DataError(f"{path} does not exist.")
+    if source == "official" and path not in OFFICIAL:
+        raise DataError(f"Unknown official weights {path!r}; choose one of {list(OFFICIAL)}.")
     if source == "files":
         if not files:
             raise DataError("Give a weights file for at least one channel.")
@@ -81,13 +90,36 @@ def load_model_set(config: LoadConfig) -> ModelSet:
         return ModelSet.from_run(config.path, found or None, which=config.which)
     if config.source == "files":
         return ModelSet.from_files(config.files, arch=config.arch, which=config.which)
-    if config.source == "init-only":
+    if config.source in ("init-only", "official"):  # an official name is a weights file
         return ModelSet.init_only(config.arch, config.path, config.channels)
     return ModelSet.random(config.arch, config.channels, seed=config.seed)
 
 
+def official_names(config: LoadConfig) -> list[str]:
+    """The official weights a config names (fetched before loading)."""
+    named = [config.path] if config.source in ("init-only", "official") else []
+    named += list(config.files.values()) if config.source == "files" else []
+    return list(dict.fromkeys(n for n in named if n in OFFICIAL))
+
+
+def missing_official(config: LoadConfig) -> list[str]:
+    """The official weights a config names that are not cached yet (would download)."""
+    return [n for n in official_names(config) if cached_official(n) is None]
+
+
+def consent_text(names: list[str]) -> str:
+    """What the user agrees to: each file, its size, where from and where to."""
+    lines = [f"{OFFICIAL[n].file} (about {OFFICIAL[n].size / 1e6:.0f} MB) from "
+             f"{OFFICIAL[n].url} into {OFFICIAL[n].cache_path()}" for n in names]
+    return ("Download " + "; ".join(lines) + "? It is downloaded once and read from "
+            "there afterwards.")
+
+
 def load_job(config: LoadConfig) -> Generator[Progress, None, ModelSet]:
-    """Progress-yielding wrapper of :func:`load_model_set` for a worker."""
+    """Progress-yielding wrapper of :func:`load_model_set` for a worker: official weights
+    are downloaded first (bytes as events; no network when cached)."""
+    for name in official_names(config):
+        yield from download_official(name, by_hand=BY_HAND)
     yield Progress("load models", 0, 1, SOURCES[config.source])
     models = load_model_set(config)
     yield Progress("load models", 1, 1, "loaded")
@@ -111,6 +143,8 @@ class ModelLoader(WorkerDock):
 
     settings_prefix = PREFIX
     failed_text = "Could not load"
+    stopping_text = "Cancelling…"
+    stopped_text = "Cancelled: no partial download is kept."
 
     def __init__(self, napari_viewer: "napari.viewer.Viewer"):
         super().__init__(napari_viewer, "No models loaded.")
@@ -123,24 +157,41 @@ class ModelLoader(WorkerDock):
                                     self._browse)
         self.arch_combo = combo(ARCHS, self.saved("arch", DEFAULT_ARCH), editable=True)
         self.which_combo = combo(WHICH)
+        self.official_combo = data_combo(((w.title, n) for n, w in OFFICIAL.items()),
+                                         self.saved("official", next(iter(OFFICIAL))))
+        self.official_label = QLabel()
+        self.official_label.setWordWrap(True)
         self.file_edits: dict[str, QLineEdit] = {}
         self.files_form = QFormLayout()
         self.load_button = button("Load models", "Load the model set in the background; "
                                   "Attention and Evaluate use it", self.load)
+        self.cancel_button = button("Cancel", "Stop the download (no partial file is kept) "
+                                    "or the loading", self.stop_task)
         self.idle_controls = (self.load_button,)
+        self.busy_controls = (self.cancel_button,)
 
         form = QFormLayout()
         add_row(form, "Source", self.source_combo,
                 "Where the per-channel models come from: a training run, one file per channel, "
-                "the same initial weights for every channel (ImageNet-DINO baseline), or random")
+                "the same initial weights for every channel (ImageNet-DINO baseline), the "
+                "official DINO ViT-S/8 weights by name, or random")
         add_row(form, "Path", edit_row(self.path_edit, self.browse_button),
                 "The training run folder, or the initial weights file")
+        add_row(form, "Official", self.official_combo,
+                "The official ImageNet DINO ViT-S/8 weights (Caron et al. 2021): the backbone "
+                "(timm's vit_small_patch8_224.dino, huggingface_hub's cache) or the full "
+                "checkpoint with the DINO head (facebookresearch/dino, torch.hub's cache), "
+                "for every channel; downloaded once, after you agree")
+        form.addRow(self.official_label)
+        self.form = form
         add_row(form, "Architecture", self.arch_combo,
                 "timm ViT name for weights files and random models; a run's checkpoints name "
                 "their own architecture")
         add_row(form, "Weights", self.which_combo,
                 "teacher (DINO's evaluation default) or student weights of a checkpoint")
-        self.stack(form, self.files_form, self.load_button, self.status_label, 1)
+        self.stack(form, self.files_form, hrow(self.load_button, self.cancel_button),
+                   self.status_label, 1)
+        self.set_running(False)
 
         self._set_channels(self._channels())
         self._source_changed()
@@ -150,6 +201,7 @@ class ModelLoader(WorkerDock):
         self.state.cache_changed.connect(lambda _c: self._set_channels(self._channels()))
         self.state.models_changed.connect(self._show_models)
         self.path_edit.editingFinished.connect(self._source_changed)
+        self.official_combo.currentIndexChanged.connect(self._source_changed)
         if self.state.models is not None:
             self._show_models(self.state.models)
         elif self.state.model_path is not None:  # a run trained before this dock opened
@@ -192,11 +244,30 @@ class ModelLoader(WorkerDock):
                 label.setVisible(source == "files")
         self.path_edit.setEnabled(source in ("run", "init-only"))
         self.browse_button.setEnabled(source in ("run", "init-only"))
+        for widget in (self.official_combo, self.official_label,
+                       self.form.labelForField(self.official_combo)):
+            widget.setVisible(source == "official")
         # a run's checkpoints name their architecture: show it, never a stale choice
         arch = run_arch(self.path_edit.text()) if source == "run" else None
         if arch:
             self.arch_combo.setCurrentText(arch)
-        self.arch_combo.setEnabled(source != "run")
+        self.arch_combo.setEnabled(source not in ("run", "official"))
+        self._show_official()
+
+    def _show_official(self) -> None:
+        """Whether the chosen official weights are cached (loaded with no network) or
+        would be downloaded (how much, from where); the button says which."""
+        weights = OFFICIAL[self.official_combo.currentData()]
+        cached = cached_official(weights.name)
+        if cached is not None:
+            text = f"Cached: {cached} (loads with no network)."
+        else:
+            text = (f"Not downloaded yet: {weights.file}, about {weights.size / 1e6:.0f} MB, "
+                    f"from {weights.url} into {weights.cache_path()}.")
+        self.official_label.setToolTip(text)
+        self.official_label.setText(text.replace("/", "/\u200b"))  # long paths wrap at a /
+        download = self.source_combo.currentData() == "official" and cached is None
+        self.load_button.setText("Download and load…" if download else "Load models")
 
     def _browse(self) -> None:
         """Folder for runs, file for init-only weights."""
@@ -218,8 +289,10 @@ class ModelLoader(WorkerDock):
             self.status_label.setText(f"New training run at {path}: press Load models.")
 
     def config(self) -> LoadConfig:
+        source = self.source_combo.currentData()
+        path = self.official_combo.currentData() if source == "official" else self.path_edit.text()
         return make_config(
-            self.source_combo.currentData(), self._channels(), self.path_edit.text(),
+            source, self._channels(), path,
             {c: e.text() for c, e in self.file_edits.items()},
             self.arch_combo.currentText(), self.which_combo.currentText(),
         )
@@ -231,10 +304,37 @@ class ModelLoader(WorkerDock):
         except DataError as exc:
             self.input_error(self.status_label, str(exc))
             return
-        self.remember({k: getattr(config, k) for k in ("source", "path", "arch")})
-        self.start_task(load_job(config), "Loading…", on_done=self._loaded, desc="Load models")
+        missing = missing_official(config)
+        if missing and not self.ask_consent(consent_text(missing)):
+            self.status_label.setText("Download not started: nothing was loaded.")
+            return
+        where = "official" if config.source == "official" else "path"
+        self.remember({"source": config.source, where: config.path, "arch": config.arch})
+        self.start_task(load_job(config), "Downloading…" if missing else "Loading…",
+                        on_done=self._loaded, describe=self._describe,
+                        on_progress=self._bytes_on_bar, desc="Load models")
+
+    def ask_consent(self, text: str) -> bool:
+        """Ask before downloading (tests answer for the user by replacing this)."""
+        answer = QMessageBox.question(self, "Download official weights", text,
+                                      QMessageBox.Yes | QMessageBox.No, QMessageBox.No)
+        return answer == QMessageBox.Yes
+
+    def _describe(self, event: Progress) -> str | None:
+        return f"Downloading {event.message}" if event.stage == "download" else "Loading…"
+
+    def _bytes_on_bar(self, event: Progress) -> None:
+        """Bytes in MB on the bar, not raw counts."""
+        if event.stage == "download" and event.total:
+            self.progress_bar.setFormat(f"%p%  {event.step / 1e6:.1f} of {event.total / 1e6:.1f} MB")
+
+    def set_running(self, running: bool) -> None:
+        super().set_running(running)
+        if not running:  # a download may have finished, or been cancelled
+            self._show_official()
 
     def _loaded(self, models: ModelSet) -> None:
+        """The model set goes into the shared state (Attention and Evaluate use it)."""
         self.state.models = models
 
     def _show_models(self, models) -> None:
