@@ -993,14 +993,113 @@ def test_case_h_preprocess_size_too_small(screen, tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
-def test_case_c_rerunning_preprocess_over_a_damaged_cache_says_so(screen, tmp_path, capsys):
-    """The obvious repair no longer reports the cache complete: it names the damaged file
-    (preprocess does not rebuild it in place yet: the message says to delete and rerun)."""
+def _cache_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*"))
+            if p.name.startswith("images_") or p.name == "index.parquet"}
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("truncate", ["images_DAPI.npy is truncated", "recomputing its images"]),
+    ("reshape", ["images_Actin.npy holds an array of shape (4, 16, 20), not (9, 16, 20)",
+                 "recomputing its images"]),
+    ("missing", ["images_Tubulin.npy is missing", "recomputing its images"]),
+    ("index", ["index.parquet is damaged", "index.parquet written again"]),
+])
+def test_case_c_rerunning_preprocess_repairs_a_damaged_cache(screen, tmp_path, capsys, damage,
+                                                             words):
+    """The obvious repair works: preprocess over a cache with a damaged file recomputes
+    what is broken (says so on one line) and gives the same bytes; readers name the file."""
     out = tmp_path / "cache"
-    code, _, _ = _cli(_preprocess_args(screen, out), capsys)
-    assert code == 0
+    assert _cli(_preprocess_args(screen, out), capsys)[0] == 0
+    before = _cache_bytes(out)
+    if damage == "truncate":
+        images = out / "images_DAPI.npy"
+        images.write_bytes(images.read_bytes()[:-100])
+    elif damage == "reshape":
+        np.save(out / "images_Actin.npy", np.zeros((4, 16, 20), np.float16))
+    elif damage == "missing":
+        (out / "images_Tubulin.npy").unlink()
+    else:
+        (out / "index.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(Exception, match="rerun 'wsdino preprocess DATA"):
+        open_cache(out)
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 0, err
+    note = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(note) == 1 and all(w in note[0] for w in words), (note, words)
+    assert str(out) in note[0] and "Traceback" not in err
+    assert _cache_bytes(out) == before  # the repaired cache is the one first made
+    assert len(open_cache(out)) == 9
+
+
+def test_case_c_interrupted_cache_with_a_truncated_array_starts_again(screen, tmp_path, capsys):
+    """A cache cut short mid-run whose reserved array was truncated too (a copy of an
+    unfinished cache) is begun again on resume, not a memory-map crash."""
+    out = tmp_path / "cache"
+    gen = pp.preprocess(load_metadata(screen), out, workers=1)
+    for event in gen:
+        if event.info.get("phase") == "plate done":
+            break
+    gen.close()
+    images = out / "images_DAPI.npy"
+    images.write_bytes(images.read_bytes()[:200])
+    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    assert code == 0, err
+    assert "images_DAPI.npy is truncated" in err and "1 plate done before" in err
+    fresh = tmp_path / "fresh"
+    assert _cli(_preprocess_args(screen, fresh), capsys)[0] == 0
+    assert _cache_bytes(out) == _cache_bytes(fresh)
+
+
+def test_case_c_damaged_merged_cache_names_the_way_to_repair_it(screen, tmp_path, capsys):
+    """Its shards are gone once merged: --merge says how to repair; one run repairs."""
+    out = tmp_path / "cache"
+    for extra in (["--shard", "1/2"], ["--shard", "2/2"], ["--merge"]):
+        assert _cli(_preprocess_args(screen, out) + extra, capsys)[0] == 0
+    before = _cache_bytes(out)
     images = out / "images_DAPI.npy"
     images.write_bytes(images.read_bytes()[:-100])
-    code, _, err = _cli(_preprocess_args(screen, out), capsys)
+    code, _, err = _cli(_preprocess_args(screen, out) + ["--merge"], capsys)
     assert code == 2
-    _one_line_error(err, str(images), "is truncated", f"delete {out} and rerun 'wsdino preprocess")
+    _one_line_error(err, "images_DAPI.npy is truncated", "shards were removed once merged",
+                    "without --shard, to repair it")
+    assert _cli(_preprocess_args(screen, out), capsys)[0] == 0
+    assert _cache_bytes(out) == before
+
+
+# ---------------------------------------------------------------- content, not mtimes
+
+
+def test_case_g_copied_data_and_cache_with_new_mtimes_are_accepted(screen, tmp_path, capsys):
+    """Plates are stamped by size and sampled content: a copy of the data (and of the
+    cache) with new modification times (cp -r, touch) is the same data."""
+    import shutil
+
+    out = tmp_path / "cache"
+    assert _cli(_preprocess_args(screen, out), capsys)[0] == 0
+    before = _cache_bytes(out)
+    data = Path(shutil.copytree(screen, tmp_path / "data", copy_function=shutil.copyfile))
+    copy = Path(shutil.copytree(out, tmp_path / "copy", copy_function=shutil.copyfile))
+    later = time.time() + 3600
+    for f in [*data.rglob("*"), *copy.rglob("*")]:
+        os.utime(f, (later, later))  # touch
+    for cache in (out, copy):
+        code, _, err = _cli(_preprocess_args(data, cache), capsys)
+        assert code == 0, err
+        assert _cache_bytes(cache) == before
+        assert not [line for line in err.splitlines() if line.startswith("note: ")]
+
+
+def test_case_g_changed_content_of_the_same_size_and_mtime_is_noticed(tmp_path, capsys):
+    root = write_screen(tmp_path / "data", n_plates=2, fields_per_plate=2, shape=SHAPE, seed=9)
+    out = tmp_path / "cache"
+    assert _cli(_preprocess_args(root, out), capsys)[0] == 0
+    edited = Path(load_metadata(root).table.loc[3, "path_Tubulin"])
+    st = edited.stat()
+    raw = bytearray(edited.read_bytes())
+    raw[-50:-40] = bytes(10)  # pixels changed, size kept
+    edited.write_bytes(bytes(raw))
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime kept
+    code, _, err = _cli(_preprocess_args(root, out), capsys)
+    assert code == 2
+    _one_line_error(err, "changed (size or content)", "delete the cache folder")

@@ -96,16 +96,18 @@ def _shard_arg(text: str) -> Shard:
 
 
 def _warn_unreadable(gen, stream):
-    """Pass events through, printing each unreadable file on a line of its own
-    (the progress bar would overwrite and cut it)."""
+    """Pass events through, printing each unreadable file, and what was repaired in a
+    damaged cache, on a line of its own (the progress bar would overwrite and cut it)."""
     while True:
         try:
             event = next(gen)
         except StopIteration as stop:
             return stop.value
-        if event.info.get("failed_path"):
+        kind = "warning" if event.info.get("failed_path") else "note" \
+            if event.info.get("repair") else None
+        if kind:
             lead = "\n" if is_terminal(stream) else ""  # end the bar's line first
-            stream.write(f"{lead}warning: {event.message}\n")
+            stream.write(f"{lead}{kind}: {event.message}\n")
             stream.flush()
         yield event
 

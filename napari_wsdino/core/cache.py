@@ -98,6 +98,9 @@ def open_cache(path: str | Path) -> Cache:
     path = Path(path)
     settings_path = path / SETTINGS_FILE
     rebuild = f"delete {path} and rerun 'wsdino preprocess DATA --out {path}' to rebuild it"
+    # preprocess mends damaged arrays and a damaged field table in place (it reads cache.json)
+    repair = (f"rerun 'wsdino preprocess DATA --out {path}' (with the options it was made "
+              "with) to repair it")
     if not settings_path.exists():
         raise DataError(
             f"{path} is not a preprocessed cache (no {SETTINGS_FILE}). "
@@ -116,11 +119,11 @@ def open_cache(path: str | Path) -> Cache:
         )
     index = path / INDEX_FILE
     if not index.exists():
-        raise DataError(f"Cache {path} lacks its field table {INDEX_FILE}: {rebuild}.")
+        raise DataError(f"Cache {path} lacks its field table {INDEX_FILE}: {repair}.")
     try:
         table = pd.read_parquet(index)
     except Exception as exc:  # pyarrow raises its own types for a damaged file
-        raise DataError(f"{index} is damaged ({type(exc).__name__}: {exc}): {rebuild}.") from None
+        raise DataError(f"{index} is damaged ({type(exc).__name__}: {exc}): {repair}.") from None
     try:
         shape = (len(table), *(int(n) for n in settings["shape"]))
         channels = [str(c) for c in settings["channels"]]
@@ -129,7 +132,7 @@ def open_cache(path: str | Path) -> Cache:
     for ch in channels:
         problem = array_problem(image_file(path, ch), shape)
         if problem:
-            raise DataError(f"{image_file(path, ch)} {problem}: {rebuild}.")
+            raise DataError(f"{image_file(path, ch)} {problem}: {repair}.")
     return Cache(path=path, settings=settings, table=table)
 
 

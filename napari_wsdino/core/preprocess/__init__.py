@@ -96,12 +96,14 @@ from napari_wsdino.core.preprocess.state import (  # noqa: F401
     _check_files_unchanged,
     _compact,
     _create_state,
+    _damage,
     _describe_difference,
     _file_stamp,
     _fingerprint,
     _finish,
     _fsync,
     _open_state,
+    _repair,
     _reserve,
     _shrink_rows,
     _write_json,
@@ -184,8 +186,10 @@ def preprocess(
     expect = _probe_image(table, channels)
     record, fingerprint = settings.record(expect[0]), _fingerprint(table, channels)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
-    folder, plates, state = _begin(out, table, channels, record, fingerprint, shard)
+    folder, plates, state, repair = _begin(out, table, channels, record, fingerprint, shard)
     capacity = int(table["plate"].isin(plates).sum())
+    if repair:
+        yield Progress(STAGE, 0, capacity, repair, {"phase": "repair", "repair": repair})
     if state.get("complete"):
         yield Progress(STAGE, capacity, capacity, f"{folder} is already complete",
                        {"phase": "done"})
@@ -210,26 +214,33 @@ def preprocess(
 
 
 def _begin(out: Path, table: pd.DataFrame, channels: list[str], record: dict,
-           fingerprint: str, shard: Shard | None) -> tuple[Path, list, dict]:
-    """Where this run writes, its plates, and the state there: resumed (if it matches)
-    or begun. A shard of a cache already merged finds that cache complete."""
+           fingerprint: str, shard: Shard | None) -> tuple[Path, list, dict, str]:
+    """Where this run writes, its plates, the state there (resumed if it matches, begun,
+    or begun again where its files are damaged: :func:`.state._repair`) and what was
+    repaired (""). A shard of a cache already merged finds that cache complete (if
+    damaged, the shard runs again, for a merge that repairs it)."""
     plates, folder, extra = list(dict.fromkeys(table["plate"])), out, {}
     if shard is not None:
         merged = _open_state(out, record, channels, fingerprint, merging=True)
-        if merged is not None and merged.get("complete"):
-            return out, plates, merged
+        if merged is not None and merged.get("complete") and not _damage(out, merged, channels):
+            return out, plates, merged, ""
         plates = shard.plates(table)
         folder, extra = shard.folder(out), {"shard": shard.record(plates)}
     state = _open_state(folder, record, channels, fingerprint, shard=extra.get("shard"))
+    capacity = int(table["plate"].isin(plates).sum())
+    repair = ""
     if state is None:
         made = first_missing_dir(folder)
         ensure_dir(folder)
-        capacity = int(table["plate"].isin(plates).sum())
         state = _create_state(folder, record, channels, fingerprint, capacity, made, **extra)
-    _check_files_unchanged(folder, state, table, channels)
+    else:
+        _check_files_unchanged(folder, state, table, channels)
+        state, repair = _repair(
+            folder, state, table, channels, allow_empty=shard is not None,
+            fresh=lambda: _create_state(folder, record, channels, fingerprint, capacity, **extra))
     # Which dataset this is (core.identity): plate/well/site names alone do not tell.
     state.setdefault("dataset_id", dataset_identity(table, channels))
-    return folder, plates, state
+    return folder, plates, state, repair
 
 
 @dataclass

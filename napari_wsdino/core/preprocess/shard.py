@@ -49,10 +49,12 @@ from napari_wsdino.core.preprocess.state import (
     SHARDS_DIR,
     _check_files_unchanged,
     _create_state,
+    _damage,
     _fingerprint,
     _finish,
     _fsync,
     _open_state,
+    _repair,
     _settings_difference,
     _write_json,
 )
@@ -176,6 +178,19 @@ def merge_shards(
     record = settings.record(_probe_image(table, channels)[0])
     fingerprint = _fingerprint(table, channels)
     state = _open_state(out, record, channels, fingerprint, merging=True)
+    if state is not None:  # a damaged merged cache is merged again from its shards
+        _check_files_unchanged(out, state, table, channels)
+        damage = _damage(out, state, channels)
+        if damage and not sources and not (out / SHARDS_DIR).is_dir():
+            raise DataError(
+                f"Cache {out} is damaged ({'; '.join(f'{k} {v}' for k, v in damage.items())}) "
+                f"and its shards were removed once merged: rerun them ('wsdino preprocess "
+                f"DATA --out {out} --shard I/N' for I = 1 ... N) and merge again, or run "
+                f"'wsdino preprocess DATA --out {out}' without --shard, to repair it.")
+        state, repair = _repair(out, state, table, channels, fresh=lambda: _create_state(
+            out, record, channels, fingerprint, len(table)))
+        if repair:
+            yield Progress(STAGE, 0, 1, repair, {"phase": "repair", "repair": repair})
     if state is not None and state.get("complete"):
         yield Progress(STAGE, 1, 1, f"{out} is already complete", {"phase": "done"})
         return open_cache(out)

@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from napari_wsdino.core.cache import (
     CACHE_FORMAT,
@@ -29,6 +30,7 @@ from napari_wsdino.core.cache import (
     INDEX_FILE,
     SETTINGS_FILE,
     Cache,
+    array_problem,
     image_file,
     open_cache,
 )
@@ -45,9 +47,37 @@ def _write_json(path: Path, obj: dict) -> None:
         fh.write(json.dumps(obj, indent=2))
 
 
+#: Content stamps (:func:`_file_stamp`) begin with this; older caches recorded sizes and
+#: modification times (:func:`_legacy_stamp`), still checked the old way.
+STAMP_PREFIX = "c1:"
+#: Blocks of each file a stamp reads (first, last and evenly between), and their size.
+STAMP_BLOCKS, STAMP_BLOCK = 4, 4096
+
+
 def _file_stamp(paths: Iterable[str]) -> str:
-    """Size and modification time of files (missing: -1), hashed: a repaired,
-    re-downloaded or edited image changes it, a moved dataset (``mv``) does not."""
+    """Size and a few sampled blocks of each file (missing: -1), hashed: a repaired,
+    re-downloaded or edited image changes it; a moved or copied dataset (``mv``,
+    ``cp -r``, ``touch``: new modification times) does not. About 16 KiB read a file."""
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            with open(p, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                h.update(f"{size}:".encode())
+                if size <= STAMP_BLOCKS * STAMP_BLOCK:
+                    h.update(fh.read())
+                else:
+                    for k in range(STAMP_BLOCKS):
+                        fh.seek((size - STAMP_BLOCK) * k // (STAMP_BLOCKS - 1))
+                        h.update(fh.read(STAMP_BLOCK))
+        except OSError:
+            h.update(b"-1")
+        h.update(b";")
+    return STAMP_PREFIX + h.hexdigest()[:16]
+
+
+def _legacy_stamp(paths: Iterable[str]) -> str:
+    """The stamp of caches made before content stamps: sizes and modification times."""
     h = hashlib.sha256()
     for p in paths:
         try:
@@ -58,6 +88,11 @@ def _file_stamp(paths: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _stamp_matches(paths: Sequence[str], stamp: str) -> bool:
+    make = _file_stamp if stamp.startswith(STAMP_PREFIX) else _legacy_stamp
+    return make(paths) == stamp
+
+
 def _check_files_unchanged(out: Path, state: dict, table: pd.DataFrame, channels: list[str]) -> None:
     """Refuse a cache whose finished plates were made from files that have changed
     since (recorded per plate; caches from before this check have no stamps)."""
@@ -65,7 +100,7 @@ def _check_files_unchanged(out: Path, state: dict, table: pd.DataFrame, channels
     by_plate = table.groupby("plate", sort=False)
     for plate, done in state.get("plates", {}).items():
         for f in done.get("failed", []):
-            if "stamp" in f and _file_stamp([f["path"]]) != f["stamp"]:
+            if "stamp" in f and not _stamp_matches([f["path"]], f["stamp"]):
                 raise DataError(
                     f"{f['path']} was left out of cache {out} as unreadable ({f['reason']}) "
                     "and has changed since: delete the cache folder and rerun to include it "
@@ -74,9 +109,9 @@ def _check_files_unchanged(out: Path, state: dict, table: pd.DataFrame, channels
         if "stamp" not in done or plate not in by_plate.groups:
             continue
         rows = by_plate.get_group(plate)
-        if _file_stamp(rows[path_cols].astype(str).to_numpy().ravel()) != done["stamp"]:
+        if not _stamp_matches(rows[path_cols].astype(str).to_numpy().ravel(), done["stamp"]):
             raise DataError(
-                f"Image files of plate {plate} changed (size or modification time) since "
+                f"Image files of plate {plate} changed (size or content) since "
                 f"cache {out} was made: delete the cache folder and rerun to rebuild it "
                 "(or preprocess into another --out)."
             )
@@ -157,11 +192,58 @@ def _open_state(out: Path, record: dict, channels: list[str], fingerprint: str,
         )
     if not state.get("complete"):
         for ch in channels:
-            arr = image_file(out, ch)
-            if not arr.exists():
-                raise DataError(f"Incomplete cache {out} lacks {arr.name}; delete {out} and rerun.")
-            _reserve(arr)  # caches begun before files were reserved are sparse
+            if image_file(out, ch).is_file():  # a missing one is for _repair
+                _reserve(image_file(out, ch))  # caches begun before files were reserved are sparse
     return state
+
+
+def _damage(out: Path, state: dict, channels: list[str]) -> dict[str, str]:
+    """What is wrong with the files of cache folder ``out`` that ``state`` describes,
+    ``{file name: problem}`` (empty: nothing): each array checked against the rows
+    ``state`` records (all reserved rows while the cache is made, the rows kept once
+    complete), and a complete cache's field table against its row count. Headers only."""
+    h, w = state.get("shape", (0, 0))
+    complete = bool(state.get("complete"))
+    rows = state.get("n_fields") if complete else state.get("capacity")
+    damage = {}
+    for ch in channels:
+        if rows is None:  # a cache from before capacities were recorded
+            problem = None if image_file(out, ch).is_file() else "is missing"
+        else:
+            problem = array_problem(image_file(out, ch), (int(rows), int(h), int(w)))
+        if problem:
+            damage[image_file(out, ch).name] = problem
+    if complete:
+        try:
+            found = pq.ParquetFile(out / INDEX_FILE).metadata.num_rows
+        except FileNotFoundError:
+            damage[INDEX_FILE] = "is missing"
+        except Exception as exc:  # pyarrow raises its own types for a damaged file
+            damage[INDEX_FILE] = f"is damaged ({type(exc).__name__})"
+        else:
+            if found != rows:
+                damage[INDEX_FILE] = f"holds {found} rows, not {rows}"
+    return damage
+
+
+def _repair(out: Path, state: dict, table: pd.DataFrame, channels: list[str],
+            fresh: Callable[[], dict], allow_empty: bool = False) -> tuple[dict, str]:
+    """Mend cache folder ``out`` where its files do not match its ``state``
+    (:func:`_damage`): a complete cache's field table alone is written again from
+    ``state``; a damaged array (cut short by a copy or a full disk, another shape) means
+    the arrays begin again (``fresh()``: a new state, arrays reserved) and every plate is
+    computed anew, to the same bytes. Returns the state to go on with and what was
+    done ("" when nothing was wrong)."""
+    damage = _damage(out, state, channels)
+    if not damage:
+        return state, ""
+    what = "; ".join(f"{name} {problem}" for name, problem in damage.items())
+    if set(damage) == {INDEX_FILE} and state.get("complete"):
+        _finish(out, state, table, channels, allow_empty=allow_empty)
+        return state, f"repaired cache {out}: {what}; {INDEX_FILE} written again"
+    n = len(state.get("plates", {}))
+    return fresh(), (f"repairing cache {out}: {what}; recomputing its images "
+                     f"({n} plate{'s' if n != 1 else ''} done before)")
 
 
 def _check_no_cache_yet(out: Path, merging: bool) -> None:
