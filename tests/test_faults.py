@@ -472,6 +472,46 @@ def test_case9_duplicated_rows_are_flagged(field_profiles, tmp_path, capsys):
     assert [ln for ln in err.splitlines() if ln.startswith("warning:")] == [f"warning: {warning}"]
 
 
+@pytest.mark.parametrize("unannotated", ["error", "drop"])
+def test_case_i_dmso_rows_with_an_empty_moa_are_controls(field_profiles, tmp_path, capsys,
+                                                         unannotated):
+    """DMSO fields whose MoA cell is empty are known by their compound: evaluated as the
+    labelled table is (the suggested --unannotated drop no longer leaves 0 DMSO)."""
+    import json
+
+    frame = field_profiles.to_frame()
+    labelled = tmp_path / "labelled.parquet"
+    field_profiles.write(labelled)
+    dmso = frame["Metadata_Compound"] == "DMSO"
+    frame.loc[dmso, "Metadata_MoA"] = ""
+    from napari_wsdino.core.profiles import ProfileTable
+
+    blank = ProfileTable.from_frame(frame).write(tmp_path / "blank.parquet")
+    code, out, err = _cli(["evaluate", blank, "--json", "--unannotated", unannotated], capsys)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["n_dmso_fields"] == int(dmso.sum()) > 0
+    assert any(f"{int(dmso.sum())} profile(s) of compound DMSO with an empty Metadata_MoA"
+               in n for n in got["notes"])
+    code, out, err = _cli(["evaluate", labelled, "--json"], capsys)
+    want = json.loads(out)
+    assert code == 0 and (got["nsc"], got["nscb"], got["n_treatments"]) == (
+        want["nsc"], want["nscb"], want["n_treatments"])
+
+
+def test_case_i_no_controls_at_all_says_how_to_label_them(field_profiles, tmp_path, capsys):
+    frame = field_profiles.to_frame()
+    dmso = frame["Metadata_Compound"] == "DMSO"
+    frame.loc[dmso, "Metadata_Compound"] = "vehicle"
+    frame.loc[dmso, "Metadata_MoA"] = ""
+    from napari_wsdino.core.profiles import ProfileTable
+
+    path = ProfileTable.from_frame(frame).write(tmp_path / "vehicle.parquet")
+    code, _, err = _cli(["evaluate", path, "--unannotated", "drop"], capsys)
+    assert code == 2
+    _one_line_error(err, "found 0", "Metadata_MoA (or Metadata_Compound) 'DMSO'", "--tvn none")
+
+
 def pd_concat(frames):
     import pandas as pd
 
@@ -778,7 +818,7 @@ def _copy_cache(cache, dest: Path) -> Path:
     ("truncate_json", ["cache.json is damaged (not valid JSON", "rerun 'wsdino preprocess"]),
     ("missing_index", ["lacks its field table index.parquet", "rerun 'wsdino preprocess"]),
 ])
-@pytest.mark.parametrize("command", ["train", "embed"])
+@pytest.mark.parametrize("command", ["train", "embed", "attention"])
 def test_case_c_damaged_cache_is_named_on_open(tiny_cache, tmp_path, capsys, damage, words,
                                                command):
     cache = _copy_cache(tiny_cache, tmp_path / "cache")
@@ -798,11 +838,14 @@ def test_case_c_damaged_cache_is_named_on_open(tiny_cache, tmp_path, capsys, dam
     args = {"train": ["train", cache, "--arch", "test_vit", "--epochs", "1", "--device", "cpu",
                       "--out", tmp_path / "run", "--quiet"],
             "embed": ["embed", cache, "--random", "--arch", "test_vit", "--crop", "16",
-                      "--out", tmp_path / "p.parquet", "--quiet"]}[command]
+                      "--out", tmp_path / "p.parquet", "--quiet"],
+            "attention": ["attention", cache, "--model", tmp_path / "run", "--index", "0",
+                          "--out", tmp_path / "a.png"]}[command]
     code, _, err = _cli(args, capsys)
     assert code == 2
     _one_line_error(err, str(cache), *words)
     assert not (tmp_path / "run").exists() and not (tmp_path / "p.parquet").exists()
+    assert not (tmp_path / "a.png").exists()
 
 
 @pytest.mark.parametrize("content, words", [

@@ -122,7 +122,8 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
     """Check a field-level table for evaluation; returns a cleaned copy.
 
     Raises :class:`DataError` for missing columns, NaN / infinite features, treatments
-    without MoA (unless ``unannotated="drop"``), a treatment with several MoAs.
+    without MoA (unless ``unannotated="drop"``), a treatment with several MoAs. Rows of
+    the ``control`` compound with an empty MoA are controls (a note says so).
     """
     if unannotated not in UNANNOTATED:
         raise ValueError(f"unannotated must be one of {', '.join(UNANNOTATED)}")
@@ -137,6 +138,16 @@ def prepare_profiles(profiles: ProfileTable, *, control: str = CONTROL, unannota
     profiles.check_finite()
     moa = profiles.meta[MOA]
     missing = moa.isna() | (moa.astype(str).str.strip() == "")
+    # Controls are known by their compound too (load_metadata labels them so): a DMSO
+    # row with an empty MoA cell is a control, not a treatment to drop.
+    named = profiles.meta[COMPOUND].astype(str).str.strip().str.casefold() == control.casefold()
+    if (missing & named).any():
+        profiles = profiles.with_features(profiles.features)
+        profiles.meta[MOA] = profiles.meta[MOA].astype(object)
+        profiles.meta.loc[(missing & named).to_numpy(), MOA] = control
+        notes.append(f"{int((missing & named).sum())} profile(s) of compound {control} with an "
+                     f"empty Metadata_MoA taken as {control} controls")
+        missing = missing & ~named
     if missing.any():
         names = sorted(profiles.meta.loc[missing, TREATMENT].astype(str).unique())
         if unannotated == "error":

@@ -226,8 +226,9 @@ class TypicalVariationNormalizer:
             return self._fit_groups(x, is_control)
         if n_ctl < 2:
             raise DataError(
-                f"TVN needs at least two DMSO fields to fit on; found {n_ctl}. "
-                "Check that control rows have Metadata_MoA 'DMSO', or use tvn='none'."
+                f"TVN needs at least two DMSO fields to fit on; found {n_ctl}. Label the "
+                "control rows Metadata_MoA (or Metadata_Compound) 'DMSO', or use tvn='none' "
+                "(CLI: --tvn none)."
             )
         ctl = x[is_control]
         const = np.flatnonzero(np.all(ctl == ctl[:1], axis=0))
