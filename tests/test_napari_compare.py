@@ -114,3 +114,34 @@ def test_loaded_results_show_their_run_weak_label_and_date(qtbot, tmp_path):
                               f"baseline · {mtime:%H:%M}"]
     assert list(widget.frame().columns[-3:]) == ["run", "weak_label", "evaluated_at"]
     assert widget.frame()["evaluated_at"][0] == "2025-05-04T10:11:12"
+
+
+def test_an_incomplete_evaluation_folder_is_flagged_not_shown(qtbot, tmp_path):
+    """A results set cut short (no complete.json, or a file of it missing) is not added
+    as if finished: the hint names the folder and the fix; a complete one is added."""
+    from napari_wsdino._napari.compare_widget import CompareWidget
+    from napari_wsdino.core.fsio import write_file_set
+
+    class Viewer:
+        pass
+
+    widget = CompareWidget(Viewer())
+    qtbot.addWidget(widget)
+    numbers = json.dumps({"nsc": 0.6, "nscb": 0.5, "map_nsc": 0.4, "map_nscb": 0.3})
+    ev = tmp_path / "EV"
+    write_file_set(ev, {"treatment_profiles.csv": lambda p: p.write_text("Metadata_Treatment\n"),
+                        "metrics.json": lambda p: p.write_text(numbers)})
+    (ev / "complete.json").unlink()  # cut short before the set was marked
+    assert not widget.add_path(ev / "metrics.json")
+    assert widget.table.rowCount() == 0
+    hint = widget.hint.text()
+    assert f"{ev} holds an incomplete evaluation" in hint and "rerun 'wsdino evaluate" in hint
+    write_file_set(ev, {"treatment_profiles.csv": lambda p: p.write_text("Metadata_Treatment\n"),
+                        "metrics.json": lambda p: p.write_text(numbers)})
+    (ev / "treatment_profiles.csv").unlink()  # marked, but a file of the set is gone
+    assert not widget.add_path(ev) and widget.table.rowCount() == 0
+    write_file_set(ev, {"treatment_profiles.csv": lambda p: p.write_text("Metadata_Treatment\n"),
+                        "metrics.json": lambda p: p.write_text(numbers)})
+    assert widget.add_path(ev / "metrics.json") and widget.add_path(ev)
+    assert widget.table.rowCount() == 1 and widget.frame()["nsc"][0] == 0.6
+    assert widget.names()[0].startswith("EV")

@@ -10,7 +10,6 @@ same model set (its ``label``: kind, architectures, weights hash).
 
 from __future__ import annotations
 
-import json
 import textwrap
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +20,8 @@ import pandas as pd
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFileDialog, QHeaderView, QLabel, QTableWidget, QTableWidgetItem
 
-from napari_wsdino.core.evaluate_workflow import display_name
+from napari_wsdino.core.errors import DataError
+from napari_wsdino.core.evaluate_workflow import METRICS_FILE, display_name, read_results
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.dock import WorkerDock, button, hrow
 
@@ -86,8 +86,9 @@ class CompareWidget(WorkerDock):
                               "nearest other compound (NSCB: on another batch); mAP: mean "
                               "average precision of retrieving the same MoA")
         self.canvas.setToolTip("The table's numbers as bars (percent)")
-        self.add_button = button("Add results JSON…", "Add results exported by 5 Evaluate or "
-                                 "written by wsdino evaluate --json", self._ask_add)
+        self.add_button = button("Add results JSON…", "Add results exported by 5 Evaluate, "
+                                 "written by wsdino evaluate --json, or an evaluation folder's "
+                                 "metrics.json (complete sets only)", self._ask_add)
         self.remove_button = button("Remove selected", "Remove the selected rows",
                                     self.remove_selected)
         self.clear_button = button("Clear", "Remove every row", self.clear)
@@ -121,10 +122,12 @@ class CompareWidget(WorkerDock):
             self._refresh()
 
     def add_file(self, path: str | Path) -> None:
-        """Add a results JSON (Evaluate export or ``wsdino evaluate --json``); a file that
+        """Add a results JSON (Evaluate export, ``wsdino evaluate --json``, or an evaluation
+        folder's ``metrics.json``: only from a complete set, ``read_results``); a file that
         does not say when it was evaluated is dated by its modification time."""
         path = Path(path)
-        data = json.loads(path.read_text())
+        data = read_results(path)
+        path = path / METRICS_FILE if path.is_dir() else path
         data["run"] = data.get("run") or (path.stem if "model_set" not in data else "")
         data["evaluated_at"] = data.get("evaluated_at") or datetime.fromtimestamp(
             path.stat().st_mtime).isoformat(timespec="seconds")
@@ -186,10 +189,18 @@ class CompareWidget(WorkerDock):
     def _ask_add(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Results JSON", "", "JSON (*.json)")
         if path:
-            try:
-                self.add_file(path)
-            except (OSError, ValueError) as exc:
-                self.hint.setText(f"Cannot read {path}: {exc}")
+            self.add_path(path)
+
+    def add_path(self, path: str | Path) -> bool:
+        """:meth:`add_file`, or the reason it cannot (an incomplete result set, not JSON)
+        in the hint line; whether a row was added."""
+        try:
+            self.add_file(path)
+        except (OSError, ValueError) as exc:
+            self.hint.setText(f"Not added: {exc}" if isinstance(exc, DataError)
+                              else f"Cannot read {path}: {exc}")
+            return False
+        return True
 
     def _ask_export(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export comparison", "comparison.csv", "CSV (*.csv)")

@@ -22,7 +22,8 @@ import pandas as pd
 from napari_wsdino.core.aggregate import aggregate_wells
 from napari_wsdino.core.cache import Cache
 from napari_wsdino.core.evaluation import EvaluationResult, iter_evaluate
-from napari_wsdino.core.fsio import file_set_state, output_lock, write_file_set
+from napari_wsdino.core.errors import DataError
+from napari_wsdino.core.fsio import COMPLETE_FILE, file_set_state, output_lock, write_file_set
 from napari_wsdino.core.layout import profiles_path
 from napari_wsdino.core.presets import preset_embedding
 from napari_wsdino.core.profiles import BATCH, MOA, PLATE, TREATMENT, WELL, ProfileTable
@@ -32,6 +33,8 @@ from napari_wsdino.core.sampler import WEAK_LABEL_INFO
 
 #: What a map point stands for.
 LEVELS = ("treatments", "wells")
+#: The numbers of an evaluation's result set (``wsdino evaluate --out``), a results JSON.
+METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -224,7 +227,7 @@ def evaluation_files(result: EvaluationResult) -> dict:
             lambda p, t=table, r=rule: save_figure(confusion_figure(t, r.upper()), p))
     files["per_moa.png"] = lambda p: save_figure(
         per_moa_figure(result.per_moa, "Accuracy per MoA"), p)
-    files["metrics.json"] = lambda p: p.write_text(json.dumps(result.to_dict(), indent=2))
+    files[METRICS_FILE] = lambda p: p.write_text(json.dumps(result.to_dict(), indent=2))
     return files
 
 
@@ -249,3 +252,36 @@ def evaluation_state(out: str | Path) -> str:
     """``"complete"``, ``"incomplete"`` (cut short, or written before sets were marked:
     do not trust it) or ``"absent"``: what an evaluation folder holds."""
     return file_set_state(out)[0]
+
+
+def read_results(path: str | Path) -> dict:
+    """The numbers of a results JSON (``EvaluationResult.to_dict()`` keys): Evaluate's
+    export, ``wsdino evaluate --json``, or an evaluation folder (``--out``) or its
+    ``metrics.json``, whose ``run`` is then the folder's name.
+
+    A result set is read only when complete (``complete.json``, :func:`evaluation_state`):
+    one cut short, or written before sets were marked, raises :class:`DataError` naming
+    the folder and the fix, so that no panel shows it as a finished result.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    in_set = path.is_dir() or (folder / COMPLETE_FILE).exists() or (
+        path.name == METRICS_FILE and (folder / "treatment_profiles.csv").exists())
+    if in_set:
+        state, names = file_set_state(folder)
+        name = METRICS_FILE if path.is_dir() else path.name
+        if state != "complete" or name not in names:
+            raise DataError(
+                f"{folder} holds an incomplete evaluation (no complete {COMPLETE_FILE}: cut "
+                "short, or written before result sets were marked): rerun 'wsdino evaluate "
+                f"PROFILES --out {folder}' (or evaluate in the Evaluate panel) to complete it.")
+        path = folder / name
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path} is not a results JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} is not a results JSON (it holds a {type(data).__name__}).")
+    if in_set:
+        data.setdefault("run", folder.name)
+    return data
