@@ -16,7 +16,8 @@ import time
 
 import pytest
 import torch
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QApplication, QMessageBox
 
 from napari_wsdino.core.model import create_backbone
 from napari_wsdino.core.modelset import ModelSet
@@ -97,6 +98,7 @@ def _dead_url():
 
 
 def _loader(viewer, name):
+    viewer.window._qt_window.resize(1280, 720)
     loader = viewer.window.add_plugin_dock_widget("napari-wsdino", "3b Load models")[1]
     loader.source_combo.setCurrentIndex(loader.source_combo.findData("official"))
     loader.official_combo.setCurrentIndex(loader.official_combo.findData(name))
@@ -163,7 +165,9 @@ def test_download_asks_first_shows_bytes_and_loads_every_channel(
     assert loader.official_label.toolTip().startswith("Cached:")
     assert loader.load_button.text() == "Load models"
     if shot := os.environ.get("WSDINO_OFFICIAL_SCREENSHOT"):  # a look at the panel
-        assert loader.grab().save(shot)
+        viewer.window._qt_window.show()  # hidden, docks keep a stale width
+        qtbot.wait(300)
+        assert viewer.window._qt_window.grab().save(shot)
 
 
 def test_cancel_stops_the_download_and_keeps_no_partial_file(
@@ -178,11 +182,13 @@ def test_cancel_stops_the_download_and_keeps_no_partial_file(
         loader = _loader(viewer, FULL)
         loader.ask_consent = lambda text: True
         qtbot.mouseClick(loader.load_button, Qt.LeftButton)
-        qtbot.waitUntil(lambda: "MB of" in loader.status_label.text()
+        qtbot.waitUntil(lambda: " of " in loader.status_label.text()
                         and any(n.endswith(".partial") for n in _checkpoints(caches)),
                         timeout=20_000)
         if shot := os.environ.get("WSDINO_OFFICIAL_DOWNLOAD_SCREENSHOT"):
-            assert loader.grab().save(shot)
+            viewer.window._qt_window.show()
+            qtbot.wait(300)
+            assert viewer.window._qt_window.grab().save(shot)
         qtbot.mouseClick(loader.cancel_button, Qt.LeftButton)
         qtbot.waitUntil(lambda: loader.status == TaskStatus.STOPPED, timeout=20_000)
         qtbot.waitUntil(lambda: _checkpoints(caches) == [], timeout=20_000)
@@ -243,3 +249,21 @@ def test_offline_one_line_names_the_file_and_where_to_put_it(
     assert str(caches / "torch" / "hub" / "checkpoints" / FULL_FILE) in message
     assert "Same initial weights for every channel" in message
     assert state_for(viewer).models is None and _checkpoints(caches) == []
+
+
+def test_consent_is_a_question_that_defaults_to_no(make_napari_viewer, qtbot):
+    loader = _loader(make_napari_viewer(), FULL)
+    seen = []
+
+    def answer(button):
+        box = QApplication.activeModalWidget()
+        if box is None:  # not shown yet
+            QTimer.singleShot(50, lambda: answer(button))
+            return
+        seen.append((box.text(), box.defaultButton() is box.button(QMessageBox.No)))
+        box.button(button).click()
+
+    for button, agreed in ((QMessageBox.Yes, True), (QMessageBox.No, False)):
+        QTimer.singleShot(50, lambda: answer(button))
+        assert loader.ask_consent("Download it?") is agreed
+    assert seen == [("Download it?", True)] * 2

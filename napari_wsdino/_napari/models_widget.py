@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generator
+from urllib.parse import urlsplit
 
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QLabel, QLineEdit, QMessageBox
 
@@ -35,7 +36,7 @@ SOURCES = {
     "run": "Training run folder",
     "files": "One weights file per channel",
     "init-only": "Same initial weights for every channel",
-    "official": "Official DINO ViT-S/8 (ImageNet; downloaded once)",
+    "official": "Official DINO ViT-S/8",
     "random": "Random initialisation (baseline)",
 }
 WHICH = ("teacher", "student")
@@ -161,6 +162,7 @@ class ModelLoader(WorkerDock):
                                          self.saved("official", next(iter(OFFICIAL))))
         self.official_label = QLabel()
         self.official_label.setWordWrap(True)
+        self.official_label.setMinimumWidth(1)  # a long path never widens the dock
         self.file_edits: dict[str, QLineEdit] = {}
         self.files_form = QFormLayout()
         self.load_button = button("Load models", "Load the model set in the background; "
@@ -260,11 +262,15 @@ class ModelLoader(WorkerDock):
         weights = OFFICIAL[self.official_combo.currentData()]
         cached = cached_official(weights.name)
         if cached is not None:
-            text = f"Cached: {cached} (loads with no network)."
+            text = f"Cached in {cached.parent} (loads with no network)."
+            tooltip = f"Cached: {cached}"
         else:
-            text = (f"Not downloaded yet: {weights.file}, about {weights.size / 1e6:.0f} MB, "
-                    f"from {weights.url} into {weights.cache_path()}.")
-        self.official_label.setToolTip(text)
+            host = urlsplit(weights.url).netloc
+            text = (f"Not downloaded yet: about {weights.size / 1e6:.0f} MB from {host} "
+                    f"into {weights.cache_path().parent}.")
+            tooltip = (f"Not downloaded yet: {weights.file} from {weights.url} into "
+                       f"{weights.cache_path()}")
+        self.official_label.setToolTip(tooltip)
         self.official_label.setText(text.replace("/", "/\u200b"))  # long paths wrap at a /
         download = self.source_combo.currentData() == "official" and cached is None
         self.load_button.setText("Download and load…" if download else "Load models")
@@ -321,7 +327,11 @@ class ModelLoader(WorkerDock):
         return answer == QMessageBox.Yes
 
     def _describe(self, event: Progress) -> str | None:
-        return f"Downloading {event.message}" if event.stage == "download" else "Loading…"
+        if event.stage != "download":
+            return "Loading…"
+        done, total = event.step / 1e6, event.total / 1e6
+        size = f"{done:.1f} of {total:.1f} MB" if total else f"{done:.1f} MB"
+        return f"Downloading {event.info.get('name', '')}: {size}"
 
     def _bytes_on_bar(self, event: Progress) -> None:
         """Bytes in MB on the bar, not raw counts."""

@@ -128,7 +128,7 @@ OFFICIAL: dict[str, OfficialWeights] = {w.name: w for w in (
         "the official ImageNet DINO ViT-S/8 backbone (dino_deitsmall8_pretrain.pth as timm "
         "publishes it)", timm_tag="vit_small_patch8_224.dino",
         size=86_700_000,  # 21.67 M float32 tensors
-        title="Official DINO ViT-S/8: backbone"),
+        title="backbone only"),
     OfficialWeights(
         "dino-vits8-full", "vit_small_patch8_224", "dino_deitsmall8_pretrain_full_checkpoint.pth",
         "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/"
@@ -137,7 +137,7 @@ OFFICIAL: dict[str, OfficialWeights] = {w.name: w for w in (
         "optimiser, centre), WS-DINO's start",
         # estimated from its tensors' shapes (student and teacher with the 65536-d head,
         # AdamW's two moments): 176 M float32; no session has had network to measure it
-        size=704_000_000, title="Official DINO ViT-S/8: full checkpoint (with head)"),
+        size=704_000_000, title="full checkpoint (with DINO head)"),
 )}
 
 
@@ -213,8 +213,8 @@ def download_official(name: str, *, poll: float = 0.2, by_hand: str | None = Non
                       ) -> Generator[Progress, None, Path]:
     """:func:`fetch_official` as a progress generator: the same caches, bytes reported.
 
-    Yields ``Progress("download", bytes done, bytes in all, ...)`` (``info``: ``file``,
-    ``url``, ``cached``) at least every ``poll`` seconds, so a worker's ``quit()`` is
+    Yields ``Progress("download", bytes done, bytes in all, ...)`` (``info``: ``name``,
+    ``file``, ``url``, ``cached``) at least every ``poll`` seconds, so a worker's ``quit()`` is
     seen even while the network is silent. Closing the generator stops the download at
     its next chunk and removes the partial file; a cached file yields one event and no
     network is used. Failures raise :class:`CheckpointError` naming the file and where
@@ -228,7 +228,7 @@ def download_official(name: str, *, poll: float = 0.2, by_hand: str | None = Non
     'dino_deitsmall8_pretrain_full_checkpoint.pth'
     """
     weights = OFFICIAL[name]
-    info = {"file": weights.file, "url": weights.url, "cached": True}
+    info = {"name": name, "file": weights.file, "url": weights.url, "cached": True}
     cached = cached_official(name)
     if cached is not None:
         yield Progress("download", 1, 1, f"{weights.file} is cached", info)
@@ -257,8 +257,7 @@ def download_official(name: str, *, poll: float = 0.2, by_hand: str | None = Non
     try:
         while (item := _next_event(events, poll, (done, total))) is not None:
             done, total = item[0], item[1] or total
-            yield Progress("download", done, total,
-                           f"{weights.file}: {_mb(done)} of {_mb(total)}", info)
+            yield Progress("download", done, total, f"{weights.file}: {_mb(done, total)}", info)
     finally:
         if thread.is_alive():  # closed early: stop at the next chunk, which cleans up
             stop.set()
@@ -277,8 +276,9 @@ def _next_event(events: queue.Queue, poll: float, last: tuple[int, int]):
         return last
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n else "? MB"
+def _mb(done: int, total: int) -> str:
+    """``12.3 of 86.7 MB`` (``12.3 MB`` while the size is unknown)."""
+    return f"{done / 1e6:.1f} of {total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
 
 
 def _download(weights: OfficialWeights, report: Callable[[int, int | None], None]) -> Path:
