@@ -323,3 +323,89 @@ def test_download_official_offline_names_the_file_and_where(caches, monkeypatch)
     assert "choose that file by hand" in message and _partials(caches) == []
     with pytest.raises(CheckpointError, match="model.safetensors"):  # hub offline
         list(download_official("dino-vits8"))
+
+
+@contextlib.contextmanager
+def _loopback_hub(body, delay=0.0):
+    """A stand-in for the Hugging Face hub on 127.0.0.1: answers huggingface_hub's
+    metadata request (commit, ETag, size) and serves ``body`` as any file."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _head(self):
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", '"fake-etag"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+
+        def do_HEAD(self):
+            self._head()
+
+        def do_GET(self):
+            self._head()
+            try:
+                for start in range(0, len(body), 1 << 16):
+                    self.wfile.write(body[start:start + (1 << 16)])
+                    time.sleep(delay)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", commit
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def hub_online(caches, monkeypatch):
+    """huggingface_hub online, its address to be set by the test (never the real hub)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # 10 MB: one report
+
+    def point_at(address):
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            address + "/{repo_id}/resolve/{revision}/{filename}")
+    return point_at
+
+
+def test_download_official_backbone_through_huggingface_hub(caches, hub_online, monkeypatch):
+    """``dino-vits8`` through huggingface_hub (its cache layout, its temporary file),
+    bytes relayed from its progress bar; closing stops it and leaves no partial file."""
+    from safetensors.torch import save
+    from napari_wsdino.core.pretrained import download_official
+
+    rgb = _rgb_test_vit()
+    body = save({k: v.contiguous() for k, v in rgb.state_dict().items()},
+                {"format": "pt", "pad": "x" * 2_000_000})  # 2 MB to download
+    _as_test_vit(monkeypatch, "dino-vits8")
+    repo = caches / "hf" / HUB_REPO
+    with _loopback_hub(body, delay=0.01) as (address, commit):
+        hub_online(address)
+        gen = download_official("dino-vits8")
+        assert next(gen).step == 0
+        next(e for e in gen if e.step > 0)
+        gen.close()
+        assert not [p for p in repo.rglob("*") if p.is_file() and p.parent.name == "blobs"]
+        assert cached_official("dino-vits8") is None
+
+        events = []
+        gen = download_official("dino-vits8")
+        try:
+            while True:
+                events.append(next(gen))
+        except StopIteration as stop:
+            path = stop.value
+    assert path == repo / "snapshots" / commit / "model.safetensors"
+    assert path.read_bytes() == body and events[-1].step == events[-1].total == len(body)
+    assert len(events) > 3 and cached_official("dino-vits8") == path
+    _same_as_rgb(ModelSet.init_only("test_vit", "dino-vits8", ["DAPI"])["DAPI"].model, rgb)
