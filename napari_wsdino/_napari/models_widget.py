@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from qtpy.QtWidgets import QFileDialog, QFormLayout, QLabel, QLineEdit, QMessageBox
 
+from napari_wsdino.core.errors import CheckpointError
 from napari_wsdino.core.metadata import CHANNELS, DataError
 from napari_wsdino.core.model import ARCHITECTURES, DEFAULT_ARCH
 from napari_wsdino.core.modelset import ModelSet, describe
@@ -103,9 +104,17 @@ def official_names(config: LoadConfig) -> list[str]:
     return list(dict.fromkeys(n for n in named if n in OFFICIAL))
 
 
+def cached_file(name: str) -> Path | None:
+    """The cached file of official weights, or None (also when timm cannot say where)."""
+    try:
+        return cached_official(name)
+    except CheckpointError:  # the download will say why, as one line
+        return None
+
+
 def missing_official(config: LoadConfig) -> list[str]:
     """The official weights a config names that are not cached yet (would download)."""
-    return [n for n in official_names(config) if cached_official(n) is None]
+    return [n for n in official_names(config) if cached_file(n) is None]
 
 
 def consent_text(names: list[str]) -> str:
@@ -260,7 +269,7 @@ class ModelLoader(WorkerDock):
         """Whether the chosen official weights are cached (loaded with no network) or
         would be downloaded (how much, from where); the button says which."""
         weights = OFFICIAL[self.official_combo.currentData()]
-        cached = cached_official(weights.name)
+        cached = cached_file(weights.name)
         if cached is not None:
             text = f"Cached in {cached.parent} (loads with no network)."
             tooltip = f"Cached: {cached}"
