@@ -145,7 +145,8 @@ def preprocess(
         The screen (:func:`~napari_wsdino.core.metadata.load_metadata`).
     out
         Cache folder: new or empty, or a cache this function started before (resumed
-        if the settings and fields match; refused otherwise).
+        if the settings and fields match, repaired where a file is damaged; refused
+        otherwise).
     settings
         :class:`PreprocessSettings`.
     workers, chunk_size
@@ -158,7 +159,7 @@ def preprocess(
     ------
     Progress
         ``stage="preprocess"``, ``step``/``total`` in fields; ``info`` has
-        ``plate``, ``phase`` (``"mean"``, ``"illumination"``, ``"correct"``,
+        ``plate``, ``phase`` (``"repair"``, ``"mean"``, ``"illumination"``, ``"correct"``,
         ``"plate done"``, ``"done"``), ``fields_per_s``, ``eta_s`` and, for
         unreadable files, ``failed_path`` / ``reason``.
 
@@ -186,10 +187,8 @@ def preprocess(
     expect = _probe_image(table, channels)
     record, fingerprint = settings.record(expect[0]), _fingerprint(table, channels)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
-    folder, plates, state, repair = _begin(out, table, channels, record, fingerprint, shard)
+    folder, plates, state = yield from _begin(out, table, channels, record, fingerprint, shard)
     capacity = int(table["plate"].isin(plates).sum())
-    if repair:
-        yield Progress(STAGE, 0, capacity, repair, {"phase": "repair", "repair": repair})
     if state.get("complete"):
         yield Progress(STAGE, capacity, capacity, f"{folder} is already complete",
                        {"phase": "done"})
@@ -205,25 +204,23 @@ def preprocess(
         raise _pool_died(folder) from None
     finally:
         run.pool.shutdown()
-
     cache = _finish(folder, state, table, channels, allow_empty=shard is not None)
-    n_failed = len(cache.settings["failed"])
-    yield run.event(capacity, "", "done",
-                    f"{len(cache)} fields cached in {folder}, {n_failed} left out")
+    yield run.event(capacity, "", "done", f"{len(cache)} fields cached in {folder}, "
+                    f"{len(cache.settings['failed'])} left out")
     return cache
 
 
-def _begin(out: Path, table: pd.DataFrame, channels: list[str], record: dict,
-           fingerprint: str, shard: Shard | None) -> tuple[Path, list, dict, str]:
-    """Where this run writes, its plates, the state there (resumed if it matches, begun,
-    or begun again where its files are damaged: :func:`.state._repair`) and what was
-    repaired (""). A shard of a cache already merged finds that cache complete (if
-    damaged, the shard runs again, for a merge that repairs it)."""
+def _begin(out: Path, table: pd.DataFrame, channels: list[str], record: dict, fingerprint: str,
+           shard: Shard | None) -> Generator[Progress, None, tuple[Path, list, dict]]:
+    """Where this run writes, its plates, and the state there: resumed (if it matches),
+    begun, or begun again where its files are damaged (:func:`.state._repair`; an event
+    says what was repaired). A shard of a cache already merged finds that cache complete
+    (if damaged, the shard runs again, for a merge that repairs it)."""
     plates, folder, extra = list(dict.fromkeys(table["plate"])), out, {}
     if shard is not None:
         merged = _open_state(out, record, channels, fingerprint, merging=True)
         if merged is not None and merged.get("complete") and not _damage(out, merged, channels):
-            return out, plates, merged, ""
+            return out, plates, merged
         plates = shard.plates(table)
         folder, extra = shard.folder(out), {"shard": shard.record(plates)}
     state = _open_state(folder, record, channels, fingerprint, shard=extra.get("shard"))
@@ -238,9 +235,11 @@ def _begin(out: Path, table: pd.DataFrame, channels: list[str], record: dict,
         state, repair = _repair(
             folder, state, table, channels, allow_empty=shard is not None,
             fresh=lambda: _create_state(folder, record, channels, fingerprint, capacity, **extra))
+    if repair:
+        yield Progress(STAGE, 0, capacity, repair, {"phase": "repair", "repair": repair})
     # Which dataset this is (core.identity): plate/well/site names alone do not tell.
     state.setdefault("dataset_id", dataset_identity(table, channels))
-    return folder, plates, state, repair
+    return folder, plates, state
 
 
 @dataclass
