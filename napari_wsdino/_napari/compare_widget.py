@@ -22,6 +22,7 @@ from qtpy.QtWidgets import QFileDialog, QHeaderView, QLabel, QTableWidget, QTabl
 
 from napari_wsdino.core.errors import DataError
 from napari_wsdino.core.evaluate_workflow import METRICS_FILE, display_name, read_results
+from napari_wsdino.core.fsio import atomic_write_text
 from napari_wsdino._napari import settings
 from napari_wsdino._napari.dock import WorkerDock, button, hrow
 
@@ -205,7 +206,7 @@ class CompareWidget(WorkerDock):
     def _ask_export(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Export comparison", "comparison.csv", "CSV (*.csv)")
         if path:
-            self.frame().to_csv(path, index=False)
+            atomic_write_text(path, self.frame().to_csv(index=False))
             self.hint.setText(f"Written to {path}.")
 
 

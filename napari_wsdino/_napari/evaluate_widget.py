@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_wsdino.core.cache import open_cache
+from napari_wsdino.core.fsio import atomic_path, atomic_write_text
 from napari_wsdino.core.embed import DEFAULT_CROP
 from napari_wsdino.core.evaluate_workflow import (  # noqa: F401 - importable from here too
     LEVELS, Evaluation, evaluate_job, labelled_confusion, model_set_label, point_names,
@@ -382,8 +383,7 @@ class EvaluateWidget(WorkerDock):
         path = Path(path)
         data = {"model_set": self.evaluation.label, **self.evaluation.display_fields(),
                 **self.evaluation.result.to_dict()}
-        path.write_text(json.dumps(data, indent=2))
-        return path
+        return atomic_write_text(path, json.dumps(data, indent=2))
 
     def export_figures(self, folder: str | Path, fmt: str = "png") -> list[Path]:
         """Confusion matrices, per-MoA accuracy and the map, as PNG or SVG files."""
@@ -398,7 +398,8 @@ class EvaluateWidget(WorkerDock):
                                                     "MoA confusion (NSCB)"),
                                    folder / f"confusion_nscb.{fmt}"))
         path = folder / f"map_{self.evaluation.level}.{fmt}"
-        self.map.figure.savefig(path, dpi=120)
+        with atomic_path(path) as tmp:
+            self.map.figure.savefig(tmp, dpi=120)
         out.append(path)
         return out
 

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from napari_wsdino.core.fsio import atomic_path
+
 DEFAULT_KEEP = 0.6
 MODES = ("nearest", "bilinear")
 #: How the Attention panel shows maps on screen (files keep ``nearest``: exact patch values).
@@ -393,7 +395,8 @@ def save_overlay_png(path, image: np.ndarray, maps: AttentionMaps, title: str = 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def save_tiff(path, maps: AttentionMaps) -> list[str]:
@@ -405,5 +408,7 @@ def save_tiff(path, maps: AttentionMaps) -> list[str]:
 
     labels = [f"head{i}" for i in range(maps.n_heads)] + ["mean", f"mean_top{int(round(maps.keep * 100))}"]
     stack = np.concatenate([maps.heads, maps.mean[None], maps.mean_threshold[None].astype(np.float32)])
-    tifffile.imwrite(path, stack.astype(np.float32), imagej=True, metadata={"axes": "ZYX", "Labels": labels})
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, stack.astype(np.float32), imagej=True,
+                         metadata={"axes": "ZYX", "Labels": labels})
     return labels

@@ -29,6 +29,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from napari_wsdino.core.fsio import atomic_path, atomic_write_text
 from napari_wsdino.core.metadata import DataError
 
 CACHE_FORMAT = "napari-wsdino-cache"
@@ -198,8 +199,10 @@ def write_cache(
     if shape[0] != len(table):
         raise DataError(f"{shape[0]} images but {len(table)} table rows.")
     for ch, arr in images.items():
-        np.save(image_file(path, ch), np.asarray(arr, dtype=np.float16))
-    table.reset_index(drop=True).to_parquet(path / INDEX_FILE)
+        with atomic_path(image_file(path, ch)) as tmp:
+            np.save(tmp, np.asarray(arr, dtype=np.float16))
+    with atomic_path(path / INDEX_FILE) as tmp:
+        table.reset_index(drop=True).to_parquet(tmp)
     meta = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
@@ -209,5 +212,5 @@ def write_cache(
         "settings": dict(settings or {}),
         "complete": True,
     }
-    (path / SETTINGS_FILE).write_text(json.dumps(meta, indent=2))
+    atomic_write_text(path / SETTINGS_FILE, json.dumps(meta, indent=2))  # last: complete
     return open_cache(path)

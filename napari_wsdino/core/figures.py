@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from napari_wsdino.core.fsio import atomic_path
+
 
 def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
     """Render a figure to PNG bytes."""
@@ -177,10 +179,12 @@ def per_moa_figure(per_moa: dict, title: str = "") -> Figure:
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Render a figure to a file (PNG, SVG, PDF by suffix) with a non-interactive backend."""
+    """Render a figure to a file (PNG, SVG, PDF by suffix) with a non-interactive backend,
+    through a temporary file renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
     return path
 
 

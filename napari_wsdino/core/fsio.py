@@ -213,16 +213,40 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through :func:`atomic_write`: the one writer of the
-    package's small text and JSON files (configs, logs, state records).
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_write`: the one writer of
+    the package's small text and JSON files (configs, logs, state records, results).
 
     >>> import tempfile, pathlib
     >>> atomic_write_text(pathlib.Path(tempfile.mkdtemp()) / "a.json", "{}").read_text()
     '{}'
     """
-    with atomic_write(path, "w") as fh:
-        fh.write(text)
+    with atomic_write(path, "wb") as fh:
+        fh.write(text.encode("utf-8"))
     return Path(path)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A unique temporary path beside ``path``, ending as ``path`` does (for writers that
+    take a path and pick the format by its suffix: pandas, numpy, matplotlib); renamed
+    over ``path`` when the block ends, deleted if it raises (:func:`atomic_write` for
+    writers that take a file).
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.csv"
+    >>> with atomic_path(p) as tmp:
+    ...     _ = tmp.write_text("x")
+    >>> p.read_text(), [f.name for f in p.parent.iterdir()]
+    ('x', ['a.csv'])
+    """
+    path = Path(path)
+    try:
+        tmp = unique_temp_path(path, suffix="." + path.name)
+    except OSError as exc:  # named by its random temporary name: name the target
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+    with remove_on_failure(tmp):
+        yield tmp
+        os.replace(tmp, path)
 
 
 #: The advisory lock file a writer keeps in an output folder while it works.

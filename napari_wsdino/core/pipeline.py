@@ -294,7 +294,7 @@ def _evaluate_stage(demo: _Demo, cache, config, compared):
             row.update(_attention_scores(cache, _model_set(demo, cache, config, model)))
         rows.append(row)
         yield Progress("evaluate", i + 1, n, f"{model.name}: NSC {row['nsc']:.2f}")
-    demo.paths["results"].write_text(json.dumps(
+    atomic_write_text(demo.paths["results"], json.dumps(
         {"data": "synthetic replica", "replica": demo.replica, "results": rows, "metrics": METRIC_NOTES,
          "reading": READING_NOTE,
          "weak_label": weak_label_note(cache.table, demo.settings["weak_label"]),

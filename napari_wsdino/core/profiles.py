@@ -32,6 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from napari_wsdino.core.fsio import atomic_path
 from napari_wsdino.core.metadata import CONTROL, DataError, treatment_name
 
 PREFIX = "Metadata_"
@@ -215,17 +216,19 @@ class ProfileTable:
         return cls.from_frame(frame)
 
     def write(self, path: str | Path) -> Path:
-        """Write as Parquet or CSV, chosen by the file suffix; returns the path."""
+        """Write as Parquet or CSV, chosen by the file suffix, to a temporary file renamed
+        over ``path`` (an interrupted write leaves the old file); returns the path."""
         path = Path(path)
         name = path.name.lower()
+        if not name.endswith((".parquet", ".pq", ".csv", ".csv.gz", ".tsv", ".txt")):
+            raise DataError(f"Unknown profile file type {path.name!r}; use one of {', '.join(SUFFIXES)}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         frame = self.to_frame()
-        if name.endswith((".parquet", ".pq")):
-            frame.to_parquet(path, index=False)
-        elif name.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
-            frame.to_csv(path, index=False, sep="\t" if name.endswith(".tsv") else ",")
-        else:
-            raise DataError(f"Unknown profile file type {path.name!r}; use one of {', '.join(SUFFIXES)}.")
+        with atomic_path(path) as tmp:
+            if name.endswith((".parquet", ".pq")):
+                frame.to_parquet(tmp, index=False)
+            else:
+                frame.to_csv(tmp, index=False, sep="\t" if name.endswith(".tsv") else ",")
         return path
 
     def to_frame(self) -> pd.DataFrame:

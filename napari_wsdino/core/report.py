@@ -12,10 +12,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from napari_wsdino.core.fsio import atomic_write_text
 
 SYNTHETIC_LABEL = "synthetic replica"
 
@@ -105,15 +108,16 @@ def write_report(report: Report, out_dir: str | Path, stem: str = "report") -> d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / f"{stem}.html", "json": out / f"{stem}.json", "csv": out / f"{stem}.csv"}
-    paths["html"].write_text(render_html(report), encoding="utf-8")
-    paths["json"].write_text(json.dumps({
+    atomic_write_text(paths["html"], render_html(report))
+    atomic_write_text(paths["json"], json.dumps({
         "title": report.title, "data": report.data_label, "results": report.rows,
         "sections": report.sections, "settings": report.settings, "notes": report.notes,
         "figures": sorted(report.figures),
     }, indent=2, default=str))
     cols = list(dict.fromkeys(k for r in report.rows for k in r))
-    with open(paths["csv"], "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(report.rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=cols)
+    writer.writeheader()
+    writer.writerows(report.rows)
+    atomic_write_text(paths["csv"], table.getvalue())
     return paths

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from napari_wsdino.core.cache import Cache, open_cache
+from napari_wsdino.core.fsio import atomic_write_text
 from napari_wsdino.core.layout import CHECKPOINT_FILE, LOG_FILE, channel_dir, snapshot_path
 from napari_wsdino.core.metadata import CONTROL, DataError
 from napari_wsdino.core.progress import Progress
@@ -335,8 +336,8 @@ def _summarise(plan: _StudyPlan, evals: list[dict]) -> StudyResult:
             evals, model, label)
         rows.append(row)
         per_epoch += [{"model": model, "weak_label": label, **p} for p in curve]
-    (plan.out / "evaluations.json").write_text(json.dumps(evals, indent=2, default=str))
-    (plan.out / "summary.json").write_text(json.dumps(
+    atomic_write_text(plan.out / "evaluations.json", json.dumps(evals, indent=2, default=str))
+    atomic_write_text(plan.out / "summary.json", json.dumps(
         {"rows": rows, "per_epoch": per_epoch, "notes": plan.notes}, indent=2, default=str))
     return StudyResult(rows=rows, evaluations=evals, out=plan.out, notes=plan.notes,
                        per_epoch=per_epoch)

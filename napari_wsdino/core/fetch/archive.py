@@ -22,6 +22,7 @@ from napari_wsdino.core.fetch.options import (
     format_bytes,
 )
 from napari_wsdino.core.fetch.selection import is_plate_complete
+from napari_wsdino.core.fsio import atomic_write_text
 from napari_wsdino.core.metadata import IMAGE_CSV, ScreenLayout
 from napari_wsdino.core.progress import Progress
 
@@ -169,7 +170,7 @@ def unpack_plate(
         info = dict(record or {})
         info.update(plate=plate, files=len(files),
                     finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        (out / COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
+        atomic_write_text(out / COMPLETE_MARKER, json.dumps(info, indent=1))
         if final.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{plate}.old-", dir=dest))
             os.replace(final, trash / plate)
@@ -242,7 +243,7 @@ def adopt_existing(dest: str | Path, plate: str, image_csv: str | Path | None = 
     info = {"plate": plate, "source": "existing copy", "files": int(len(names)),
             "checked_against": image_csv.name,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (folder / COMPLETE_MARKER).write_text(json.dumps(info, indent=1))
+    atomic_write_text(folder / COMPLETE_MARKER, json.dumps(info, indent=1))
     return True
 
 
