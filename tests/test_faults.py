@@ -1133,6 +1133,31 @@ def test_case_g_copied_data_and_cache_with_new_mtimes_are_accepted(screen, tmp_p
         assert not [line for line in err.splitlines() if line.startswith("note: ")]
 
 
+def test_case_g_a_cache_with_the_older_mtime_stamps_is_still_accepted(tmp_path, capsys):
+    """Caches made before content stamps recorded sizes and modification times: checked
+    as before, so an unchanged one is not refused after an upgrade."""
+    import json
+
+    from napari_wsdino.core.preprocess.state import _legacy_stamp
+
+    root = write_screen(tmp_path / "data", n_plates=2, fields_per_plate=2, shape=SHAPE, seed=10)
+    out = tmp_path / "cache"
+    assert _cli(_preprocess_args(root, out), capsys)[0] == 0
+    table = load_metadata(root).table
+    state = json.loads((out / "cache.json").read_text())
+    for plate, done in state["plates"].items():
+        rows = table[table.plate == plate][[f"path_{c}" for c in ("DAPI", "Tubulin", "Actin")]]
+        assert done["stamp"].startswith("c1:")
+        done["stamp"] = _legacy_stamp(rows.astype(str).to_numpy().ravel())
+    (out / "cache.json").write_text(json.dumps(state, indent=2))
+    assert _cli(_preprocess_args(root, out), capsys)[0] == 0
+    edited = Path(table.loc[0, "path_DAPI"])
+    os.utime(edited, (time.time() + 60, time.time() + 60))
+    code, _, err = _cli(_preprocess_args(root, out), capsys)
+    assert code == 2
+    _one_line_error(err, "changed", "delete the cache folder")
+
+
 def test_case_g_changed_content_of_the_same_size_and_mtime_is_noticed(tmp_path, capsys):
     root = write_screen(tmp_path / "data", n_plates=2, fields_per_plate=2, shape=SHAPE, seed=9)
     out = tmp_path / "cache"
