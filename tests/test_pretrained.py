@@ -213,6 +213,7 @@ def test_full_checkpoint_is_downloaded_once_into_torch_hubs_cache(caches, monkey
         _same_as_rgb(teacher.backbone.eval(), rgb)
         models = ModelSet.init_only("vit_small_patch8_224", FULL, ["DAPI", "Actin"])
         _same_as_rgb(models["Actin"].model, rgb)
+        assert models["Actin"].source == f"init-only official {FULL}"  # not "bundled"
         assert hits == [f"/{FULL_FILE}"]  # one download, then the cache
     assert cached_official(FULL) == path
 

@@ -412,7 +412,7 @@ def load_channel_model(
     ``any_channel``: take a checkpoint of another channel on purpose (initial weights
     shared by every stain, :meth:`ModelSet.init_only`).
     """
-    from napari_wsdino.core.pretrained import bundled_arch, resolve_weights
+    from napari_wsdino.core.pretrained import OFFICIAL, bundled_arch, resolve_weights
 
     if which not in WHICH:
         raise CheckpointError(f"which must be one of {WHICH}, not {which!r}.")
@@ -440,7 +440,8 @@ def load_channel_model(
             raise CheckpointError(f"{file} holds no {which!r} weights.")
         source = f"wsdino {file} ({which})" if ours else f"{file}"
         if (bundled := bundled_arch(path)) is not None:
-            recorded_arch, source = bundled, f"bundled {path}"
+            kind = "official" if str(path) in OFFICIAL else "bundled"
+            recorded_arch, source = bundled, f"{kind} {path}"
         weights = ckpt
     if recorded_channel is not None and recorded_channel != channel and not any_channel:
         raise ChannelMismatchError(
