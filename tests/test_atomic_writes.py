@@ -41,10 +41,8 @@ KNOWN = {
     ("core/train/checkpoint.py", "end_epoch", "open"),
     # a download's .part file, renamed once its hash is checked
     ("core/pretrained.py", "_download", "open"),
-    # the embed parts: chunks to a unique temporary name renamed over the chunk; the
-    # parts manifest still written in place (core/embed/ is worked on elsewhere)
+    # the embed parts: chunks to a unique temporary name renamed over the chunk
     ("core/embed/parts.py", "save_chunk", "save"),
-    ("core/embed/parts.py", "_prepare_parts", "write_text"),
     # the synthetic replica's design tables and records: input data written into a new
     # folder (core/synth/ is worked on elsewhere)
     ("core/synth/__init__.py", "_write_record", "write_text"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_wsdino.core.fsio import atomic_write, remove_on_failure, unique_temp_path
+from napari_wsdino.core.fsio import atomic_write, atomic_write_text, remove_on_failure, unique_temp_path
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.profiles import SUFFIXES, ProfileTable
 
@@ -99,7 +99,7 @@ def _prepare_parts(parts: Path, manifest: dict, resume: bool) -> None:
             )
         shutil.rmtree(parts)
     parts.mkdir(parents=True)
-    mfile.write_text(json.dumps(manifest, indent=2))
+    atomic_write_text(mfile, json.dumps(manifest, indent=2))
 
 
 def chunk_path(parts: Path, k: int) -> Path:
