@@ -112,7 +112,7 @@ def _box_holds_a_nucleus(boxes) -> np.ndarray:
 
 
 def test_training_with_cell_centred_rotated_jittered_views(tmp_path, monkeypatch):
-    import napari_wsdino.core.train as train_module
+    import napari_wsdino.core.train.loop as train_module  # the loop looks its helpers up there
     from napari_wsdino.core import views
 
     boxes, jittered = [], []

@@ -218,7 +218,7 @@ def test_close_on_the_last_step_of_an_epoch_keeps_its_log_and_snapshot(cache, tm
 
 
 def test_resume_after_a_crash_rewinds_the_log_to_the_checkpoint(cache, tmp_path, monkeypatch):
-    import napari_wsdino.core.train as train_mod
+    import napari_wsdino.core.train.loop as train_mod  # the loop looks its helpers up there
 
     config = tiny_config(epochs=4, checkpoint_every=2)  # 3 steps per epoch
     clean = load_checkpoint(run(cache, config, tmp_path / "clean"))
@@ -257,7 +257,7 @@ def test_stop_request_leaves_a_loadable_checkpoint(cache, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(cache, tmp_path,
                                                                         monkeypatch):
-    import napari_wsdino.core.train as train_mod
+    import napari_wsdino.core.train.loop as train_mod  # the loop looks its helpers up there
 
     original = train_mod.multi_crop
     count = {"n": 0}

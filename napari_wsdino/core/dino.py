@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from napari_wsdino.core.archs import CENTERINGS  # noqa: F401  (re-exported; torch-free)
+
 
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer ``W = g * v / ||v||`` (rows), as ``nn.utils.weight_norm``.
@@ -142,7 +144,6 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(feats))
 
 
-CENTERINGS = ("centre", "sinkhorn")
 
 
 @torch.no_grad()

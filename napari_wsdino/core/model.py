@@ -39,14 +39,21 @@ torch.Size([1, 64])
 from __future__ import annotations
 
 import argparse
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
+# The architecture registry is torch-free (menus and settings read it); re-exported here.
+from napari_wsdino.core.archs import (  # noqa: F401  (re-exported)
+    ARCHITECTURES,
+    CPU_ARCHS,
+    DEFAULT_ARCH,
+    RANDOM_INIT,
+    Architecture,
+    arch_patch_size,
+)
 from napari_wsdino.core.errors import CheckpointError  # noqa: F401  (re-exported)
 from napari_wsdino.core.pos_embed import (  # noqa: F401  (re-exported)
     POS_EMBED_MODES,
@@ -56,14 +63,7 @@ from napari_wsdino.core.pos_embed import (  # noqa: F401  (re-exported)
     set_pos_embed,
 )
 
-DEFAULT_ARCH = "vit_small_patch8_224"
 CHECKPOINT_FORMAT = "napari-wsdino-checkpoint"
-#: Small ViTs for CPU demos and tests, registered with timm under these names.
-CPU_ARCHS = {
-    # name: (patch size, width, depth, heads)
-    "wsdino_vit_pico_patch8": (8, 96, 4, 3),
-    "wsdino_vit_nano_patch8": (8, 192, 6, 3),
-}
 
 
 def _register_cpu_archs() -> None:
@@ -89,43 +89,6 @@ def _register_cpu_archs() -> None:
 
 
 _register_cpu_archs()
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A ViT offered by name in the CLI help and the panels (any timm ViT name also works)."""
-
-    name: str
-    title: str
-    patch_size: int
-    help: str
-
-
-#: Architectures offered, in menu order: the only list of them (the panels' menus read it).
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
-    Architecture(DEFAULT_ARCH, "ViT-S/8 (paper)", 8, "the paper's backbone; a GPU is needed"),
-    *(Architecture(name, f"tiny ViT {name.split('_')[2]}/{patch} (CPU)", patch,
-                   f"{depth} blocks of width {dim}, "
-                   f"{heads} heads: CPU demos and tests")
-      for name, (patch, dim, depth, heads) in CPU_ARCHS.items()),
-    Architecture("vit_base_patch8_224", "ViT-B/8", 8, "DINO's larger ViT; a large GPU"),
-)}
-
-
-def arch_patch_size(arch: str) -> int | None:
-    """Patch size of an architecture name (registered, or timm's ``..._patchN_...``).
-
-    >>> arch_patch_size("vit_small_patch8_224"), arch_patch_size("vit_tiny_patch16_224")
-    (8, 16)
-    """
-    if arch in ARCHITECTURES:
-        return ARCHITECTURES[arch].patch_size
-    match = re.search(r"patch(\d+)", arch)
-    return int(match.group(1)) if match else None
-
-
-#: ``--init random``: start from random weights on purpose (where weights are expected).
-RANDOM_INIT = "random"
 
 
 # -- numerics --------------------------------------------------------------------------

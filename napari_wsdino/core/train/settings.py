@@ -27,7 +27,7 @@ from typing import Mapping, get_type_hints
 
 from napari_wsdino.core.fsio import atomic_write_text
 from napari_wsdino.core.layout import CHECKPOINT_FILE, CONFIG_FILE
-from napari_wsdino.core.model import DEFAULT_ARCH
+from napari_wsdino.core.archs import DEFAULT_ARCH
 from napari_wsdino.core.sampler import DEFAULT_WEAK_LABEL
 from napari_wsdino.core.tomlfmt import toml_value
 

@@ -18,7 +18,7 @@ import math
 import re
 from typing import Mapping
 
-from napari_wsdino.core.dino import CENTERINGS
+from napari_wsdino.core.archs import CENTERINGS
 from napari_wsdino.core.errors import DataError
 from napari_wsdino.core.sampler import DMSO_MODES, WEAK_LABELS
 
