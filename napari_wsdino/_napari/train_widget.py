@@ -24,13 +24,13 @@ from qtpy.QtWidgets import (
 from napari_wsdino.core import layout
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
-from napari_wsdino.core.model import ARCHITECTURES, RANDOM_INIT
+from napari_wsdino.core.archs import ARCHITECTURES, RANDOM_INIT
 from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
 from napari_wsdino.core.presets import DEFAULT_PRESET, PRESET_TITLES, PRESETS, preset_for
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
-from napari_wsdino.core.train import (TrainConfig, TrainingError, resolve_config, train_channels,
-                                      check_fit as core_check_fit)
+# Only torch-free names at import: the panel opens without torch (imported in the background).
+from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config
 from napari_wsdino._napari.canvases import LossPlot
 from napari_wsdino._napari.train_status import describe_step, epochs_of, run_summary
 from napari_wsdino._napari.state import TaskStatus
@@ -38,6 +38,7 @@ from napari_wsdino._napari.dock import (
     WorkerDock, add_row, button, combo, data_combo, double_spin, edit_row, hrow, item_tips,
     select_text, spin,
 )
+from napari_wsdino._napari.workers import run_in_background
 
 if TYPE_CHECKING:
     import napari
@@ -50,16 +51,27 @@ CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "de
                  "global_size", "local_size", "local_crops", "out_dim")
 
 
-def device_choices() -> list[tuple[str, str]]:
-    """``(label, value)`` for the device combo; the GPU is named when there is one."""
+#: ``(label, value)`` of the device combo while the panel opens; the CUDA entry is named
+#: (the GPU, or none found) once :func:`load_training_code` has run in the background.
+DEVICE_CHOICES = (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"))
+
+
+def load_training_code() -> str:
+    """Import the training code (torch, timm) and the curves' matplotlib canvas; return the
+    CUDA entry's label.
+
+    Run in a worker once the panel is shown: these imports are seconds on a small CPU, which
+    the panel would otherwise spend frozen while it opens (or when Start is pressed).
+    """
+    import matplotlib.backends.backend_qtagg  # noqa: F401 - the loss plot's canvas
+    import matplotlib.figure  # noqa: F401
     import torch
 
-    choices = [("auto", "auto"), ("CPU", "cpu")]
+    import napari_wsdino.core.train.loop  # noqa: F401 - with setup, checkpoint, timm
+
     if torch.cuda.is_available():
-        choices.append((f"CUDA: {torch.cuda.get_device_name(0)}", "cuda"))
-    else:
-        choices.append(("CUDA (no GPU found)", "cuda"))
-    return choices
+        return f"CUDA: {torch.cuda.get_device_name(0)}"
+    return "CUDA (no GPU found)"
 
 
 def preset_config(name: str) -> TrainConfig:
@@ -84,6 +96,8 @@ def make_train_config(values: dict[str, Any], base_file: str = "", preset: str =
 def check_fit(config: TrainConfig, shape) -> None:
     """Core's fit check (:func:`napari_wsdino.core.train.check_fit`), plus the preset
     whose crops fit such a cache when the global crop is too large."""
+    from napari_wsdino.core.train import check_fit as core_check_fit  # torch
+
     try:
         core_check_fit(config, shape)
     except TrainingError as exc:
@@ -119,6 +133,8 @@ class TrainWidget(WorkerDock):
         super().__init__(napari_viewer)
         self.result: dict[str, Path] | None = None
         self._stop = threading.Event()
+        #: True once the training code (torch, timm) is imported, in the background.
+        self.training_ready = False
         self._shape: tuple[int, int] | None = None
         self._table = None       # the cache's field table, for what the weak label can teach
         # Remembered values, else the remembered (or default) preset's: one consistent set.
@@ -147,7 +163,7 @@ class TrainWidget(WorkerDock):
         self.init_edit = QLineEdit(get("init", d.init))
         self.init_edit.setPlaceholderText(f"empty: random; a .pth, or {DEFAULT_INIT}")
         self.init_browse = button("…", "Choose an initial weights file", self._pick_init)
-        self.device_combo = data_combo(device_choices(), get("device", d.device))
+        self.device_combo = data_combo(DEVICE_CHOICES, get("device", d.device))
         self.lr_spin = double_spin(1e-8, 1.0, get("lr", d.lr), step=1e-6, decimals=8)
         self.global_spin = spin(8, 1024, get("global_size", d.global_size))
         self.local_spin = spin(8, 1024, get("local_size", d.local_size))
@@ -220,10 +236,15 @@ class TrainWidget(WorkerDock):
         self.cache_edit.editingFinished.connect(lambda: self._cache_picked(self.cache_edit.text()))
         self.run_edit.editingFinished.connect(self._describe_run)
         self.preset_combo.currentIndexChanged.connect(lambda _i: self.apply_preset())
-        # A preset or architecture is remembered when chosen: the next session shows the pair.
-        self.preset_combo.currentIndexChanged.connect(lambda _i: self._remember_form())
-        self.arch_combo.currentIndexChanged.connect(lambda _i: self._remember_form())
-        self.arch_combo.lineEdit().editingFinished.connect(self._remember_form)
+        # Every setting is remembered when changed (not only at Start): the next session
+        # shows the same form, the preset with its architecture and weights included.
+        for box in (self.preset_combo, self.weak_combo, self.arch_combo, self.device_combo):
+            box.currentIndexChanged.connect(lambda _i: self._remember_form())
+        for box in (self.epochs_spin, self.batch_spin, self.lr_spin, self.global_spin,
+                    self.local_spin, self.crops_spin, self.outdim_spin):
+            box.valueChanged.connect(lambda _v: self._remember_form())
+        for edit in (self.arch_combo.lineEdit(), self.init_edit, self.base_edit):
+            edit.editingFinished.connect(self._remember_form)
         self.weak_combo.currentIndexChanged.connect(lambda _i: self._describe_weak_label())
         # The workflow's recipe (shared with 2 Preprocess and 4 Evaluate): a preset picked
         # here becomes it, and one picked there is shown here.
@@ -261,6 +282,7 @@ class TrainWidget(WorkerDock):
             box = QCheckBox(channel)
             box.setToolTip(f"Train a model on the {channel} channel")
             box.setChecked(checked is None or channel in checked)
+            box.toggled.connect(lambda _on: self._remember_form())
             self.channel_boxes[channel] = box
             self.channels_row.addWidget(box)
 
@@ -311,25 +333,42 @@ class TrainWidget(WorkerDock):
             self._describe_run()
 
     def apply_preset(self) -> None:
-        """Fill the form with the chosen preset's settings."""
+        """Fill the form with the chosen preset's settings (remembered once, as a set)."""
         cfg = preset_config(self.preset_combo.currentData())
-        select_text(self.arch_combo, cfg.arch)
-        self.init_edit.setText(cfg.init)     # the cpu preset's: the bundled weights
-        for box, value in ((self.epochs_spin, cfg.epochs), (self.batch_spin, cfg.batch_size),
-                           (self.lr_spin, cfg.lr), (self.global_spin, cfg.global_size),
-                           (self.local_spin, cfg.local_size), (self.crops_spin, cfg.local_crops),
-                           (self.outdim_spin, cfg.out_dim)):
-            box.setValue(value)
+        self._applying = True
+        try:
+            select_text(self.arch_combo, cfg.arch)
+            self.init_edit.setText(cfg.init)     # the cpu preset's: the bundled weights
+            for box, value in ((self.epochs_spin, cfg.epochs), (self.batch_spin, cfg.batch_size),
+                               (self.lr_spin, cfg.lr), (self.global_spin, cfg.global_size),
+                               (self.local_spin, cfg.local_size),
+                               (self.crops_spin, cfg.local_crops),
+                               (self.outdim_spin, cfg.out_dim)):
+                box.setValue(value)
+        finally:
+            self._applying = False
+        self._remember_form()
 
     def showEvent(self, event) -> None:  # noqa: N802 - Qt override
-        """Once the panel is on screen, make its plot (not while it opens)."""
+        """Once the panel is on screen, import the training code and matplotlib in the
+        background; then make the plot (neither while the panel opens)."""
         super().showEvent(event)
-        if self._plot is None:
-            QTimer.singleShot(0, self._make_plot)
+        if not getattr(self, "_loading", False):
+            self._loading = True
+            run_in_background(load_training_code, self._training_loaded, owner=self)
+
+    def _training_loaded(self, cuda_label: str) -> None:
+        """The training code is imported: name the GPU (or its absence) in the device menu,
+        and make the plot."""
+        self.device_combo.setItemText(self.device_combo.findData("cuda"), cuda_label)
+        self.training_ready = True
+        QTimer.singleShot(0, self._make_plot)
 
     def _make_plot(self) -> None:
+        """The curves' canvas, with the run folder's curves if it holds a run."""
         try:
             self.plot  # noqa: B018 - made on first use
+            self._describe_run()
         except RuntimeError:  # the panel was closed meanwhile
             pass
 
@@ -342,13 +381,19 @@ class TrainWidget(WorkerDock):
         return self._plot
 
     def _remember_form(self) -> None:
-        """Remember the preset and the form's training settings for the next session."""
-        self.remember({"preset": self.preset_combo.currentData(), **self.values()})
+        """Remember the preset, the ticked channels and the form's training settings."""
+        if getattr(self, "_applying", False):
+            return
+        self.remember({"preset": self.preset_combo.currentData(), **self.values(),
+                       "channels": [c for c, box in self.channel_boxes.items() if box.isChecked()],
+                       "base": self.base_edit.text().strip()})
 
     def _describe_run(self) -> None:
         run = self.run_edit.text().strip()
         summary = run_summary(run, self.channel_boxes) if run else ""
-        if summary and (self._plot is None or not self._plot.series) and not self.running:
+        # A run's curves are drawn once matplotlib is imported (in the background).
+        if (summary and self.training_ready and (self._plot is None or not self._plot.series)
+                and not self.running):
             self._plot_log(run)
         self.run_label.setText(
             f"Run folder holds: {summary}. Continue resumes it, or extends it to the Epochs above."
@@ -430,6 +475,8 @@ class TrainWidget(WorkerDock):
         if not resume:
             self.plot.clear()
         self._run = Path(run)
+        from napari_wsdino.core.train import train_channels  # torch (imported at show)
+
         self.start_task(
             train_channels(cache, config, run, channels, resume=resume, stop=self._stop.is_set),
             f"{'Continuing' if resume else 'Starting'} {', '.join(channels)}…",

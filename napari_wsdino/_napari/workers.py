@@ -186,3 +186,23 @@ def start_worker(
         worker.finished.connect(bar.close)
     worker.start()
     return worker
+
+
+def run_in_background(func: Callable[[], Any], on_done: Callable[[Any], None], *,
+                      owner=None) -> None:
+    """Call ``func()`` in a thread worker below the GUI thread; ``on_done(result)`` in the GUI.
+
+    For warm-up work a panel must not wait for while it opens (importing torch and timm:
+    seconds on a small CPU). A failure is left to the real task, which reports it; nothing
+    is called back after ``owner`` is destroyed.
+    """
+    def _call():
+        yield_cpu_to_gui()
+        return func()
+
+    worker = create_worker(_call, _ignore_errors=True, _start_thread=False)
+    alive = [True]
+    if owner is not None:
+        owner.destroyed.connect(lambda *_: alive.__setitem__(0, False))
+    worker.returned.connect(lambda result: on_done(result) if alive[0] else None)
+    worker.start()
