@@ -204,3 +204,39 @@ def test_compare_table_chart_and_persistence(qtbot, tmp_path, monkeypatch):
     assert (tmp_path / "cmp.csv").read_text().splitlines()[1].startswith("init-only,0.5")
     qtbot.mouseClick(again.clear_button, Qt.LeftButton)
     assert again.table.rowCount() == 0
+
+
+def test_why_line_when_a_fine_tune_scored_as_its_initial_weights(make_napari_viewer, tmp_path):
+    """Issue 28: a trained run whose NSC / NSCB equal its initial weights' says why (the
+    decision is core.why's; the panel shows it under the numbers)."""
+    import dataclasses
+
+    from napari_wsdino.core import layout
+    from napari_wsdino.core.evaluate_workflow import evaluate_job
+    from napari_wsdino.core.progress import run_to_end
+    from napari_wsdino.core.train.settings import TrainConfig
+
+    cache = write_tiny_cache(tmp_path / "cache", per_compound=4, size=32, compounds=COMPOUNDS)
+    models = ModelSet.random("test_vit", ("DAPI", "Tubulin", "Actin"), seed=0)
+    ev = run_to_end(evaluate_job(cache, models, tvn="paper", crop=16, device="cpu",
+                                 level="treatments", method="pca"))
+    run = tmp_path / "runs" / "compound_e2"
+    layout.channel_dir(run, "DAPI").mkdir(parents=True)
+    TrainConfig(epochs=2, warmup_epochs=3, lr=1e-4, init="replica-dino-pico8-cells").save(
+        layout.config_path(run, "DAPI"))
+    layout.log_path(run, "DAPI").write_text('{"epoch": 2, "step": 6, "loss": 1, "lr": 1e-5}\n')
+    init = dataclasses.replace(ev, label="init-only (test_vit) 111111",
+                               run="init-only replica-dino-pico8-cells")
+    trained = dataclasses.replace(ev, label="trained (test_vit) 222222", run="compound_e2")
+
+    viewer = make_napari_viewer()
+    state = state_for(viewer)
+    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "5 Evaluate")[1]
+    state.model_path = run
+    state.results = init
+    assert "Why the same as the initial weights" not in widget.status_label.text()
+    state.results = trained
+    widget._show(trained)
+    text = widget.status_label.text()
+    assert "Why the same as the initial weights" in text and "only 6 steps" in text
+    assert "warm-up (3 epochs)" in text and "Try more epochs" in text

@@ -43,6 +43,7 @@ from napari_wsdino.core.profiles import BATCH, COMPOUND, CONCENTRATION, MOA, PLA
 from napari_wsdino.core.projection import METHODS as PROJECTIONS
 from napari_wsdino.core.train import DEVICES
 from napari_wsdino.core.tvn import DEFAULT_TVN, METHODS, TVN_METHODS
+from napari_wsdino.core.why import evaluation_notes
 from napari_wsdino._napari.canvases import ScatterMap  # noqa: F401 - importable from here too
 from napari_wsdino._napari.dock import WorkerDock, add_row, button, combo, hrow, item_tips, spin
 
@@ -268,6 +269,12 @@ class EvaluateWidget(WorkerDock):
             b.setEnabled(done)
 
     # -- results -------------------------------------------------------------------------
+    def why_lines(self, evaluation: Evaluation) -> list[str]:
+        """Where a number surprises (``core.why``): NSCB > NSC, a fine-tune that scored as
+        its initial weights did (evaluated earlier in this session)."""
+        others = [e for e in self.state.evaluations if e is not evaluation]
+        return evaluation_notes(evaluation, others, self.state.model_path)
+
     def _done(self, evaluation: Evaluation) -> None:
         self._show(evaluation)
         self.state.results = evaluation
@@ -280,7 +287,8 @@ class EvaluateWidget(WorkerDock):
         self.status_label.setText(
             f"NSC {_fmt(r.nsc)}, NSCB {_fmt(r.nscb)} on {r.n_treatments} treatments "
             f"({r.n_fields} fields; recipe {evaluation.preset or 'custom'}). "
-            + " ".join([*evaluation.notes, *r.notes, *why_lines(r)]) + self._model_note)
+            + " ".join([*evaluation.notes, *r.notes, *self.why_lines(evaluation)])
+            + self._model_note)
         rows = [("NSC", _fmt(r.nsc), MEANINGS["NSC"]), ("NSCB", _fmt(r.nscb), MEANINGS["NSCB"]),
                 ("mAP (NSC)", _fmt(r.map_nsc), MEANINGS["mAP"] + ", NSC candidates"),
                 ("mAP (NSCB)", _fmt(r.map_nscb), MEANINGS["mAP"] + ", NSCB candidates"),
@@ -421,18 +429,6 @@ class EvaluateWidget(WorkerDock):
             fmt = "svg" if path.lower().endswith(".svg") or "svg" in chosen.lower() else "png"
             files = self.export_figures(Path(path).with_suffix(""), fmt)
             self.status_label.setText(f"{len(files)} figures written to {files[0].parent}.")
-
-
-def why_lines(result) -> list[str]:
-    """A short reason where a number surprises a reader (issue 28)."""
-    out = []
-    nsc, nscb = result.nsc, result.nscb
-    if nsc is not None and nscb is not None and nscb > nsc:
-        out.append(f"Why NSCB > NSC: NSCB scores only the {result.n_nscb} treatments with a "
-                   f"candidate in another batch (NSC: {result.n_nsc}), so the two are measured "
-                   "on different treatments; on ~100 treatments one run moves either by "
-                   "0.05-0.1.")
-    return out
 
 
 class _signals_blocked:
