@@ -55,6 +55,38 @@ def test_every_control_has_a_tooltip_and_docks_scroll(make_napari_viewer, tmp_pa
     assert not missing, missing
 
 
+def test_tabbed_docks_show_whole_titles_at_1280_x_720(make_napari_viewer, qtbot):
+    """Issue 28: tabbed at 1280 x 720 the tabs read "3a…"; now each shows a short whole
+    title (never elided: the bar scrolls when they do not all fit)."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_wsdino._napari.dock import tab_title
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1280, 720)
+    shown = PANELS[:1] + PANELS[2:]  # as the walkthrough opens them (fetch aside)
+    for name in shown:
+        viewer.window.add_plugin_dock_widget("napari-wsdino", name)
+        QApplication.processEvents()
+    titles = [tab_title(f"{name} (napari-wsdino)") for name in shown]
+    assert titles == ["1 Data", "2 Preprocess", "3a Train", "3b Models", "4 Attention",
+                      "5 Evaluate", "6 Compare"]
+
+    def bar():
+        bars = [b for b in window.findChildren(QTabBar) if b.parentWidget() is window
+                and b.count() == len(shown)]
+        return bars[0] if bars else None
+
+    qtbot.waitUntil(lambda: bar() is not None and bar().elideMode() == Qt.ElideNone,
+                    timeout=10_000)
+    tabs = bar()
+    assert [tabs.tabText(i) for i in range(tabs.count())] == titles
+    assert tabs.usesScrollButtons()
+    text = tabs.fontMetrics()
+    assert all(tabs.tabRect(i).width() > text.horizontalAdvance(t) for i, t in enumerate(titles))
+
+
 class _Dock(WorkerDock):
     """The smallest panel: one Start and one Stop button over the base's task handling."""
 

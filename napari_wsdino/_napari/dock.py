@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
     QPushButton,
     QScrollArea,
     QSpinBox,
+    QTabBar,
     QVBoxLayout,
     QWidget,
 )
@@ -48,6 +49,19 @@ if TYPE_CHECKING:
     import napari
 
 DOCS = "https://github.com/napari-wsdino/napari-wsdino/blob/main/docs/"
+#: napari names a plugin's dock "NAME (napari-wsdino)"; tabbed at 1280 px, that is cut to
+#: "3a…". A tab shows the manifest's display name, shortened here (the dock's own title bar
+#: keeps the whole name; Qt gives each tab its title as tooltip).
+PLUGIN_SUFFIX = " (napari-wsdino)"
+TAB_TITLES = {"1 Data - plate browser": "1 Data", "1b Data - fetch BBBC021": "1b Fetch",
+              "3b Load models": "3b Models", "6 Compare model sets": "6 Compare"}
+
+
+def tab_title(name: str) -> str:
+    """A dock's tab title from its napari name (``"3b Load models (napari-wsdino)"`` ->
+    ``"3b Models"``)."""
+    base = name.removesuffix(PLUGIN_SUFFIX)
+    return TAB_TITLES.get(base, base)
 
 
 class WorkerDock(QWidget):
@@ -121,6 +135,8 @@ class WorkerDock(QWidget):
             return
         if mine is None or mine.isFloating() or not isinstance(window, QMainWindow):
             return
+        mine.setWindowTitle(tab_title(mine.windowTitle()))  # the text of its tab
+        QTimer.singleShot(0, lambda: _readable_tabs(window))
         area = window.dockWidgetArea(mine)
         for other in window.findChildren(QDockWidget):
             if (other is not mine and other.isVisible() and not other.isFloating()
@@ -257,6 +273,15 @@ class WorkerDock(QWidget):
         bar.show()
         self.worker.finished.connect(bar.hide)
         return self.worker
+
+
+def _readable_tabs(window: QMainWindow) -> None:
+    """The main window's dock tab bars show whole titles (with scroll arrows when they do
+    not all fit), never "3a…"."""
+    for bar in window.findChildren(QTabBar):
+        if bar.parentWidget() is window:  # a panel's own tabs (Evaluate's) stay as they are
+            bar.setElideMode(Qt.ElideNone)
+            bar.setUsesScrollButtons(True)
 
 
 # -- form helpers ----------------------------------------------------------------------

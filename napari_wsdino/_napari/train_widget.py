@@ -22,15 +22,18 @@ from qtpy.QtWidgets import (
 )
 
 from napari_wsdino.core import layout
+from napari_wsdino.core.archs import ARCHITECTURES
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.metadata import CHANNELS, DataError
-from napari_wsdino.core.archs import ARCHITECTURES, RANDOM_INIT
-from napari_wsdino.core.pretrained import DEFAULT_INIT, weights_exist
-from napari_wsdino.core.presets import DEFAULT_PRESET, PRESET_TITLES, PRESETS, preset_for
+from napari_wsdino.core.pretrained import DEFAULT_INIT
+from napari_wsdino.core.presets import DEFAULT_PRESET, PRESET_TITLES
 from napari_wsdino.core.progress import Progress
 from napari_wsdino.core.sampler import WEAK_LABEL_INFO, weak_label_note
 # Only torch-free names at import: the panel opens without torch (imported in the background).
-from napari_wsdino.core.train import TrainConfig, TrainingError, resolve_config
+from napari_wsdino.core.train import TrainingError
+from napari_wsdino._napari.train_config import (  # noqa: F401 - importable from here too
+    CONFIG_FIELDS, check_fit, continue_config, make_train_config, preset_config,
+)
 from napari_wsdino._napari.canvases import LossPlot
 from napari_wsdino._napari.train_status import describe_step, epochs_of, run_summary
 from napari_wsdino._napari.state import TaskStatus
@@ -46,11 +49,6 @@ if TYPE_CHECKING:
 PREFIX = "train."
 #: Architectures offered, from core.model's registry (the box is editable: any timm ViT name).
 ARCHS = tuple(ARCHITECTURES)
-#: Widget fields that go straight into TrainConfig.
-CONFIG_FIELDS = ("weak_label", "arch", "epochs", "batch_size", "lr", "init", "device",
-                 "global_size", "local_size", "local_crops", "out_dim")
-
-
 #: ``(label, value)`` of the device combo while the panel opens; the CUDA entry is named
 #: (the GPU, or none found) once :func:`load_training_code` has run in the background.
 DEVICE_CHOICES = (("auto", "auto"), ("CPU", "cpu"), ("CUDA", "cuda"))
@@ -72,54 +70,6 @@ def load_training_code() -> str:
     if torch.cuda.is_available():
         return f"CUDA: {torch.cuda.get_device_name(0)}"
     return "CUDA (no GPU found)"
-
-
-def preset_config(name: str) -> TrainConfig:
-    """WS-DINO's defaults with a demo preset's training settings."""
-    return resolve_config(overrides=PRESETS[name].train if name in PRESETS else None)
-
-
-def make_train_config(values: dict[str, Any], base_file: str = "", preset: str = "") -> TrainConfig:
-    """Widget values over a base config (a TOML file, else a preset, else WS-DINO's defaults).
-
-    The merge is ``core.train.resolve_config``'s, the CLI's too. Raises ``ValueError`` /
-    ``FileNotFoundError`` with a message naming the bad setting.
-    """
-    changes = {k: values[k] for k in CONFIG_FIELDS if k in values}
-    if changes.get("init") not in (None, "", RANDOM_INIT) and not weights_exist(changes["init"]):
-        raise FileNotFoundError(f"Initial weights file {changes['init']} does not exist.")
-    base = base_file if str(base_file).strip() else preset_config(preset)
-    return resolve_config(base, changes)
-
-
-
-def check_fit(config: TrainConfig, shape) -> None:
-    """Core's fit check (:func:`napari_wsdino.core.train.check_fit`), plus the preset
-    whose crops fit such a cache when the global crop is too large."""
-    from napari_wsdino.core.train import check_fit as core_check_fit  # torch
-
-    try:
-        core_check_fit(config, shape)
-    except TrainingError as exc:
-        if "too large" not in str(exc):
-            raise
-        raise TrainingError(f"{exc} Or choose the preset "
-                            f"'{PRESET_TITLES[preset_for(shape)]}'.") from None
-
-
-def continue_config(run: str | Path, channels, epochs: int, device: str) -> TrainConfig:
-    """The run's saved settings with a new number of epochs (Continue training).
-
-    The CLI's resume rule (``core.train.resolve_config`` with ``resume_from``): the saved
-    ``config.toml`` of each ticked channel, checked before any work; the first one is run.
-    Raises ``TrainingError`` when a channel's saved settings cannot be resumed so.
-    """
-    configs = [resolve_config(None, {"epochs": int(epochs), "device": device},
-                              resume_from=layout.channel_dir(run, channel))
-               for channel in channels if layout.config_path(run, channel).exists()]
-    if not configs:
-        raise ValueError(f"{run} holds no run of {', '.join(channels)} to continue: press Start.")
-    return configs[0]
 
 
 class TrainWidget(WorkerDock):
