@@ -22,9 +22,10 @@ WORKER = textwrap.dedent(
     from napari_wsdino.core import train as T
     from napari_wsdino.core.dino import DINOLoss
     from napari_wsdino.core.progress import run_to_end
+    from napari_wsdino.core.train import loop  # the loop looks ema_update up there
 
     rows, refs = [], {{}}
-    batch, ema, center = T.FieldSource.batch, T.ema_update, DINOLoss.update_center
+    batch, ema, center = T.FieldSource.batch, loop.ema_update, DINOLoss.update_center
     def spy_batch(self, r):
         rows.append(np.asarray(r).copy())
         return batch(self, r)
@@ -34,7 +35,7 @@ WORKER = textwrap.dedent(
     def spy_center(self, out):
         refs["loss"] = self
         return center(self, out)
-    T.FieldSource.batch, T.ema_update, DINOLoss.update_center = spy_batch, spy_ema, spy_center
+    T.FieldSource.batch, loop.ema_update, DINOLoss.update_center = spy_batch, spy_ema, spy_center
 
     rank = int(os.environ["RANK"])
     run_to_end(T.train({cache!r}, tiny_config(epochs=2, batch_size=4), {out!r}))
