@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from napari_wsdino.cli import main
+from napari_wsdino.core.pipeline import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +86,24 @@ def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
                  "--init", "replica-dino-pico8-cells"]) == 0
     printed = capsys.readouterr().out
     assert "weak label: 37 of 38 compounds sit in one batch (only taxol spans several)" in printed
+
+
+def test_demo_resumes_a_folder_whose_preset_text_was_reworded(demo_dir, capsys):
+    """A preset's description is help text, not a setting: rewording it in a new version
+    keeps earlier demo folders resumable (every stage skipped)."""
+    path = demo_dir / "stages.json"
+    original = path.read_text()
+    stages = json.loads(original)
+    stages["settings"]["preset"]["description"] = "an older wording of the test preset"
+    path.write_text(json.dumps(stages))
+    try:
+        capsys.readouterr()
+        assert main(["demo", str(demo_dir), "--preset", "test", "--device", "cpu", "--json",
+                     "--init", "replica-dino-pico8-cells"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["skipped"] == list(STAGES)
+    finally:
+        path.write_text(original)
 
 
 def test_demo_refuses_other_settings_in_same_folder(demo_dir, capsys):

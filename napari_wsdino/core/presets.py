@@ -145,9 +145,9 @@ PRESETS: dict[str, Preset] = {
         "cpu-hires", "mini", 2, (320, 400), (320, 400),
         dict(_CPU_TRAIN, global_scale=(0.02, 0.04), local_scale=(0.005, 0.0125), epochs=20),
         embed_crop=64,
-        description="the default, about 7 minutes on 2 cores: the cpu recipe at twice the "
-                    "resolution (320 x 400, nuclei 1.5 patches wide), 20 epochs, cell crops "
-                    "of 64 px",
+        description="the default, about 15 minutes on 2 cores (replica v2): the cpu recipe "
+                    "at twice the resolution (320 x 400, nuclei 1.5 patches wide), 20 epochs, "
+                    "cell crops of 64 px",
         embed_pooling="cls+mean",
         normalize="plate",
         embed_windows="cells",
