@@ -1171,3 +1171,36 @@ def test_case_g_changed_content_of_the_same_size_and_mtime_is_noticed(tmp_path, 
     code, _, err = _cli(_preprocess_args(root, out), capsys)
     assert code == 2
     _one_line_error(err, "changed (size or content)", "delete the cache folder")
+
+
+def test_case_f_a_file_system_without_locks_runs_unlocked_and_says_so(tmp_path, monkeypatch,
+                                                                       field_profiles):
+    """flock failing with ENOLCK (an NFS mount without its lock daemon): the command runs
+    and finishes, with one warning line saying a second writer would not be refused."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    folder = tmp_path / "out"
+    with pytest.warns(RuntimeWarning, match="does not support locks .No locks available.: a "
+                                            "second run writing the same output"):
+        with fsio.output_lock(folder):
+            (folder / "result.txt").write_text("done")
+    assert [p.name for p in folder.iterdir()] == ["result.txt"]  # no lock file left behind
+    # Through the CLI (a process of its own: pytest records warnings in-process), the
+    # warning is one line, no file or code: wsdino evaluate --out locks its folder.
+    path = field_profiles.write(tmp_path / "f.parquet")
+    code = ("import errno, fcntl, sys\n"
+            "def no_locks(fd, op): raise OSError(errno.ENOLCK, 'No locks available')\n"
+            "fcntl.flock = no_locks\n"
+            "from napari_wsdino.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "evaluate", str(path), "--out",
+                           str(tmp_path / "ev")], capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 0 and (tmp_path / "ev" / fsio.COMPLETE_FILE).exists(), err
+    warning = [line for line in err.splitlines() if "does not support locks" in line]
+    assert len(warning) == 1 and warning[0].startswith("wsdino: warning: ") and ".py:" not in err

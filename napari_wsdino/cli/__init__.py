@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from napari_wsdino import __version__
 
@@ -79,6 +80,11 @@ def _subcommand_module(name: str):
         ) from exc
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a user reads it: ``wsdino: warning: MESSAGE`` (no file, line, code)."""
+    return f"wsdino: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_of(argv))
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_wsdino.core.metadata import DataError
     from napari_wsdino.core.errors import CheckpointError
 
+    shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"wsdino {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":  # pragma: no cover

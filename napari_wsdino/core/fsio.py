@@ -29,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -253,6 +254,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 LOCK_FILE = ".wsdino.lock"
 
 
+#: ``flock`` errors of a file system without locks (NFS without its lock daemon, some FUSE).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
 class OutputLockedError(FileExistsError):
     """Another process is writing the same output; the message names it (pid, host,
     command, since when) and what to do."""
@@ -314,6 +319,19 @@ def output_lock(folder: str | Path, what: str = "this output", name: str = LOCK_
                 f"{label or folder} is being written by {_describe_holder(_lock_record(path))}"
                 f": wait for it to finish (or stop it), or write {what} to another folder."
             ) from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+            os.close(fd)  # e.g. an NFS mount without a lock daemon: run, but say so
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            warnings.warn(f"{folder}'s file system does not support locks ({exc.strerror}): "
+                          "a second run writing the same output at the same time will not be "
+                          "refused; start only one.", RuntimeWarning, stacklevel=3)
+            yield path
+            return
         # The holder before us may have removed the file between our open and our lock:
         # then we hold a lock on a file nobody else sees; start again on the new one.
         try:
