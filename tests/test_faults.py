@@ -1001,7 +1001,7 @@ def test_case_f_second_writer_of_a_cache_or_profiles_is_refused(screen, tiny_cac
                                                                 capsys, command):
     out = tmp_path / ("p.parquet" if command == "embed" else "cache")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from napari_wsdino.cli._common import "
+        [sys.executable, "-c", "import sys, time; from napari_wsdino.core.fsio import "
          "writing\nwith writing(sys.argv[1], 'x'):\n print('held', flush=True); "
          "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
     try:

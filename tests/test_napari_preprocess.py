@@ -137,3 +137,41 @@ def test_compare_layers_leave_with_their_field_or_dataset(make_napari_viewer, qt
         assert len(compared()) == 3
         browser.open(second)
         assert state.source == second and compared() == [], follow
+
+
+def test_panel_is_refused_while_another_process_writes_the_cache(make_napari_viewer, qtbot,
+                                                                  tmp_path):
+    """The panel takes the lock `wsdino preprocess` takes: while another process holds it,
+    Run fails with one line naming that process, and writes nothing into the cache."""
+    import subprocess
+    import sys
+
+    data = write_tiny_dataset(tmp_path / "bbbc", plates=1, wells=2, sites=1, shape=(48, 64))
+    viewer = make_napari_viewer()
+    browser = viewer.window.add_plugin_dock_widget("napari-wsdino", "1 Data - plate browser")[1]
+    widget = viewer.window.add_plugin_dock_widget("napari-wsdino", "2 Preprocess")[1]
+    browser.open(data)
+    widget.height_spin.setValue(24)
+    widget.width_spin.setValue(32)
+    widget.workers_spin.setValue(1)
+    out = tmp_path / "bbbc_cache"
+    assert widget.out_edit.text() == str(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from napari_wsdino.core.fsio import writing\n"
+         "with writing(sys.argv[1], 'this cache'):\n print('held', flush=True); time.sleep(60)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        qtbot.mouseClick(widget.run_button, Qt.LeftButton)
+        qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=30_000)
+        text = widget.status_label.text()
+        assert widget.status == TaskStatus.CRASHED
+        assert f"is being written by process {holder.pid}" in text and "\n" not in text
+        assert not out.exists()  # nothing written beside the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    qtbot.mouseClick(widget.run_button, Qt.LeftButton)  # the holder gone: the panel runs
+    qtbot.waitUntil(lambda: widget.status != TaskStatus.RUNNING, timeout=60_000)
+    assert widget.status == TaskStatus.DONE, widget.status_label.text()
+    assert len(open_cache(out)) == 2

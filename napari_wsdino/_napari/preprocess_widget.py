@@ -19,6 +19,7 @@ import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QLabel, QLineEdit
 
 from napari_wsdino.core.cache import Cache, open_cache
+from napari_wsdino.core.fsio import locked
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.preprocess import (
     ILLUMINATION_METHODS,
@@ -282,7 +283,10 @@ class PreprocessWidget(WorkerDock):
             "illumination": self.illum_combo.currentText(),
             "workers": self.workers_spin.value(),
         })
-        self.start_task(preprocess(metadata, out, prep, workers=self.workers_spin.value()),
+        # The lock `wsdino preprocess` takes: a command or another panel writing this cache
+        # meanwhile is refused, naming this one (and this one the other).
+        self.start_task(locked(preprocess(metadata, out, prep, workers=self.workers_spin.value()),
+                               out, "this cache"),
                         f"Preprocessing {len(metadata.table)} fields into {out}…",
                         describe=lambda e: f"{e.message} ({e.step}/{e.total} fields)",
                         on_done=self._adopt, desc="Preprocess")

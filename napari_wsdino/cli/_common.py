@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from napari_wsdino.core.fsio import first_missing_dir, output_lock, remove_empty_dirs
 from napari_wsdino.core.metadata import ScreenLayout
 from napari_wsdino.core.screens import LAYOUTS, resolve_layout
 from napari_wsdino.core.progress import Progress, run_to_end
@@ -119,19 +117,3 @@ def drive(gen, quiet: bool = False):
         printer.close()
 
 
-@contextmanager
-def writing(out, what: str, part: str = ""):
-    """Hold the lock of output ``out`` (a file, or a folder that must hold only its own
-    files) while the block writes it: ``.<name>[.<part>].lock`` beside it
-    (:func:`~napari_wsdino.core.fsio.output_lock`), so that a second command writing the
-    same output is refused naming the first. A parent folder made only for the lock is
-    taken back if the block fails."""
-    out = Path(out)
-    made = first_missing_dir(out.parent)
-    name = f".{out.name}{'.' + part if part else ''}.lock"
-    try:
-        with output_lock(out.parent, what, name=name, label=out):
-            yield
-    except BaseException:
-        remove_empty_dirs(out.parent, made)
-        raise

@@ -23,7 +23,8 @@ import os
 import sys
 from contextlib import nullcontext
 
-from napari_wsdino.cli._common import command, drive, writing
+from napari_wsdino.cli._common import command, drive
+from napari_wsdino.core.fsio import writing
 from napari_wsdino.core import distributed
 from napari_wsdino.core.cache import open_cache
 from napari_wsdino.core.embed import (DEFAULT_BATCH, DEFAULT_CHUNK, DEFAULT_CROP, MEDIANS,

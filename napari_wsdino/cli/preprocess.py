@@ -18,7 +18,8 @@ from dataclasses import replace
 import sys
 
 from napari_wsdino.cli._common import (add_layout_option, command, drive, is_terminal,
-                                       layout_from_args, writing)
+                                       layout_from_args)
+from napari_wsdino.core.fsio import writing
 from napari_wsdino.core.metadata import UNANNOTATED, DataError, load_metadata
 from napari_wsdino.core.presets import PRESETS, preprocess_settings
 from napari_wsdino.core.preprocess import (

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 
-from napari_wsdino.cli._common import command, drive, writing
+from napari_wsdino.cli._common import command, drive
+from napari_wsdino.core.fsio import writing
 from napari_wsdino.core.presets import PRESETS
 from napari_wsdino.core.pretrained import DEFAULT_INIT
 from napari_wsdino.core.report import SYNTHETIC_LABEL

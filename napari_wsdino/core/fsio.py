@@ -355,6 +355,31 @@ def output_lock(folder: str | Path, what: str = "this output", name: str = LOCK_
         os.close(fd)
 
 
+@contextmanager
+def writing(out: str | Path, what: str, part: str = "") -> Iterator[None]:
+    """Hold the lock of output ``out`` (a file, or a folder that must hold only its own
+    files) while the block writes it: ``.<name>[.<part>].lock`` beside it
+    (:func:`output_lock`), so that a second writer of the same output, a command or a
+    panel, is refused naming the first. A parent folder made only for the lock is taken
+    back if the block fails."""
+    out = Path(out)
+    made = first_missing_dir(out.parent)
+    name = f".{out.name}{'.' + part if part else ''}.lock"
+    try:
+        with output_lock(out.parent, what, name=name, label=out):
+            yield
+    except BaseException:
+        remove_empty_dirs(out.parent, made)
+        raise
+
+
+def locked(gen, out: str | Path, what: str, part: str = ""):
+    """Run generator ``gen`` (a task's progress) holding :func:`writing`'s lock on ``out``
+    from its first step to its last; returns what ``gen`` returns."""
+    with writing(out, what, part):
+        return (yield from gen)
+
+
 #: Written last into a folder of results written by :func:`write_file_set`: the set is
 #: complete (and which files it holds).
 COMPLETE_FILE = "complete.json"
