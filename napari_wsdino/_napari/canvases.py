@@ -7,11 +7,14 @@ Both draw on a ``FigureCanvasQTAgg`` that the dock lays out; they take arrays an
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core.progress import Progress
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class ScatterMap:
@@ -37,6 +40,7 @@ class ScatterMap:
     def draw(self, xy: np.ndarray, labels: pd.Series, names: list[str], title: str) -> None:
         """Scatter ``xy`` coloured by ``labels`` (categorical or numeric)."""
         import matplotlib
+        import pandas as pd
         from matplotlib.lines import Line2D
 
         if self.colorbar is not None:

@@ -24,13 +24,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core.fsio import atomic_path, atomic_write_text
 from napari_wsdino.core.metadata import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CACHE_FORMAT = "napari-wsdino-cache"
 CACHE_VERSION = 1
@@ -121,6 +123,8 @@ def open_cache(path: str | Path) -> Cache:
     index = path / INDEX_FILE
     if not index.exists():
         raise DataError(f"Cache {path} lacks its field table {INDEX_FILE}: {repair}.")
+    import pandas as pd  # here, not above: the Train panel asks before a cache is chosen
+
     try:
         table = pd.read_parquet(index)
     except Exception as exc:  # pyarrow raises its own types for a damaged file

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core.errors import DataError
 from napari_wsdino.core.screens import (  # noqa: F401  (re-exported: the public layout API)
@@ -47,6 +47,9 @@ from napari_wsdino.core.screens import (  # noqa: F401  (re-exported: the public
     register_layout,
     resolve_layout,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FIELD_COLUMNS: tuple[str, ...] = (
     "plate",
@@ -143,6 +146,8 @@ SAVE_AS_UTF8 = ("save it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet's Save As, 
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         with open(path, "rb") as fh:
             head = fh.read(4096)
@@ -287,6 +292,8 @@ def load_metadata(
 def _from_pattern(values: pd.Series, pattern: str | None, images: pd.DataFrame,
                   column: str | None) -> pd.Series:
     """A regex group of ``values`` where it matches, else the CSV ``column``."""
+    import pandas as pd
+
     out = (values.str.extract(pattern, expand=False) if pattern is not None
            else pd.Series(np.nan, index=values.index, dtype=object))
     if column is not None and column in images.columns:
@@ -296,6 +303,8 @@ def _from_pattern(values: pd.Series, pattern: str | None, images: pd.DataFrame,
 
 def _field_columns(images: pd.DataFrame, layout: ScreenLayout, image_csv: Path) -> pd.DataFrame:
     """plate, batch, well, site, replicate, compound, concentration and treatment."""
+    import pandas as pd
+
     plate = images[layout.plate_column].astype(str)
     table = pd.DataFrame({"plate": plate})
     batch = _from_pattern(plate, layout.batch_pattern, images, layout.batch_column)
@@ -340,6 +349,8 @@ def _field_columns(images: pd.DataFrame, layout: ScreenLayout, image_csv: Path) 
 def _moa_of_rows(images: pd.DataFrame, table: pd.DataFrame, layout: ScreenLayout,
                  moa_csv: Path | None) -> pd.Series:
     """Each row's MoA (NaN: none), from the MoA CSV or the image CSV's MoA column."""
+    import pandas as pd
+
     if moa_csv is None:
         moa = images[layout.moa_column].where(images[layout.moa_column].notna(), None)
         moa = moa.astype(object).where(moa.astype(str).str.strip() != "", None)
@@ -425,6 +436,8 @@ def groups_across_batches(table: pd.DataFrame, groups="compound") -> tuple[int, 
 
     Only those groups give WS-DINO pairs that cross a batch: among BBBC021's annotated
     compounds, taxol alone (tested on the bundled metadata)."""
+    import pandas as pd
+
     keys = table[groups] if isinstance(groups, str) else pd.Series(list(groups), index=table.index)
     batches = table["batch"].groupby(keys).nunique()
     return len(batches), sorted(batches.index[batches >= 2])

@@ -27,13 +27,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core.fsio import atomic_path
 from napari_wsdino.core.metadata import CONTROL, DataError, treatment_name
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PREFIX = "Metadata_"
 
@@ -164,6 +166,8 @@ class ProfileTable:
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> "ProfileTable":
         """Split a flat table: ``Metadata_*`` columns are metadata, the rest features."""
+        import pandas as pd
+
         cols = [str(c) for c in frame.columns]
         frame = frame.set_axis(cols, axis=1)
         meta_cols = [c for c in cols if c.startswith(PREFIX)]
@@ -186,6 +190,8 @@ class ProfileTable:
     @classmethod
     def read(cls, path: str | Path) -> "ProfileTable":
         """Read a Parquet (``.parquet``/``.pq``) or CSV (``.csv``, ``.csv.gz``, ``.tsv``) file."""
+        import pandas as pd
+
         path = Path(path)
         if not path.exists():
             raise DataError(f"Profile file not found: {path}.")
@@ -233,6 +239,8 @@ class ProfileTable:
 
     def to_frame(self) -> pd.DataFrame:
         """One flat table: metadata columns, then feature columns."""
+        import pandas as pd
+
         feats = pd.DataFrame(self.features, columns=self.feature_names)
         return pd.concat([self.meta.reset_index(drop=True), feats], axis=1)
 
@@ -357,6 +365,8 @@ def simulate_profiles(table: pd.DataFrame, n_features: int = 32, *, moa_signal: 
     rng = np.random.default_rng(seed)
 
     def effect(column: str, scale: float, zero: str | None = None) -> np.ndarray:
+        import pandas as pd
+
         codes, names = pd.factorize(table[column].astype(str), sort=True)
         vectors = rng.normal(size=(len(names), n_features)) * scale
         if zero is not None and zero in set(names):

@@ -29,23 +29,29 @@ Example
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core.metadata import DataError, groups_across_batches
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 _BLANK = ["", "nan", "none", "unknown"]
 
 
 def _each_field(table: pd.DataFrame) -> pd.Series:
+    import pandas as pd
+
     return pd.Series(np.arange(len(table)).astype(str), dtype=object)
 
 
 def _column(name: str) -> Callable[[pd.DataFrame], pd.Series]:
     def labels(table: pd.DataFrame) -> pd.Series:
+        import pandas as pd
+
         if name not in table:
             raise DataError(f"The field table has no {name!r} column to use as weak label.")
         col = table[name]
@@ -62,6 +68,8 @@ def _column(name: str) -> Callable[[pd.DataFrame], pd.Series]:
 
 
 def _moa_or_compound(table: pd.DataFrame) -> pd.Series:
+    import pandas as pd
+
     moa = table["moa"].astype(object)
     known = moa.notna() & ~moa.astype(str).str.strip().str.lower().isin(_BLANK)
     return pd.Series(
@@ -262,6 +270,8 @@ class PairSampler:
         rank: int = 0,
         world_size: int = 1,
     ):
+        import pandas as pd
+
         self.rows = labels.index.to_numpy(dtype=np.int64)
         self.labels = labels.to_numpy(dtype=object)
         codes, uniques = pd.factorize(labels, sort=True)

@@ -14,13 +14,16 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core.fsio import atomic_write, atomic_write_text, remove_on_failure, unique_temp_path
 from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.profiles import SUFFIXES, ProfileTable
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PARTS_FORMAT = "napari-wsdino-embed-parts"
 
@@ -56,6 +59,8 @@ def check_profiles_out(out: str | Path) -> Path:
 
 
 def _table_hash(table: pd.DataFrame) -> str:
+    import pandas as pd
+
     cols = [c for c in ("plate", "well", "site") if c in table.columns]
     keys = table[cols].astype(str).agg("/".join, axis=1) if cols else pd.Series(range(len(table)))
     return hashlib.sha1("\n".join(keys).encode()).hexdigest()

@@ -56,10 +56,9 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
-from typing import Generator
+from typing import TYPE_CHECKING, Generator
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core import illumination as illum
 from napari_wsdino.core.cache import (
@@ -118,6 +117,9 @@ from napari_wsdino.core.preprocess.workers import (  # noqa: F401
     _sum_task,
 )
 from napari_wsdino.core.preprocess.shard import Shard, merge_shards, split_plates
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "FLOAT16_MAX", "ILLUMINATION_METHODS", "NORMALIZATIONS", "RESIZE_METHOD", "STAGE",

@@ -13,10 +13,9 @@ Example
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core import illumination as illum
 from napari_wsdino.core.cache import Cache
@@ -27,6 +26,9 @@ from napari_wsdino.core.preprocess.settings import (
     NORMALIZATIONS,
     PreprocessSettings,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 def resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bicubic, anti-aliased resize of ``(H, W)`` or ``(C, H, W)`` images (float32).

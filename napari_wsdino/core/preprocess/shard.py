@@ -27,10 +27,9 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Iterable
+from typing import TYPE_CHECKING, Generator, Iterable
 
 import numpy as np
-import pandas as pd
 
 from napari_wsdino.core.cache import (
     SETTINGS_FILE,
@@ -58,6 +57,9 @@ from napari_wsdino.core.preprocess.state import (
     _settings_difference,
     _write_json,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _SPEC_HELP = "give I/N, shard I of N shards numbered from 1, e.g. --shard 1/4 ... --shard 4/4"
 

@@ -17,11 +17,9 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
-import pyarrow.parquet as pq
 
 from napari_wsdino.core.cache import (
     CACHE_FORMAT,
@@ -36,6 +34,9 @@ from napari_wsdino.core.cache import (
 )
 from napari_wsdino.core.fsio import atomic_write, preallocate, remove_empty_dirs
 from napari_wsdino.core.metadata import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Where shard runs (``preprocess(..., shard=...)``) write inside a cache folder.
 SHARDS_DIR = "shards"
@@ -202,6 +203,8 @@ def _damage(out: Path, state: dict, channels: list[str]) -> dict[str, str]:
     ``{file name: problem}`` (empty: nothing): each array checked against the rows
     ``state`` records (all reserved rows while the cache is made, the rows kept once
     complete), and a complete cache's field table against its row count. Headers only."""
+    import pyarrow.parquet as pq
+
     h, w = state.get("shape", (0, 0))
     complete = bool(state.get("complete"))
     rows = state.get("n_fields") if complete else state.get("capacity")
