@@ -16,6 +16,8 @@ module (:func:`spin`, :func:`combo`, :func:`button`, :func:`hrow`, ...) build it
 
 from __future__ import annotations
 
+import weakref
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable
 
 from qtpy.QtCore import Qt, QTimer
@@ -136,7 +138,9 @@ class WorkerDock(QWidget):
         if mine is None or mine.isFloating() or not isinstance(window, QMainWindow):
             return
         mine.setWindowTitle(tab_title(mine.windowTitle()))  # the text of its tab
-        QTimer.singleShot(0, lambda: _readable_tabs(window))
+        # Once Qt has made the tab bar; through a weak reference, so that a window closed
+        # before the timer fires is not kept alive by it (napari's leak check sees that).
+        QTimer.singleShot(0, partial(_readable_tabs, weakref.ref(window)))
         area = window.dockWidgetArea(mine)
         for other in window.findChildren(QDockWidget):
             if (other is not mine and other.isVisible() and not other.isFloating()
@@ -275,10 +279,15 @@ class WorkerDock(QWidget):
         return self.worker
 
 
-def _readable_tabs(window: QMainWindow) -> None:
+def _readable_tabs(window_ref: Callable[[], QMainWindow | None]) -> None:
     """The main window's dock tab bars show whole titles (with scroll arrows when they do
-    not all fit), never "3a…"."""
-    for bar in window.findChildren(QTabBar):
+    not all fit), never "3a…"; nothing once the window is gone."""
+    window = window_ref()
+    try:
+        bars = window.findChildren(QTabBar) if window is not None else []
+    except RuntimeError:  # its C++ object deleted
+        return
+    for bar in bars:
         if bar.parentWidget() is window:  # a panel's own tabs (Evaluate's) stay as they are
             bar.setElideMode(Qt.ElideNone)
             bar.setUsesScrollButtons(True)
