@@ -1204,3 +1204,24 @@ def test_case_f_a_file_system_without_locks_runs_unlocked_and_says_so(tmp_path, 
     assert proc.returncode == 0 and (tmp_path / "ev" / fsio.COMPLETE_FILE).exists(), err
     warning = [line for line in err.splitlines() if "does not support locks" in line]
     assert len(warning) == 1 and warning[0].startswith("wsdino: warning: ") and ".py:" not in err
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_case_w_profile_csv_with_another_separator_is_named_with_the_fix(field_profiles,
+                                                                         tmp_path, capsys, sep):
+    """A profile table saved with ';' (a European spreadsheet) or tabs under a .csv name:
+    one line naming the separator and the command that rewrites it, not "no feature
+    columns"; the rewritten file then evaluates."""
+    import pandas as pd
+
+    good = field_profiles.write(tmp_path / "good.csv")
+    semi = tmp_path / "semi.csv"
+    pd.read_csv(good).to_csv(semi, sep=sep, index=False)
+    code, _, err = _cli(["evaluate", semi, "--json"], capsys)
+    assert code == 2
+    line = _one_line_error(err, f"is separated by {sep!r}", "Save it comma-separated",
+                           f"sep={sep!r}).to_csv(")
+    assert "no feature columns" not in line
+    pd.read_csv(semi, sep=sep).to_csv(semi, index=False)  # the fix the message gives
+    code, out, _ = _cli(["evaluate", semi, "--json"], capsys)
+    assert code == 0 and "nsc" in out

@@ -120,18 +120,26 @@ def bundled_metadata_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "data"
 
 
+def check_separator(columns, what, expected: str = "by commas as the BBBC021 CSVs are") -> None:
+    """A CSV read as one column whose name holds the others (``a;b;c``) was written with
+    another separator: a :class:`DataError` naming it and the one-line fix."""
+    if len(columns) != 1:
+        return
+    header = str(columns[0])
+    sep = next((s for s in (";", "\t", "|") if s in header), None)
+    if sep is not None:
+        raise DataError(
+            f"{what} is separated by {sep!r} (its header reads one column, "
+            f"{header[:80]!r}...), not {expected}. Save it "
+            "comma-separated (a spreadsheet's 'CSV (comma delimited)', or "
+            f"python -c \"import pandas as pd; pd.read_csv('{what}', "
+            f"sep={sep!r}).to_csv('{what}', index=False)\") and retry.")
+
+
 def _require_columns(df: pd.DataFrame, needed: list[str], what: Path) -> None:
     absent = [c for c in needed if c not in df.columns]
-    if absent and len(df.columns) == 1:
-        header = str(df.columns[0])
-        sep = next((s for s in (";", "\t", "|") if s in header), None)
-        if sep is not None:  # one column whose name holds the others: not comma-separated
-            raise DataError(
-                f"{what} is separated by {sep!r} (its header reads one column, "
-                f"{header[:80]!r}...), not by commas as the BBBC021 CSVs are. Save it "
-                "comma-separated (a spreadsheet's 'CSV (comma delimited)', or "
-                f"python -c \"import pandas as pd; pd.read_csv('{what}', "
-                f"sep={sep!r}).to_csv('{what}', index=False)\") and retry.")
+    if absent:
+        check_separator(df.columns, what)
     if absent:
         raise DataError(
             f"{what} lacks the column(s) {absent}. It has {list(df.columns)}. "

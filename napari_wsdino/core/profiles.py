@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 import numpy as np
 
 from napari_wsdino.core.fsio import atomic_path
-from napari_wsdino.core.metadata import CONTROL, DataError, treatment_name
+from napari_wsdino.core.metadata import CONTROL, DataError, check_separator, treatment_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -202,6 +202,8 @@ class ProfileTable:
             elif name.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
                 sep = "\t" if name.endswith(".tsv") else ","
                 head = pd.read_csv(path, sep=sep, nrows=0)
+                if sep == ",":  # a ';'- or tab-separated file read as one column
+                    check_separator(head.columns, path, "by commas")
                 dtype = {c: str for c in head.columns if c in _TEXT_COLUMNS}
                 frame = pd.read_csv(path, sep=sep, dtype=dtype, keep_default_na=False,
                                     na_values={c: ["", "NaN", "nan", "NA"] for c in head.columns
