@@ -1225,3 +1225,21 @@ def test_case_w_profile_csv_with_another_separator_is_named_with_the_fix(field_p
     pd.read_csv(semi, sep=sep).to_csv(semi, index=False)  # the fix the message gives
     code, out, _ = _cli(["evaluate", semi, "--json"], capsys)
     assert code == 0 and "nsc" in out
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--chunk-size", "-1")])
+def test_case_w_embed_batch_and_chunk_sizes_below_one_are_refused(tiny_cache, tmp_path, capsys,
+                                                                  flag, value):
+    out = tmp_path / "p.parquet"
+    code, _, err = _cli(["embed", tiny_cache.path, "--random", "--arch", "test_vit", "--crop",
+                         "16", flag, value, "--out", out, "--quiet"], capsys)
+    assert code == 2
+    _one_line_error(err, f"{flag} is a number of fields, at least 1, not {value}")
+    assert not out.exists()
+
+
+def test_case_w_evaluate_k_zero_names_the_flag(field_profiles, tmp_path, capsys):
+    path = field_profiles.write(tmp_path / "f.parquet")
+    code, _, err = _cli(["evaluate", path, "--k", "1", "0", "--json"], capsys)
+    assert code == 2
+    _one_line_error(err, "--k takes neighbour counts of at least 1", "not 0")

@@ -171,6 +171,9 @@ def run(args) -> int:
         if args.crop is not None and args.crop < 1:
             raise DataError(f"--crop is a side in pixels, at least 1 (default {DEFAULT_CROP}), "
                             f"not {args.crop}.")  # before the cache, the models and hours of embedding
+        for flag, value in (("--batch-size", args.batch_size), ("--chunk-size", args.chunk_size)):
+            if value < 1:
+                raise DataError(f"{flag} is a number of fields, at least 1, not {value}.")
         cache = open_cache(args.cache)
         models = build_models(args, cache.channels)
         if main and not args.quiet:

@@ -17,6 +17,7 @@ from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.evaluate_workflow import evaluation_state
 from napari_wsdino.core.evaluation import (DEFAULT_KS, UNANNOTATED, EvaluationResult,
                                            iter_evaluate)
+from napari_wsdino.core.metadata import DataError
 from napari_wsdino.core.profiles import ProfileTable
 from napari_wsdino.core.tvn import METHODS, TVN_METHODS
 
@@ -112,6 +113,9 @@ def run(args) -> int:
     given = {k: getattr(args, k) for k in ("tvn", "nscb_multibatch")
              if getattr(args, k, None) is not None}
     settings = evaluate_settings(args.recipe, **given)
+    if min(args.k) < 1:  # before reading the profiles
+        raise DataError(f"--k takes neighbour counts of at least 1 (e.g. --k 1 3 5), "
+                        f"not {min(args.k)}.")
     profiles = ProfileTable.read(args.profiles)
     warning = _size_warning(profiles, settings.tvn)
     if warning:
