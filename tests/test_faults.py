@@ -1243,3 +1243,18 @@ def test_case_w_evaluate_k_zero_names_the_flag(field_profiles, tmp_path, capsys)
     code, _, err = _cli(["evaluate", path, "--k", "1", "0", "--json"], capsys)
     assert code == 2
     _one_line_error(err, "--k takes neighbour counts of at least 1", "not 0")
+
+
+def test_case_w_embed_crop_above_the_field_size_is_noted(tiny_cache, tmp_path, capsys):
+    """--crop far above the field: one note saying the crops are cut to fit, and the
+    profiles record the side used."""
+    import json as _json
+
+    out = tmp_path / "p.parquet"
+    code, _, err = _cli(["embed", tiny_cache.path, "--random", "--arch", "test_vit", "--crop",
+                         "100000", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    h, w = tiny_cache.shape
+    assert f"note: --crop 100000 is larger than the cache's {h} x {w} px fields" in err
+    provenance = _json.loads(out.with_suffix(".json").read_text())
+    assert max(provenance["crop"].values()) <= min(h, w)

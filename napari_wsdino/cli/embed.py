@@ -175,6 +175,10 @@ def run(args) -> int:
             if value < 1:
                 raise DataError(f"{flag} is a number of fields, at least 1, not {value}.")
         cache = open_cache(args.cache)
+        if args.crop is not None and args.crop > min(cache.shape) and main:
+            print(f"note: --crop {args.crop} is larger than the cache's {cache.shape[0]} x "
+                  f"{cache.shape[1]} px fields: crops are cut to fit (the side used is "
+                  "recorded with the profiles).", file=sys.stderr)
         models = build_models(args, cache.channels)
         if main and not args.quiet:
             print(f"Models ({models.kind}):\n{describe(models)}", file=sys.stderr)
