@@ -548,6 +548,7 @@ def test_verify_archive_messages(tmp_path, official):
     (["--timeout", "nan"], ["--timeout must be"]),
     (["--base-url", "notaurl"], ["--base-url 'notaurl' is not a folder URL", "https://"]),
     (["--base-url", "https:/no-host"], ["is not a folder URL"]),
+    (["--retries", "-2"], ["--retries is how many times to try again, 0 or more", "-2"]),
 ])
 def test_bad_timeout_and_base_url_are_one_line_before_any_request(tmp_path, capsys, argv, words):
     """Issue 30 b: no ValueError traceback, no 'Operation now in progress'."""

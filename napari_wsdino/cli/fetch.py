@@ -145,8 +145,11 @@ def _confirm(summary: str) -> bool:
 
 
 def run(args) -> int:
+    if args.retries < 0:  # before any request
+        raise FetchError(f"--retries is how many times to try again, 0 or more, not "
+                         f"{args.retries}.")
     hashes = load_manifest(args.manifest) if args.manifest else {}
-    options = FetchOptions(base_url=args.base_url, retries=max(args.retries, 0),
+    options = FetchOptions(base_url=args.base_url, retries=args.retries,
                            timeout=args.timeout, keep_zips=args.keep_zips, hashes=hashes)
     printer = FetchPrinter(quiet=args.quiet)
     chosen = bool(args.plates) or args.subset is not None or args.all_plates
