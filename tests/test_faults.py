@@ -1258,3 +1258,30 @@ def test_case_w_embed_crop_above_the_field_size_is_noted(tiny_cache, tmp_path, c
     assert f"note: --crop 100000 is larger than the cache's {h} x {w} px fields" in err
     provenance = _json.loads(out.with_suffix(".json").read_text())
     assert max(provenance["crop"].values()) <= min(h, w)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock")
+def test_case_f_second_evaluate_on_one_out_is_refused_before_it_computes(field_profiles,
+                                                                         tmp_path, capsys):
+    """A real process holds the evaluation folder's lock: `wsdino evaluate --out` is refused
+    at once, naming it, and the holder's files are left as they were."""
+    out = tmp_path / "ev"
+    path = field_profiles.write(tmp_path / "f.parquet")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path\n"
+         "from napari_wsdino.core.fsio import output_lock\n"
+         "with output_lock(sys.argv[1], 'this evaluation'):\n"
+         " Path(sys.argv[1], 'metrics.json').write_text('{}')\n"
+         " print('held', flush=True); time.sleep(60)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, out_text, err = _cli(["evaluate", path, "--out", out], capsys)
+        assert code == 2 and "NSC" not in out_text  # nothing evaluated
+        _one_line_error(err, f"is being written by process {holder.pid}", "another folder")
+        assert (out / "metrics.json").read_text() == "{}"
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, _ = _cli(["evaluate", path, "--out", out], capsys)  # the holder gone: it runs
+    assert code == 0 and (out / "complete.json").exists()

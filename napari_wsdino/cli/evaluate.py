@@ -15,6 +15,7 @@ from pathlib import Path
 
 from napari_wsdino.cli._common import command, drive
 from napari_wsdino.core.evaluate_workflow import evaluation_state
+from napari_wsdino.core.fsio import output_lock
 from napari_wsdino.core.evaluation import (DEFAULT_KS, UNANNOTATED, EvaluationResult,
                                            iter_evaluate)
 from napari_wsdino.core.metadata import DataError
@@ -116,6 +117,9 @@ def run(args) -> int:
     if min(args.k) < 1:  # before reading the profiles
         raise DataError(f"--k takes neighbour counts of at least 1 (e.g. --k 1 3 5), "
                         f"not {min(args.k)}.")
+    if args.out:  # refused now, not after the evaluation, when another writer holds it
+        with output_lock(args.out, "this evaluation"):
+            pass
     profiles = ProfileTable.read(args.profiles)
     warning = _size_warning(profiles, settings.tvn)
     if warning:
