@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from napari_wsdino.cli._common import command, drive
@@ -118,8 +119,10 @@ def run(args) -> int:
         raise DataError(f"--k takes neighbour counts of at least 1 (e.g. --k 1 3 5), "
                         f"not {min(args.k)}.")
     if args.out:  # refused now, not after the evaluation, when another writer holds it
-        with output_lock(args.out, "this evaluation"):
-            pass
+        with warnings.catch_warnings():  # a file system without locks: said once, at write
+            warnings.simplefilter("ignore", RuntimeWarning)
+            with output_lock(args.out, "this evaluation"):
+                pass
     profiles = ProfileTable.read(args.profiles)
     warning = _size_warning(profiles, settings.tvn)
     if warning:
