@@ -5,19 +5,16 @@ laid in a prepared cache folder."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import http.server
 import os
 import socket
-import threading
-import time
 
 import pytest
 import torch
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QApplication, QMessageBox
+
+from loopback import loopback
 
 from napari_wsdino.core.model import create_backbone
 from napari_wsdino.core.modelset import ModelSet
@@ -40,38 +37,6 @@ def caches(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return tmp_path
-
-
-@contextlib.contextmanager
-def _loopback(folder, delay=0.0):
-    """An HTTP server on 127.0.0.1 serving ``folder``, ``delay`` s after each 64 kB;
-    yields its address and the paths asked for."""
-    hits = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            super().do_GET()
-
-        def copyfile(self, source, outputfile):
-            try:
-                while chunk := source.read(1 << 16):
-                    outputfile.write(chunk)
-                    time.sleep(delay)
-            except (BrokenPipeError, ConnectionResetError):  # the client cancelled
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _full_checkpoint(path, pad_mb=0):
@@ -119,7 +84,7 @@ def test_download_asks_first_shows_bytes_and_loads_every_channel(
     served = caches / "served"
     served.mkdir()
     size = _full_checkpoint(served / FULL_FILE, pad_mb=1).stat().st_size
-    with _loopback(served, delay=0.005) as (address, hits):
+    with loopback(served, delay=0.005) as (address, hits):
         _official_for_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}", size=size)
         viewer = make_napari_viewer()
         state = state_for(viewer)
@@ -175,7 +140,7 @@ def test_cancel_stops_the_download_and_keeps_no_partial_file(
     served = caches / "served"
     served.mkdir()
     size = _full_checkpoint(served / FULL_FILE, pad_mb=4).stat().st_size  # ~1.3 s to serve
-    with _loopback(served, delay=0.02) as (address, _hits):
+    with loopback(served, delay=0.02) as (address, _hits):
         _official_for_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}", size=size)
         viewer = make_napari_viewer()
         state = state_for(viewer)

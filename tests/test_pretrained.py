@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import http.server
 import socket
 import threading
@@ -15,6 +14,8 @@ import time
 import numpy as np
 import pytest
 import torch
+
+from loopback import loopback
 
 from napari_wsdino.core.errors import CheckpointError
 from napari_wsdino.core.model import create_backbone, read_checkpoint
@@ -133,37 +134,6 @@ def caches(tmp_path, monkeypatch):
     return tmp_path
 
 
-@contextlib.contextmanager
-def _loopback(folder, delay=0.0):
-    """An HTTP server on 127.0.0.1 serving ``folder`` (``delay`` s between 64 kB chunks);
-    yields its address and the paths asked for."""
-    hits = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            super().do_GET()
-
-        def copyfile(self, source, outputfile):
-            while delay and (chunk := source.read(1 << 16)):
-                outputfile.write(chunk)
-                time.sleep(delay)
-            super().copyfile(source, outputfile)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def _rgb_test_vit():
     torch.manual_seed(4)
     return create_backbone("test_vit", in_chans=3).eval()
@@ -202,7 +172,7 @@ def test_full_checkpoint_is_downloaded_once_into_torch_hubs_cache(caches, monkey
     sd = rgb.state_dict()
     torch.save({"student": {f"module.backbone.{k}": v for k, v in sd.items()},
                 "teacher": {f"backbone.{k}": v for k, v in sd.items()}}, served / FULL_FILE)
-    with _loopback(served) as (address, hits):
+    with loopback(served) as (address, hits):
         _as_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}")
         assert weights_exist(FULL) and cached_official(FULL) is None  # known, not fetched
         path = resolve_weights(FULL)
@@ -274,7 +244,7 @@ def test_download_official_reports_bytes_and_caches(caches, monkeypatch):
     from napari_wsdino.core.pretrained import download_official
 
     served = _served_full(caches)
-    with _loopback(served) as (address, hits):
+    with loopback(served) as (address, hits):
         _as_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}")
         gen = download_official(FULL)
         events = []
@@ -298,7 +268,7 @@ def test_closing_download_official_stops_and_keeps_no_partial_file(caches, monke
     from napari_wsdino.core.pretrained import download_official
 
     served = _served_full(caches)
-    with _loopback(served, delay=0.01) as (address, _hits):  # 3 MB in 0.5 s
+    with loopback(served, delay=0.01) as (address, _hits):  # 3 MB in 0.5 s
         _as_test_vit(monkeypatch, FULL, url=f"{address}/{FULL_FILE}")
         gen = download_official(FULL)
         for event in gen:
